@@ -1,0 +1,1 @@
+//! llmem's runtime half: model loading, the Llama forward pass and generation.

@@ -1,0 +1,54 @@
+//! The `llmem` command line: a thin layer over the `llmem-planner` and `llmem-engine`
+//! libraries. Each subcommand lives in `src/cmd/`; `main` only parses, dispatches and
+//! turns errors into one line on stderr with exit code 2.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+#[derive(Parser)]
+#[command(
+    name = "llmem",
+    version,
+    about = "An LLM inference engine that is also a memory lab",
+    long_about = "llmem turns a model into GPU memory twice: the math (a capacity planner) \
+                  and the benchmark (a small Llama runtime that reports where memory went)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Plan GPU memory for a model, a workload and a deployment.
+    Plan(cmd::plan::PlanArgs),
+    /// Show a model's parameter table (embedding, layers, LM head, norms) and bytes.
+    Inspect(cmd::inspect::InspectArgs),
+    /// Generate text with a model, streaming tokens as they come.
+    Generate(cmd::generate::GenerateArgs),
+    /// Measure perplexity over non-overlapping windows of a text file.
+    Perplexity(cmd::perplexity::PerplexityArgs),
+    /// Convert a llama-architecture GGUF file into a Hugging Face model directory.
+    Import(cmd::import::ImportArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plan(args) => cmd::plan::run(args),
+        Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Generate(args) => cmd::generate::run(args),
+        Command::Perplexity(args) => cmd::perplexity::run(args),
+        Command::Import(args) => cmd::import::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
