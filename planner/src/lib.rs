@@ -10,8 +10,20 @@
 //! safetensors headers. Every sum is overflow-checked. The engine sizes its KV cache
 //! with [`ModelShape::kv_bytes_per_token`], so planned and measured compare like with like.
 
+pub mod checkpoint;
+pub mod fit;
+pub mod gpu;
+pub mod plan;
+pub mod precision;
+pub mod presets;
+pub mod report;
 pub mod shape;
 
+pub use fit::{fit, levers, max_concurrency, max_context, FitLimits, FitReport};
+pub use gpu::{catalog, custom_gpu, gpu, human_bytes, parse_bytes, Gpu};
+pub use plan::{plan, AttentionImpl, Deployment, Plan, Terms, Workload};
+pub use precision::{matrix_bytes, vector_bytes, KvDtype, Precision};
+pub use presets::{preset, preset_names, resolve_shape};
 pub use shape::{Architecture, ModelShape, ParamCounts, RawConfig, RopeScaling};
 
 /// Everything that can go wrong in the planner. Each message names the field and value.

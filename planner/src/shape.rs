@@ -146,7 +146,11 @@ impl ModelShape {
         let per_layer = attention + mlp + per_layer_norms;
         let layers = per_layer * self.num_hidden_layers;
         let embedding = self.vocab_size * h;
-        let lm_head = if self.tie_word_embeddings { 0 } else { embedding };
+        let lm_head = if self.tie_word_embeddings {
+            0
+        } else {
+            embedding
+        };
         let final_norm = h;
         ParamCounts {
             embedding,
@@ -202,13 +206,13 @@ impl ModelShape {
                 self.num_attention_heads, self.num_key_value_heads, self.name
             )));
         }
-        if !(self.rope_theta > 0.0) || !self.rope_theta.is_finite() {
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err(PlanError::Config(format!(
                 "rope_theta = {} in model {} must be a positive number",
                 self.rope_theta, self.name
             )));
         }
-        if !(self.rms_norm_eps > 0.0) || !self.rms_norm_eps.is_finite() {
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return Err(PlanError::Config(format!(
                 "rms_norm_eps = {} in model {} must be a positive number",
                 self.rms_norm_eps, self.name
@@ -219,8 +223,23 @@ impl ModelShape {
 
     /// Parse a config.json text. `name` labels the model in reports and errors.
     pub fn from_config_str(name: &str, text: &str) -> Result<Self, PlanError> {
-        let raw: RawConfig = serde_json::from_str(text)
+        let value: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| PlanError::Config(format!("{name}: not a valid config.json: {e}")))?;
+        let raw: RawConfig = serde_json::from_value(value.clone()).map_err(|e| {
+            // Name the offending field: deserialize each field on its own.
+            let field = value.as_object().and_then(|obj| {
+                obj.iter().find(|(k, v)| {
+                    let one = serde_json::json!({ k.as_str(): v });
+                    serde_json::from_value::<RawConfig>(one).is_err()
+                })
+            });
+            match field {
+                Some((k, v)) => {
+                    PlanError::Config(format!("{name}: field `{k}` has value {v}: {e}"))
+                }
+                None => PlanError::Config(format!("{name}: not a valid config.json: {e}")),
+            }
+        })?;
         raw.resolve(name)
     }
 
@@ -233,11 +252,9 @@ impl ModelShape {
         };
         let text = std::fs::read_to_string(&file)
             .map_err(|e| PlanError::Io(format!("reading {}: {e}", file.display())))?;
-        let name = model_name_for(path);
-        Self::from_config_str(&name, &text).map_err(|e| match e {
-            PlanError::Config(msg) => PlanError::Config(format!("{}: {msg}", file.display())),
-            other => other,
-        })
+        let mut shape = Self::from_config_str(&file.display().to_string(), &text)?;
+        shape.name = model_name_for(path);
+        Ok(shape)
     }
 }
 
@@ -291,7 +308,9 @@ fn parse_rope_scaling(name: &str, v: &serde_json::Value) -> Result<Option<RopeSc
         return Ok(None);
     }
     let obj = v.as_object().ok_or_else(|| {
-        PlanError::Config(format!("{name}: field `rope_scaling` must be an object or null"))
+        PlanError::Config(format!(
+            "{name}: field `rope_scaling` must be an object or null"
+        ))
     })?;
     let kind = obj
         .get("rope_type")
@@ -308,7 +327,7 @@ fn parse_rope_scaling(name: &str, v: &serde_json::Value) -> Result<Option<RopeSc
             "{name}: rope_scaling of type {kind:?} has no numeric `factor`"
         ))
     })?;
-    if !(factor > 0.0) {
+    if !(factor.is_finite() && factor > 0.0) {
         return Err(PlanError::Config(format!(
             "{name}: rope_scaling.factor = {factor} must be positive"
         )));
@@ -387,7 +406,11 @@ impl RawConfig {
         let rope_params = self.rope_parameters.as_ref().filter(|v| v.is_object());
         let rope_theta = self
             .rope_theta
-            .or_else(|| rope_params.and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64()))
+            .or_else(|| {
+                rope_params
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(|t| t.as_f64())
+            })
             .unwrap_or(10_000.0);
         let rope_scaling = match (&self.rope_scaling, rope_params) {
             (Some(v), _) => parse_rope_scaling(name, v)?,

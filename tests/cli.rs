@@ -1,0 +1,215 @@
+//! The `llmem` binary as scripts see it: JSON contracts, exit codes, error messages.
+//! Planner commands need no model download.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn llmem(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llmem"))
+        .args(args)
+        .output()
+        .expect("run llmem")
+}
+
+fn json(args: &[&str]) -> Value {
+    let out = llmem(args);
+    assert!(
+        out.status.success(),
+        "llmem {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("valid JSON on stdout")
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = llmem(args);
+    assert_eq!(out.status.code(), Some(2), "llmem {args:?} should exit 2");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn plan_json_contract_on_the_lesson_question() {
+    let v = json(&[
+        "plan",
+        "--model",
+        "llama-3-70b",
+        "--precision",
+        "fp16",
+        "--context",
+        "4096",
+        "--concurrency",
+        "32",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(v["model"]["params_total"], 70_553_706_496u64);
+    for key in ["embedding", "layers", "per_layer", "lm_head", "norms"] {
+        assert!(v["model"]["params"][key].is_u64(), "model.params.{key}");
+    }
+    assert_eq!(v["kv_bytes_per_token"], 327_680);
+    let per_gpu = &v["per_gpu"];
+    let terms = [
+        "weights_bytes",
+        "kv_cache_bytes",
+        "activation_bytes",
+        "runtime_overhead_bytes",
+        "headroom_bytes",
+    ];
+    let sum: u64 = terms.iter().map(|k| per_gpu[k].as_u64().unwrap()).sum();
+    assert_eq!(per_gpu["total_bytes"].as_u64().unwrap(), sum);
+    assert_eq!(per_gpu["weights_bytes"], 141_107_412_992u64);
+    assert_eq!(per_gpu["kv_cache_bytes"], 42_949_672_960u64);
+    assert_eq!(v["gpus"], 1);
+    assert_eq!(v["gpu_memory_bytes"], 85_520_809_984u64);
+    assert_eq!(v["fits"], false);
+    assert!(v["total_bytes"].is_u64());
+    assert!(v["assumptions"].as_array().unwrap().len() >= 3);
+}
+
+#[test]
+fn plan_tp4_fits_and_fit_search_agrees() {
+    let v = json(&[
+        "plan",
+        "--model",
+        "llama-3-70b",
+        "--context",
+        "4096",
+        "--concurrency",
+        "32",
+        "--tp",
+        "4",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(v["fits"], true);
+    assert_eq!(v["gpus"], 4);
+    let v = json(&[
+        "plan",
+        "--model",
+        "llama-3-70b",
+        "--context",
+        "4096",
+        "--concurrency",
+        "32",
+        "--fit",
+        "--min-precision",
+        "fp16",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(v["fit"]["best"]["gpus"], 4);
+    assert_eq!(v["fit"]["best"]["deployment"]["tp"], 4);
+}
+
+#[test]
+fn explain_answers_the_lesson_question() {
+    let out = llmem(&[
+        "plan",
+        "--model",
+        "llama-3-70b",
+        "--precision",
+        "fp16",
+        "--context",
+        "4096",
+        "--concurrency",
+        "32",
+        "--explain",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "327,680 B",
+        "42,949,672,960 B (40.00 GiB)",
+        "141,107,412,992 B",
+        "4 x h100-80gb with TP 4",
+        "total_gpu_memory >= weights + kv_cache + activations + runtime_overhead + headroom",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn explain_shows_the_405b_int4_trap() {
+    let out = llmem(&[
+        "plan",
+        "--model",
+        "llama-3.1-405b",
+        "--precision",
+        "int4",
+        "--tp",
+        "8",
+        "--context",
+        "32768",
+        "--concurrency",
+        "32",
+        "--explain",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("The trap: the weights alone fit"), "{text}");
+    assert!(text.contains("DOES NOT FIT"), "{text}");
+}
+
+#[test]
+fn levers_solve_markdown_and_catalog() {
+    let v = json(&[
+        "plan",
+        "--model",
+        "llama-3-8b",
+        "--gpu",
+        "l4-24gb",
+        "--context",
+        "8192",
+        "--concurrency",
+        "4",
+        "--levers",
+        "--solve",
+        "concurrency",
+        "--format",
+        "json",
+    ]);
+    let levers = v["levers"].as_array().unwrap();
+    assert_eq!(levers.len(), 6);
+    assert!(levers
+        .iter()
+        .all(|l| l["delta_bytes"].as_i64().unwrap() <= 0));
+    assert!(v["solve"]["max_concurrency"].as_u64().unwrap() >= 1);
+    let md = llmem(&["plan", "--model", "llama-3-8b", "--format", "markdown"]);
+    assert!(String::from_utf8_lossy(&md.stdout).contains("| weights |"));
+    let gpus = json(&["plan", "--list-gpus", "--format", "json"]);
+    assert_eq!(gpus.as_array().unwrap().len(), 10);
+}
+
+#[test]
+fn inspect_json_counts() {
+    let v = json(&["inspect", "smollm2-135m", "--format", "json"]);
+    assert_eq!(v["params_total"], 134_515_008);
+    assert_eq!(v["params"]["lm_head"], 0);
+}
+
+#[test]
+fn bad_input_exits_2_with_a_named_problem() {
+    assert!(fails(&["plan", "--model", "smollm2-135m", "--tp", "2"])
+        .contains("valid TP degrees: 1, 3, 9"));
+    assert!(fails(&["plan", "--model", "no-such-model"]).contains("smollm2-135m"));
+    assert!(fails(&["plan", "--gpu", "b200"]).contains("h100-80gb"));
+    assert!(fails(&["plan", "--precision", "int3"]).contains("q4_k"));
+    assert!(fails(&["plan", "--kv-dtype", "int2"]).contains("fp16"));
+    assert!(fails(&["plan", "--context", "0"]).contains("positive"));
+    assert!(fails(&["plan", "--concurrency", "-3"]).contains("positive"));
+    assert!(fails(&["plan", "--gpu-memory", "80XB"]).contains("byte size"));
+    assert!(fails(&["plan", "--headroom", "1.5"]).contains("fraction"));
+    assert!(fails(&["plan", "--pp", "31"]).contains("30 layers"));
+    assert!(fails(&["plan", "--gpus", "3", "--tp", "3", "--pp", "2"]).contains("multiple"));
+    let dir = std::env::temp_dir().join(format!("llmem-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, r#"{"architectures": ["BertModel"]}"#).unwrap();
+    let err = fails(&["plan", "--model", cfg.to_str().unwrap()]);
+    assert!(
+        err.contains("config.json") && err.contains("BertModel"),
+        "{err}"
+    );
+}
