@@ -816,7 +816,7 @@ fn assumptions(
     if p.is_quantized() {
         out.push(format!(
             "embedding and LM head stored at {} ({})",
-            d.embedding_precision(),
+            d.embedding_precision().for_row_len(shape.hidden_size),
             if d.keep_embeddings {
                 "--keep-embeddings"
             } else {

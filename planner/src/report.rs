@@ -240,6 +240,18 @@ pub fn plan_text(p: &Plan) -> String {
             );
         }
     }
+    let _ = writeln!(s, "\n  weight tensors by stored precision (whole model):");
+    for g in &p.tensor_precisions {
+        let _ = writeln!(
+            s,
+            "    {:>4} x {:<26} at {:<5} {:>17} params {:>12}",
+            g.tensors,
+            g.kind,
+            g.precision.name(),
+            grouped(g.params),
+            human_bytes(g.bytes)
+        );
+    }
     let _ = writeln!(s, "\n  assumptions:");
     for a in &p.assumptions {
         let _ = writeln!(s, "  - {a}");
