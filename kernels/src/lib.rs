@@ -1,4 +1,81 @@
-//! Kernels for llmem: paged attention and KV cache writes.
+//! Kernels for llmem: KV cache writes and paged attention, on the CPU.
 //!
-//! Empty for now: the paged KV cache issue fills it. Kernels here are free functions
-//! that know nothing of requests; each fast kernel gets a slow reference beside it.
+//! Kernels are free functions over slices: they know nothing of requests, sequences or
+//! schedulers, only of block tables, slot mappings and context lengths (vLLM's
+//! vocabulary). The cache layout is `(num_blocks, block_size, kv_heads, head_dim)` for K
+//! and for V, so one slot (`block * block_size + offset`) holds every KV head of one token
+//! contiguously. Every fast kernel has a slow reference beside it (`*_reference`) and is
+//! tested against it for f32, f16 and bf16.
+//!
+//! A CUDA implementation will sit behind a `cuda` feature with the same parameters.
+
+mod attention;
+mod cache;
+mod elem;
+
+pub use attention::{paged_attention, paged_attention_reference, AttentionParams};
+pub use cache::{reshape_and_cache, reshape_and_cache_reference, CacheShape};
+pub use elem::CacheElem;
+
+/// Errors: a shape or index that does not match the parameters. Kernels check their
+/// inputs up front and never index out of bounds.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum KernelError {
+    #[error("{name} has {actual} elements, expected {expected} ({shape})")]
+    Length {
+        name: &'static str,
+        actual: usize,
+        expected: usize,
+        shape: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn check_len(
+    name: &'static str,
+    actual: usize,
+    expected: usize,
+    shape: impl FnOnce() -> String,
+) -> Result<(), KernelError> {
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(KernelError::Length {
+            name,
+            actual,
+            expected,
+            shape: shape(),
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    /// A small deterministic generator for test inputs (xorshift64*).
+    pub struct Rng(u64);
+
+    impl Rng {
+        pub fn new(seed: u64) -> Self {
+            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        }
+
+        pub fn next_u64(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            self.0 = x;
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        /// Uniform in [-1, 1).
+        pub fn uniform(&mut self) -> f32 {
+            (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+
+        pub fn below(&mut self, n: usize) -> usize {
+            (self.next_u64() % n as u64) as usize
+        }
+    }
+}

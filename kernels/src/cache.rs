@@ -1,0 +1,167 @@
+//! `reshape_and_cache`: write the new tokens' K and V into their cache slots.
+
+use crate::{check_len, CacheElem, KernelError};
+
+/// The cache geometry shared by the cache kernels and attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheShape {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl CacheShape {
+    /// Elements of one token's K (or V) over all KV heads.
+    pub fn token_elems(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// Slots in the cache: num_blocks x block_size.
+    pub fn slots(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+
+    /// Elements of the whole K (or V) cache.
+    pub fn elems(&self) -> usize {
+        self.slots() * self.token_elems()
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "(num_blocks {}, block_size {}, kv_heads {}, head_dim {})",
+            self.num_blocks, self.block_size, self.kv_heads, self.head_dim
+        )
+    }
+}
+
+/// Write `key` and `value` (each `[num_tokens, kv_heads, head_dim]`, f32, contiguous)
+/// into `key_cache` and `value_cache` (each `[num_blocks, block_size, kv_heads, head_dim]`)
+/// at the slots `slot_mapping[t]` (`[num_tokens]`; slot = block * block_size + offset).
+/// A slot of `None` skips its token (padding).
+pub fn reshape_and_cache<T: CacheElem>(
+    key: &[f32],
+    value: &[f32],
+    key_cache: &mut [T],
+    value_cache: &mut [T],
+    slot_mapping: &[Option<usize>],
+    shape: CacheShape,
+) -> Result<(), KernelError> {
+    let n = shape.token_elems();
+    let tokens = slot_mapping.len();
+    check_len("key", key.len(), tokens * n, || {
+        format!("[{tokens}, {}, {}]", shape.kv_heads, shape.head_dim)
+    })?;
+    check_len("value", value.len(), tokens * n, || {
+        format!("[{tokens}, {}, {}]", shape.kv_heads, shape.head_dim)
+    })?;
+    check_len("key_cache", key_cache.len(), shape.elems(), || {
+        shape.describe()
+    })?;
+    check_len("value_cache", value_cache.len(), shape.elems(), || {
+        shape.describe()
+    })?;
+    for (t, slot) in slot_mapping.iter().enumerate() {
+        let Some(slot) = *slot else { continue };
+        if slot >= shape.slots() {
+            return Err(KernelError::Invalid(format!(
+                "slot_mapping[{t}] = {slot} is outside the cache's {} slots",
+                shape.slots()
+            )));
+        }
+        let src = t * n..(t + 1) * n;
+        let dst = slot * n..(slot + 1) * n;
+        for (d, s) in key_cache[dst.clone()].iter_mut().zip(&key[src.clone()]) {
+            *d = T::from_f32(*s);
+        }
+        for (d, s) in value_cache[dst].iter_mut().zip(&value[src]) {
+            *d = T::from_f32(*s);
+        }
+    }
+    Ok(())
+}
+
+/// The slow reference: the same write, element by element through explicit indices.
+pub fn reshape_and_cache_reference<T: CacheElem>(
+    key: &[f32],
+    value: &[f32],
+    key_cache: &mut [T],
+    value_cache: &mut [T],
+    slot_mapping: &[Option<usize>],
+    shape: CacheShape,
+) {
+    for (t, slot) in slot_mapping.iter().enumerate() {
+        let Some(slot) = *slot else { continue };
+        let (block, offset) = (slot / shape.block_size, slot % shape.block_size);
+        for h in 0..shape.kv_heads {
+            for d in 0..shape.head_dim {
+                let src = (t * shape.kv_heads + h) * shape.head_dim + d;
+                let dst =
+                    ((block * shape.block_size + offset) * shape.kv_heads + h) * shape.head_dim + d;
+                key_cache[dst] = T::from_f32(key[src]);
+                value_cache[dst] = T::from_f32(value[src]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::Rng;
+    use half::{bf16, f16};
+
+    fn check<T: CacheElem + PartialEq + std::fmt::Debug>(block_size: usize) {
+        let shape = CacheShape {
+            num_blocks: 16,
+            block_size,
+            kv_heads: 3,
+            head_dim: 8,
+        };
+        let mut rng = Rng::new(block_size as u64);
+        let tokens = 11;
+        let key: Vec<f32> = (0..tokens * 24).map(|_| rng.uniform()).collect();
+        let value: Vec<f32> = (0..tokens * 24).map(|_| rng.uniform()).collect();
+        // Distinct random slots, one token padded.
+        let mut slots: Vec<usize> = (0..shape.slots()).collect();
+        for i in (1..slots.len()).rev() {
+            slots.swap(i, rng.below(i + 1));
+        }
+        let mut mapping: Vec<Option<usize>> = slots[..tokens].iter().map(|s| Some(*s)).collect();
+        mapping[4] = None;
+        let mut kc = vec![T::default(); shape.elems()];
+        let mut vc = vec![T::default(); shape.elems()];
+        let (mut kr, mut vr) = (kc.clone(), vc.clone());
+        reshape_and_cache(&key, &value, &mut kc, &mut vc, &mapping, shape).unwrap();
+        reshape_and_cache_reference(&key, &value, &mut kr, &mut vr, &mapping, shape);
+        assert_eq!(kc, kr, "{} block_size {block_size}", T::NAME);
+        assert_eq!(vc, vr);
+    }
+
+    #[test]
+    fn matches_reference_for_every_dtype_and_block_size() {
+        for bs in [1, 16, 32] {
+            check::<f32>(bs);
+            check::<f16>(bs);
+            check::<bf16>(bs);
+        }
+    }
+
+    #[test]
+    fn bad_shapes_and_slots_are_errors() {
+        let shape = CacheShape {
+            num_blocks: 2,
+            block_size: 4,
+            kv_heads: 1,
+            head_dim: 2,
+        };
+        let mut kc = vec![0f32; shape.elems()];
+        let mut vc = vec![0f32; shape.elems()];
+        let err = reshape_and_cache(&[0.0; 2], &[0.0; 2], &mut kc, &mut vc, &[Some(8)], shape)
+            .unwrap_err();
+        assert!(err.to_string().contains("slot_mapping[0] = 8"), "{err}");
+        let err = reshape_and_cache(&[0.0; 3], &[0.0; 2], &mut kc, &mut vc, &[Some(0)], shape)
+            .unwrap_err();
+        assert!(err.to_string().contains("key has 3 elements"), "{err}");
+    }
+}
