@@ -1,8 +1,215 @@
-//! `llmem generate`: not built yet (engine issue).
+//! `llmem generate`: load a model, generate from a prompt, stream text or print JSON.
+//!
+//! The JSON keys (`prompt_token_ids`, `token_ids`, `text`, `finish_reason`,
+//! `timings.*`, `memory.*`, `top_logprobs`) are a contract for scripts; see the README.
 
-#[derive(clap::Args)]
-pub struct GenerateArgs {}
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
 
-pub fn run(_args: GenerateArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`llmem generate` is not implemented yet")
+use anyhow::Context;
+use llmem_engine::chat::{render_chat, ChatMessage};
+use llmem_engine::config::EngineConfig;
+use llmem_engine::generate::{generate, GenerateRequest};
+use llmem_engine::loader::load_tokenizer;
+use llmem_engine::model::Model;
+use llmem_engine::sampler::SamplingParams;
+
+/// The dtype weights and activations are kept in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DtypeArg {
+    pub fn candle(self) -> candle_core::DType {
+        match self {
+            DtypeArg::F32 => candle_core::DType::F32,
+            DtypeArg::Bf16 => candle_core::DType::BF16,
+            DtypeArg::F16 => candle_core::DType::F16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DtypeArg::F32 => "f32",
+            DtypeArg::Bf16 => "bf16",
+            DtypeArg::F16 => "f16",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Stream the generated text to stdout; a summary line goes to stderr.
+    Text,
+    /// One JSON object on stdout when done.
+    Json,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// A Hugging Face model directory, or the built-in `smollm2-135m` (fetched on first use).
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// The prompt text.
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Keep only the K most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Seed of the sampler's random generator.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the text contains this string (repeatable); it is not printed.
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Stop at this token id (repeatable), even with --ignore-eos.
+    #[arg(long = "stop-token-id")]
+    pub stop_token_ids: Vec<u32>,
+    /// Weight and activation dtype.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+    /// Report the top K log-probabilities at each generated position (JSON only).
+    #[arg(long)]
+    pub top_logprobs: Option<usize>,
+    /// Do not stop at the model's EOS tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+/// What `run` needs loaded: the model, its tokenizer and engine settings.
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub model: Model,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub config: EngineConfig,
+    pub load_ms: f64,
+}
+
+/// Resolve a model name or directory and load it on the CPU in `dtype`.
+pub fn load(model: &str, dtype: DtypeArg) -> anyhow::Result<Loaded> {
+    let dir = llmem_engine::hub::resolve_model(model)?;
+    let start = Instant::now();
+    let device = candle_core::Device::Cpu;
+    let model = Model::load_dir(&dir, dtype.candle(), &device)
+        .with_context(|| format!("loading model {}", dir.display()))?;
+    let tokenizer = load_tokenizer(&dir)?;
+    let config = EngineConfig::from_dir(&dir)?;
+    Ok(Loaded {
+        dir,
+        model,
+        tokenizer,
+        config,
+        load_ms: start.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let loaded = load(&args.model, args.dtype)?;
+    let (prompt, add_special) = if args.chat {
+        let template = loaded.config.chat_template.as_deref().with_context(|| {
+            format!(
+                "{}: --chat needs a chat template (tokenizer_config.json `chat_template` \
+                 or chat_template.jinja) and this model has none",
+                loaded.dir.display()
+            )
+        })?;
+        let text = render_chat(
+            template,
+            &[ChatMessage::user(&args.prompt)],
+            loaded.config.bos_token.as_deref(),
+            loaded.config.eos_token.as_deref(),
+            true,
+        )?;
+        // The template already holds the special tokens.
+        (text, false)
+    } else {
+        (args.prompt.clone(), true)
+    };
+    let encoding = loaded
+        .tokenizer
+        .encode(prompt.as_str(), add_special)
+        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+    let req = GenerateRequest {
+        prompt_ids: encoding.get_ids().to_vec(),
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        eos_token_ids: loaded.config.eos_token_ids.clone(),
+        stop_token_ids: args.stop_token_ids.clone(),
+        stop_strings: args.stop.clone(),
+        ignore_eos: args.ignore_eos,
+        top_logprobs: args.top_logprobs.unwrap_or(0),
+    };
+    let stream = args.format == OutputFormat::Text;
+    let mut stdout = std::io::stdout().lock();
+    let out = generate(&loaded.model, &loaded.tokenizer, &req, |piece| {
+        if stream {
+            // A closed pipe (e.g. `| head`) is not worth failing the generation for.
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    match args.format {
+        OutputFormat::Text => {
+            let _ = writeln!(stdout);
+            let t = &out.timings;
+            eprintln!(
+                "[{} prompt + {} generated tokens, finish: {}; load {:.0} ms, prefill {:.1} tok/s, \
+                 decode {:.1} tok/s]",
+                out.prompt_token_ids.len(),
+                out.token_ids.len(),
+                serde_json::to_value(out.finish_reason)?
+                    .as_str()
+                    .unwrap_or_default(),
+                loaded.load_ms,
+                t.prefill_tokens_per_s,
+                t.decode_tokens_per_s
+            );
+        }
+        OutputFormat::Json => {
+            let mut json = serde_json::json!({
+                "model": loaded.dir.display().to_string(),
+                "dtype": args.dtype.name(),
+                "prompt_token_ids": out.prompt_token_ids,
+                "token_ids": out.token_ids,
+                "text": out.text,
+                "finish_reason": out.finish_reason,
+                "timings": {
+                    "load_ms": loaded.load_ms,
+                    "prefill_ms": out.timings.prefill_ms,
+                    "decode_ms": out.timings.decode_ms,
+                    "prefill_tokens_per_s": out.timings.prefill_tokens_per_s,
+                    "decode_tokens_per_s": out.timings.decode_tokens_per_s,
+                },
+                "memory": out.memory,
+            });
+            if args.top_logprobs.is_some() {
+                json["top_logprobs"] = serde_json::to_value(&out.top_logprobs)?;
+            }
+            writeln!(stdout, "{}", serde_json::to_string_pretty(&json)?)?;
+        }
+    }
+    Ok(())
 }

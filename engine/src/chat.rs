@@ -1,0 +1,96 @@
+//! Chat prompts: render a model's Jinja chat template (from `tokenizer_config.json` or
+//! `chat_template.jinja`) over a list of messages with `add_generation_prompt`, the way
+//! transformers' `apply_chat_template` does: `trim_blocks` and `lstrip_blocks` on, the
+//! special tokens as `bos_token` / `eos_token`, a `raise_exception` function, and Python
+//! string methods (`.strip()`, `.startswith()`...) through minijinja's pycompat layer.
+
+use minijinja::{context, Environment};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChatMessage {
+    /// "system", "user" or "assistant".
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn user(content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: "user".into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// Render `template` over `messages`. The result is the prompt text, special tokens
+/// included as text (the tokenizer maps them to their ids).
+pub fn render_chat(
+    template: &str,
+    messages: &[ChatMessage],
+    bos_token: Option<&str>,
+    eos_token: Option<&str>,
+    add_generation_prompt: bool,
+) -> Result<String> {
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template("chat", template)
+        .map_err(|e| Error::ChatTemplate(format!("cannot parse: {e}")))?;
+    let tmpl = env
+        .get_template("chat")
+        .map_err(|e| Error::ChatTemplate(e.to_string()))?;
+    tmpl.render(context! {
+        messages => messages,
+        add_generation_prompt => add_generation_prompt,
+        bos_token => bos_token.unwrap_or(""),
+        eos_token => eos_token.unwrap_or(""),
+    })
+    .map_err(|e| Error::ChatTemplate(format!("cannot render: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMOLLM: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+    #[test]
+    fn smollm_template_inserts_default_system_prompt() {
+        let out = render_chat(SMOLLM, &[ChatMessage::user("Hi")], None, None, true).unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn python_methods_and_exceptions() {
+        let t = "{% if messages[0].role != 'user' %}{{ raise_exception('bad role') }}{% endif %}{{ messages[0].content.strip() }}";
+        assert_eq!(
+            render_chat(t, &[ChatMessage::user("  x ")], None, None, false).unwrap(),
+            "x"
+        );
+        let sys = ChatMessage {
+            role: "system".into(),
+            content: "s".into(),
+        };
+        let err = render_chat(t, &[sys], None, None, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad role"), "{err}");
+    }
+}

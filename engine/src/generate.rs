@@ -1,0 +1,289 @@
+//! One sequence's generation: prefill the prompt in one pass, then decode one token per
+//! pass over a per-sequence KV cache, sampling, detokenizing and stopping as asked.
+//!
+//! [`KvCache`] is the simple cache of this stage: per layer, one K and one V buffer of
+//! `(capacity, kv_heads, head_dim)` allocated up front (the same row layout as a paged
+//! block, `(block_size, kv_heads, head_dim)`), sized with the planner's
+//! `kv_bytes_per_token`. Invariant: rows `0..len` hold the keys and values of positions
+//! `0..len`; the model writes rows `cached_len..cached_len + query_len` in a pass and the
+//! cache advances once after all layers wrote. A paged cache replaces it without touching
+//! the layers, since the model only calls [`KvCache::write`].
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use llmem_planner::ModelShape;
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+use crate::model::{AttnMetadata, Model};
+use crate::sampler::{top_logprobs, IncrementalDecoder, Sampler, SamplingParams, StopStrings};
+
+/// A contiguous per-sequence KV cache.
+#[derive(Debug)]
+pub struct KvCache {
+    /// Per layer: (capacity, kv_heads, head_dim).
+    k: Vec<Tensor>,
+    /// Per layer: (capacity, kv_heads, head_dim).
+    v: Vec<Tensor>,
+    len: usize,
+    capacity: usize,
+    bytes: u64,
+}
+
+impl KvCache {
+    /// Allocate a cache for `capacity` tokens of a model of `shape`, in `dtype`.
+    pub fn new(shape: &ModelShape, capacity: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let (nkv, hd) = (shape.num_key_value_heads as usize, shape.head_dim as usize);
+        let layers = shape.num_hidden_layers as usize;
+        let alloc = || Tensor::zeros((capacity, nkv, hd), dtype, device);
+        let k = (0..layers)
+            .map(|_| alloc())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let v = (0..layers)
+            .map(|_| alloc())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let bytes = (capacity as u64)
+            .checked_mul(shape.kv_bytes_per_token(dtype.size_in_bytes() as u64))
+            .ok_or_else(|| {
+                Error::InvalidInput(format!("KV cache of {capacity} tokens overflows"))
+            })?;
+        Ok(KvCache {
+            k,
+            v,
+            len: 0,
+            capacity,
+            bytes,
+        })
+    }
+
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Tokens the cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes allocated for K and V: capacity x `ModelShape::kv_bytes_per_token`.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Write the new keys and values of layer `layer` at rows `offset..offset + n` and
+    /// return views of rows `0..offset + n` of K and V. k_new, v_new: (n, kv_heads,
+    /// head_dim), contiguous.
+    pub(crate) fn write(
+        &mut self,
+        layer: usize,
+        offset: usize,
+        k_new: &Tensor,
+        v_new: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let n = k_new.dim(0)?;
+        let (k, v) = (&self.k[layer], &self.v[layer]);
+        k.slice_set(k_new, 0, offset)?;
+        v.slice_set(v_new, 0, offset)?;
+        Ok((k.narrow(0, 0, offset + n)?, v.narrow(0, 0, offset + n)?))
+    }
+
+    /// Forget every token from position `len` on (no-op if `len >= self.len()`); the next
+    /// pass writes from there. Lets a benchmark or a retry rewind a sequence.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Record that a pass appended `n` tokens to every layer.
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An EOS or stop token, or a stop string.
+    Stop,
+    /// `max_tokens` reached, or the context is full.
+    Length,
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt_ids: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Token ids that end generation (EOS from generation_config.json).
+    pub eos_token_ids: Vec<u32>,
+    /// Further token ids that end generation, even with `ignore_eos`.
+    pub stop_token_ids: Vec<u32>,
+    /// Strings that end generation; they and what follows are not part of the text.
+    pub stop_strings: Vec<String>,
+    /// Keep going past EOS tokens.
+    pub ignore_eos: bool,
+    /// Record the top K log-probabilities at every generated position (0: none).
+    pub top_logprobs: usize,
+}
+
+/// Wall-clock time per phase.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub prefill_tokens_per_s: f64,
+    /// Decode passes (generated tokens after the first) per second of decode time.
+    pub decode_tokens_per_s: f64,
+}
+
+/// The engine's own memory accounting for one generation.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MemoryReport {
+    /// Bytes of the weight tensors the model holds (tied LM head once).
+    pub weights_bytes: u64,
+    /// Bytes allocated for this sequence's KV cache.
+    pub kv_cache_bytes: u64,
+    /// [`Model::activation_peak_bytes`] of the largest pass (an estimate, not measured).
+    pub activation_peak_bytes: u64,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateOutput {
+    pub prompt_token_ids: Vec<u32>,
+    /// Generated ids, including a final EOS or stop token.
+    pub token_ids: Vec<u32>,
+    /// Generated text, without special tokens, cut before any stop string.
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub timings: Timings,
+    pub memory: MemoryReport,
+    /// Per generated position, the top K `(token_id, logprob)`; empty unless asked.
+    pub top_logprobs: Vec<Vec<(u32, f64)>>,
+}
+
+fn rate(tokens: usize, ms: f64) -> f64 {
+    if ms > 0.0 {
+        tokens as f64 / (ms / 1000.0)
+    } else {
+        0.0
+    }
+}
+
+/// Generate from `req.prompt_ids`, calling `on_text` with each piece of text as soon as it
+/// is final (whole characters, never part of a stop string).
+pub fn generate(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    req: &GenerateRequest,
+    mut on_text: impl FnMut(&str),
+) -> Result<GenerateOutput> {
+    let prompt_len = req.prompt_ids.len();
+    if prompt_len == 0 {
+        return Err(Error::InvalidInput(
+            "the prompt is empty: it encodes to no tokens".into(),
+        ));
+    }
+    let max_context = model.max_context();
+    if prompt_len >= max_context {
+        return Err(Error::InvalidInput(format!(
+            "the prompt is {prompt_len} tokens but the model's context \
+             (max_position_embeddings) is {max_context} tokens; shorten the prompt"
+        )));
+    }
+    let vocab = model.shape().vocab_size as usize;
+    if let Some(bad) = req.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::InvalidInput(format!(
+            "prompt token id {bad} is outside the vocabulary of {vocab}"
+        )));
+    }
+    let mut sampler = Sampler::new(req.sampling.clone())?;
+    // The whole sequence (prompt + generated) fits the context; the cache holds all of it
+    // but the last generated token, which is never fed back.
+    let capacity =
+        (prompt_len + req.max_tokens.saturating_sub(1)).clamp(prompt_len, max_context - 1);
+    let mut cache = model.new_cache(capacity)?;
+
+    let prefill_meta = AttnMetadata::single(0, prompt_len);
+    let start = Instant::now();
+    let logits = model.forward(&req.prompt_ids, &prefill_meta, &mut [&mut cache])?;
+    let mut logits: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
+    let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
+
+    let mut decoder = IncrementalDecoder::new(tokenizer, true);
+    let mut stops = StopStrings::new(req.stop_strings.clone());
+    let mut token_ids = Vec::new();
+    let mut all_top = Vec::new();
+    let mut decode_ms = 0.0;
+    let mut decode_passes = 0usize;
+    let finish_reason = loop {
+        if token_ids.len() >= req.max_tokens {
+            break FinishReason::Length;
+        }
+        let token = sampler.sample(&logits)?;
+        if req.top_logprobs > 0 {
+            all_top.push(top_logprobs(&logits, req.top_logprobs));
+        }
+        token_ids.push(token);
+        let is_eos = !req.ignore_eos && req.eos_token_ids.contains(&token);
+        if is_eos || req.stop_token_ids.contains(&token) {
+            break FinishReason::Stop;
+        }
+        let piece = decoder.push(token)?;
+        let shown = stops.push(&piece);
+        if !shown.is_empty() {
+            on_text(&shown);
+        }
+        if stops.stopped() {
+            break FinishReason::Stop;
+        }
+        if token_ids.len() >= req.max_tokens || prompt_len + token_ids.len() >= max_context {
+            break FinishReason::Length;
+        }
+        let step = Instant::now();
+        let meta = AttnMetadata::single(cache.len(), 1);
+        let out = model.forward(&[token], &meta, &mut [&mut cache])?;
+        logits = out.squeeze(0)?.to_vec1()?;
+        decode_ms += step.elapsed().as_secs_f64() * 1e3;
+        decode_passes += 1;
+    };
+    if !stops.stopped() {
+        let rest = decoder.flush()?;
+        let mut shown = stops.push(&rest);
+        shown.push_str(&stops.finish());
+        if !shown.is_empty() {
+            on_text(&shown);
+        }
+    }
+
+    let decode_meta = AttnMetadata::single(capacity.saturating_sub(1), 1);
+    let activation_peak_bytes = model
+        .activation_peak_bytes(&prefill_meta, 1)
+        .max(model.activation_peak_bytes(&decode_meta, 1));
+    Ok(GenerateOutput {
+        prompt_token_ids: req.prompt_ids.clone(),
+        token_ids,
+        text: stops.text().to_string(),
+        finish_reason,
+        timings: Timings {
+            prefill_ms,
+            decode_ms,
+            prefill_tokens_per_s: rate(prompt_len, prefill_ms),
+            decode_tokens_per_s: rate(decode_passes, decode_ms),
+        },
+        memory: MemoryReport {
+            weights_bytes: model.weights_bytes(),
+            kv_cache_bytes: cache.bytes(),
+            activation_peak_bytes,
+        },
+        top_logprobs: all_top,
+    })
+}

@@ -1,0 +1,215 @@
+//! Weight files and tokenizer of a Hugging Face model directory.
+//!
+//! [`WeightFiles`] memory-maps `model.safetensors`, or the shards that
+//! `model.safetensors.index.json` lists, parses every header once, and hands out tensors
+//! by name after checking them: the tensor must exist, have exactly the expected shape and
+//! a floating dtype (f32, bf16 or f16); it is then converted to the dtype the model runs
+//! in. Invariants: a file whose header does not describe exactly its own length (a
+//! truncated or padded file) is rejected when opened, before any tensor is read; every
+//! error names the file and the tensor.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, Metadata};
+use safetensors::SafeTensors;
+
+use crate::error::{Error, Result};
+
+/// One memory-mapped safetensors file with its parsed header.
+struct MappedFile {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Byte offset of the data section (8 + header length).
+    data_start: usize,
+    metadata: Metadata,
+}
+
+/// The safetensors files of a model, memory-mapped, indexed by tensor name.
+pub struct WeightFiles {
+    files: Vec<MappedFile>,
+    /// Tensor name -> index into `files`.
+    index: HashMap<String, usize>,
+}
+
+/// The safetensors dtypes the engine can load.
+fn candle_dtype(dtype: StDtype) -> Option<DType> {
+    match dtype {
+        StDtype::F32 => Some(DType::F32),
+        StDtype::BF16 => Some(DType::BF16),
+        StDtype::F16 => Some(DType::F16),
+        _ => None,
+    }
+}
+
+/// The JSON `weight_map` of a sharded checkpoint.
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+impl WeightFiles {
+    /// Open the weights of a model directory: `model.safetensors`, or the shards named in
+    /// `model.safetensors.index.json`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let paths: Vec<PathBuf> = if index_path.exists() {
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let index: ShardIndex = serde_json::from_str(&text).map_err(|e| Error::Config {
+                path: index_path.clone(),
+                message: format!("not a safetensors index (expected a `weight_map`): {e}"),
+            })?;
+            let mut shards: Vec<String> = index.weight_map.into_values().collect();
+            shards.sort();
+            shards.dedup();
+            shards.into_iter().map(|s| dir.join(s)).collect()
+        } else if single.exists() {
+            vec![single]
+        } else {
+            return Err(Error::Weights {
+                path: dir.to_path_buf(),
+                message: "no model.safetensors and no model.safetensors.index.json in this \
+                          directory"
+                    .to_string(),
+            });
+        };
+        Self::open_files(&paths)
+    }
+
+    /// Open the given safetensors files. A tensor name present in two files is an error.
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for path in paths {
+            let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            // Safety: the map is read-only and the engine does not write model files; as
+            // with every mmap-based loader, another process truncating the file while it
+            // is mapped is outside what we can guard against.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            let (header_len, metadata) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| Error::Weights {
+                    path: path.clone(),
+                    message: format!(
+                        "not a readable safetensors file (truncated or damaged?): {e}"
+                    ),
+                })?;
+            let file_idx = files.len();
+            for name in metadata.tensors().keys() {
+                if let Some(prev) = index.insert(name.clone(), file_idx) {
+                    let prev: &MappedFile = &files[prev];
+                    return Err(Error::Weights {
+                        path: path.clone(),
+                        message: format!("tensor `{name}` also appears in {}", prev.path.display()),
+                    });
+                }
+            }
+            files.push(MappedFile {
+                path: path.clone(),
+                mmap,
+                data_start: 8 + header_len,
+                metadata,
+            });
+        }
+        Ok(WeightFiles { files, index })
+    }
+
+    /// Whether a tensor of this name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.index.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// The path of the first file (for messages about missing tensors).
+    fn first_path(&self) -> PathBuf {
+        self.files
+            .first()
+            .map(|f| f.path.clone())
+            .unwrap_or_default()
+    }
+
+    /// Load tensor `name`, check that its shape is exactly `shape`, and convert it to
+    /// `dtype` on `device`.
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let Some(&file_idx) = self.index.get(name) else {
+            let path = if self.files.len() == 1 {
+                self.first_path()
+            } else {
+                self.first_path()
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default()
+            };
+            return Err(Error::Weights {
+                path,
+                message: format!("tensor `{name}` is missing (expected shape {shape:?})"),
+            });
+        };
+        let file = &self.files[file_idx];
+        let bad = |message: String| Error::Weights {
+            path: file.path.clone(),
+            message: format!("loading {name}: {message}"),
+        };
+        let info = file
+            .metadata
+            .info(name)
+            .ok_or_else(|| bad("tensor listed in the index but absent from the header".into()))?;
+        if info.shape != shape {
+            return Err(bad(format!(
+                "expected shape {shape:?}, found {:?}",
+                info.shape
+            )));
+        }
+        let stored = candle_dtype(info.dtype).ok_or_else(|| {
+            bad(format!(
+                "dtype {:?} is not supported; expected F32, BF16 or F16",
+                info.dtype
+            ))
+        })?;
+        let (begin, end) = info.data_offsets;
+        let bytes = file
+            .mmap
+            .get(file.data_start + begin..file.data_start + end)
+            .ok_or_else(|| bad(format!("data offsets {begin}..{end} lie outside the file")))?;
+        let tensor = Tensor::from_raw_buffer(bytes, stored, shape, device)
+            .map_err(|e| bad(format!("inconsistent tensor record: {e}")))?;
+        debug_assert_eq!(tensor.dtype(), stored);
+        if stored == dtype {
+            Ok(tensor)
+        } else {
+            tensor
+                .to_dtype(dtype)
+                .map_err(|e| bad(format!("converting {stored:?} to {dtype:?}: {e}")))
+        }
+    }
+}
+
+/// Load `tokenizer.json` from a model directory.
+pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
+    let path = dir.join("tokenizer.json");
+    if !path.exists() {
+        return Err(Error::Config {
+            path,
+            message: "tokenizer.json is missing; a model directory needs one".to_string(),
+        });
+    }
+    tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Config {
+        path,
+        message: format!("not a usable tokenizer.json: {e}"),
+    })
+}

@@ -1,0 +1,843 @@
+//! The Llama forward pass: one readable `forward` over a flattened batch of tokens.
+//!
+//! Covers the Llama family that `llmem_planner::ModelShape` describes (Llama 2/3,
+//! SmolLM, Mistral without sliding windows, Qwen2): RMSNorm, rotary embeddings with
+//! `rope_theta` and Llama-3 / linear `rope_scaling`, grouped-query attention, a SwiGLU
+//! MLP, an LM head tied to the embedding or not, and the q/k/v (Qwen2) or q/k/v/o
+//! (`attention_bias`) and MLP biases. Struct fields carry the checkpoint's names, so
+//! `layers[3].self_attn.q_proj` is `model.layers.3.self_attn.q_proj.weight`.
+//!
+//! Batching follows vLLM: the tokens of every sequence in a pass are concatenated into
+//! one `(num_tokens, hidden)` matrix, so all projections are a single matmul; only
+//! attention looks at sequence boundaries, through [`AttnMetadata`] (how many tokens each
+//! sequence feeds, how many it already has cached) and an explicit `positions` tensor.
+//! Invariants: rows of the batch belong to sequences in metadata order; a sequence's
+//! `cached_lens` entry equals the tokens its [`KvCache`] holds; positions come from the
+//! caller, so the cache (today one contiguous buffer per sequence, later paged blocks)
+//! can change without touching the layers.
+//!
+//! Rope tables are computed once at load, in f32 the way Hugging Face computes them.
+//! Attention runs in f32 whatever the model dtype (as HF's eager softmax does), with
+//! queries grouped per KV head so GQA never copies K or V; a one-token query (decode)
+//! takes a direct loop over the cache rows instead of tiny matmuls.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use llmem_planner::ModelShape;
+
+use crate::error::{Error, Result};
+use crate::generate::KvCache;
+use crate::linear::{Linear, WeightElem};
+use crate::loader::WeightFiles;
+
+/// Attention bookkeeping for one forward pass, passed explicitly (no global context).
+///
+/// The pass's tokens are the concatenation, in order, of `query_lens[s]` new tokens of
+/// each sequence `s`; sequence `s` already holds `cached_lens[s]` tokens in its cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttnMetadata {
+    /// New tokens per sequence in this pass (prefill: the prompt; decode: 1).
+    pub query_lens: Vec<usize>,
+    /// Tokens already cached per sequence, before this pass.
+    pub cached_lens: Vec<usize>,
+}
+
+impl AttnMetadata {
+    /// A single sequence feeding `query_len` tokens after `cached_len` cached ones.
+    pub fn single(cached_len: usize, query_len: usize) -> Self {
+        AttnMetadata {
+            query_lens: vec![query_len],
+            cached_lens: vec![cached_len],
+        }
+    }
+
+    /// Number of sequences in the pass.
+    pub fn num_seqs(&self) -> usize {
+        self.query_lens.len()
+    }
+
+    /// Total tokens in the pass (rows of the flattened batch).
+    pub fn num_tokens(&self) -> usize {
+        self.query_lens.iter().sum()
+    }
+
+    /// Context length of sequence `s` after this pass.
+    pub fn context_len(&self, s: usize) -> usize {
+        self.cached_lens[s] + self.query_lens[s]
+    }
+
+    /// The absolute position of every token of the pass: `cached_lens[s] + i`.
+    pub fn positions(&self) -> Vec<u32> {
+        let mut out = Vec::with_capacity(self.num_tokens());
+        for (&cached, &q) in self.cached_lens.iter().zip(&self.query_lens) {
+            out.extend((cached..cached + q).map(|p| p as u32));
+        }
+        out
+    }
+
+    /// Row index of each sequence's last token in the flattened batch.
+    pub fn last_token_rows(&self) -> Vec<u32> {
+        let mut rows = Vec::with_capacity(self.num_seqs());
+        let mut end = 0usize;
+        for &q in &self.query_lens {
+            end += q;
+            rows.push((end - 1) as u32);
+        }
+        rows
+    }
+}
+
+/// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    /// (hidden,)
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+/// Rotary embedding tables, indexed by absolute position.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// (max_positions, head_dim / 2), model dtype.
+    cos: Tensor,
+    /// (max_positions, head_dim / 2), model dtype.
+    sin: Tensor,
+}
+
+/// Inverse frequencies, f32 as Hugging Face computes them, with `rope_scaling` applied.
+pub fn rope_inv_freq(shape: &ModelShape) -> Result<Vec<f32>> {
+    let hd = shape.head_dim as usize;
+    let base = shape.rope_theta as f32;
+    let mut inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / base.powf((2 * i) as f32 / hd as f32))
+        .collect();
+    if let Some(scaling) = &shape.rope_scaling {
+        let factor = scaling.factor as f32;
+        match scaling.rope_type.as_str() {
+            "linear" => inv.iter_mut().for_each(|f| *f /= factor),
+            "llama3" => {
+                let missing = |field: &str| {
+                    Error::InvalidInput(format!(
+                        "model {}: rope_scaling of type \"llama3\" needs `{field}`",
+                        shape.name
+                    ))
+                };
+                let low = scaling
+                    .low_freq_factor
+                    .ok_or_else(|| missing("low_freq_factor"))? as f32;
+                let high = scaling
+                    .high_freq_factor
+                    .ok_or_else(|| missing("high_freq_factor"))? as f32;
+                let old_ctx = scaling
+                    .original_max_position_embeddings
+                    .ok_or_else(|| missing("original_max_position_embeddings"))?
+                    as f32;
+                let low_freq_wavelen = old_ctx / low;
+                let high_freq_wavelen = old_ctx / high;
+                for f in inv.iter_mut() {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    if wavelen > low_freq_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_freq_wavelen {
+                        let smooth = (old_ctx / wavelen - low) / (high - low);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "model {}: rope_scaling type {other:?} is not supported (supported: \
+                     \"llama3\", \"linear\")",
+                    shape.name
+                )))
+            }
+        }
+    }
+    Ok(inv)
+}
+
+impl Rope {
+    fn new(
+        shape: &ModelShape,
+        max_positions: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let inv = rope_inv_freq(shape)?;
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for &f in &inv {
+                // The angle is rounded to f32 as in HF; its cosine is then exact.
+                let angle = (p as f32 * f) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let cos = Tensor::from_vec(cos, (max_positions, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (max_positions, half), device)?.to_dtype(dtype)?;
+        Ok(Rope { cos, sin })
+    }
+}
+
+/// `self_attn`: q/k/v/o projections and grouped-query attention over the cache.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// `mlp`: SwiGLU, `down_proj(silu(gate_proj(x)) * up_proj(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+/// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// Per-pass tensors every layer shares: rotary rows and causal masks.
+struct PassInputs<'a> {
+    /// (num_tokens, head_dim / 2): rope rows gathered at `positions`.
+    cos: Tensor,
+    sin: Tensor,
+    /// Per sequence: `(query_len, context_len)` additive f32 mask, `None` for one token.
+    masks: Vec<Option<Tensor>>,
+    meta: &'a AttnMetadata,
+}
+
+/// A loaded Llama-family model.
+#[derive(Debug, Clone)]
+pub struct Model {
+    shape: ModelShape,
+    dtype: DType,
+    device: Device,
+    /// (vocab, hidden)
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// (vocab, hidden); shares `embed_tokens`' storage when tied.
+    lm_head: Linear,
+    rope: Rope,
+    weights_bytes: u64,
+}
+
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
+}
+
+impl Attention {
+    fn load(
+        w: &WeightFiles,
+        prefix: &str,
+        shape: &ModelShape,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (h, q, kv) = (
+            shape.hidden_size as usize,
+            shape.q_dim() as usize,
+            shape.kv_dim() as usize,
+        );
+        let lin = |name: &str, out_dim: usize, in_dim: usize, bias: bool| {
+            Linear::load(
+                w,
+                &format!("{prefix}.{name}"),
+                out_dim,
+                in_dim,
+                bias,
+                dtype,
+                device,
+            )
+        };
+        Ok(Attention {
+            q_proj: lin("q_proj", q, h, shape.qkv_bias)?,
+            k_proj: lin("k_proj", kv, h, shape.qkv_bias)?,
+            v_proj: lin("v_proj", kv, h, shape.qkv_bias)?,
+            o_proj: lin("o_proj", h, q, shape.o_bias)?,
+            num_heads: shape.num_attention_heads as usize,
+            num_kv_heads: shape.num_key_value_heads as usize,
+            head_dim: shape.head_dim as usize,
+        })
+    }
+
+    /// x: (T, hidden) -> (T, hidden).
+    fn forward(
+        &self,
+        x: &Tensor,
+        pass: &PassInputs<'_>,
+        layer_idx: usize,
+        caches: &mut [&mut KvCache],
+    ) -> candle_core::Result<Tensor> {
+        let t = x.dim(0)?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape((1, t, nh, hd))?;
+        let k = self.k_proj.forward(x)?.reshape((1, t, nkv, hd))?;
+        let v = self.v_proj.forward(x)?.reshape((t, nkv, hd))?;
+        let q = candle_nn::rotary_emb::rope_thd(&q, &pass.cos, &pass.sin)?.reshape((t, nh, hd))?;
+        let k = candle_nn::rotary_emb::rope_thd(&k, &pass.cos, &pass.sin)?.reshape((t, nkv, hd))?;
+
+        let meta = pass.meta;
+        let mut outs = Vec::with_capacity(meta.num_seqs());
+        let mut start = 0;
+        for (s, cache) in caches.iter_mut().enumerate() {
+            let qlen = meta.query_lens[s];
+            let (k_all, v_all) = cache.write(
+                layer_idx,
+                meta.cached_lens[s],
+                &k.narrow(0, start, qlen)?,
+                &v.narrow(0, start, qlen)?,
+            )?;
+            let q_s = q.narrow(0, start, qlen)?;
+            outs.push(if qlen == 1 {
+                attend_one_query(&q_s, &k_all, &v_all)?
+            } else {
+                self.attend(&q_s, &k_all, &v_all, pass.masks[s].as_ref())?
+            });
+            start += qlen;
+        }
+        let o = if outs.len() == 1 {
+            outs.swap_remove(0)
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        self.o_proj.forward(&o)
+    }
+
+    /// Scaled dot-product attention of one sequence.
+    ///
+    /// q: (qlen, heads, head_dim); k, v: (ctx, kv_heads, head_dim), possibly strided views
+    /// of the cache; mask: (qlen, ctx) or None. Returns (qlen, heads * head_dim) in the
+    /// dtype of q. The `group` query heads of one KV head are stacked as rows, so one
+    /// batched matmul per KV head covers them without repeating K or V.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (qlen, nh, hd) = q.dims3()?;
+        let (ctx, nkv, _) = k.dims3()?;
+        let group = nh / nkv;
+        let out_dtype = q.dtype();
+        let scale = 1.0 / (hd as f64).sqrt();
+        // (qlen, nkv, group, hd) -> (nkv, group * qlen, hd); free when qlen == 1.
+        let q = q
+            .reshape((qlen, nkv, group, hd))?
+            .permute((1, 2, 0, 3))?
+            .contiguous()?
+            .reshape((nkv, group * qlen, hd))?
+            .to_dtype(DType::F32)?;
+        let q = (q * scale)?;
+        // (ctx, nkv, hd) -> (nkv, ctx, hd), a strided view (the f32 cast copies).
+        let k = k.transpose(0, 1)?.to_dtype(DType::F32)?;
+        let v = v.transpose(0, 1)?.to_dtype(DType::F32)?;
+        let mut scores = q.matmul(&k.t()?)?; // (nkv, group * qlen, ctx)
+        if let Some(mask) = mask {
+            scores = scores
+                .reshape((nkv, group, qlen, ctx))?
+                .broadcast_add(mask)?
+                .reshape((nkv, group * qlen, ctx))?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?; // (nkv, group * qlen, hd)
+        out.reshape((nkv, group, qlen, hd))?
+            .permute((2, 0, 1, 3))?
+            .contiguous()?
+            .reshape((qlen, nh * hd))?
+            .to_dtype(out_dtype)
+    }
+}
+
+/// Decode attention of one query token, straight over the cache rows, f32 accumulation.
+///
+/// q: (1, heads, head_dim); k, v: (ctx, kv_heads, head_dim) contiguous views of the cache.
+/// Returns (1, heads * head_dim) in q's dtype. Same math as [`Attention::attend`] without
+/// a mask (one query sees every cached position); it exists because gemm's setup cost on
+/// these tiny per-head products dominated decode at long contexts. Tested against the
+/// general path by the prefill-then-decode tests.
+fn attend_one_query(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+    use candle_core::{CpuStorage, Storage};
+    use rayon::prelude::*;
+
+    let (_, nh, hd) = q.dims3()?;
+    let (ctx, nkv, _) = k.dims3()?;
+    let group = nh / nkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let q32: Vec<f32> = q.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+
+    fn heads<T: WeightElem>(
+        q: &[f32],
+        k: &[T],
+        v: &[T],
+        (ctx, nh, nkv, hd, group, scale): (usize, usize, usize, usize, usize, f32),
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; nh * hd];
+        out.par_chunks_mut(hd).enumerate().for_each(|(h, o)| {
+            let kvh = h / group;
+            let qh = &q[h * hd..(h + 1) * hd];
+            let row = |j: usize| (j * nkv + kvh) * hd;
+            let mut scores: Vec<f32> = (0..ctx)
+                .map(|j| T::dot(qh, &k[row(j)..row(j) + hd]) * scale)
+                .collect();
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let mut total = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                total += *s;
+            }
+            for (j, p) in scores.iter().enumerate() {
+                let p = p / total;
+                for (o, x) in o.iter_mut().zip(&v[row(j)..row(j) + hd]) {
+                    *o += p * x.widen();
+                }
+            }
+        });
+        out
+    }
+
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
+        candle_core::bail!("decode attention: the cache is not on the CPU")
+    };
+    let (Some((k0, k1)), Some((v0, v1))) = (kl.contiguous_offsets(), vl.contiguous_offsets())
+    else {
+        candle_core::bail!("decode attention: cache views must be contiguous")
+    };
+    let dims = (ctx, nh, nkv, hd, group, scale);
+    let out = match (kc, vc) {
+        (CpuStorage::F32(k), CpuStorage::F32(v)) => heads(&q32, &k[k0..k1], &v[v0..v1], dims),
+        (CpuStorage::BF16(k), CpuStorage::BF16(v)) => heads(&q32, &k[k0..k1], &v[v0..v1], dims),
+        (CpuStorage::F16(k), CpuStorage::F16(v)) => heads(&q32, &k[k0..k1], &v[v0..v1], dims),
+        _ => candle_core::bail!("decode attention: unsupported cache dtype {:?}", k.dtype()),
+    };
+    Tensor::from_vec(out, (1, nh * hd), q.device())?.to_dtype(q.dtype())
+}
+
+impl Mlp {
+    fn load(
+        w: &WeightFiles,
+        prefix: &str,
+        shape: &ModelShape,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (h, i, b) = (
+            shape.hidden_size as usize,
+            shape.intermediate_size as usize,
+            shape.mlp_bias,
+        );
+        let lin = |name: &str, out_dim: usize, in_dim: usize| {
+            Linear::load(
+                w,
+                &format!("{prefix}.{name}"),
+                out_dim,
+                in_dim,
+                b,
+                dtype,
+                device,
+            )
+        };
+        Ok(Mlp {
+            gate_proj: lin("gate_proj", i, h)?,
+            up_proj: lin("up_proj", i, h)?,
+            down_proj: lin("down_proj", h, i)?,
+        })
+    }
+
+    /// x: (T, hidden) -> (T, hidden).
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        let up = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(gate * up)?)
+    }
+}
+
+fn load_norm(
+    w: &WeightFiles,
+    name: &str,
+    shape: &ModelShape,
+    dtype: DType,
+    device: &Device,
+) -> Result<RmsNorm> {
+    Ok(RmsNorm {
+        weight: w.load(name, &[shape.hidden_size as usize], dtype, device)?,
+        eps: shape.rms_norm_eps as f32,
+    })
+}
+
+impl DecoderLayer {
+    fn load(
+        w: &WeightFiles,
+        idx: usize,
+        shape: &ModelShape,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let p = format!("model.layers.{idx}");
+        Ok(DecoderLayer {
+            input_layernorm: load_norm(
+                w,
+                &format!("{p}.input_layernorm.weight"),
+                shape,
+                dtype,
+                device,
+            )?,
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), shape, dtype, device)?,
+            post_attention_layernorm: load_norm(
+                w,
+                &format!("{p}.post_attention_layernorm.weight"),
+                shape,
+                dtype,
+                device,
+            )?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), shape, dtype, device)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        pass: &PassInputs<'_>,
+        layer_idx: usize,
+        caches: &mut [&mut KvCache],
+    ) -> candle_core::Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let h = self.self_attn.forward(&h, pass, layer_idx, caches)?;
+        let x = (x + h)?;
+        let h = self.post_attention_layernorm.forward(&x)?;
+        let h = self.mlp.forward(&h)?;
+        x + h
+    }
+
+    fn weights_bytes(&self) -> u64 {
+        let a = &self.self_attn;
+        let m = &self.mlp;
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+        .iter()
+        .map(|l| l.bytes())
+        .sum::<u64>()
+            + tensor_bytes(&self.input_layernorm.weight)
+            + tensor_bytes(&self.post_attention_layernorm.weight)
+    }
+}
+
+impl Model {
+    /// Load a model directory (config.json plus safetensors) in `dtype` on `device`.
+    pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let shape = ModelShape::from_path(dir).map_err(|e| {
+            let path = dir.join("config.json");
+            // The planner's messages already lead with the file; do not repeat it.
+            let text = e.to_string();
+            let shown = path.display();
+            let message = text
+                .strip_prefix(&format!("{shown}: "))
+                .or_else(|| text.strip_prefix(&format!("reading {shown}: ")))
+                .unwrap_or(&text)
+                .to_string();
+            Error::Config { path, message }
+        })?;
+        let weights = WeightFiles::open_dir(dir)?;
+        Self::load(&shape, &weights, dtype, device)
+    }
+
+    /// Build the model from already opened weight files. Every tensor is checked for
+    /// presence and exact shape before the model is usable.
+    pub fn load(
+        shape: &ModelShape,
+        w: &WeightFiles,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::InvalidInput(format!(
+                "dtype {dtype:?} is not supported for the model; use f32, bf16 or f16"
+            )));
+        }
+        let (vocab, h) = (shape.vocab_size as usize, shape.hidden_size as usize);
+        let embed_tokens = w.load("model.embed_tokens.weight", &[vocab, h], dtype, device)?;
+        let layers = (0..shape.num_hidden_layers as usize)
+            .map(|i| DecoderLayer::load(w, i, shape, dtype, device))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = load_norm(w, "model.norm.weight", shape, dtype, device)?;
+        // Some tied checkpoints still ship an lm_head.weight copy; tied means we use the
+        // embedding, as transformers does.
+        let lm_head = if shape.tie_word_embeddings {
+            Linear::from_weight(embed_tokens.clone(), None)
+        } else {
+            Linear::load(w, "lm_head", vocab, h, false, dtype, device)?
+        };
+        let rope = Rope::new(shape, shape.max_position_embeddings as usize, dtype, device)?;
+        let mut weights_bytes = tensor_bytes(&embed_tokens)
+            + layers.iter().map(DecoderLayer::weights_bytes).sum::<u64>()
+            + tensor_bytes(&norm.weight);
+        if !shape.tie_word_embeddings {
+            weights_bytes += lm_head.bytes();
+        }
+        Ok(Model {
+            shape: shape.clone(),
+            dtype,
+            device: device.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            weights_bytes,
+        })
+    }
+
+    pub fn shape(&self) -> &ModelShape {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Longest context (prompt + generated) this model supports.
+    pub fn max_context(&self) -> usize {
+        self.shape.max_position_embeddings as usize
+    }
+
+    /// Bytes of the weight tensors the model holds (a tied LM head counted once).
+    pub fn weights_bytes(&self) -> u64 {
+        self.weights_bytes
+    }
+
+    /// Check metadata against the tokens and caches of a pass.
+    fn check_pass(
+        &self,
+        num_tokens: usize,
+        meta: &AttnMetadata,
+        caches: &[&mut KvCache],
+    ) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidInput(format!("forward pass: {m}")));
+        if meta.query_lens.len() != meta.cached_lens.len() || meta.num_seqs() != caches.len() {
+            return bad(format!(
+                "metadata lists {} query lengths and {} cached lengths for {} caches",
+                meta.query_lens.len(),
+                meta.cached_lens.len(),
+                caches.len()
+            ));
+        }
+        if meta.num_tokens() != num_tokens {
+            return bad(format!(
+                "metadata covers {} tokens but the batch has {num_tokens}",
+                meta.num_tokens()
+            ));
+        }
+        for (s, cache) in caches.iter().enumerate() {
+            if meta.query_lens[s] == 0 {
+                return bad(format!("sequence {s} feeds no token"));
+            }
+            if cache.len() != meta.cached_lens[s] {
+                return bad(format!(
+                    "sequence {s}: metadata says {} cached tokens, its cache holds {}",
+                    meta.cached_lens[s],
+                    cache.len()
+                ));
+            }
+            let ctx = meta.context_len(s);
+            if ctx > self.max_context() {
+                return bad(format!(
+                    "sequence {s}: context of {ctx} tokens exceeds the model's \
+                     max_position_embeddings = {}",
+                    self.max_context()
+                ));
+            }
+            if ctx > cache.capacity() {
+                return bad(format!(
+                    "sequence {s}: context of {ctx} tokens exceeds its KV cache capacity of {}",
+                    cache.capacity()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Run the decoder over one flattened batch and return the final-normed hidden states,
+    /// (num_tokens, hidden), in the model dtype. Appends the pass's K and V to `caches`.
+    ///
+    /// `input_ids`: (num_tokens,) u32; `positions`: (num_tokens,) u32, normally
+    /// `meta.positions()`; `caches[s]` belongs to sequence `s` of `meta`.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        meta: &AttnMetadata,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let num_tokens = input_ids.dim(0)?;
+        self.check_pass(num_tokens, meta, caches)?;
+        let cos = self.rope.cos.index_select(positions, 0)?;
+        let sin = self.rope.sin.index_select(positions, 0)?;
+        let masks = (0..meta.num_seqs())
+            .map(|s| causal_mask(meta.cached_lens[s], meta.query_lens[s], &self.device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let pass = PassInputs {
+            cos,
+            sin,
+            masks,
+            meta,
+        };
+        let mut x = self.embed_tokens.index_select(input_ids, 0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer
+                .forward(&x, &pass, i, caches)
+                .map_err(|source| Error::Tensor {
+                    context: format!("forward pass, layer {i}"),
+                    source,
+                })?;
+        }
+        for (s, cache) in caches.iter_mut().enumerate() {
+            cache.advance(meta.query_lens[s]);
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    /// LM head: hidden (rows, hidden) -> logits (rows, vocab) in f32.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// One pass, returning the logits of each sequence's last token: (num_seqs, vocab) f32.
+    pub fn forward(
+        &self,
+        input_ids: &[u32],
+        meta: &AttnMetadata,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let ids = self.token_tensor(input_ids)?;
+        let positions = Tensor::new(meta.positions().as_slice(), &self.device)?;
+        let hidden = self.forward_hidden(&ids, &positions, meta, caches)?;
+        let rows = Tensor::new(meta.last_token_rows().as_slice(), &self.device)?;
+        self.logits(&hidden.index_select(&rows, 0)?)
+    }
+
+    /// One pass, returning the logits of every token: (num_tokens, vocab) f32.
+    pub fn forward_all_logits(
+        &self,
+        input_ids: &[u32],
+        meta: &AttnMetadata,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let ids = self.token_tensor(input_ids)?;
+        let positions = Tensor::new(meta.positions().as_slice(), &self.device)?;
+        let hidden = self.forward_hidden(&ids, &positions, meta, caches)?;
+        self.logits(&hidden)
+    }
+
+    /// Token ids as a tensor, after checking each lies inside the vocabulary.
+    fn token_tensor(&self, input_ids: &[u32]) -> Result<Tensor> {
+        let vocab = self.shape.vocab_size;
+        if let Some(bad) = input_ids.iter().find(|&&t| u64::from(t) >= vocab) {
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        Ok(Tensor::new(input_ids, &self.device)?)
+    }
+
+    /// A fresh KV cache for one sequence of up to `capacity_tokens` tokens.
+    pub fn new_cache(&self, capacity_tokens: usize) -> Result<KvCache> {
+        KvCache::new(&self.shape, capacity_tokens, self.dtype, &self.device)
+    }
+
+    /// Estimated peak bytes of activations alive at once in one pass of `meta` that
+    /// computes logits for `logits_rows` rows.
+    ///
+    /// This is arithmetic over this forward pass's own tensors, not a measurement: the
+    /// residual stream and its normed copy are alive throughout; on top of them the
+    /// largest of (a) attention: q, k, v, their rotated copies, and per sequence the f32
+    /// scores and probabilities of the longest sequence plus its output, (b) MLP: gate,
+    /// silu(gate), up, their product and the down output, (c) LM head: the selected rows,
+    /// the logits in the model dtype and their f32 copy. Rope tables and masks are small
+    /// and left out.
+    pub fn activation_peak_bytes(&self, meta: &AttnMetadata, logits_rows: usize) -> u64 {
+        let s = &self.shape;
+        let e = self.dtype.size_in_bytes() as u64;
+        let t = meta.num_tokens() as u64;
+        let (h, q, kv, i, v) = (
+            s.hidden_size,
+            s.q_dim(),
+            s.kv_dim(),
+            s.intermediate_size,
+            s.vocab_size,
+        );
+        let resident = 2 * t * h * e;
+        let longest_scores = (0..meta.num_seqs())
+            .map(|n| {
+                let (ql, ctx) = (meta.query_lens[n] as u64, meta.context_len(n) as u64);
+                // f32 q, scores, probs, output
+                4 * (ql * q + 2 * s.num_attention_heads * ql * ctx + ql * q + 2 * ctx * kv)
+            })
+            .max()
+            .unwrap_or(0);
+        let attention = 2 * t * (q + 2 * kv) * e + longest_scores + t * q * e;
+        let mlp = t * (4 * i + h) * e;
+        let rows = logits_rows as u64;
+        let logits = rows * h * e + rows * v * (e + 4);
+        resident + attention.max(mlp).max(logits)
+    }
+}
+
+/// Additive causal mask of one sequence: (query_len, cached_len + query_len) f32, with
+/// -inf where key position > query position; `None` for a single query token.
+fn causal_mask(
+    cached_len: usize,
+    query_len: usize,
+    device: &Device,
+) -> candle_core::Result<Option<Tensor>> {
+    if query_len <= 1 {
+        return Ok(None);
+    }
+    let ctx = cached_len + query_len;
+    let data: Vec<f32> = (0..query_len)
+        .flat_map(|i| {
+            (0..ctx).map(move |j| {
+                if j > cached_len + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(data, (query_len, ctx), device).map(Some)
+}

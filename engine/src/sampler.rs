@@ -1,0 +1,439 @@
+//! Choosing the next token, and turning tokens back into text safely while streaming.
+//!
+//! [`Sampler`]: greedy at temperature 0 (the first maximal logit, as `argmax` does),
+//! otherwise softmax at a temperature over the top-k and then the top-p nucleus, drawn
+//! with a seeded SplitMix64 generator, so a seed fixes the output. [`IncrementalDecoder`]
+//! emits text only once it is complete UTF-8 (a byte-level token can end mid-character);
+//! [`StopStrings`] holds back text that might be the start of a stop string, so a stop
+//! string never reaches the client. [`top_logprobs`] is the log-softmax in f64.
+
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+
+/// How to pick the next token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy; otherwise logits are divided by it before the softmax.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (None or 0: all).
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of most likely tokens whose probability reaches p (None: 1).
+    pub top_p: Option<f32>,
+    /// Seed of the random generator.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Reject values that make no distribution.
+    pub fn validate(&self) -> Result<()> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(Error::InvalidInput(format!(
+                "temperature = {} must be a finite number >= 0",
+                self.temperature
+            )));
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(Error::InvalidInput(format!(
+                    "top_p = {p} must be in (0, 1]"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// SplitMix64: a tiny, well-mixed, seedable generator (Steele, Lea, Flood 2014).
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Picks tokens from logits according to [`SamplingParams`].
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: SplitMix64,
+}
+
+/// Index of the first maximal value.
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Result<Self> {
+        params.validate()?;
+        let rng = SplitMix64::new(params.seed);
+        Ok(Sampler { params, rng })
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Pick one token id from a row of logits (vocab,).
+    pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
+        if logits.is_empty() {
+            return Err(Error::InvalidInput(
+                "cannot sample from empty logits".into(),
+            ));
+        }
+        if logits.iter().any(|x| x.is_nan()) {
+            return Err(Error::InvalidInput(
+                "the model produced NaN logits; try --dtype f32".into(),
+            ));
+        }
+        if self.params.temperature == 0.0 {
+            return Ok(argmax(logits));
+        }
+        let inv_t = 1.0 / self.params.temperature as f64;
+        // Candidates in descending logit order (ties by id, for determinism).
+        let mut cand: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        match self.params.top_k {
+            Some(k) if k > 0 && k < cand.len() => {
+                cand.select_nth_unstable_by(k - 1, by_logit);
+                cand.truncate(k);
+            }
+            _ => {}
+        }
+        cand.sort_unstable_by(by_logit);
+        let max = logits[cand[0] as usize] as f64;
+        let mut probs: Vec<f64> = cand
+            .iter()
+            .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        let mut keep = probs.len();
+        if let Some(top_p) = self.params.top_p {
+            let mut cum = 0.0;
+            for (i, p) in probs.iter().enumerate() {
+                cum += p;
+                if cum >= top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        let kept_total: f64 = probs[..keep].iter().sum();
+        let mut u = self.rng.next_f64() * kept_total;
+        for (i, p) in probs[..keep].iter().enumerate() {
+            if u < *p {
+                return Ok(cand[i]);
+            }
+            u -= p;
+        }
+        Ok(cand[keep - 1])
+    }
+}
+
+/// Log-softmax of a row of logits, in f64.
+pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+    let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
+    let lse = max + sum.ln();
+    logits.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// The `k` most likely tokens with their log-probabilities (f64), most likely first.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f64)> {
+    let lp = log_softmax(logits);
+    let mut ids: Vec<u32> = (0..lp.len() as u32).collect();
+    let by = |a: &u32, b: &u32| lp[*b as usize].total_cmp(&lp[*a as usize]).then(a.cmp(b));
+    let k = k.min(ids.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    if k < ids.len() {
+        ids.select_nth_unstable_by(k - 1, by);
+        ids.truncate(k);
+    }
+    ids.sort_unstable_by(by);
+    ids.into_iter().map(|i| (i, lp[i as usize])).collect()
+}
+
+/// Turns a growing list of token ids into text pieces that are always whole UTF-8.
+///
+/// Decodes a short window of recent tokens twice (with and without the newest ones) and
+/// emits the difference once it no longer ends in U+FFFD, the replacement character a
+/// byte-level decoder produces for an unfinished character. The window keeps the
+/// decoder's context (leading spaces, merges) right. Idea from Hugging Face TGI.
+pub struct IncrementalDecoder<'t> {
+    tokenizer: &'t Tokenizer,
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+    skip_special_tokens: bool,
+}
+
+impl<'t> IncrementalDecoder<'t> {
+    pub fn new(tokenizer: &'t Tokenizer, skip_special_tokens: bool) -> Self {
+        IncrementalDecoder {
+            tokenizer,
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+            skip_special_tokens,
+        }
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, self.skip_special_tokens)
+            .map_err(|e| Error::TokenizerRun(format!("decoding {ids:?}: {e}")))
+    }
+
+    /// Add one token; return the text it completes (possibly empty).
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let prefix = self.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = self.decode(&self.ids[self.prefix_offset..])?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
+            let piece = match full.get(prefix.len()..) {
+                Some(p) if full.starts_with(&prefix) => p.to_string(),
+                // The window re-decoded differently: emit what is new by characters.
+                _ => full.chars().skip(prefix.chars().count()).collect(),
+            };
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            Ok(piece)
+        } else {
+            Ok(String::new())
+        }
+    }
+
+    /// Text still held back (an unfinished character at the very end), lossily decoded.
+    pub fn flush(&mut self) -> Result<String> {
+        let prefix = self.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = self.decode(&self.ids[self.prefix_offset..])?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok(full
+            .get(prefix.len()..)
+            .map(str::to_string)
+            .unwrap_or_default())
+    }
+}
+
+/// Streams text while watching for stop strings.
+///
+/// Invariant: text handed out never contains a stop string nor anything after one, and
+/// only text that cannot be the start of a stop string is handed out before the end.
+#[derive(Debug, Clone, Default)]
+pub struct StopStrings {
+    stops: Vec<String>,
+    /// All accepted text so far (cut at a stop string once one is found).
+    text: String,
+    /// Bytes of `text` already handed out.
+    emitted: usize,
+    stopped: bool,
+}
+
+impl StopStrings {
+    pub fn new(stops: Vec<String>) -> Self {
+        StopStrings {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Whether a stop string has been seen.
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// All text accepted so far (without the stop string).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Add a piece of text; return what may be shown now.
+    pub fn push(&mut self, piece: &str) -> String {
+        if self.stopped {
+            return String::new();
+        }
+        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        // A new match must end inside `piece`, so it starts at most `longest` bytes back.
+        let mut search_from = self.text.len().saturating_sub(longest);
+        self.text.push_str(piece);
+        while !self.text.is_char_boundary(search_from) {
+            search_from -= 1;
+        }
+        let found = self
+            .stops
+            .iter()
+            .filter_map(|s| {
+                self.text[search_from..]
+                    .find(s.as_str())
+                    .map(|p| search_from + p)
+            })
+            .min();
+        if let Some(pos) = found {
+            self.text.truncate(pos);
+            self.stopped = true;
+            return self.take(pos);
+        }
+        // Hold back the longest suffix that is a proper prefix of some stop string.
+        let mut safe_end = self.text.len();
+        for s in &self.stops {
+            for n in (1..s.len()).rev() {
+                let start = self.text.len().saturating_sub(n);
+                if n <= self.text.len()
+                    && self.text.is_char_boundary(start)
+                    && s.is_char_boundary(n)
+                    && self.text[start..] == s[..n]
+                {
+                    safe_end = safe_end.min(start);
+                    break;
+                }
+            }
+        }
+        self.take(safe_end.max(self.emitted))
+    }
+
+    /// Hand out everything still held back (at the end of generation).
+    pub fn finish(&mut self) -> String {
+        let end = self.text.len();
+        self.take(end)
+    }
+
+    fn take(&mut self, end: usize) -> String {
+        let out = self.text[self.emitted..end].to_string();
+        self.emitted = end;
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_first_max() {
+        let mut s = Sampler::new(SamplingParams::default()).unwrap();
+        assert_eq!(s.sample(&[0.0, 3.0, 3.0, -1.0]).unwrap(), 1);
+    }
+
+    #[test]
+    fn seeded_sampling_is_deterministic_and_respects_top_k() {
+        let logits: Vec<f32> = (0..100).map(|i| (i % 7) as f32 * 0.3).collect();
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: Some(3),
+            top_p: None,
+            seed: 42,
+        };
+        let draw = |p: &SamplingParams| {
+            let mut s = Sampler::new(p.clone()).unwrap();
+            (0..50)
+                .map(|_| s.sample(&logits).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let a = draw(&params);
+        assert_eq!(a, draw(&params));
+        // the top 3 logits are 1.8 at ids 6, 13, 20 (ties broken by id)
+        assert!(a.iter().all(|&t| t == 6 || t == 13 || t == 20), "{a:?}");
+        let b = draw(&SamplingParams { seed: 43, ..params });
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        // probabilities ~ 0.665, 0.245, 0.09
+        let logits = [2.0f32, 1.0, 0.0];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: None,
+            top_p: Some(0.5),
+            seed: 1,
+        })
+        .unwrap();
+        assert!((0..100).all(|_| s.sample(&logits).unwrap() == 0));
+    }
+
+    #[test]
+    fn bad_params_are_errors() {
+        assert!(SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            top_p: Some(0.0),
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        let mut s = Sampler::new(SamplingParams::default()).unwrap();
+        assert!(s.sample(&[f32::NAN, 1.0]).is_err());
+    }
+
+    #[test]
+    fn logprobs_sum_to_one() {
+        let lp = log_softmax(&[1.0, 2.0, 3.0]);
+        let total: f64 = lp.iter().map(|x| x.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-12);
+        let top = top_logprobs(&[1.0, 2.0, 3.0], 2);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
+    }
+
+    #[test]
+    fn stop_strings_hold_back_and_cut() {
+        let mut s = StopStrings::new(vec!["END".into()]);
+        assert_eq!(s.push("hello E"), "hello ");
+        assert_eq!(s.push("N"), "");
+        assert_eq!(s.push("D and more"), "");
+        assert!(s.stopped());
+        assert_eq!(s.text(), "hello ");
+
+        let mut s = StopStrings::new(vec!["END".into()]);
+        assert_eq!(s.push("a E"), "a ");
+        assert_eq!(s.push("x"), "Ex");
+        assert_eq!(s.push("é EN"), "é ");
+        assert_eq!(s.finish(), "EN");
+    }
+}

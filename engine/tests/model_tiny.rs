@@ -1,0 +1,939 @@
+//! Fast tier, no download: tiny random Llama-family models written as safetensors by the
+//! test itself, checked against a naive f64 reference forward pass written below (no
+//! cache, no batching, one loop per formula), and against the engine's own paths
+//! (prefill + decode == full pass, batched == unbatched). Also: load errors name the file
+//! and tensor and never panic; generation honours max_tokens, EOS, stop tokens and seeds.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use llmem_engine::generate::{generate, FinishReason, GenerateRequest};
+use llmem_engine::model::{rope_inv_freq, AttnMetadata, Model};
+use llmem_engine::sampler::{SamplingParams, SplitMix64};
+use llmem_planner::ModelShape;
+use serde_json::json;
+
+/// Options of a tiny model.
+#[derive(Clone)]
+struct Spec {
+    arch: &'static str,
+    hidden: usize,
+    inter: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    vocab: usize,
+    tie: bool,
+    attention_bias: bool,
+    mlp_bias: bool,
+    rope_scaling: Option<serde_json::Value>,
+    seed: u64,
+}
+
+impl Default for Spec {
+    fn default() -> Self {
+        Spec {
+            arch: "LlamaForCausalLM",
+            hidden: 32,
+            inter: 48,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            vocab: 40,
+            tie: true,
+            attention_bias: false,
+            mlp_bias: false,
+            rope_scaling: None,
+            seed: 7,
+        }
+    }
+}
+
+type Weights = HashMap<String, (Vec<f32>, Vec<usize>)>;
+
+fn temp_dir(tag: &str) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("llmem-tiny-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl Spec {
+    fn qkv_bias(&self) -> bool {
+        self.arch == "Qwen2ForCausalLM" || self.attention_bias
+    }
+
+    fn o_bias(&self) -> bool {
+        self.arch == "LlamaForCausalLM" && self.attention_bias
+    }
+
+    fn weights(&self) -> Weights {
+        let mut rng = SplitMix64::new(self.seed);
+        let mut w = Weights::new();
+        let mut add = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
+            let n: usize = shape.iter().product();
+            let data = (0..n)
+                .map(|_| offset + scale * (rng.next_f64() as f32 * 2.0 - 1.0))
+                .collect();
+            w.insert(name, (data, shape));
+        };
+        let (h, i, q, kv) = (
+            self.hidden,
+            self.inter,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+        );
+        add(
+            "model.embed_tokens.weight".into(),
+            vec![self.vocab, h],
+            1.0,
+            0.0,
+        );
+        add("model.norm.weight".into(), vec![h], 0.2, 1.0);
+        if !self.tie {
+            add("lm_head.weight".into(), vec![self.vocab, h], 0.3, 0.0);
+        }
+        for l in 0..self.layers {
+            let p = format!("model.layers.{l}");
+            add(format!("{p}.input_layernorm.weight"), vec![h], 0.2, 1.0);
+            add(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                0.2,
+                1.0,
+            );
+            for (name, out, inp) in [
+                ("q_proj", q, h),
+                ("k_proj", kv, h),
+                ("v_proj", kv, h),
+                ("o_proj", h, q),
+            ] {
+                add(
+                    format!("{p}.self_attn.{name}.weight"),
+                    vec![out, inp],
+                    0.3,
+                    0.0,
+                );
+                let bias = if name == "o_proj" {
+                    self.o_bias()
+                } else {
+                    self.qkv_bias()
+                };
+                if bias {
+                    add(format!("{p}.self_attn.{name}.bias"), vec![out], 0.3, 0.0);
+                }
+            }
+            for (name, out, inp) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+                add(format!("{p}.mlp.{name}.weight"), vec![out, inp], 0.3, 0.0);
+                if self.mlp_bias {
+                    add(format!("{p}.mlp.{name}.bias"), vec![out], 0.3, 0.0);
+                }
+            }
+        }
+        w
+    }
+
+    fn config(&self) -> serde_json::Value {
+        let mut c = json!({
+            "architectures": [self.arch],
+            "hidden_size": self.hidden,
+            "intermediate_size": self.inter,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": 64,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": self.tie,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "hidden_act": "silu",
+            "eos_token_id": 3,
+        });
+        if let Some(rs) = &self.rope_scaling {
+            c["rope_scaling"] = rs.clone();
+        }
+        c
+    }
+
+    /// Write config.json, model.safetensors and a word-level tokenizer.json.
+    fn write(&self, tag: &str) -> (PathBuf, Weights) {
+        let dir = temp_dir(tag);
+        let weights = self.weights();
+        std::fs::write(dir.join("config.json"), self.config().to_string()).unwrap();
+        write_safetensors(&dir.join("model.safetensors"), &weights);
+        let vocab: serde_json::Map<String, serde_json::Value> = (0..self.vocab)
+            .map(|i| (format!("w{i}"), json!(i)))
+            .collect();
+        let tok = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
+        });
+        std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+        (dir, weights)
+    }
+}
+
+fn write_safetensors(path: &Path, weights: &Weights) {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = weights
+        .iter()
+        .map(|(n, (d, s))| {
+            (
+                n.clone(),
+                d.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                s.clone(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, b, s)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+// ---- the naive reference -------------------------------------------------------------
+
+fn matvec(w: &(Vec<f32>, Vec<usize>), x: &[f64]) -> Vec<f64> {
+    let (rows, cols) = (w.1[0], w.1[1]);
+    assert_eq!(cols, x.len());
+    (0..rows)
+        .map(|r| (0..cols).map(|c| w.0[r * cols + c] as f64 * x[c]).sum())
+        .collect()
+}
+
+fn add_bias(w: &Weights, name: &str, mut y: Vec<f64>) -> Vec<f64> {
+    if let Some((b, _)) = w.get(name) {
+        y.iter_mut().zip(b).for_each(|(y, b)| *y += *b as f64);
+    }
+    y
+}
+
+fn rmsnorm(x: &[f64], w: &[f32], eps: f64) -> Vec<f64> {
+    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+    let r = 1.0 / (ms + eps).sqrt();
+    x.iter().zip(w).map(|(v, w)| v * r * *w as f64).collect()
+}
+
+/// HF-style rotary (rotate_half): pairs (i, i + hd/2).
+fn rope(x: &mut [f64], pos: usize, inv_freq: &[f64]) {
+    let half = inv_freq.len();
+    for i in 0..half {
+        let a = pos as f64 * inv_freq[i];
+        let (c, s) = (a.cos(), a.sin());
+        let (x1, x2) = (x[i], x[i + half]);
+        x[i] = x1 * c - x2 * s;
+        x[i + half] = x1 * s + x2 * c;
+    }
+}
+
+/// Llama-3 frequency scaling, written from the formula in f64.
+fn reference_inv_freq(spec: &Spec) -> Vec<f64> {
+    let hd = spec.head_dim;
+    let mut inv: Vec<f64> = (0..hd / 2)
+        .map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / hd as f64))
+        .collect();
+    if let Some(rs) = &spec.rope_scaling {
+        let factor = rs["factor"].as_f64().unwrap();
+        let low = rs["low_freq_factor"].as_f64().unwrap();
+        let high = rs["high_freq_factor"].as_f64().unwrap();
+        let old = rs["original_max_position_embeddings"].as_f64().unwrap();
+        for f in inv.iter_mut() {
+            let wavelen = 2.0 * std::f64::consts::PI / *f;
+            if wavelen < old / high {
+            } else if wavelen > old / low {
+                *f /= factor;
+            } else {
+                let smooth = (old / wavelen - low) / (high - low);
+                *f = (1.0 - smooth) * *f / factor + smooth * *f;
+            }
+        }
+    }
+    inv
+}
+
+/// Logits of every position of `ids`, (len, vocab), in f64.
+fn reference_forward(spec: &Spec, w: &Weights, ids: &[u32]) -> Vec<Vec<f64>> {
+    let (hd, nh, nkv) = (spec.head_dim, spec.heads, spec.kv_heads);
+    let group = nh / nkv;
+    let inv = reference_inv_freq(spec);
+    let emb = &w["model.embed_tokens.weight"];
+    let mut xs: Vec<Vec<f64>> = ids
+        .iter()
+        .map(|&id| {
+            let r = id as usize * spec.hidden;
+            emb.0[r..r + spec.hidden]
+                .iter()
+                .map(|&v| v as f64)
+                .collect()
+        })
+        .collect();
+    for l in 0..spec.layers {
+        let p = format!("model.layers.{l}");
+        let lin = |name: &str, x: &[f64]| {
+            add_bias(
+                w,
+                &format!("{p}.{name}.bias"),
+                matvec(&w[&format!("{p}.{name}.weight")], x),
+            )
+        };
+        let normed: Vec<Vec<f64>> = xs
+            .iter()
+            .map(|x| rmsnorm(x, &w[&format!("{p}.input_layernorm.weight")].0, 1e-5))
+            .collect();
+        let mut qs = Vec::new();
+        let mut ks = Vec::new();
+        let mut vs = Vec::new();
+        for (pos, x) in normed.iter().enumerate() {
+            let mut q = lin("self_attn.q_proj", x);
+            let mut k = lin("self_attn.k_proj", x);
+            for h in 0..nh {
+                rope(&mut q[h * hd..(h + 1) * hd], pos, &inv);
+            }
+            for h in 0..nkv {
+                rope(&mut k[h * hd..(h + 1) * hd], pos, &inv);
+            }
+            qs.push(q);
+            ks.push(k);
+            vs.push(lin("self_attn.v_proj", x));
+        }
+        for t in 0..xs.len() {
+            let mut attn = vec![0.0; nh * hd];
+            for h in 0..nh {
+                let kvh = h / group;
+                let scores: Vec<f64> = (0..=t)
+                    .map(|j| {
+                        (0..hd)
+                            .map(|d| qs[t][h * hd + d] * ks[j][kvh * hd + d])
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for j in 0..=t {
+                    for d in 0..hd {
+                        attn[h * hd + d] += e[j] / z * vs[j][kvh * hd + d];
+                    }
+                }
+            }
+            let o = lin("self_attn.o_proj", &attn);
+            xs[t].iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            let h2 = rmsnorm(
+                &xs[t],
+                &w[&format!("{p}.post_attention_layernorm.weight")].0,
+                1e-5,
+            );
+            let g = lin("mlp.gate_proj", &h2);
+            let u = lin("mlp.up_proj", &h2);
+            let act: Vec<f64> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            let d = lin("mlp.down_proj", &act);
+            xs[t].iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+        }
+    }
+    let head = if spec.tie {
+        &w["model.embed_tokens.weight"]
+    } else {
+        &w["lm_head.weight"]
+    };
+    xs.iter()
+        .map(|x| matvec(head, &rmsnorm(x, &w["model.norm.weight"].0, 1e-5)))
+        .collect()
+}
+
+// ---- helpers -------------------------------------------------------------------------
+
+fn load(dir: &Path, dtype: DType) -> Model {
+    Model::load_dir(dir, dtype, &Device::Cpu).unwrap()
+}
+
+fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+    t.to_vec2().unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| (*a as f64 - b).abs())
+        .fold(0.0, f64::max)
+}
+
+fn full_logits(model: &Model, ids: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = model.new_cache(ids.len()).unwrap();
+    rows(
+        &model
+            .forward_all_logits(ids, &AttnMetadata::single(0, ids.len()), &mut [&mut cache])
+            .unwrap(),
+    )
+}
+
+const IDS: [u32; 9] = [5, 17, 2, 39, 11, 0, 23, 8, 30];
+
+fn check_against_reference(spec: &Spec, tag: &str) {
+    let (dir, w) = spec.write(tag);
+    let model = load(&dir, DType::F32);
+    let got = full_logits(&model, &IDS);
+    let want = reference_forward(spec, &w, &IDS);
+    assert_eq!(got.len(), IDS.len());
+    for (pos, (g, r)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.len(), spec.vocab);
+        let d = max_diff(g, r);
+        assert!(
+            d < 1e-3,
+            "{tag}: position {pos}: max |engine - reference| = {d}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+// ---- tests ---------------------------------------------------------------------------
+
+#[test]
+fn gqa_tied_matches_reference() {
+    check_against_reference(&Spec::default(), "gqa");
+}
+
+#[test]
+fn mha_untied_matches_reference() {
+    let spec = Spec {
+        kv_heads: 4,
+        tie: false,
+        seed: 11,
+        ..Spec::default()
+    };
+    check_against_reference(&spec, "mha");
+}
+
+#[test]
+fn multi_query_matches_reference() {
+    let spec = Spec {
+        kv_heads: 1,
+        heads: 4,
+        head_dim: 16,
+        seed: 12,
+        ..Spec::default()
+    };
+    check_against_reference(&spec, "mqa");
+}
+
+#[test]
+fn qwen2_qkv_biases_match_reference() {
+    let spec = Spec {
+        arch: "Qwen2ForCausalLM",
+        seed: 13,
+        ..Spec::default()
+    };
+    check_against_reference(&spec, "qwen2");
+}
+
+#[test]
+fn llama_attention_and_mlp_biases_match_reference() {
+    let spec = Spec {
+        attention_bias: true,
+        mlp_bias: true,
+        tie: false,
+        seed: 14,
+        ..Spec::default()
+    };
+    check_against_reference(&spec, "bias");
+}
+
+#[test]
+fn llama3_rope_scaling_matches_reference() {
+    let spec = Spec {
+        head_dim: 16,
+        heads: 2,
+        kv_heads: 1,
+        rope_scaling: Some(json!({
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16
+        })),
+        seed: 15,
+        ..Spec::default()
+    };
+    // The scaling must actually change some frequencies for this test to mean anything.
+    let (dir, _) = spec.write("rope-freq");
+    let shape = ModelShape::from_path(&dir).unwrap();
+    let scaled = rope_inv_freq(&shape).unwrap();
+    let plain = reference_inv_freq(&Spec {
+        rope_scaling: None,
+        ..spec.clone()
+    });
+    let reference = reference_inv_freq(&spec);
+    assert!(scaled
+        .iter()
+        .zip(&plain)
+        .any(|(s, p)| (*s as f64 - p).abs() > 1e-6));
+    for (s, r) in scaled.iter().zip(&reference) {
+        assert!(
+            (*s as f64 - r).abs() <= 1e-6 * r.abs().max(1e-3),
+            "{s} vs {r}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+    check_against_reference(&spec, "llama3");
+}
+
+#[test]
+fn prefill_then_decode_equals_full_pass() {
+    let spec = Spec::default();
+    let (dir, _) = spec.write("kv");
+    let model = load(&dir, DType::F32);
+    let full = full_logits(&model, &IDS);
+    let mut cache = model.new_cache(IDS.len()).unwrap();
+    let split = 4;
+    let first = rows(
+        &model
+            .forward(
+                &IDS[..split],
+                &AttnMetadata::single(0, split),
+                &mut [&mut cache],
+            )
+            .unwrap(),
+    );
+    assert_eq!(first.len(), 1, "forward returns one row per sequence");
+    assert!(
+        max_diff(
+            &first[0],
+            &full[split - 1]
+                .iter()
+                .map(|&x| x as f64)
+                .collect::<Vec<_>>()
+        ) < 1e-5
+    );
+    for pos in split..IDS.len() {
+        let step = rows(
+            &model
+                .forward(
+                    &IDS[pos..pos + 1],
+                    &AttnMetadata::single(pos, 1),
+                    &mut [&mut cache],
+                )
+                .unwrap(),
+        );
+        let want: Vec<f64> = full[pos].iter().map(|&x| x as f64).collect();
+        let d = max_diff(&step[0], &want);
+        assert!(d < 1e-4, "decode at position {pos}: diff {d}");
+    }
+    assert_eq!(cache.len(), IDS.len());
+    // A chunked prefill (3 tokens after 4 cached) also matches.
+    let mut cache = model.new_cache(IDS.len()).unwrap();
+    model
+        .forward(&IDS[..4], &AttnMetadata::single(0, 4), &mut [&mut cache])
+        .unwrap();
+    let chunk = rows(
+        &model
+            .forward(&IDS[4..7], &AttnMetadata::single(4, 3), &mut [&mut cache])
+            .unwrap(),
+    );
+    assert!(
+        max_diff(
+            &chunk[0],
+            &full[6].iter().map(|&x| x as f64).collect::<Vec<_>>()
+        ) < 1e-4
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn batched_equals_unbatched() {
+    let spec = Spec::default();
+    let (dir, _) = spec.write("batch");
+    let model = load(&dir, DType::F32);
+    let a: &[u32] = &[1, 2, 3, 4, 5];
+    let b: &[u32] = &[9, 8, 7];
+    // alone
+    let mut ca = model.new_cache(8).unwrap();
+    let mut cb = model.new_cache(8).unwrap();
+    let la = rows(
+        &model
+            .forward(a, &AttnMetadata::single(0, 5), &mut [&mut ca])
+            .unwrap(),
+    );
+    let lb = rows(
+        &model
+            .forward(b, &AttnMetadata::single(0, 3), &mut [&mut cb])
+            .unwrap(),
+    );
+    let la2 = rows(
+        &model
+            .forward(&[6], &AttnMetadata::single(5, 1), &mut [&mut ca])
+            .unwrap(),
+    );
+    let lb2 = rows(
+        &model
+            .forward(&[6], &AttnMetadata::single(3, 1), &mut [&mut cb])
+            .unwrap(),
+    );
+    // together
+    let mut xa = model.new_cache(8).unwrap();
+    let mut xb = model.new_cache(8).unwrap();
+    let ids: Vec<u32> = a.iter().chain(b).copied().collect();
+    let meta = AttnMetadata {
+        query_lens: vec![5, 3],
+        cached_lens: vec![0, 0],
+    };
+    let both = rows(&model.forward(&ids, &meta, &mut [&mut xa, &mut xb]).unwrap());
+    let meta = AttnMetadata {
+        query_lens: vec![1, 1],
+        cached_lens: vec![5, 3],
+    };
+    let both2 = rows(
+        &model
+            .forward(&[6, 6], &meta, &mut [&mut xa, &mut xb])
+            .unwrap(),
+    );
+    let f = |v: &Vec<f32>| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    for (got, want) in [
+        (&both[0], &la[0]),
+        (&both[1], &lb[0]),
+        (&both2[0], &la2[0]),
+        (&both2[1], &lb2[0]),
+    ] {
+        let d = max_diff(got, &f(want));
+        assert!(d < 1e-4, "batched differs from unbatched by {d}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn half_precision_dtypes_run_and_stay_close() {
+    let spec = Spec::default();
+    let (dir, _) = spec.write("dtypes");
+    let f32_logits = full_logits(&load(&dir, DType::F32), &IDS);
+    for dtype in [DType::BF16, DType::F16] {
+        let model = load(&dir, dtype);
+        assert_eq!(
+            model.weights_bytes() * 2,
+            load(&dir, DType::F32).weights_bytes()
+        );
+        let got = full_logits(&model, &IDS);
+        let mut kv = model.new_cache(IDS.len()).unwrap();
+        model
+            .forward(&IDS[..5], &AttnMetadata::single(0, 5), &mut [&mut kv])
+            .unwrap();
+        model
+            .forward(&IDS[5..6], &AttnMetadata::single(5, 1), &mut [&mut kv])
+            .unwrap();
+        // bf16 keeps 8 significant bits, f16 11: bound the error relative to the logits.
+        let rel = if dtype == DType::BF16 { 0.05 } else { 0.01 };
+        for (g, w) in got.iter().zip(&f32_logits) {
+            let scale = w.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+            let d = max_diff(g, &w.iter().map(|&x| x as f64).collect::<Vec<_>>());
+            assert!(
+                d < rel * scale,
+                "{dtype:?}: differs from f32 by {d} (logit scale {scale})"
+            );
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn memory_accounting_uses_the_shape() {
+    let spec = Spec {
+        tie: false,
+        ..Spec::default()
+    };
+    let (dir, w) = spec.write("mem");
+    let model = load(&dir, DType::F32);
+    let params: usize = w.values().map(|(d, _)| d.len()).sum();
+    assert_eq!(model.weights_bytes(), 4 * params as u64);
+    assert_eq!(model.shape().params().total, params as u64);
+    let cache = model.new_cache(10).unwrap();
+    assert_eq!(cache.bytes(), 10 * model.shape().kv_bytes_per_token(4));
+    assert_eq!(cache.bytes(), 10 * 2 * 2 * 2 * 8 * 4);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+// ---- load errors ---------------------------------------------------------------------
+
+fn load_err(dir: &Path) -> String {
+    match Model::load_dir(dir, DType::F32, &Device::Cpu) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn wrong_shape_is_an_error_naming_file_and_tensor() {
+    let spec = Spec::default();
+    let (dir, mut w) = spec.write("shape");
+    w.insert(
+        "model.layers.1.self_attn.k_proj.weight".into(),
+        (vec![0.0; 32 * 32], vec![32, 32]),
+    );
+    write_safetensors(&dir.join("model.safetensors"), &w);
+    let err = load_err(&dir);
+    assert!(err.contains("model.safetensors"), "{err}");
+    assert!(
+        err.contains("model.layers.1.self_attn.k_proj.weight"),
+        "{err}"
+    );
+    assert!(
+        err.contains("expected shape [16, 32], found [32, 32]"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn missing_tensor_is_an_error_naming_it() {
+    let spec = Spec::default();
+    let (dir, mut w) = spec.write("missing");
+    w.remove("model.layers.0.mlp.up_proj.weight");
+    write_safetensors(&dir.join("model.safetensors"), &w);
+    let err = load_err(&dir);
+    assert!(
+        err.contains("model.layers.0.mlp.up_proj.weight") && err.contains("missing"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn missing_bias_of_a_qwen2_model_is_an_error() {
+    let spec = Spec {
+        arch: "Qwen2ForCausalLM",
+        ..Spec::default()
+    };
+    let (dir, mut w) = spec.write("nobias");
+    w.remove("model.layers.1.self_attn.v_proj.bias");
+    write_safetensors(&dir.join("model.safetensors"), &w);
+    let err = load_err(&dir);
+    assert!(
+        err.contains("model.layers.1.self_attn.v_proj.bias"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn truncated_and_garbage_files_are_errors() {
+    let spec = Spec::default();
+    let (dir, _) = spec.write("trunc");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    for cut in [bytes.len() - 1, bytes.len() / 2, 100, 7, 0] {
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        let err = load_err(&dir);
+        assert!(err.contains("model.safetensors"), "cut at {cut}: {err}");
+    }
+    std::fs::write(&path, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header").unwrap();
+    assert!(load_err(&dir).contains("model.safetensors"));
+    std::fs::remove_file(&path).unwrap();
+    assert!(load_err(&dir).contains("no model.safetensors"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn unsupported_dtype_in_file_is_an_error() {
+    let spec = Spec::default();
+    let (dir, w) = spec.write("i32");
+    let mut bytes: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = w
+        .iter()
+        .map(|(n, (d, s))| {
+            (
+                n.clone(),
+                d.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                s.clone(),
+                safetensors::Dtype::F32,
+            )
+        })
+        .collect();
+    for b in bytes.iter_mut().filter(|b| b.0 == "model.norm.weight") {
+        b.3 = safetensors::Dtype::I32;
+    }
+    let views: Vec<_> = bytes
+        .iter()
+        .map(|(n, b, s, t)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*t, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let err = load_err(&dir);
+    assert!(
+        err.contains("model.norm.weight") && err.contains("I32"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn sharded_checkpoint_loads_like_a_single_file() {
+    let spec = Spec::default();
+    let (dir, w) = spec.write("shards");
+    let single = full_logits(&load(&dir, DType::F32), &IDS);
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let mut shard1 = Weights::new();
+    let mut shard2 = Weights::new();
+    let mut map = serde_json::Map::new();
+    for (name, t) in &w {
+        let (file, shard) = if name.contains("layers.1")
+            || name.contains("norm.weight") && !name.contains("layers")
+        {
+            ("model-00002-of-00002.safetensors", &mut shard2)
+        } else {
+            ("model-00001-of-00002.safetensors", &mut shard1)
+        };
+        shard.insert(name.clone(), t.clone());
+        map.insert(name.clone(), json!(file));
+    }
+    write_safetensors(&dir.join("model-00001-of-00002.safetensors"), &shard1);
+    write_safetensors(&dir.join("model-00002-of-00002.safetensors"), &shard2);
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
+    assert_eq!(full_logits(&load(&dir, DType::F32), &IDS), single);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn forward_rejects_inconsistent_metadata_without_panicking() {
+    let (dir, _) = Spec::default().write("meta");
+    let model = load(&dir, DType::F32);
+    let mut cache = model.new_cache(4).unwrap();
+    let err = |r: llmem_engine::Result<Tensor>| r.unwrap_err().to_string();
+    assert!(
+        err(model.forward(&[1, 2], &AttnMetadata::single(0, 3), &mut [&mut cache]))
+            .contains("3 tokens")
+    );
+    assert!(
+        err(model.forward(&[1, 2], &AttnMetadata::single(1, 2), &mut [&mut cache]))
+            .contains("cached")
+    );
+    assert!(err(model.forward(
+        &[1, 2, 3, 4, 5],
+        &AttnMetadata::single(0, 5),
+        &mut [&mut cache]
+    ))
+    .contains("capacity"));
+    assert!(
+        err(model.forward(&[99], &AttnMetadata::single(0, 1), &mut [&mut cache]))
+            .contains("vocabulary")
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+// ---- generation ----------------------------------------------------------------------
+
+fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt_ids: prompt,
+        max_tokens,
+        sampling: SamplingParams::default(),
+        eos_token_ids: vec![],
+        stop_token_ids: vec![],
+        stop_strings: vec![],
+        ignore_eos: false,
+        top_logprobs: 0,
+    }
+}
+
+#[test]
+fn greedy_generation_follows_the_full_pass_argmax() {
+    let (dir, _) = Spec::default().write("gen");
+    let model = load(&dir, DType::F32);
+    let tok = llmem_engine::loader::load_tokenizer(&dir).unwrap();
+    let mut req = request(vec![5, 17, 2], 6);
+    req.top_logprobs = 3;
+    let mut streamed = String::new();
+    let out = generate(&model, &tok, &req, |s| streamed.push_str(s)).unwrap();
+    assert_eq!(out.token_ids.len(), 6);
+    assert_eq!(out.finish_reason, FinishReason::Length);
+    assert_eq!(streamed, out.text);
+    assert_eq!(out.top_logprobs.len(), 6);
+    // Each greedy token is the argmax of a full, cache-free pass over everything before it.
+    let mut seq = req.prompt_ids.clone();
+    for (i, &t) in out.token_ids.iter().enumerate() {
+        let logits = full_logits(&model, &seq);
+        let last = logits.last().unwrap();
+        let best = (0..last.len())
+            .max_by(|&a, &b| last[a].total_cmp(&last[b]).then(b.cmp(&a)))
+            .unwrap();
+        assert_eq!(t as usize, best, "step {i}");
+        assert_eq!(out.top_logprobs[i][0].0, t);
+        seq.push(t);
+    }
+    assert!(out.memory.kv_cache_bytes > 0 && out.memory.activation_peak_bytes > 0);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn eos_stop_tokens_and_seeds() {
+    let (dir, _) = Spec::default().write("stop");
+    let model = load(&dir, DType::F32);
+    let tok = llmem_engine::loader::load_tokenizer(&dir).unwrap();
+    let free = generate(&model, &tok, &request(vec![5, 17], 8), |_| {}).unwrap();
+    let first = free.token_ids[0];
+    // Declaring the first greedy token EOS stops at once (and keeps it in token_ids).
+    let mut req = request(vec![5, 17], 8);
+    req.eos_token_ids = vec![first];
+    let out = generate(&model, &tok, &req, |_| {}).unwrap();
+    assert_eq!(
+        (out.token_ids.clone(), out.finish_reason),
+        (vec![first], FinishReason::Stop)
+    );
+    assert_eq!(out.text, "");
+    req.ignore_eos = true;
+    assert_eq!(
+        generate(&model, &tok, &req, |_| {})
+            .unwrap()
+            .token_ids
+            .len(),
+        8
+    );
+    req.stop_token_ids = vec![first];
+    assert_eq!(
+        generate(&model, &tok, &req, |_| {}).unwrap().finish_reason,
+        FinishReason::Stop
+    );
+    // Seeded sampling is reproducible.
+    let mut req = request(vec![5, 17], 8);
+    req.sampling = SamplingParams {
+        temperature: 1.5,
+        top_k: Some(10),
+        top_p: Some(0.95),
+        seed: 3,
+    };
+    let a = generate(&model, &tok, &req, |_| {}).unwrap().token_ids;
+    let b = generate(&model, &tok, &req, |_| {}).unwrap().token_ids;
+    assert_eq!(a, b);
+    // A prompt that fills the context is a clear error.
+    let err = generate(&model, &tok, &request(vec![1; 64], 4), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("context"), "{err}");
+    // Generation that reaches the context end stops with "length".
+    let out = generate(&model, &tok, &request(vec![1; 60], 100), |_| {}).unwrap();
+    assert_eq!(
+        (out.token_ids.len(), out.finish_reason),
+        (4, FinishReason::Length)
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
