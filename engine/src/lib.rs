@@ -1,5 +1,6 @@
 //! llmem's runtime half: model loading, the Llama forward pass and generation.
 
+pub mod block_manager;
 pub mod chat;
 pub mod config;
 pub mod convert;
@@ -7,11 +8,13 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
+pub mod kv_cache;
 pub mod linear;
 pub mod loader;
 pub mod model;
 pub mod perplexity;
 pub mod sampler;
+pub mod scheduler;
 pub mod tokenizer_gguf;
 
 pub use error::{Error, Result};
