@@ -310,9 +310,8 @@ pub fn validate(shape: &ModelShape, w: &Workload, d: &Deployment) -> Result<(), 
     if d.gpu.memory_bytes == 0 {
         return Err(PlanError::Invalid("--gpu-memory is 0 bytes".to_string()));
     }
-    if w.context_tokens > shape.max_position_embeddings {
-        // Allowed (rope scaling may extend it) but worth knowing; reported in assumptions.
-    }
+    // A context beyond max_position_embeddings is allowed (rope scaling may extend it);
+    // the plan's assumptions say so.
     Ok(())
 }
 
@@ -374,10 +373,6 @@ pub fn layer_bytes(
 }
 
 /// Weight bytes of one TP rank of one stage.
-struct RankWeights {
-    bytes: u64,
-}
-
 fn rank_weights(
     shape: &ModelShape,
     d: &Deployment,
@@ -385,7 +380,7 @@ fn rank_weights(
     holds_embedding: bool,
     holds_lm_head: bool,
     rank: u64,
-) -> Result<RankWeights, PlanError> {
+) -> Result<u64, PlanError> {
     let p = d.precision;
     let tp = d.tp;
     let h = shape.hidden_size;
@@ -409,9 +404,7 @@ fn rank_weights(
             parts.push(embedding);
         }
     }
-    Ok(RankWeights {
-        bytes: sum(&parts, "weight bytes of a rank")?,
-    })
+    sum(&parts, "weight bytes of a rank")
 }
 
 /// KV heads one TP rank holds (one when TP exceeds the KV heads: replicated).
@@ -650,10 +643,10 @@ pub fn plan(shape: &ModelShape, w: &Workload, d: &Deployment) -> Result<Plan, Pl
         let mut worst = Terms::default();
         for rank in 0..d.tp {
             let weights = rank_weights(shape, d, layers, holds_embedding, holds_lm_head, rank)?;
-            rank_weights_bytes.push(weights.bytes);
+            rank_weights_bytes.push(weights);
             let terms = finish_terms(
                 Terms {
-                    weights_bytes: weights.bytes,
+                    weights_bytes: weights,
                     kv_cache_bytes: kv_cache,
                     activation_bytes: act.peak_bytes,
                     runtime_overhead_bytes: overhead,
@@ -701,8 +694,7 @@ pub fn plan(shape: &ModelShape, w: &Workload, d: &Deployment) -> Result<Plan, Pl
         vocab_parallel: false,
         ..d.clone()
     };
-    let weights_bytes_model =
-        rank_weights(shape, &whole, shape.num_hidden_layers, true, true, 0)?.bytes;
+    let weights_bytes_model = rank_weights(shape, &whole, shape.num_hidden_layers, true, true, 0)?;
     let kv_cache_bytes_model = ck(
         kv_bytes_per_token
             .checked_mul(w.concurrency)
