@@ -33,6 +33,8 @@ enum Command {
     Perplexity(cmd::perplexity::PerplexityArgs),
     /// Convert a llama-architecture GGUF file into a Hugging Face model directory.
     Import(cmd::import::ImportArgs),
+    /// Benchmark the paged engine: throughput, latency and KV use at several concurrencies.
+    Bench(cmd::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Perplexity(args) => cmd::perplexity::run(args),
         Command::Import(args) => cmd::import::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

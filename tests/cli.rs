@@ -213,3 +213,56 @@ fn bad_input_exits_2_with_a_named_problem() {
         "{err}"
     );
 }
+
+#[test]
+fn bench_rejects_bad_arguments_before_loading_a_model() {
+    assert!(fails(&["bench", "--concurrency", "1,0"]).contains("positive"));
+    assert!(fails(&["bench", "--kv-dtype", "int2"]).contains("bf16"));
+    assert!(fails(&["bench", "--kv-blocks", "4", "--memory-budget", "1GiB"]).contains("cannot"));
+}
+
+/// Runs only where the default model is already cached (the golden tier fetches it).
+#[test]
+fn bench_json_contract_with_forced_preemption() {
+    if llmem_engine::hub::cached_default_model_dir(None).is_none() {
+        eprintln!("skipped: smollm2-135m is not cached");
+        return;
+    }
+    // Two sequences of 8 + 3 tokens need 3 blocks of 4 each; 4 blocks force preemption.
+    let v = json(&[
+        "bench",
+        "--concurrency",
+        "1,2",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--block-size",
+        "4",
+        "--kv-blocks",
+        "4",
+        "--format",
+        "json",
+    ]);
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for (run, c) in runs.iter().zip([1, 2]) {
+        assert_eq!(run["concurrency"], c);
+        assert_eq!(run["kv_layout"], "paged");
+        assert_eq!(run["kv_blocks_total"], 4);
+        assert_eq!(run["generated_tokens"], 4 * c);
+        for key in [
+            "aggregate_tokens_per_s",
+            "kv_waste_fraction",
+            "prefix_cache_hit_rate",
+        ] {
+            assert!(run[key].as_f64().is_some(), "{key}");
+        }
+        for key in ["ttft_ms", "itl_ms"] {
+            assert!(run[key]["p50"].as_f64().unwrap() <= run[key]["p99"].as_f64().unwrap());
+        }
+        assert!(run["peak_kv_blocks_used"].as_u64().unwrap() <= 4);
+    }
+    assert_eq!(runs[0]["preemptions"], 0);
+    assert!(runs[1]["preemptions"].as_u64().unwrap() > 0);
+}

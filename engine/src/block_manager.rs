@@ -7,9 +7,14 @@
 //! Prefix caching: a block that is full gets a hash chained over every token id up to
 //! its end, and the ids themselves are kept so a hit is verified, not trusted. A new
 //! prompt whose leading full blocks match shares them (ref counts) and skips their
-//! prefill. Freed blocks keep their hash and stay findable until they are reused; reuse
-//! takes blocks that never held a full block first, then cached ones least recently
-//! freed first (LRU).
+//! prefill. A block is sealed (made findable) only by [`BlockManager::seal_computed`],
+//! which the scheduler calls for the tokens a step computes, never at allocation: a
+//! block allocated for a prompt chunk that has not run yet holds no K/V, and sharing it
+//! would let another sequence read garbage. (Sealing the tokens of the step being
+//! scheduled is safe: every layer writes the whole step's K/V before any query reads.)
+//! Freed blocks keep their hash and stay findable until they are reused; reuse takes
+//! blocks that never held a full block first, then cached ones least recently freed
+//! first (LRU).
 //!
 //! Invariants (checked by `check_invariants` in tests): free + used = total; a block's
 //! ref count equals the number of block tables that hold it; a free block has ref
@@ -46,6 +51,8 @@ struct SeqBlocks {
     table: Vec<BlockId>,
     /// Tokens that have slots (the sequence's length as far as the cache knows).
     num_tokens: usize,
+    /// Leading blocks of `table` that are sealed (full, computed, findable).
+    sealed: usize,
 }
 
 /// Why an allocation failed.
@@ -244,15 +251,12 @@ impl BlockManager {
             table.push(b);
         }
         let cached_tokens = hits.len() * self.block_size;
-        for (i, chunk) in tokens.chunks(self.block_size).enumerate().skip(hits.len()) {
+        let sealed = hits.len();
+        for _ in tokens.chunks(self.block_size).skip(hits.len()) {
             let id = self
                 .take_free()
                 .ok_or(BlockError::OutOfBlocks { needed: 1, free: 0 })?;
             table.push(id);
-            if chunk.len() == self.block_size {
-                let prev = self.hash_of(&table, i);
-                self.seal(id, prev, chunk);
-            }
         }
         self.hit_tokens += cached_tokens as u64;
         self.query_tokens += tokens.len() as u64;
@@ -261,6 +265,7 @@ impl BlockManager {
             SeqBlocks {
                 table,
                 num_tokens: tokens.len(),
+                sealed,
             },
         );
         Ok(cached_tokens)
@@ -274,9 +279,8 @@ impl BlockManager {
         }
     }
 
-    /// Make room for one more token of `seq`; `tokens` is the whole sequence including
-    /// the new token (used to seal a block that becomes full).
-    pub fn append_slot(&mut self, seq: SeqId, tokens: &[u32]) -> Result<(), BlockError> {
+    /// Make room for one more token of `seq` (a new block only at a block boundary).
+    pub fn append_slot(&mut self, seq: SeqId) -> Result<(), BlockError> {
         let (n, need_block) = match self.seqs.get(&seq) {
             Some(s) => (s.num_tokens, s.num_tokens % self.block_size == 0),
             None => return Err(BlockError::UnknownSequence(seq)),
@@ -294,12 +298,31 @@ impl BlockManager {
             .get_mut(&seq)
             .ok_or(BlockError::UnknownSequence(seq))?;
         s.num_tokens = n + 1;
-        if (n + 1) % self.block_size == 0 && tokens.len() > n {
-            let i = n / self.block_size;
-            let table = s.table.clone();
+        Ok(())
+    }
+
+    /// Record that the K/V of the first `computed` tokens of `seq` are computed, or are
+    /// written by the step being scheduled: seal every full block among them, so that
+    /// later prompts can share it. `tokens` holds at least those tokens.
+    pub fn seal_computed(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        computed: usize,
+    ) -> Result<(), BlockError> {
+        let s = self
+            .seqs
+            .get(&seq)
+            .ok_or(BlockError::UnknownSequence(seq))?;
+        let full = computed.min(tokens.len()).min(s.num_tokens) / self.block_size;
+        let (from, table) = (s.sealed, s.table.clone());
+        for i in from..full {
             let prev = self.hash_of(&table, i);
             let chunk = &tokens[i * self.block_size..(i + 1) * self.block_size];
             self.seal(table[i], prev, chunk);
+        }
+        if let Some(s) = self.seqs.get_mut(&seq) {
+            s.sealed = s.sealed.max(full);
         }
         Ok(())
     }
@@ -312,6 +335,22 @@ impl BlockManager {
             for &b in s.table.iter().rev() {
                 self.release(b);
             }
+        }
+    }
+
+    /// Forget every free cached block (they become plain free blocks). Used after a
+    /// failed step, whose sealed blocks may never have been written.
+    pub fn drop_free_cached(&mut self) {
+        while let Some((_, id)) = self.free_cached.pop_first() {
+            let block = &mut self.blocks[id.0 as usize];
+            block.free_stamp = None;
+            if let Some(h) = block.hash.take() {
+                if self.index.get(&h) == Some(&id) {
+                    self.index.remove(&h);
+                }
+            }
+            block.tokens.clear();
+            self.free_plain.push(id);
         }
     }
 
@@ -386,6 +425,7 @@ mod tests {
         let mut m = BlockManager::new(10, 2);
         let a = [1, 2, 3, 4, 5];
         assert_eq!(m.allocate(SeqId(1), &a).unwrap(), 0);
+        m.seal_computed(SeqId(1), &a, a.len()).unwrap();
         // Same first two blocks, different tail: 4 tokens cached.
         assert_eq!(m.allocate(SeqId(2), &[1, 2, 3, 4, 9, 9]).unwrap(), 4);
         let (t1, t2) = (
@@ -407,6 +447,7 @@ mod tests {
     fn freed_blocks_stay_cached_until_reused_lru() {
         let mut m = BlockManager::new(4, 2);
         m.allocate(SeqId(1), &[1, 2, 3, 4]).unwrap();
+        m.seal_computed(SeqId(1), &[1, 2, 3, 4], 4).unwrap();
         m.free(SeqId(1));
         assert_eq!(m.stats().cached, 2);
         // Comes back from the cache.
@@ -428,14 +469,41 @@ mod tests {
         let mut toks = vec![5, 6, 7];
         m.allocate(SeqId(1), &toks).unwrap();
         toks.push(8);
-        m.append_slot(SeqId(1), &toks).unwrap();
+        m.append_slot(SeqId(1)).unwrap();
         toks.push(9);
         assert!(m.can_append(SeqId(1)));
-        m.append_slot(SeqId(1), &toks).unwrap();
+        m.append_slot(SeqId(1)).unwrap();
         assert_eq!(m.block_table(SeqId(1)).unwrap().len(), 3);
+        m.seal_computed(SeqId(1), &toks, toks.len()).unwrap();
         m.free(SeqId(1));
         // The appended block [7, 8] is findable now.
         assert_eq!(m.allocate(SeqId(2), &[5, 6, 7, 8, 1]).unwrap(), 4);
+        m.check_invariants();
+    }
+
+    /// Regression: blocks used to be sealed at allocation, so a prompt preempted (or
+    /// aborted) before its prefill ran left findable blocks holding no K/V, and the next
+    /// identical prompt skipped computing them (found by the engine's batched-vs-alone
+    /// test with chunked prefill and preemption).
+    #[test]
+    fn blocks_never_computed_are_not_shared() {
+        let mut m = BlockManager::new(8, 2);
+        let p = [1, 2, 3, 4, 5, 6];
+        m.allocate(SeqId(1), &p).unwrap();
+        // Only the first chunk (2 tokens) ran before the sequence was preempted.
+        m.seal_computed(SeqId(1), &p, 2).unwrap();
+        m.free(SeqId(1));
+        assert_eq!(m.allocate(SeqId(2), &p).unwrap(), 2);
+        m.check_invariants();
+        assert_eq!(
+            m.seal_computed(SeqId(9), &p, 2),
+            Err(BlockError::UnknownSequence(SeqId(9)))
+        );
+        m.free(SeqId(2));
+        assert!(m.stats().cached > 0);
+        m.drop_free_cached();
+        assert_eq!(m.stats().cached, 0);
+        assert_eq!(m.allocate(SeqId(3), &p).unwrap(), 0);
         m.check_invariants();
     }
 
@@ -478,6 +546,7 @@ mod tests {
                         let needed = m.blocks_needed(&tokens);
                         match m.allocate(SeqId(next), &tokens) {
                             Ok(cached) => {
+                                m.seal_computed(SeqId(next), &tokens, tokens.len()).unwrap();
                                 prop_assert!(fits);
                                 prop_assert!(cached < tokens.len());
                                 prop_assert_eq!(m.num_free(), free_before - needed);
@@ -493,7 +562,8 @@ mod tests {
                         let (id, toks) = &mut live[i];
                         if m.can_append(*id) {
                             toks.push(u32::from(token));
-                            m.append_slot(*id, toks).unwrap();
+                            m.append_slot(*id).unwrap();
+                            m.seal_computed(*id, toks, toks.len()).unwrap();
                         }
                     }
                     Op::Free { pick } => {

@@ -187,6 +187,11 @@ impl PagedKvCache {
         self.shape
     }
 
+    /// Layers the cache holds K/V for.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Write this step's K/V of layer `layer` into its slots, then attend every query
     /// over its sequence's cached context.
     ///

@@ -4,6 +4,7 @@ pub mod block_manager;
 pub mod chat;
 pub mod config;
 pub mod convert;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod gguf;

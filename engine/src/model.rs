@@ -13,8 +13,14 @@
 //! sequence feeds, how many it already has cached) and an explicit `positions` tensor.
 //! Invariants: rows of the batch belong to sequences in metadata order; a sequence's
 //! `cached_lens` entry equals the tokens its [`KvCache`] holds; positions come from the
-//! caller, so the cache (today one contiguous buffer per sequence, later paged blocks)
-//! can change without touching the layers.
+//! caller, so the cache can change without touching the layers.
+//!
+//! Two caches, one set of layers: [`Model::forward`] attends over one contiguous
+//! [`KvCache`] per sequence (`generate`, perplexity); [`Model::forward_paged`] writes and
+//! attends through the shared block pool of a [`PagedKvCache`], indexed by a
+//! [`PagedMetadata`] built from the scheduler's batch (the `Engine`). Both run the same
+//! projections and rope (`Attention::qkv`) and the same decoder-layer residual code;
+//! only the attention step differs.
 //!
 //! Rope tables are computed once at load, in f32 the way Hugging Face computes them.
 //! Attention runs in f32 whatever the model dtype (as HF's eager softmax does), with
@@ -28,6 +34,7 @@ use llmem_planner::ModelShape;
 
 use crate::error::{Error, Result};
 use crate::generate::KvCache;
+use crate::kv_cache::{PagedKvCache, PagedMetadata};
 use crate::linear::{Linear, WeightElem};
 use crate::loader::WeightFiles;
 
@@ -282,7 +289,52 @@ impl Attention {
         })
     }
 
-    /// x: (T, hidden) -> (T, hidden).
+    /// The projections with rotary embeddings applied, shared by both cache layouts.
+    ///
+    /// x: (T, hidden); cos, sin: (T, head_dim / 2) rope rows at each token's position.
+    /// Returns q: (T, heads, head_dim), k and v: (T, kv_heads, head_dim), model dtype.
+    fn qkv(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let t = x.dim(0)?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape((1, t, nh, hd))?;
+        let k = self.k_proj.forward(x)?.reshape((1, t, nkv, hd))?;
+        let v = self.v_proj.forward(x)?.reshape((t, nkv, hd))?;
+        let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?.reshape((t, nh, hd))?;
+        let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?.reshape((t, nkv, hd))?;
+        Ok((q, k, v))
+    }
+
+    /// Paged attention: x: (T, hidden) -> (T, hidden).
+    ///
+    /// q, k, v go to the kernels as contiguous f32 `(T, heads | kv_heads, head_dim)`;
+    /// the cache stores K/V in its own dtype and returns (T, heads * head_dim) f32, cast
+    /// back to the model dtype before `o_proj`.
+    fn forward_paged(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        layer_idx: usize,
+        meta: &PagedMetadata,
+        cache: &mut PagedKvCache,
+    ) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let (q, k, v) = self.qkv(x, cos, sin)?;
+        let flat = |a: &Tensor| -> candle_core::Result<Vec<f32>> {
+            a.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+        };
+        let out = cache.write_and_attend(layer_idx, &flat(&q)?, &flat(&k)?, &flat(&v)?, meta)?;
+        let o = Tensor::from_vec(out, (t, self.num_heads * self.head_dim), x.device())?
+            .to_dtype(x.dtype())?;
+        Ok(self.o_proj.forward(&o)?)
+    }
+
+    /// Contiguous per-sequence caches: x: (T, hidden) -> (T, hidden).
     fn forward(
         &self,
         x: &Tensor,
@@ -290,13 +342,7 @@ impl Attention {
         layer_idx: usize,
         caches: &mut [&mut KvCache],
     ) -> candle_core::Result<Tensor> {
-        let t = x.dim(0)?;
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((1, t, nh, hd))?;
-        let k = self.k_proj.forward(x)?.reshape((1, t, nkv, hd))?;
-        let v = self.v_proj.forward(x)?.reshape((t, nkv, hd))?;
-        let q = candle_nn::rotary_emb::rope_thd(&q, &pass.cos, &pass.sin)?.reshape((t, nh, hd))?;
-        let k = candle_nn::rotary_emb::rope_thd(&k, &pass.cos, &pass.sin)?.reshape((t, nkv, hd))?;
+        let (q, k, v) = self.qkv(x, &pass.cos, &pass.sin)?;
 
         let meta = pass.meta;
         let mut outs = Vec::with_capacity(meta.num_seqs());
@@ -518,19 +564,19 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(
+    /// x: (T, hidden) -> (T, hidden). `attend` runs `self_attn` on the normed input,
+    /// (T, hidden) -> (T, hidden), over whichever cache the pass uses.
+    fn forward<E: From<candle_core::Error>>(
         &self,
         x: &Tensor,
-        pass: &PassInputs<'_>,
-        layer_idx: usize,
-        caches: &mut [&mut KvCache],
-    ) -> candle_core::Result<Tensor> {
+        attend: impl FnOnce(&Attention, &Tensor) -> std::result::Result<Tensor, E>,
+    ) -> std::result::Result<Tensor, E> {
         let h = self.input_layernorm.forward(x)?;
-        let h = self.self_attn.forward(&h, pass, layer_idx, caches)?;
+        let h = attend(&self.self_attn, &h)?;
         let x = (x + h)?;
         let h = self.post_attention_layernorm.forward(&x)?;
         let h = self.mlp.forward(&h)?;
-        x + h
+        Ok((x + h)?)
     }
 
     fn weights_bytes(&self) -> u64 {
@@ -719,7 +765,7 @@ impl Model {
         let mut x = self.embed_tokens.index_select(input_ids, 0)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer
-                .forward(&x, &pass, i, caches)
+                .forward(&x, |attn, h| attn.forward(h, &pass, i, caches))
                 .map_err(|source| Error::Tensor {
                     context: format!("forward pass, layer {i}"),
                     source,
@@ -761,6 +807,105 @@ impl Model {
         let positions = Tensor::new(meta.positions().as_slice(), &self.device)?;
         let hidden = self.forward_hidden(&ids, &positions, meta, caches)?;
         self.logits(&hidden)
+    }
+
+    /// One pass over the paged cache: returns the logits of the rows `sample_rows` of the
+    /// flattened batch, (sample_rows.len(), vocab) f32.
+    ///
+    /// `ids`, `positions`: (num_tokens,), one entry per fed token, in the order of
+    /// `meta`'s query rows (`meta.slot_mapping`, `meta.context_lens` have the same length);
+    /// each token's K/V is written to its slot in every layer before attention reads it.
+    /// `sample_rows`: indices into `0..num_tokens`, usually each sampled sequence's last
+    /// token. Built from a `ScheduledBatch` by the engine, never by hand in production.
+    pub fn forward_paged(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        meta: &PagedMetadata,
+        cache: &mut PagedKvCache,
+        sample_rows: &[usize],
+    ) -> Result<Tensor> {
+        self.check_paged_pass(ids, positions, meta, cache, sample_rows)?;
+        let ids = self.token_tensor(ids)?;
+        let positions = Tensor::new(positions, &self.device)?;
+        let cos = self.rope.cos.index_select(&positions, 0)?;
+        let sin = self.rope.sin.index_select(&positions, 0)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer
+                .forward(&x, |attn, h| {
+                    attn.forward_paged(h, &cos, &sin, i, meta, cache)
+                })
+                .map_err(|e| match e {
+                    Error::Tensor { source, .. } => Error::Tensor {
+                        context: format!("paged forward pass, layer {i}"),
+                        source,
+                    },
+                    other => other,
+                })?;
+        }
+        if sample_rows.is_empty() {
+            // A step of prefill chunks only: the K/V are written, nothing is sampled.
+            let vocab = self.shape.vocab_size as usize;
+            return Ok(Tensor::zeros((0, vocab), DType::F32, &self.device)?);
+        }
+        let rows: Vec<u32> = sample_rows.iter().map(|&r| r as u32).collect();
+        let rows = Tensor::new(rows.as_slice(), &self.device)?;
+        let hidden = self.norm.forward(&x.index_select(&rows, 0)?)?;
+        self.logits(&hidden)
+    }
+
+    /// Check a paged pass's inputs against each other, the model and the cache.
+    fn check_paged_pass(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        meta: &PagedMetadata,
+        cache: &PagedKvCache,
+        sample_rows: &[usize],
+    ) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidInput(format!("paged forward pass: {m}")));
+        let n = ids.len();
+        if n == 0 {
+            return bad("the batch feeds no token".to_string());
+        }
+        if positions.len() != n || meta.slot_mapping.len() != n || meta.context_lens.len() != n {
+            return bad(format!(
+                "{n} tokens but {} positions, {} slots and {} context lengths",
+                positions.len(),
+                meta.slot_mapping.len(),
+                meta.context_lens.len()
+            ));
+        }
+        if let Some(&p) = positions
+            .iter()
+            .find(|&&p| p as usize >= self.max_context())
+        {
+            return bad(format!(
+                "position {p} is beyond the model's max_position_embeddings = {}",
+                self.max_context()
+            ));
+        }
+        if let Some(&r) = sample_rows.iter().find(|&&r| r >= n) {
+            return bad(format!("sample row {r} is outside the batch of {n} tokens"));
+        }
+        let c = cache.shape();
+        let s = &self.shape;
+        if cache.num_layers() != s.num_hidden_layers as usize
+            || c.kv_heads != s.num_key_value_heads as usize
+            || c.head_dim != s.head_dim as usize
+        {
+            return bad(format!(
+                "the cache has {} layers of {} KV heads x {} dims; the model needs {} x {} x {}",
+                cache.num_layers(),
+                c.kv_heads,
+                c.head_dim,
+                s.num_hidden_layers,
+                s.num_key_value_heads,
+                s.head_dim
+            ));
+        }
+        Ok(())
     }
 
     /// Token ids as a tensor, after checking each lies inside the vocabulary.
@@ -810,6 +955,33 @@ impl Model {
             .max()
             .unwrap_or(0);
         let attention = 2 * t * (q + 2 * kv) * e + longest_scores + t * q * e;
+        let mlp = t * (4 * i + h) * e;
+        let rows = logits_rows as u64;
+        let logits = rows * h * e + rows * v * (e + 4);
+        resident + attention.max(mlp).max(logits)
+    }
+
+    /// Estimated peak bytes of activations alive at once in one paged pass of
+    /// `num_tokens` tokens that computes logits for `logits_rows` rows.
+    ///
+    /// The same arithmetic as [`Model::activation_peak_bytes`] with the paged attention
+    /// step in place of the contiguous one: the kernel keeps no score matrix (a running
+    /// softmax per query), so attention holds q, k, v and their rotated copies in the
+    /// model dtype, their f32 copies handed to the kernel, the f32 output and its cast
+    /// back. The MLP and LM-head phases are unchanged.
+    pub fn paged_activation_peak_bytes(&self, num_tokens: usize, logits_rows: usize) -> u64 {
+        let s = &self.shape;
+        let e = self.dtype.size_in_bytes() as u64;
+        let t = num_tokens as u64;
+        let (h, q, kv, i, v) = (
+            s.hidden_size,
+            s.q_dim(),
+            s.kv_dim(),
+            s.intermediate_size,
+            s.vocab_size,
+        );
+        let resident = 2 * t * h * e;
+        let attention = 2 * t * (q + 2 * kv) * e + 4 * t * (q + 2 * kv) + 4 * t * q + t * q * e;
         let mlp = t * (4 * i + h) * e;
         let rows = logits_rows as u64;
         let logits = rows * h * e + rows * v * (e + 4);

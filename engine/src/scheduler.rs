@@ -8,7 +8,8 @@
 //! running sequence is preempted by recompute: its blocks are freed and it goes back to
 //! the front of the waiting queue with its generated tokens kept, to be prefilled again
 //! (prefix caching usually makes that cheap). Finished and aborted sequences free their
-//! blocks at once.
+//! blocks at once. A full block becomes shareable through the prefix cache only once a
+//! step that computes it is scheduled (`BlockManager::seal_computed`).
 //!
 //! Data flows one way: `schedule() -> ScheduledBatch` (integers only), the runner turns
 //! it into tensors and samples, `postprocess(&batch, &tokens)` appends the tokens.
@@ -198,6 +199,15 @@ impl Scheduler {
         found
     }
 
+    /// Abort every sequence of a step whose forward pass failed, and forget the free
+    /// cached blocks: the step sealed blocks whose K/V it never wrote.
+    pub fn abort_failed_step(&mut self, batch: &ScheduledBatch) {
+        for entry in &batch.seqs {
+            self.abort(entry.seq);
+        }
+        self.blocks.drop_free_cached();
+    }
+
     fn preempt_newest(&mut self) {
         if let Some(mut victim) = self.running.pop() {
             self.blocks.free(victim.id);
@@ -240,12 +250,8 @@ impl Scheduler {
             // Every token fed this step needs a slot; decodes add one per step.
             let mut evicted_self = false;
             while self.blocks.num_tokens(id).unwrap_or(0) < len {
-                if self.blocks.can_append(id) {
-                    let have = self.blocks.num_tokens(id).unwrap_or(0);
-                    let tokens = &self.running[i].tokens[..=have];
-                    if self.blocks.append_slot(id, tokens).is_ok() {
-                        continue;
-                    }
+                if self.blocks.can_append(id) && self.blocks.append_slot(id).is_ok() {
+                    continue;
                 }
                 // Out of blocks: preempt the newest running sequence (maybe this one).
                 preempted = true;
@@ -260,6 +266,11 @@ impl Scheduler {
             }
             let n = (len - computed).min(budget);
             if n > 0 {
+                // This step writes the K/V of tokens up to computed + n, so their full
+                // blocks may be shared from now on. (Cannot fail: the sequence has blocks.)
+                let _ = self
+                    .blocks
+                    .seal_computed(id, &self.running[i].tokens, computed + n);
                 picked.push((i, n));
                 budget -= n;
             }
@@ -285,6 +296,10 @@ impl Scheduler {
             }
             let n = (seq.tokens.len() - seq.computed).min(budget);
             budget -= n;
+            // As above: the blocks this step fills become shareable.
+            let _ = self
+                .blocks
+                .seal_computed(seq.id, &seq.tokens, seq.computed + n);
             self.running.push(seq);
             picked.push((self.running.len() - 1, n));
         }
@@ -414,7 +429,8 @@ mod tests {
         s.add(SeqId(1), vec![7; 10], stop(2));
         s.add(SeqId(2), vec![7; 10], stop(2));
         let b = s.schedule();
-        // The second prompt finds the first's two full blocks (sealed at allocation).
+        // The second prompt finds the first's two full blocks, sealed because this very
+        // step computes them.
         assert_eq!(b.seqs[0].tokens.len(), 10);
         assert_eq!(b.seqs[1].start_pos, 8);
         assert_eq!(b.seqs[0].block_table[..2], b.seqs[1].block_table[..2]);

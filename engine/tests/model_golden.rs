@@ -308,3 +308,86 @@ fn golden_streaming_never_splits_characters() {
     assert_eq!(out.text, tok.decode(&out.token_ids, true).unwrap());
     assert!(!out.text.is_ascii(), "{:?}", out.text);
 }
+
+/// Generate 32 greedy tokens for every prompt through one paged [`Engine`].
+fn engine_greedy(
+    model: &Model,
+    config: llmem_engine::engine::EngineConfig,
+    prompts: &[Vec<u32>],
+) -> (Vec<Vec<u32>>, llmem_engine::engine::EngineStats) {
+    use llmem_engine::engine::Engine;
+    use llmem_engine::scheduler::StopConditions;
+    let mut engine = Engine::new(model.clone(), config).unwrap();
+    let stop = StopConditions {
+        max_tokens: 32,
+        stop_token_ids: vec![2],
+        ignore_eos: true,
+    };
+    let ids: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            engine
+                .add_request(p.clone(), SamplingParams::default(), stop.clone())
+                .unwrap()
+        })
+        .collect();
+    let mut out = std::collections::HashMap::<_, Vec<u32>>::new();
+    while engine.has_work() {
+        for o in engine.step().unwrap() {
+            out.entry(o.id).or_default().push(o.token);
+        }
+    }
+    let stats = engine.stats();
+    assert_eq!(stats.blocks_used, 0, "blocks still held at the end");
+    (
+        ids.iter().map(|id| out.remove(id).unwrap()).collect(),
+        stats,
+    )
+}
+
+#[test]
+fn golden_engine_batched_and_preempted_equal_alone() {
+    use llmem_engine::engine::EngineConfig as RunConfig;
+    use llmem_engine::kv_cache::KvDtype;
+    let Some(dir) = model_dir() else { return };
+    let model = f32_model(&dir);
+    let cases = reference()["cases"].as_array().unwrap().clone();
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
+    let config = |num_blocks, max_num_seqs, max_batched_tokens| RunConfig {
+        block_size: 16,
+        num_blocks,
+        kv_dtype: KvDtype::F32,
+        max_num_seqs,
+        max_batched_tokens,
+        max_model_len: 512,
+    };
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| engine_greedy(model, config(64, 1, 512), std::slice::from_ref(p)).0[0].clone())
+        .collect();
+    for (case, got) in cases.iter().zip(&alone) {
+        let (name, required) = (case["name"].as_str().unwrap(), required_steps(case));
+        let matched = matching_prefix(got, &ids(&case["greedy_ids"]));
+        assert!(
+            matched >= required,
+            "{name}: paged engine diverges from the reference at step {matched} \
+             (required {required})"
+        );
+    }
+    // All five at once (chunked prefill of 32 tokens per pass); then a cache of 12 blocks
+    // (the longest sequence, 98 + 31 tokens, needs 9), which forces preemptions.
+    for (cfg, expect_preemption) in [(config(64, 8, 32), false), (config(12, 8, 512), true)] {
+        let (got, stats) = engine_greedy(model, cfg, &prompts);
+        println!(
+            "{cfg:?}: preemptions {}, peak running {}",
+            stats.preemptions, stats.peak_running
+        );
+        for ((case, g), a) in cases.iter().zip(&got).zip(&alone) {
+            assert_eq!(g, a, "{}: {cfg:?} differs from alone", case["name"]);
+        }
+        assert!(stats.peak_running > 1);
+        if expect_preemption {
+            assert!(stats.preemptions > 0, "{cfg:?}: no preemption");
+        }
+    }
+}

@@ -3,14 +3,24 @@
 //! cache, no batching, one loop per formula), and against the engine's own paths
 //! (prefill + decode == full pass, batched == unbatched). Also: load errors name the file
 //! and tensor and never panic; generation honours max_tokens, EOS, stop tokens and seeds.
+//! The paged path: `forward_paged` == the contiguous forward (prefill, chunked prefill,
+//! decode; block sizes 1/2/16, shuffled block ids, f32/bf16/f16 caches), and the
+//! `Engine` gives every request the tokens it gets alone, whatever the concurrency,
+//! chunking or preemption; budget sizing adds up.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use llmem_engine::block_manager::SeqId;
+use llmem_engine::engine::{Engine, EngineConfig, EngineStats, KvSizing};
 use llmem_engine::generate::{generate, FinishReason, GenerateRequest};
+use llmem_engine::kv_cache::{KvDtype, PagedKvCache, PagedMetadata};
 use llmem_engine::model::{rope_inv_freq, AttnMetadata, Model};
 use llmem_engine::sampler::{SamplingParams, SplitMix64};
+use llmem_engine::scheduler::{
+    FinishReason as EngineFinish, ScheduledBatch, ScheduledSeq, StopConditions,
+};
 use llmem_planner::ModelShape;
 use serde_json::json;
 
@@ -936,4 +946,577 @@ fn eos_stop_tokens_and_seeds() {
         (4, FinishReason::Length)
     );
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+// ---- the paged path ------------------------------------------------------------------
+
+/// Feed `seqs` through `Model::forward_paged` in the given `steps` (each a list of
+/// `(sequence, tokens fed)`), over a cache of `block_size` whose blocks are handed out in a
+/// shuffled order. Returns the logits of every position of every sequence.
+fn paged_logits(
+    model: &Model,
+    seqs: &[&[u32]],
+    steps: &[Vec<(usize, usize)>],
+    block_size: usize,
+    kv_dtype: KvDtype,
+) -> Vec<Vec<Vec<f32>>> {
+    let per_seq: Vec<usize> = seqs.iter().map(|s| s.len().div_ceil(block_size)).collect();
+    let num_blocks = per_seq.iter().sum::<usize>() + 3;
+    // Fisher-Yates with the test's own generator: block ids in no particular order.
+    let mut order: Vec<u32> = (0..num_blocks as u32).collect();
+    let mut rng = SplitMix64::new(block_size as u64 + 99);
+    for i in (1..order.len()).rev() {
+        order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    let mut tables = Vec::new();
+    let mut next = order.into_iter();
+    for &n in &per_seq {
+        tables.push(next.by_ref().take(n).collect::<Vec<u32>>());
+    }
+    let mut cache = PagedKvCache::new(model.shape(), num_blocks, block_size, kv_dtype).unwrap();
+    let mut cached = vec![0usize; seqs.len()];
+    let mut out: Vec<Vec<Vec<f32>>> = seqs.iter().map(|s| vec![vec![]; s.len()]).collect();
+    for step in steps {
+        let mut batch = ScheduledBatch::default();
+        for &(s, n) in step {
+            let start = cached[s];
+            let table = &tables[s];
+            batch.seqs.push(ScheduledSeq {
+                seq: SeqId(s as u64),
+                tokens: seqs[s][start..start + n].to_vec(),
+                start_pos: start,
+                slots: (start..start + n)
+                    .map(|p| table[p / block_size] as usize * block_size + p % block_size)
+                    .collect(),
+                block_table: table[..(start + n).div_ceil(block_size)].to_vec(),
+                sample: true,
+            });
+            cached[s] += n;
+        }
+        let meta = PagedMetadata::from_batch(&batch);
+        let ids: Vec<u32> = batch.seqs.iter().flat_map(|e| e.tokens.clone()).collect();
+        let positions: Vec<u32> = batch
+            .seqs
+            .iter()
+            .flat_map(|e| (e.start_pos..e.start_pos + e.tokens.len()).map(|p| p as u32))
+            .collect();
+        let all_rows: Vec<usize> = (0..ids.len()).collect();
+        let logits = rows(
+            &model
+                .forward_paged(&ids, &positions, &meta, &mut cache, &all_rows)
+                .unwrap(),
+        );
+        let mut row = logits.into_iter();
+        for e in &batch.seqs {
+            let seq_out = &mut out[e.seq.0 as usize];
+            for slot in seq_out.iter_mut().skip(e.start_pos).take(e.tokens.len()) {
+                *slot = row.next().unwrap();
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn paged_forward_equals_contiguous_forward() {
+    let spec = Spec::default();
+    let (dir, _) = spec.write("paged");
+    let a: &[u32] = &IDS;
+    let b: &[u32] = &[4, 4, 19, 33, 1];
+    // Prefill (A 4 tokens, B 3 together), a chunk of A beside a one-token B, then decodes.
+    let steps = vec![
+        vec![(0, 4), (1, 3)],
+        vec![(0, 3), (1, 1)],
+        vec![(1, 1), (0, 1)],
+        vec![(0, 1)],
+    ];
+    for model_dtype in [DType::F32, DType::BF16] {
+        let model = load(&dir, model_dtype);
+        let want = [full_logits(&model, a), full_logits(&model, b)];
+        for block_size in [1, 2, 16] {
+            for kv in [KvDtype::F32, KvDtype::Bf16, KvDtype::F16] {
+                let got = paged_logits(&model, &[a, b], &steps, block_size, kv);
+                for (s, (g, w)) in got.iter().zip(&want).enumerate() {
+                    for (pos, (g, w)) in g.iter().zip(w).enumerate() {
+                        let scale = w.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+                        // Same math in f32; a 16-bit cache (or model) rounds K and V.
+                        let tol = match (model_dtype, kv) {
+                            (DType::F32, KvDtype::F32) => 1e-4,
+                            (_, KvDtype::F16) | (DType::F16, _) => 0.02 * scale,
+                            _ => 0.05 * scale,
+                        };
+                        let d = max_diff(g, &w.iter().map(|&x| x as f64).collect::<Vec<_>>());
+                        assert!(
+                            d < tol,
+                            "{model_dtype:?} model, {kv:?} cache, block {block_size}: \
+                             seq {s} pos {pos}: paged differs by {d}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn paged_forward_rejects_inconsistent_inputs_without_panicking() {
+    let (dir, _) = Spec::default().write("paged-bad");
+    let model = load(&dir, DType::F32);
+    let mut cache = PagedKvCache::new(model.shape(), 4, 4, KvDtype::F32).unwrap();
+    let batch = ScheduledBatch {
+        seqs: vec![ScheduledSeq {
+            seq: SeqId(0),
+            tokens: vec![1, 2],
+            start_pos: 0,
+            slots: vec![0, 1],
+            block_table: vec![0],
+            sample: true,
+        }],
+    };
+    let meta = PagedMetadata::from_batch(&batch);
+    let err = |r: llmem_engine::Result<Tensor>| r.unwrap_err().to_string();
+    let mut fwd = |ids: &[u32], pos: &[u32], rows: &[usize]| {
+        err(model.forward_paged(ids, pos, &meta, &mut cache, rows))
+    };
+    assert!(fwd(&[1], &[0], &[0]).contains("positions"));
+    assert!(fwd(&[1, 2], &[0, 1], &[2]).contains("sample row"));
+    assert!(fwd(&[1, 99], &[0, 1], &[1]).contains("vocabulary"));
+    assert!(fwd(&[1, 2], &[0, 64], &[1]).contains("max_position_embeddings"));
+    // A step of prefill chunks only samples nothing: no logits rows.
+    let none = model
+        .forward_paged(&[1, 2], &[0, 1], &meta, &mut cache, &[])
+        .unwrap();
+    assert_eq!(none.dims(), &[0, 40]);
+    let other = ModelShape {
+        num_hidden_layers: 3,
+        ..model.shape().clone()
+    };
+    let mut wrong = PagedKvCache::new(&other, 4, 4, KvDtype::F32).unwrap();
+    assert!(err(model.forward_paged(&[1, 2], &[0, 1], &meta, &mut wrong, &[1])).contains("layers"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+// ---- the engine ----------------------------------------------------------------------
+
+fn greedy_stop(max_tokens: usize) -> StopConditions {
+    StopConditions {
+        max_tokens,
+        stop_token_ids: vec![3],
+        ignore_eos: true,
+    }
+}
+
+fn engine_config(
+    model: &Model,
+    num_blocks: usize,
+    block_size: usize,
+    max_num_seqs: usize,
+    max_batched_tokens: usize,
+) -> EngineConfig {
+    EngineConfig {
+        block_size,
+        num_blocks,
+        kv_dtype: KvDtype::F32,
+        max_num_seqs,
+        max_batched_tokens,
+        max_model_len: model.max_context(),
+    }
+}
+
+/// Run every prompt through one engine to the end; returns each prompt's generated
+/// tokens and the engine's final stats. Checks that each request finishes exactly once,
+/// with `max_tokens` tokens, and that every block is free at the end.
+fn run_engine(
+    model: &Model,
+    config: EngineConfig,
+    prompts: &[Vec<u32>],
+    max_tokens: usize,
+) -> (Vec<Vec<u32>>, EngineStats) {
+    run_engine_sampling(model, config, prompts, max_tokens, |_| {
+        SamplingParams::default()
+    })
+}
+
+/// [`run_engine`] with the sampling parameters of each request (by index).
+fn run_engine_sampling(
+    model: &Model,
+    config: EngineConfig,
+    prompts: &[Vec<u32>],
+    max_tokens: usize,
+    params: impl Fn(usize) -> SamplingParams,
+) -> (Vec<Vec<u32>>, EngineStats) {
+    let mut engine = Engine::new(model.clone(), config).unwrap();
+    let ids: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            engine
+                .add_request(p.clone(), params(i), greedy_stop(max_tokens))
+                .unwrap()
+        })
+        .collect();
+    let mut out: HashMap<_, Vec<u32>> = HashMap::new();
+    let mut finished = HashMap::new();
+    let mut steps = 0;
+    while engine.has_work() {
+        for o in engine.step().unwrap() {
+            assert!(!finished.contains_key(&o.id), "token after finish");
+            out.entry(o.id).or_default().push(o.token);
+            if let Some(r) = o.finished {
+                finished.insert(o.id, r);
+            }
+        }
+        steps += 1;
+        assert!(steps < 10_000, "the engine does not finish");
+    }
+    let stats = engine.stats();
+    assert_eq!(stats.blocks_used, 0, "blocks still held at the end");
+    assert_eq!(stats.blocks_free, config.num_blocks);
+    assert_eq!(finished.len(), prompts.len());
+    let tokens: Vec<Vec<u32>> = ids.iter().map(|id| out.remove(id).unwrap()).collect();
+    for t in &tokens {
+        assert_eq!(t.len(), max_tokens);
+    }
+    assert!(finished.values().all(|r| *r == EngineFinish::Length));
+    (tokens, stats)
+}
+
+/// 32 prompts of mixed lengths (1 to 24 tokens); some share a prefix, so the prefix
+/// cache is exercised too.
+fn mixed_prompts() -> Vec<Vec<u32>> {
+    let mut rng = SplitMix64::new(2024);
+    let shared: Vec<u32> = (0..9).map(|_| (rng.next_u64() % 40) as u32).collect();
+    (0..32)
+        .map(|i| {
+            let len = 1 + (rng.next_u64() % 24) as usize;
+            let mut p: Vec<u32> = if i % 4 == 0 && len > shared.len() {
+                shared.clone()
+            } else {
+                vec![]
+            };
+            while p.len() < len {
+                p.push((rng.next_u64() % 40) as u32);
+            }
+            p
+        })
+        .collect()
+}
+
+#[test]
+fn engine_batches_preempts_and_matches_each_sequence_run_alone() {
+    let (dir, _) = Spec::default().write("engine");
+    let model = load(&dir, DType::F32);
+    let prompts = mixed_prompts();
+    let max_tokens = 12;
+    // Alone: one request per engine, a roomy cache.
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            run_engine(
+                &model,
+                engine_config(&model, 64, 4, 1, 64),
+                std::slice::from_ref(p),
+                max_tokens,
+            )
+            .0
+            .remove(0)
+        })
+        .collect();
+    // The paged engine alone generates what the contiguous `generate` does.
+    let tok = llmem_engine::loader::load_tokenizer(&dir).unwrap();
+    for (p, want) in prompts.iter().zip(&alone).take(4) {
+        let mut req = request(p.clone(), max_tokens);
+        req.ignore_eos = true;
+        assert_eq!(
+            &generate(&model, &tok, &req, |_| {}).unwrap().token_ids,
+            want
+        );
+    }
+    // (num_blocks, block_size, max_num_seqs, max_batched_tokens, expect preemption)
+    let cases = [
+        (256, 4, 1, 64, false),
+        (256, 4, 8, 64, false),
+        (256, 16, 32, 512, false),
+        (256, 1, 32, 16, false),
+        // 12 blocks of 4 hold one 36-token sequence with 3 blocks to spare: 32 requests
+        // must take turns, and running sequences get preempted as they grow.
+        (12, 4, 32, 64, true),
+        (40, 1, 8, 8, true),
+    ];
+    let mut prefix_hits = 0;
+    for (num_blocks, block_size, seqs, budget, expect_preemption) in cases {
+        let config = engine_config(&model, num_blocks, block_size, seqs, budget);
+        let (got, stats) = run_engine(&model, config, &prompts, max_tokens);
+        prefix_hits += stats.prefix_hit_tokens;
+        for (i, (g, w)) in got.iter().zip(&alone).enumerate() {
+            assert_eq!(g, w, "{config:?}: request {i} differs from its run alone");
+        }
+        assert!(stats.peak_running <= seqs);
+        if expect_preemption {
+            assert!(stats.preemptions > 0, "{config:?}: no preemption");
+        }
+        if seqs > 1 {
+            assert!(stats.peak_running > 1, "{config:?}: never batched");
+        }
+    }
+    assert!(
+        prefix_hits > 0,
+        "the shared prefixes never hit the prefix cache"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn seeded_sampling_is_per_request_and_survives_preemption() {
+    let (dir, _) = Spec::default().write("engine-seed");
+    let model = load(&dir, DType::F32);
+    let prompts: Vec<Vec<u32>> = mixed_prompts().into_iter().take(8).collect();
+    let params = |i: usize| SamplingParams {
+        temperature: 1.3,
+        top_k: Some(20),
+        top_p: Some(0.95),
+        seed: 100 + i as u64,
+    };
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let config = engine_config(&model, 64, 4, 1, 64);
+            run_engine_sampling(&model, config, std::slice::from_ref(p), 10, |_| params(i))
+                .0
+                .remove(0)
+        })
+        .collect();
+    let config = engine_config(&model, 12, 4, 8, 64);
+    let (got, stats) = run_engine_sampling(&model, config, &prompts, 10, params);
+    assert!(stats.preemptions > 0);
+    assert_eq!(got, alone);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn engine_rejects_requests_it_cannot_serve() {
+    let (dir, _) = Spec::default().write("engine-bad");
+    let model = load(&dir, DType::F32);
+    let mut engine = Engine::new(model.clone(), engine_config(&model, 4, 4, 4, 64)).unwrap();
+    let mut add = |p: Vec<u32>, max_tokens: usize| {
+        engine
+            .add_request(p, SamplingParams::default(), greedy_stop(max_tokens))
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(add(vec![], 4).contains("empty"));
+    assert!(add(vec![1; 64], 4).contains("max_model_len"));
+    assert!(add(vec![40], 4).contains("vocabulary"));
+    // 4 blocks of 4 hold 16 tokens; 10 + 8 - 1 = 17 slots can never fit.
+    let err = add(vec![1; 10], 8);
+    assert!(
+        err.contains("5 KV blocks") && err.contains("only 4"),
+        "{err}"
+    );
+    assert!(!engine.has_work());
+    // 10 + 7 - 1 = 16 fits exactly.
+    let id = engine
+        .add_request(vec![1; 10], SamplingParams::default(), greedy_stop(7))
+        .unwrap();
+    assert!(engine.has_work());
+    engine.step().unwrap();
+    assert!(engine.abort(id));
+    assert!(!engine.abort(id));
+    assert!(!engine.has_work());
+    assert_eq!(engine.stats().blocks_used, 0);
+    for bad in [
+        engine_config(&model, 0, 4, 4, 64),
+        engine_config(&model, 4, 0, 4, 64),
+        engine_config(&model, 4, 4, 0, 64),
+        engine_config(&model, 4, 4, 4, 0),
+        EngineConfig {
+            max_model_len: 65,
+            ..engine_config(&model, 4, 4, 4, 64)
+        },
+    ] {
+        assert!(Engine::new(model.clone(), bad).is_err(), "{bad:?}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn budget_sizing_subtracts_weights_activations_and_overhead() {
+    let (dir, _) = Spec::default().write("budget");
+    let model = load(&dir, DType::F32);
+    let config = engine_config(&model, 0, 4, 8, 32);
+    let per_block = llmem_engine::kv_cache::block_bytes(model.shape(), 4, KvDtype::F32);
+    let fixed = model.weights_bytes() + model.paged_activation_peak_bytes(32, 8) + 1000;
+    let budget = fixed + 100 * per_block + 7;
+    let (blocks, report) = KvSizing::Budget(budget)
+        .resolve(&model, &config, 1000)
+        .unwrap();
+    let report = report.unwrap();
+    assert_eq!(blocks, 100);
+    assert_eq!(report.unused_bytes, 7);
+    assert_eq!(
+        report.weights_bytes
+            + report.activation_bytes
+            + report.runtime_overhead_bytes
+            + report.kv_cache_bytes
+            + report.unused_bytes,
+        budget
+    );
+    let planned = report.planned.clone().unwrap();
+    assert_eq!(planned.weights_bytes, model.weights_bytes());
+    assert_eq!(planned.kv_bytes_per_token * 4, per_block);
+    let shown = report.to_string();
+    for line in [
+        "weights",
+        "activations",
+        "runtime overhead",
+        "KV cache",
+        "planner",
+    ] {
+        assert!(shown.contains(line), "{shown}");
+    }
+    assert_eq!(
+        KvSizing::Blocks(9).resolve(&model, &config, 0).unwrap(),
+        (9, None)
+    );
+    // One sequence of max_model_len = 64 tokens needs 16 blocks: 1 byte short fails.
+    let err = KvSizing::Budget(fixed + 16 * per_block - 1)
+        .resolve(&model, &config, 1000)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1 B short"), "{err}");
+    assert!(err.contains("--max-batched-tokens") && err.contains("--kv-dtype bf16"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+mod engine_properties {
+    //! Random interleavings of add, abort and step on a small cache: the engine never
+    //! panics, never emits for a finished or aborted request, never exceeds max_tokens,
+    //! keeps its block counts consistent, and ends with every block free.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Add { len: usize, max_tokens: usize },
+        Abort { pick: usize },
+        Step,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (1usize..30, 1usize..12).prop_map(|(len, max_tokens)| Op::Add { len, max_tokens }),
+            any::<usize>().prop_map(|pick| Op::Abort { pick }),
+            Just(Op::Step),
+            Just(Op::Step),
+        ]
+    }
+
+    fn model() -> &'static Model {
+        static MODEL: std::sync::OnceLock<Model> = std::sync::OnceLock::new();
+        MODEL.get_or_init(|| {
+            let (dir, _) = Spec::default().write("engine-prop");
+            let model = load(&dir, DType::F32);
+            std::fs::remove_dir_all(dir).unwrap();
+            model
+        })
+    }
+
+    type Id = llmem_engine::engine::RequestId;
+
+    /// One step; checks every output against the live requests `(id, max_tokens)`.
+    fn step(
+        engine: &mut Engine,
+        live: &mut Vec<(Id, usize)>,
+        emitted: &mut HashMap<Id, usize>,
+        max_num_seqs: usize,
+    ) -> Result<(), TestCaseError> {
+        for o in engine.step().unwrap() {
+            let Some(i) = live.iter().position(|(id, _)| *id == o.id) else {
+                return Err(TestCaseError::fail(format!(
+                    "token for a dead request {:?}",
+                    o.id
+                )));
+            };
+            let n = emitted.entry(o.id).or_default();
+            *n += 1;
+            prop_assert!(*n <= live[i].1, "more than max_tokens");
+            if o.finished.is_some() {
+                prop_assert_eq!(*n, live[i].1);
+                live.swap_remove(i);
+            }
+        }
+        let s = engine.stats();
+        prop_assert_eq!(s.blocks_used + s.blocks_free, s.blocks_total);
+        prop_assert!(s.running <= max_num_seqs);
+        Ok(())
+    }
+
+    fn check_interleaving(
+        ops: Vec<Op>,
+        num_blocks: usize,
+        block_size: usize,
+        max_num_seqs: usize,
+        max_batched_tokens: usize,
+    ) -> Result<(), TestCaseError> {
+        let model = model();
+        let config = engine_config(
+            model,
+            num_blocks,
+            block_size,
+            max_num_seqs,
+            max_batched_tokens,
+        );
+        let mut engine = Engine::new(model.clone(), config).unwrap();
+        let mut live: Vec<(Id, usize)> = Vec::new();
+        let mut emitted: HashMap<Id, usize> = HashMap::new();
+        let mut next_token = 0u32;
+        for op in ops {
+            match op {
+                Op::Add { len, max_tokens } => {
+                    let prompt: Vec<u32> = (0..len as u32).map(|i| (next_token + i) % 7).collect();
+                    next_token += 1;
+                    let stop = greedy_stop(max_tokens);
+                    match engine.add_request(prompt, SamplingParams::default(), stop) {
+                        Ok(id) => live.push((id, max_tokens)),
+                        Err(e) => prop_assert!(e.to_string().contains("KV blocks"), "{}", e),
+                    }
+                }
+                Op::Abort { pick } => {
+                    if !live.is_empty() {
+                        let (id, _) = live.swap_remove(pick % live.len());
+                        prop_assert!(engine.abort(id));
+                    }
+                }
+                Op::Step => step(&mut engine, &mut live, &mut emitted, max_num_seqs)?,
+            }
+        }
+        let mut guard = 0;
+        while engine.has_work() {
+            step(&mut engine, &mut live, &mut emitted, max_num_seqs)?;
+            guard += 1;
+            prop_assert!(guard < 5_000, "the engine does not finish");
+        }
+        prop_assert!(live.is_empty(), "requests never finished: {:?}", live);
+        let s = engine.stats();
+        prop_assert_eq!(s.blocks_used, 0);
+        prop_assert_eq!(s.blocks_free, num_blocks);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn engine_invariants_hold_under_any_interleaving(
+            ops in prop::collection::vec(op(), 1..60),
+            num_blocks in 4usize..24,
+            block_size in prop::sample::select(vec![1usize, 2, 4, 16]),
+            max_num_seqs in 1usize..5,
+            max_batched_tokens in 1usize..20,
+        ) {
+            check_interleaving(ops, num_blocks, block_size, max_num_seqs, max_batched_tokens)?;
+        }
+    }
 }

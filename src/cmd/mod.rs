@@ -1,6 +1,7 @@
 //! One module per subcommand: clap arguments plus a `run` that returns `anyhow::Result`.
 //! Shared argument parsers live here so every subcommand reads sizes the same way.
 
+pub mod bench;
 pub mod generate;
 pub mod import;
 pub mod inspect;

@@ -1,0 +1,581 @@
+//! The engine: continuous batching over the paged KV cache, one step at a time.
+//!
+//! [`Engine`] owns the [`Model`], the [`Scheduler`] (which owns the sequences and the
+//! block manager), the [`PagedKvCache`] tensors and one [`Sampler`] per live request.
+//! Data flows one way through [`Engine::step`]: `Scheduler::schedule()` -> a
+//! [`ScheduledBatch`] of integers -> [`PagedMetadata`] -> `Model::forward_paged` ->
+//! logits of the sequences that reach their end this step -> each request's sampler ->
+//! `Scheduler::postprocess`. The CLI and (later) the server drive it the same way:
+//! `add_request`, then `step` while `has_work`.
+//!
+//! Invariants: a request is known to the engine (has a sampler) exactly while the
+//! scheduler holds its sequence; every token a step returns is new (a preempted
+//! sequence is recomputed from its kept tokens and only its next token is sampled, so
+//! nothing is emitted twice and each sampler draws once per emitted token); a request
+//! is admitted only if its longest possible sequence fits the whole cache, so the
+//! oldest running sequence can always finish and preemption never livelocks. A step
+//! that fails aborts the sequences it carried and drops the free prefix-cache blocks
+//! (it may have sealed blocks it never wrote), leaving the rest consistent.
+//!
+//! Sizing ([`KvSizing`]) follows the planner's formula: from a memory budget subtract
+//! the weights (the model's own accounting), the activation peak of one pass of
+//! `max_batched_tokens` ([`Model::paged_activation_peak_bytes`]; capped, as the planner
+//! caps it, at `max_num_seqs x max_model_len`) and a stated runtime
+//! overhead (0 on the CPU unless given); what is left, divided by the planner's bytes per
+//! block, is the block count. [`BudgetReport`] prints those terms beside the planner's
+//! own prediction for the same model, workload and dtypes.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use candle_core::DType;
+use llmem_planner::{human_bytes, AttentionImpl, Deployment, Precision, Workload};
+
+use crate::block_manager::{BlockManager, SeqId};
+use crate::error::{Error, Result};
+use crate::kv_cache::{block_bytes, KvDtype, PagedKvCache, PagedMetadata};
+use crate::model::Model;
+use crate::sampler::{Sampler, SamplingParams};
+use crate::scheduler::{FinishReason, ScheduledBatch, Scheduler, SchedulerConfig, StopConditions};
+
+/// A request known to the engine (the scheduler's sequence id).
+pub type RequestId = SeqId;
+
+/// Cache geometry and scheduling limits of an [`Engine`]. (Not to be confused with
+/// `config::EngineConfig`, the settings resolved from a model directory.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Tokens per KV block (16 by default).
+    pub block_size: usize,
+    /// Blocks in the cache (see [`KvSizing`] to derive it from a memory budget).
+    pub num_blocks: usize,
+    pub kv_dtype: KvDtype,
+    /// Sequences in one step at most.
+    pub max_num_seqs: usize,
+    /// Tokens in one forward pass at most (prefill chunks plus decodes).
+    pub max_batched_tokens: usize,
+    /// Tokens one sequence may hold (prompt + generated), at most the model's context.
+    pub max_model_len: usize,
+}
+
+/// Default tokens per block.
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+impl EngineConfig {
+    /// Defaults for `model`: blocks of 16, an f32 cache, 32 sequences, 2048 tokens per
+    /// pass, the model's whole context; `num_blocks` as given.
+    pub fn for_model(model: &Model, num_blocks: usize) -> Self {
+        EngineConfig {
+            block_size: DEFAULT_BLOCK_SIZE,
+            num_blocks,
+            kv_dtype: KvDtype::F32,
+            max_num_seqs: 32,
+            max_batched_tokens: 2048,
+            max_model_len: model.max_context(),
+        }
+    }
+
+    fn validate(&self, model: &Model) -> Result<()> {
+        let positive = [
+            ("block_size", self.block_size),
+            ("num_blocks", self.num_blocks),
+            ("max_num_seqs", self.max_num_seqs),
+            ("max_batched_tokens", self.max_batched_tokens),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(Error::InvalidInput(format!(
+                    "engine: {name} is 0; it must be a positive integer"
+                )));
+            }
+        }
+        if u32::try_from(self.num_blocks).is_err() {
+            return Err(Error::InvalidInput(format!(
+                "engine: num_blocks = {} exceeds {}",
+                self.num_blocks,
+                u32::MAX
+            )));
+        }
+        if self.max_model_len < 2 || self.max_model_len > model.max_context() {
+            return Err(Error::InvalidInput(format!(
+                "engine: max_model_len = {} must be between 2 and the model's \
+                 max_position_embeddings = {}",
+                self.max_model_len,
+                model.max_context()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One token produced by a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepOutput {
+    pub id: RequestId,
+    pub token: u32,
+    /// Set when this token ends the request (the token is part of its output).
+    pub finished: Option<FinishReason>,
+}
+
+/// Counters and gauges for reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Steps that ran a forward pass.
+    pub steps: u64,
+    pub preemptions: u64,
+    pub peak_running: usize,
+    pub peak_blocks_used: usize,
+    pub blocks_total: usize,
+    pub blocks_used: usize,
+    pub blocks_free: usize,
+    /// Free blocks that still hold a reusable prefix (a subset of `blocks_free`).
+    pub blocks_cached: usize,
+    /// Prompt tokens served from the prefix cache, and prompt tokens looked up.
+    pub prefix_hit_tokens: u64,
+    pub prefix_query_tokens: u64,
+    /// Slots allocated to live sequences but holding no token (now).
+    pub wasted_slots: usize,
+    pub running: usize,
+    pub waiting: usize,
+}
+
+/// Continuous batching over a paged KV cache.
+pub struct Engine {
+    model: Model,
+    config: EngineConfig,
+    scheduler: Scheduler,
+    cache: PagedKvCache,
+    samplers: HashMap<RequestId, Sampler>,
+    next_id: u64,
+    steps: u64,
+}
+
+impl Engine {
+    /// Allocate the cache (`num_blocks` x `block_size` tokens, every layer) for `model`.
+    pub fn new(model: Model, config: EngineConfig) -> Result<Self> {
+        config.validate(&model)?;
+        let cache = PagedKvCache::new(
+            model.shape(),
+            config.num_blocks,
+            config.block_size,
+            config.kv_dtype,
+        )?;
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: config.max_num_seqs,
+                max_batched_tokens: config.max_batched_tokens,
+                max_model_len: config.max_model_len,
+            },
+            // Fits u32: checked by validate.
+            BlockManager::new(config.num_blocks as u32, config.block_size),
+        );
+        Ok(Engine {
+            model,
+            config,
+            scheduler,
+            cache,
+            samplers: HashMap::new(),
+            next_id: 0,
+            steps: 0,
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Bytes allocated for the KV cache.
+    pub fn cache_bytes(&self) -> u64 {
+        self.cache.bytes()
+    }
+
+    /// Queue a request. Errors (and queues nothing) if the prompt is empty, holds ids
+    /// outside the vocabulary, leaves no room under `max_model_len`, or if the request's
+    /// longest possible sequence could never fit the cache even alone.
+    pub fn add_request(
+        &mut self,
+        prompt_ids: Vec<u32>,
+        params: SamplingParams,
+        stop: StopConditions,
+    ) -> Result<RequestId> {
+        let len = prompt_ids.len();
+        if len == 0 {
+            return Err(Error::InvalidInput(
+                "the prompt is empty: it encodes to no tokens".into(),
+            ));
+        }
+        let vocab = self.model.shape().vocab_size;
+        if let Some(bad) = prompt_ids.iter().find(|&&t| u64::from(t) >= vocab) {
+            return Err(Error::InvalidInput(format!(
+                "prompt token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let max_len = self.config.max_model_len;
+        if len >= max_len {
+            return Err(Error::InvalidInput(format!(
+                "the prompt is {len} tokens but max_model_len is {max_len}, which leaves no \
+                 room to generate; shorten the prompt or raise --max-model-len"
+            )));
+        }
+        if stop.max_tokens == 0 {
+            return Err(Error::InvalidInput(
+                "max_tokens is 0; it must be at least 1".into(),
+            ));
+        }
+        // The last sampled token is never fed back, so it takes no slot.
+        let final_len = len.saturating_add(stop.max_tokens).min(max_len);
+        let blocks = (final_len - 1).div_ceil(self.config.block_size);
+        if blocks > self.config.num_blocks {
+            return Err(Error::InvalidInput(format!(
+                "the request needs up to {blocks} KV blocks ({len} prompt tokens + up to {} \
+                 generated, {} tokens per block) but the cache has only {}; lower max_tokens, \
+                 shorten the prompt or give the cache more blocks (--kv-blocks or \
+                 --memory-budget)",
+                final_len - len,
+                self.config.block_size,
+                self.config.num_blocks
+            )));
+        }
+        let sampler = Sampler::new(params)?;
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.scheduler.add(id, prompt_ids, stop);
+        self.samplers.insert(id, sampler);
+        Ok(id)
+    }
+
+    /// Run one step: schedule, one paged forward pass, sample, record. Returns one
+    /// output per sequence that produced a token (empty when nothing is left to run or
+    /// the step only advanced prefill chunks). On error the step's sequences are aborted.
+    pub fn step(&mut self) -> Result<Vec<StepOutput>> {
+        let batch = self.scheduler.schedule();
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sampled = match self.run(&batch) {
+            Ok(sampled) => sampled,
+            Err(e) => {
+                for entry in &batch.seqs {
+                    self.samplers.remove(&entry.seq);
+                }
+                self.scheduler.abort_failed_step(&batch);
+                return Err(e);
+            }
+        };
+        self.steps += 1;
+        let finished = self.scheduler.postprocess(&batch, &sampled);
+        let mut outputs: Vec<StepOutput> = batch
+            .seqs
+            .iter()
+            .filter(|e| e.sample)
+            .zip(&sampled)
+            .map(|(e, &token)| StepOutput {
+                id: e.seq,
+                token,
+                finished: None,
+            })
+            .collect();
+        for f in finished {
+            self.samplers.remove(&f.seq);
+            if let Some(o) = outputs.iter_mut().find(|o| o.id == f.seq) {
+                o.finished = Some(f.reason);
+            }
+        }
+        Ok(outputs)
+    }
+
+    /// The forward pass and sampling of one batch: the sampled token of each entry
+    /// whose `sample` is true, in batch order.
+    fn run(&mut self, batch: &ScheduledBatch) -> Result<Vec<u32>> {
+        let meta = PagedMetadata::from_batch(batch);
+        let n = batch.num_tokens();
+        let mut ids = Vec::with_capacity(n);
+        let mut positions = Vec::with_capacity(n);
+        let mut sample_rows = Vec::new();
+        for entry in &batch.seqs {
+            ids.extend_from_slice(&entry.tokens);
+            positions.extend((0..entry.tokens.len()).map(|i| (entry.start_pos + i) as u32));
+            if entry.sample {
+                sample_rows.push(ids.len() - 1);
+            }
+        }
+        let logits =
+            self.model
+                .forward_paged(&ids, &positions, &meta, &mut self.cache, &sample_rows)?;
+        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        batch
+            .seqs
+            .iter()
+            .filter(|e| e.sample)
+            .zip(&rows)
+            .map(|(entry, row)| {
+                let sampler = self.samplers.get_mut(&entry.seq).ok_or_else(|| {
+                    Error::InvalidInput(format!("engine: no sampler for {:?}", entry.seq))
+                })?;
+                sampler.sample(row)
+            })
+            .collect()
+    }
+
+    /// Drop a request wherever it is and free its blocks. Returns false if unknown.
+    pub fn abort(&mut self, id: RequestId) -> bool {
+        self.samplers.remove(&id);
+        self.scheduler.abort(id)
+    }
+
+    /// Whether any request is waiting or running.
+    pub fn has_work(&self) -> bool {
+        self.scheduler.has_work()
+    }
+
+    /// A live request's tokens (prompt + generated so far).
+    pub fn tokens(&self, id: RequestId) -> Option<&[u32]> {
+        self.scheduler.tokens(id)
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let s = self.scheduler.stats();
+        let b = self.scheduler.blocks().stats();
+        EngineStats {
+            steps: self.steps,
+            preemptions: s.preemptions,
+            peak_running: s.peak_running,
+            peak_blocks_used: s.peak_blocks_used,
+            blocks_total: b.total,
+            blocks_used: b.used,
+            blocks_free: b.free,
+            blocks_cached: b.cached,
+            prefix_hit_tokens: b.prefix_hit_tokens,
+            prefix_query_tokens: b.prefix_query_tokens,
+            wasted_slots: self.scheduler.blocks().wasted_slots(),
+            running: self.scheduler.num_running(),
+            waiting: self.scheduler.num_waiting(),
+        }
+    }
+}
+
+// ---- sizing --------------------------------------------------------------------------
+
+/// How many KV blocks to allocate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvSizing {
+    /// Exactly this many blocks.
+    Blocks(usize),
+    /// As many blocks as fit in this many bytes after weights, activations and the
+    /// runtime overhead.
+    Budget(u64),
+}
+
+/// The planner's prediction for the same model, workload and dtypes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedTerms {
+    pub weights_bytes: u64,
+    /// Fused attention (the paged kernel never materialises scores).
+    pub activation_bytes: u64,
+    /// KV for `max_num_seqs` sequences of `max_model_len` tokens (the demand, not what
+    /// the budget holds).
+    pub kv_cache_bytes: u64,
+    pub kv_bytes_per_token: u64,
+}
+
+/// A memory budget broken into the planner's terms, as the engine measured them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetReport {
+    pub budget_bytes: u64,
+    /// The model's own accounting of the tensors it holds.
+    pub weights_bytes: u64,
+    /// `Model::paged_activation_peak_bytes` of the largest pass, `pass_tokens` tokens.
+    pub activation_bytes: u64,
+    /// `max_batched_tokens`, capped (as the planner caps it) by what `max_num_seqs`
+    /// sequences of `max_model_len` tokens could ever feed at once.
+    pub pass_tokens: usize,
+    /// Stated, not measured: 0 on the CPU unless given.
+    pub runtime_overhead_bytes: u64,
+    pub block_bytes: u64,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    /// num_blocks x block_bytes.
+    pub kv_cache_bytes: u64,
+    /// Budget left over: less than one block.
+    pub unused_bytes: u64,
+    /// The planner's figures, or why it could not plan.
+    pub planned: std::result::Result<PlannedTerms, String>,
+}
+
+impl KvSizing {
+    /// The number of blocks for `config` (whose `num_blocks` is ignored), and for a
+    /// budget the report of how it was split. Errors when a budget cannot hold one
+    /// sequence of `max_model_len` tokens, saying how many bytes are missing.
+    pub fn resolve(
+        self,
+        model: &Model,
+        config: &EngineConfig,
+        runtime_overhead_bytes: u64,
+    ) -> Result<(usize, Option<BudgetReport>)> {
+        match self {
+            KvSizing::Blocks(n) => Ok((n, None)),
+            KvSizing::Budget(bytes) => {
+                let report = budget_report(model, config, bytes, runtime_overhead_bytes)?;
+                Ok((report.num_blocks, Some(report)))
+            }
+        }
+    }
+}
+
+fn planner_kv_dtype(d: KvDtype) -> llmem_planner::KvDtype {
+    match d {
+        KvDtype::F32 => llmem_planner::KvDtype::Fp32,
+        KvDtype::F16 => llmem_planner::KvDtype::Fp16,
+        KvDtype::Bf16 => llmem_planner::KvDtype::Bf16,
+    }
+}
+
+fn planned_terms(
+    model: &Model,
+    config: &EngineConfig,
+    budget_bytes: u64,
+    overhead: u64,
+) -> std::result::Result<PlannedTerms, String> {
+    let precision = match model.dtype() {
+        DType::F32 => Precision::Fp32,
+        DType::BF16 => Precision::Bf16,
+        DType::F16 => Precision::Fp16,
+        other => return Err(format!("no planner precision for {other:?}")),
+    };
+    let workload = Workload {
+        context_tokens: config.max_model_len as u64,
+        concurrency: config.max_num_seqs as u64,
+        max_batched_tokens: config.max_batched_tokens as u64,
+        attention: AttentionImpl::Fused,
+    };
+    let mut deployment = Deployment::new(precision, llmem_planner::custom_gpu(budget_bytes));
+    deployment.kv_dtype = planner_kv_dtype(config.kv_dtype);
+    deployment.runtime_overhead_bytes = Some(overhead);
+    deployment.headroom_fraction = 0.0;
+    let plan =
+        llmem_planner::plan(model.shape(), &workload, &deployment).map_err(|e| e.to_string())?;
+    Ok(PlannedTerms {
+        weights_bytes: plan.per_gpu.weights_bytes,
+        activation_bytes: plan.per_gpu.activation_bytes,
+        kv_cache_bytes: plan.per_gpu.kv_cache_bytes,
+        kv_bytes_per_token: plan.kv_bytes_per_token,
+    })
+}
+
+/// Split `budget_bytes` into weights, activations, overhead and whole KV blocks.
+pub fn budget_report(
+    model: &Model,
+    config: &EngineConfig,
+    budget_bytes: u64,
+    runtime_overhead_bytes: u64,
+) -> Result<BudgetReport> {
+    if config.block_size == 0 {
+        return Err(Error::InvalidInput(
+            "engine: block_size is 0; it must be a positive integer".into(),
+        ));
+    }
+    let weights = model.weights_bytes();
+    let pass_tokens = config
+        .max_batched_tokens
+        .min(config.max_num_seqs.saturating_mul(config.max_model_len));
+    let rows = config.max_num_seqs.min(pass_tokens);
+    let activations = model.paged_activation_peak_bytes(pass_tokens, rows);
+    let per_block = block_bytes(model.shape(), config.block_size, config.kv_dtype);
+    let min_blocks = config.max_model_len.div_ceil(config.block_size) as u64;
+    let overflow = || Error::InvalidInput("memory budget: the terms overflow 64 bits".into());
+    let fixed = [weights, activations, runtime_overhead_bytes]
+        .iter()
+        .try_fold(0u64, |acc, x| acc.checked_add(*x))
+        .ok_or_else(overflow)?;
+    let needed = min_blocks
+        .checked_mul(per_block)
+        .and_then(|kv| kv.checked_add(fixed))
+        .ok_or_else(overflow)?;
+    if budget_bytes < needed {
+        return Err(Error::InvalidInput(format!(
+            "memory budget of {} ({budget_bytes} B) is {} B short: weights {} + activations {} \
+             (one pass of {} tokens) + runtime overhead {} + KV for one sequence of \
+             max_model_len = {} tokens ({min_blocks} blocks of {}) = {}; use a smaller \
+             --max-batched-tokens, --kv-dtype bf16, a smaller --max-model-len, or a larger \
+             budget",
+            human_bytes(budget_bytes),
+            needed - budget_bytes,
+            human_bytes(weights),
+            human_bytes(activations),
+            pass_tokens,
+            human_bytes(runtime_overhead_bytes),
+            config.max_model_len,
+            human_bytes(per_block),
+            human_bytes(needed),
+        )));
+    }
+    let kv_budget = budget_bytes - fixed;
+    let num_blocks = (kv_budget / per_block).min(u64::from(u32::MAX));
+    let kv_cache_bytes = num_blocks * per_block;
+    Ok(BudgetReport {
+        budget_bytes,
+        weights_bytes: weights,
+        activation_bytes: activations,
+        pass_tokens,
+        runtime_overhead_bytes,
+        block_bytes: per_block,
+        block_size: config.block_size,
+        num_blocks: num_blocks as usize,
+        kv_cache_bytes,
+        unused_bytes: kv_budget - kv_cache_bytes,
+        planned: planned_terms(model, config, budget_bytes, runtime_overhead_bytes),
+    })
+}
+
+impl fmt::Display for BudgetReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let h = human_bytes;
+        let planned = self.planned.as_ref().ok();
+        let beside = |v: Option<u64>| match v {
+            Some(v) => format!("planner {}", h(v)),
+            None => "planner -".to_string(),
+        };
+        writeln!(f, "memory budget        {:>12}", h(self.budget_bytes))?;
+        writeln!(
+            f,
+            "  weights            {:>12}   ({})",
+            h(self.weights_bytes),
+            beside(planned.map(|p| p.weights_bytes))
+        )?;
+        writeln!(
+            f,
+            "  activations        {:>12}   ({}; one pass of {} tokens)",
+            h(self.activation_bytes),
+            beside(planned.map(|p| p.activation_bytes)),
+            self.pass_tokens
+        )?;
+        writeln!(
+            f,
+            "  runtime overhead   {:>12}   (stated, not measured)",
+            h(self.runtime_overhead_bytes)
+        )?;
+        writeln!(
+            f,
+            "  KV cache           {:>12}   ({} blocks x {} tokens x {} per block = {} tokens)",
+            h(self.kv_cache_bytes),
+            self.num_blocks,
+            self.block_size,
+            h(self.block_bytes),
+            self.num_blocks * self.block_size
+        )?;
+        writeln!(f, "  unused             {:>12}", h(self.unused_bytes))?;
+        match &self.planned {
+            Ok(p) => write!(
+                f,
+                "planner: {} KV bytes per token; max_num_seqs x max_model_len would need {} of KV",
+                p.kv_bytes_per_token,
+                h(p.kv_cache_bytes)
+            ),
+            Err(e) => write!(f, "planner: no prediction ({e})"),
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! `llmem bench`: a seeded end-to-end benchmark of the paged engine.
+//!
+//! For each concurrency C, a fresh [`Engine`] gets C requests at once (seeded random
+//! prompts of `--prompt-tokens` ids, `--gen-tokens` greedy tokens each, EOS ignored) and
+//! is stepped until all finish. Reported per run: aggregate generated tokens per second
+//! of wall time, time to first token and inter-token latency percentiles (nearest rank,
+//! over every request / every gap between a request's consecutive tokens), the peak
+//! running sequences and KV blocks, preemptions, the prefix-cache hit rate (prompt
+//! tokens served from cache / prompt tokens looked up), and `kv_waste_fraction`: over
+//! all steps, the slots allocated to sequences but holding no token, divided by the
+//! slots of the blocks in use (internal fragmentation of the last block of each
+//! sequence). The JSON keys are a contract for scripts.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use anyhow::Context;
+use llmem_engine::engine::{Engine, EngineConfig, KvSizing, RequestId, DEFAULT_BLOCK_SIZE};
+use llmem_engine::kv_cache::KvDtype;
+use llmem_engine::model::Model;
+use llmem_engine::sampler::{SamplingParams, SplitMix64};
+use llmem_engine::scheduler::StopConditions;
+use serde_json::{json, Value};
+
+use super::generate::DtypeArg;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// A Hugging Face model directory, or the built-in `smollm2-135m` (fetched on first use).
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Concurrent requests per run, comma-separated: one run each.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32",
+          value_parser = super::positive_arg)]
+    pub concurrency: Vec<u64>,
+    /// Prompt length of every request, in tokens.
+    #[arg(long, default_value_t = 128, value_parser = super::positive_arg)]
+    pub prompt_tokens: u64,
+    /// Tokens generated per request (EOS is ignored).
+    #[arg(long, default_value_t = 64, value_parser = super::positive_arg)]
+    pub gen_tokens: u64,
+    /// KV cache size in blocks (default: enough that the largest run never preempts).
+    #[arg(long, conflicts_with = "memory_budget", value_parser = super::positive_arg)]
+    pub kv_blocks: Option<u64>,
+    /// Size the KV cache from a memory budget (e.g. 2GiB): weights, activations and the
+    /// runtime overhead are subtracted first.
+    #[arg(long, value_parser = super::bytes_arg)]
+    pub memory_budget: Option<u64>,
+    /// Runtime overhead subtracted from --memory-budget (0 on the CPU unless given).
+    #[arg(long, default_value = "0", value_parser = super::bytes_arg)]
+    pub runtime_overhead: u64,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE as u64, value_parser = super::positive_arg)]
+    pub block_size: u64,
+    /// Tokens per sequence at most (default: prompt + generated, capped by the model).
+    #[arg(long, value_parser = super::positive_arg)]
+    pub max_model_len: Option<u64>,
+    /// Tokens in one forward pass at most (prefill chunks plus decodes).
+    #[arg(long, default_value_t = 2048, value_parser = super::positive_arg)]
+    pub max_batched_tokens: u64,
+    /// KV cache element type: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub kv_dtype: String,
+    /// Weight and activation dtype.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// Seed of the random prompts.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = BenchFormat::Text)]
+    pub format: BenchFormat,
+}
+
+/// Nearest-rank percentile of `values` (sorted here); 0 when empty.
+fn percentile(values: &mut [f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * values.len() as f64).ceil() as usize;
+    values[rank.clamp(1, values.len()) - 1]
+}
+
+/// Seeded random prompts of `len` ids drawn uniformly from the vocabulary.
+fn random_prompts(count: usize, len: usize, vocab: u64, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = SplitMix64::new(seed);
+    (0..count)
+        .map(|_| (0..len).map(|_| (rng.next_u64() % vocab) as u32).collect())
+        .collect()
+}
+
+/// One run: `prompts.len()` requests at once through a fresh engine.
+fn run_one(
+    model: &Model,
+    config: EngineConfig,
+    prompts: &[Vec<u32>],
+    gen_tokens: usize,
+) -> anyhow::Result<Value> {
+    let mut engine = Engine::new(model.clone(), config)?;
+    let stop = StopConditions {
+        max_tokens: gen_tokens,
+        stop_token_ids: Vec::new(),
+        ignore_eos: true,
+    };
+    let start = Instant::now();
+    for p in prompts {
+        engine.add_request(p.clone(), SamplingParams::default(), stop.clone())?;
+    }
+    let mut last_token_at: HashMap<RequestId, f64> = HashMap::new();
+    let mut ttft_ms = Vec::new();
+    let mut itl_ms = Vec::new();
+    let mut generated = 0usize;
+    let (mut wasted, mut allocated) = (0u64, 0u64);
+    while engine.has_work() {
+        let outputs = engine.step()?;
+        let now = start.elapsed().as_secs_f64() * 1e3;
+        for o in &outputs {
+            generated += 1;
+            match last_token_at.insert(o.id, now) {
+                Some(prev) => itl_ms.push(now - prev),
+                None => ttft_ms.push(now),
+            }
+        }
+        let s = engine.stats();
+        wasted += s.wasted_slots as u64;
+        allocated += (s.blocks_used * config.block_size) as u64;
+    }
+    let wall_s = start.elapsed().as_secs_f64();
+    let s = engine.stats();
+    let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
+    Ok(json!({
+        "concurrency": prompts.len(),
+        "kv_layout": "paged",
+        "generated_tokens": generated,
+        "wall_s": wall_s,
+        "aggregate_tokens_per_s": if wall_s > 0.0 { generated as f64 / wall_s } else { 0.0 },
+        "ttft_ms": { "p50": percentile(&mut ttft_ms, 50.0), "p99": percentile(&mut ttft_ms, 99.0) },
+        "itl_ms": { "p50": percentile(&mut itl_ms, 50.0), "p99": percentile(&mut itl_ms, 99.0) },
+        "steps": s.steps,
+        "peak_running_sequences": s.peak_running,
+        "peak_kv_blocks_used": s.peak_blocks_used,
+        "kv_blocks_total": s.blocks_total,
+        "kv_waste_fraction": ratio(wasted, allocated),
+        "preemptions": s.preemptions,
+        "prefix_cache_hit_rate": ratio(s.prefix_hit_tokens, s.prefix_query_tokens),
+    }))
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let kv_dtype = KvDtype::parse(&args.kv_dtype)?;
+    let loaded = super::generate::load(&args.model, args.dtype)?;
+    let model = &loaded.model;
+    let (prompt_len, gen) = (args.prompt_tokens as usize, args.gen_tokens as usize);
+    let max_concurrency = args.concurrency.iter().copied().max().unwrap_or(1) as usize;
+    let block_size = args.block_size as usize;
+    let max_model_len = match args.max_model_len {
+        Some(l) => l as usize,
+        None => (prompt_len + gen).min(model.max_context()),
+    };
+    let mut config = EngineConfig {
+        block_size,
+        num_blocks: 0,
+        kv_dtype,
+        max_num_seqs: max_concurrency,
+        max_batched_tokens: args.max_batched_tokens as usize,
+        max_model_len,
+    };
+    let sizing = match (args.kv_blocks, args.memory_budget) {
+        (Some(n), _) => KvSizing::Blocks(n as usize),
+        (None, Some(bytes)) => KvSizing::Budget(bytes),
+        // Every sequence of the largest run at full length: no preemption.
+        (None, None) => KvSizing::Blocks(max_concurrency * max_model_len.div_ceil(block_size)),
+    };
+    let (num_blocks, report) = sizing
+        .resolve(model, &config, args.runtime_overhead)
+        .context("sizing the KV cache")?;
+    config.num_blocks = num_blocks;
+    if let (Some(r), BenchFormat::Text) = (&report, args.format) {
+        eprintln!("{r}");
+    }
+    let prompts = random_prompts(
+        max_concurrency,
+        prompt_len,
+        model.shape().vocab_size,
+        args.seed,
+    );
+    let mut runs = Vec::new();
+    for &c in &args.concurrency {
+        let c = c as usize;
+        let run_config = EngineConfig {
+            max_num_seqs: c,
+            ..config
+        };
+        let run = run_one(model, run_config, &prompts[..c], gen)
+            .with_context(|| format!("benchmark run at concurrency {c}"))?;
+        if args.format == BenchFormat::Text {
+            println!(
+                "concurrency {:>3}: {:>8.1} tok/s  ttft p50 {:>8.1} ms p99 {:>8.1} ms  \
+                 itl p50 {:>7.1} ms p99 {:>7.1} ms  peak running {:>3}  peak blocks {}/{}  \
+                 waste {:.3}  preemptions {}",
+                c,
+                run["aggregate_tokens_per_s"].as_f64().unwrap_or(0.0),
+                run["ttft_ms"]["p50"].as_f64().unwrap_or(0.0),
+                run["ttft_ms"]["p99"].as_f64().unwrap_or(0.0),
+                run["itl_ms"]["p50"].as_f64().unwrap_or(0.0),
+                run["itl_ms"]["p99"].as_f64().unwrap_or(0.0),
+                run["peak_running_sequences"],
+                run["peak_kv_blocks_used"],
+                run["kv_blocks_total"],
+                run["kv_waste_fraction"].as_f64().unwrap_or(0.0),
+                run["preemptions"],
+            );
+        }
+        runs.push(run);
+    }
+    if args.format == BenchFormat::Json {
+        let budget = report.map(|r| {
+            json!({
+                "budget_bytes": r.budget_bytes,
+                "weights_bytes": r.weights_bytes,
+                "activation_bytes": r.activation_bytes,
+                "runtime_overhead_bytes": r.runtime_overhead_bytes,
+                "kv_cache_bytes": r.kv_cache_bytes,
+                "unused_bytes": r.unused_bytes,
+                "planned": r.planned.as_ref().ok().map(|p| json!({
+                    "weights_bytes": p.weights_bytes,
+                    "activation_bytes": p.activation_bytes,
+                    "kv_bytes_per_token": p.kv_bytes_per_token,
+                })),
+            })
+        });
+        let out = json!({
+            "model": loaded.dir.display().to_string(),
+            "dtype": args.dtype.name(),
+            "kv_dtype": kv_dtype.name(),
+            "block_size": block_size,
+            "max_model_len": max_model_len,
+            "max_batched_tokens": args.max_batched_tokens,
+            "prompt_tokens": prompt_len,
+            "gen_tokens": gen,
+            "seed": args.seed,
+            "kv_cache_bytes": num_blocks as u64
+                * llmem_engine::kv_cache::block_bytes(model.shape(), block_size, kv_dtype),
+            "budget": budget,
+            "runs": runs,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut v = vec![5.0, 1.0, 4.0, 2.0, 3.0];
+        assert_eq!(percentile(&mut v, 50.0), 3.0);
+        assert_eq!(percentile(&mut v, 99.0), 5.0);
+        assert_eq!(percentile(&mut [], 50.0), 0.0);
+    }
+
+    #[test]
+    fn prompts_are_seeded() {
+        assert_eq!(random_prompts(2, 4, 100, 1), random_prompts(2, 4, 100, 1));
+        assert_ne!(random_prompts(1, 4, 100, 1), random_prompts(1, 4, 100, 2));
+    }
+}
