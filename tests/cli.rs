@@ -219,6 +219,65 @@ fn bench_rejects_bad_arguments_before_loading_a_model() {
     assert!(fails(&["bench", "--concurrency", "1,0"]).contains("positive"));
     assert!(fails(&["bench", "--kv-dtype", "int2"]).contains("bf16"));
     assert!(fails(&["bench", "--kv-blocks", "4", "--memory-budget", "1GiB"]).contains("cannot"));
+    for f in ["0", "1.5", "-0.2"] {
+        let err = fails(&["bench", "--memory-utilization", f]);
+        assert!(err.contains("above 0 and at most 1"), "{err}");
+    }
+    for other in [["--kv-blocks", "4"], ["--memory-budget", "1GiB"]] {
+        let err = fails(&["bench", "--memory-utilization", "0.5", other[0], other[1]]);
+        assert!(err.contains("cannot"), "{err}");
+    }
+    assert!(fails(&["bench", "--kv-layout", "paged,flat"]).contains("contiguous"));
+}
+
+/// Runs only where the default model is already cached (the golden tier fetches it).
+#[test]
+fn bench_runs_both_kv_layouts_side_by_side() {
+    if llmem_engine::hub::cached_default_model_dir(None).is_none() {
+        eprintln!("skipped: smollm2-135m is not cached");
+        return;
+    }
+    // 16 blocks of 4; max_model_len 32: contiguous reserves 8 blocks per sequence (2 fit),
+    // while paged sequences of 8 + 4 tokens take 3 blocks each (all 4 fit).
+    let args = [
+        "bench",
+        "--concurrency",
+        "4",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--block-size",
+        "4",
+        "--max-model-len",
+        "32",
+        "--kv-blocks",
+        "16",
+        "--kv-layout",
+        "paged,contiguous",
+        "--format",
+        "json",
+    ];
+    let out = llmem(&args);
+    assert!(out.status.success());
+    // The start-up budget goes to stderr, keeping stdout JSON.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("16 blocks") && err.contains("fit at once: 2"),
+        "{err}"
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    let (paged, contiguous) = (&runs[0], &runs[1]);
+    assert_eq!(paged["kv_layout"], "paged");
+    assert_eq!(contiguous["kv_layout"], "contiguous");
+    assert_eq!(paged["peak_running_sequences"], 4);
+    assert_eq!(contiguous["peak_running_sequences"], 2);
+    assert_eq!(paged["generated_tokens"], contiguous["generated_tokens"]);
+    let waste = |r: &Value| r["kv_waste_fraction"].as_f64().unwrap();
+    assert!(waste(contiguous) > waste(paged));
+    assert_eq!(contiguous["preemptions"], 0);
 }
 
 /// Runs only where the default model is already cached (the golden tier fetches it).

@@ -16,9 +16,16 @@
 //! blocks that never held a full block first, then cached ones least recently freed
 //! first (LRU).
 //!
+//! Layouts ([`KvLayout`]): `Paged` is the above. `Contiguous` is the naive cache that
+//! paging replaces, kept as a policy of the same pool to measure what paging buys: each
+//! sequence reserves `ceil(max_model_len / block_size)` blocks at admission, whatever its
+//! length, and nothing is shared (the prefix cache is off). The reserved but unused
+//! slots count as waste ([`BlockManager::wasted_slots`]).
+//!
 //! Invariants (checked by `check_invariants` in tests): free + used = total; a block's
 //! ref count equals the number of block tables that hold it; a free block has ref
-//! count 0; the hash index points only at blocks carrying that hash.
+//! count 0; the hash index points only at blocks carrying that hash; a block table holds
+//! `max(ceil(tokens / block_size), reserved blocks)` blocks.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
@@ -31,6 +38,25 @@ pub struct BlockId(pub u32);
 /// A sequence known to the block manager.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SeqId(pub u64);
+
+/// How sequences take KV blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvLayout {
+    /// A block at a time as a sequence grows, with prefix sharing.
+    #[default]
+    Paged,
+    /// `max_model_len` slots reserved per sequence at admission, no sharing.
+    Contiguous,
+}
+
+impl KvLayout {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvLayout::Paged => "paged",
+            KvLayout::Contiguous => "contiguous",
+        }
+    }
+}
 
 /// A chained hash of a full block's tokens and every token before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -95,6 +121,10 @@ pub struct BlockManager {
     seqs: HashMap<SeqId, SeqBlocks>,
     hit_tokens: u64,
     query_tokens: u64,
+    /// Blocks every sequence takes at admission at least (0: paged, grow on demand).
+    reserve_blocks: usize,
+    /// Contiguous: no block is sealed or shared.
+    layout: KvLayout,
 }
 
 fn chain_hash(prev: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
@@ -105,8 +135,24 @@ fn chain_hash(prev: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
 }
 
 impl BlockManager {
+    /// The paged layout: blocks on demand, prefix caching on.
     pub fn new(num_blocks: u32, block_size: usize) -> Self {
+        Self::with_layout(num_blocks, block_size, KvLayout::Paged, 0)
+    }
+
+    /// `layout` over `num_blocks` blocks; a contiguous layout reserves `max_model_len`
+    /// slots (rounded up to whole blocks) per sequence.
+    pub fn with_layout(
+        num_blocks: u32,
+        block_size: usize,
+        layout: KvLayout,
+        max_model_len: usize,
+    ) -> Self {
         assert!(block_size > 0, "block_size must be positive");
+        let reserve_blocks = match layout {
+            KvLayout::Paged => 0,
+            KvLayout::Contiguous => max_model_len.div_ceil(block_size),
+        };
         BlockManager {
             block_size,
             blocks: vec![Block::default(); num_blocks as usize],
@@ -118,7 +164,23 @@ impl BlockManager {
             seqs: HashMap::new(),
             hit_tokens: 0,
             query_tokens: 0,
+            reserve_blocks,
+            layout,
         }
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    /// Blocks a sequence takes at admission at least (0 in the paged layout).
+    pub fn reserve_blocks(&self) -> usize {
+        self.reserve_blocks
+    }
+
+    /// Blocks a sequence of `tokens` tokens holds under this layout.
+    fn table_len(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_size).max(self.reserve_blocks)
     }
 
     pub fn block_size(&self) -> usize {
@@ -144,6 +206,9 @@ impl BlockManager {
     /// Blocks of the leading full blocks of `tokens` found in the cache and verified.
     fn cached_prefix(&self, tokens: &[u32]) -> Vec<BlockId> {
         let mut hits = Vec::new();
+        if self.layout == KvLayout::Contiguous {
+            return hits;
+        }
         let mut prev = None;
         for chunk in tokens.chunks_exact(self.block_size) {
             let h = chain_hash(prev, chunk);
@@ -169,7 +234,7 @@ impl BlockManager {
             .iter()
             .filter(|b| self.blocks[b.0 as usize].ref_count == 0)
             .count();
-        tokens.len().div_ceil(self.block_size) - hits.len() + revived
+        self.table_len(tokens.len()) - hits.len() + revived
     }
 
     pub fn can_allocate(&self, tokens: &[u32]) -> bool {
@@ -239,7 +304,7 @@ impl BlockManager {
             });
         }
         let hits = self.cached_prefix(tokens);
-        let mut table = Vec::with_capacity(tokens.len().div_ceil(self.block_size));
+        let mut table = Vec::with_capacity(self.table_len(tokens.len()));
         for &b in &hits {
             let block = &mut self.blocks[b.0 as usize];
             if block.ref_count == 0 {
@@ -252,7 +317,7 @@ impl BlockManager {
         }
         let cached_tokens = hits.len() * self.block_size;
         let sealed = hits.len();
-        for _ in tokens.chunks(self.block_size).skip(hits.len()) {
+        for _ in hits.len()..self.table_len(tokens.len()) {
             let id = self
                 .take_free()
                 .ok_or(BlockError::OutOfBlocks { needed: 1, free: 0 })?;
@@ -271,18 +336,21 @@ impl BlockManager {
         Ok(cached_tokens)
     }
 
-    /// Whether `seq` can grow by one token (a new block only at a block boundary).
+    /// Whether `seq` can grow by one token (a new block only when its blocks are full).
     pub fn can_append(&self, seq: SeqId) -> bool {
         match self.seqs.get(&seq) {
-            Some(s) => s.num_tokens % self.block_size != 0 || self.num_free() > 0,
+            Some(s) => s.num_tokens < s.table.len() * self.block_size || self.num_free() > 0,
             None => false,
         }
     }
 
-    /// Make room for one more token of `seq` (a new block only at a block boundary).
+    /// Make room for one more token of `seq` (a new block only when its blocks are full).
     pub fn append_slot(&mut self, seq: SeqId) -> Result<(), BlockError> {
         let (n, need_block) = match self.seqs.get(&seq) {
-            Some(s) => (s.num_tokens, s.num_tokens % self.block_size == 0),
+            Some(s) => (
+                s.num_tokens,
+                s.num_tokens >= s.table.len() * self.block_size,
+            ),
             None => return Err(BlockError::UnknownSequence(seq)),
         };
         if need_block {
@@ -314,6 +382,9 @@ impl BlockManager {
             .seqs
             .get(&seq)
             .ok_or(BlockError::UnknownSequence(seq))?;
+        if self.layout == KvLayout::Contiguous {
+            return Ok(());
+        }
         let full = computed.min(tokens.len()).min(s.num_tokens) / self.block_size;
         let (from, table) = (s.sealed, s.table.clone());
         for i in from..full {
@@ -373,7 +444,8 @@ impl BlockManager {
         Some(block.0 as usize * self.block_size + pos % self.block_size)
     }
 
-    /// Slots allocated but holding no token, over all sequences (KV waste).
+    /// Slots allocated but holding no token, over all sequences (KV waste; in the
+    /// contiguous layout this includes every reserved slot not yet used).
     pub fn wasted_slots(&self) -> usize {
         self.seqs
             .values()
@@ -388,7 +460,7 @@ impl BlockManager {
         assert_eq!(free + used, self.blocks.len(), "free + used != total");
         let mut holders = vec![0u32; self.blocks.len()];
         for s in self.seqs.values() {
-            assert_eq!(s.table.len(), s.num_tokens.div_ceil(self.block_size));
+            assert_eq!(s.table.len(), self.table_len(s.num_tokens));
             for b in &s.table {
                 holders[b.0 as usize] += 1;
             }
@@ -507,6 +579,47 @@ mod tests {
         m.check_invariants();
     }
 
+    #[test]
+    fn contiguous_reserves_max_model_len_and_shares_nothing() {
+        // 10 blocks of 4, max_model_len 10: every sequence reserves 3 blocks.
+        let mut m = BlockManager::with_layout(10, 4, KvLayout::Contiguous, 10);
+        assert_eq!(m.reserve_blocks(), 3);
+        let p = [1, 2, 3, 4, 5];
+        assert_eq!(m.blocks_needed(&p), 3);
+        assert_eq!(m.allocate(SeqId(1), &p).unwrap(), 0);
+        m.seal_computed(SeqId(1), &p, p.len()).unwrap();
+        assert_eq!(m.block_table(SeqId(1)).unwrap().len(), 3);
+        // 12 slots reserved, 5 used.
+        assert_eq!(m.wasted_slots(), 7);
+        // The same prompt shares nothing.
+        assert_eq!(m.allocate(SeqId(2), &p).unwrap(), 0);
+        let (t1, t2) = (
+            m.block_table(SeqId(1)).unwrap(),
+            m.block_table(SeqId(2)).unwrap(),
+        );
+        assert!(t1.iter().all(|b| !t2.contains(b)));
+        // Growth within the reservation takes no block.
+        for _ in 0..7 {
+            assert!(m.can_append(SeqId(1)));
+            m.append_slot(SeqId(1)).unwrap();
+        }
+        assert_eq!(m.num_free(), 4);
+        assert_eq!(m.wasted_slots(), 7);
+        m.check_invariants();
+        // A third sequence fits; a fourth does not (1 block left, 3 needed).
+        m.allocate(SeqId(3), &[9]).unwrap();
+        assert_eq!(
+            m.allocate(SeqId(4), &[9]).unwrap_err(),
+            BlockError::OutOfBlocks { needed: 3, free: 1 }
+        );
+        for id in 1..=3 {
+            m.free(SeqId(id));
+        }
+        let s = m.stats();
+        assert_eq!((s.free, s.cached, s.prefix_hit_tokens), (10, 0, 0));
+        m.check_invariants();
+    }
+
     use proptest::prelude::*;
 
     #[derive(Debug, Clone)]
@@ -533,8 +646,11 @@ mod tests {
             ops in prop::collection::vec(op(), 1..200),
             block_size in prop::sample::select(vec![1usize, 2, 4, 16]),
             num_blocks in 1u32..64,
+            contiguous in any::<bool>(),
+            max_model_len in 1usize..48,
         ) {
-            let mut m = BlockManager::new(num_blocks, block_size);
+            let layout = if contiguous { KvLayout::Contiguous } else { KvLayout::Paged };
+            let mut m = BlockManager::with_layout(num_blocks, block_size, layout, max_model_len);
             let mut live: Vec<(SeqId, Vec<u32>)> = Vec::new();
             let mut next = 0u64;
             for op in ops {

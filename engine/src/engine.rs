@@ -17,6 +17,11 @@
 //! that fails aborts the sequences it carried and drops the free prefix-cache blocks
 //! (it may have sealed blocks it never wrote), leaving the rest consistent.
 //!
+//! [`EngineConfig::kv_layout`] picks the block manager's policy: `Paged`, or
+//! `Contiguous` (each sequence reserves `max_model_len` slots at admission and nothing is
+//! shared), the naive cache that `llmem bench --kv-layout` compares against at the same
+//! KV budget. Same model, kernels and scheduler; only the bookkeeping differs.
+//!
 //! Sizing ([`KvSizing`]) follows the planner's formula: from a memory budget subtract
 //! the weights (the model's own accounting), the activation peak of one pass of
 //! `max_batched_tokens` ([`Model::paged_activation_peak_bytes`]; capped, as the planner
@@ -31,7 +36,7 @@ use std::fmt;
 use candle_core::DType;
 use llmem_planner::{human_bytes, AttentionImpl, Deployment, Precision, Workload};
 
-use crate::block_manager::{BlockManager, SeqId};
+use crate::block_manager::{BlockManager, KvLayout, SeqId};
 use crate::error::{Error, Result};
 use crate::kv_cache::{block_bytes, KvDtype, PagedKvCache, PagedMetadata};
 use crate::model::Model;
@@ -56,6 +61,9 @@ pub struct EngineConfig {
     pub max_batched_tokens: usize,
     /// Tokens one sequence may hold (prompt + generated), at most the model's context.
     pub max_model_len: usize,
+    /// Paged (blocks on demand, prefix caching) or contiguous (`max_model_len` slots
+    /// reserved per sequence at admission, no sharing: the baseline paging improves on).
+    pub kv_layout: KvLayout,
 }
 
 /// Default tokens per block.
@@ -72,6 +80,7 @@ impl EngineConfig {
             max_num_seqs: 32,
             max_batched_tokens: 2048,
             max_model_len: model.max_context(),
+            kv_layout: KvLayout::Paged,
         }
     }
 
@@ -102,6 +111,15 @@ impl EngineConfig {
                  max_position_embeddings = {}",
                 self.max_model_len,
                 model.max_context()
+            )));
+        }
+        let reserve = self.max_model_len.div_ceil(self.block_size);
+        if self.kv_layout == KvLayout::Contiguous && reserve > self.num_blocks {
+            return Err(Error::InvalidInput(format!(
+                "engine: the contiguous layout reserves {reserve} blocks per sequence \
+                 (max_model_len = {} / block_size = {}) but the cache has only {}; give the \
+                 cache more blocks or lower max_model_len",
+                self.max_model_len, self.block_size, self.num_blocks
             )));
         }
         Ok(())
@@ -167,7 +185,12 @@ impl Engine {
                 max_model_len: config.max_model_len,
             },
             // Fits u32: checked by validate.
-            BlockManager::new(config.num_blocks as u32, config.block_size),
+            BlockManager::with_layout(
+                config.num_blocks as u32,
+                config.block_size,
+                config.kv_layout,
+                config.max_model_len,
+            ),
         );
         Ok(Engine {
             model,
@@ -380,6 +403,9 @@ pub struct PlannedTerms {
     /// the budget holds).
     pub kv_cache_bytes: u64,
     pub kv_bytes_per_token: u64,
+    /// The largest number of `max_model_len`-token sequences the planner fits in the
+    /// budget (`llmem_planner::max_concurrency`).
+    pub max_concurrency: u64,
 }
 
 /// A memory budget broken into the planner's terms, as the engine measured them.
@@ -402,6 +428,10 @@ pub struct BudgetReport {
     pub kv_cache_bytes: u64,
     /// Budget left over: less than one block.
     pub unused_bytes: u64,
+    pub max_model_len: usize,
+    /// Sequences of `max_model_len` tokens the blocks hold at once:
+    /// `num_blocks / ceil(max_model_len / block_size)`.
+    pub max_concurrency: usize,
     /// The planner's figures, or why it could not plan.
     pub planned: std::result::Result<PlannedTerms, String>,
 }
@@ -458,7 +488,10 @@ fn planned_terms(
     deployment.headroom_fraction = 0.0;
     let plan =
         llmem_planner::plan(model.shape(), &workload, &deployment).map_err(|e| e.to_string())?;
+    let max_concurrency = llmem_planner::max_concurrency(model.shape(), &workload, &deployment)
+        .map_err(|e| e.to_string())?;
     Ok(PlannedTerms {
+        max_concurrency,
         weights_bytes: plan.per_gpu.weights_bytes,
         activation_bytes: plan.per_gpu.activation_bytes,
         kv_cache_bytes: plan.per_gpu.kv_cache_bytes,
@@ -527,6 +560,9 @@ pub fn budget_report(
         num_blocks: num_blocks as usize,
         kv_cache_bytes,
         unused_bytes: kv_budget - kv_cache_bytes,
+        max_model_len: config.max_model_len,
+        // min_blocks >= 1: max_model_len >= 1 and block_size > 0.
+        max_concurrency: (num_blocks / min_blocks.max(1)) as usize,
         planned: planned_terms(model, config, budget_bytes, runtime_overhead_bytes),
     })
 }
@@ -568,6 +604,16 @@ impl fmt::Display for BudgetReport {
             self.num_blocks * self.block_size
         )?;
         writeln!(f, "  unused             {:>12}", h(self.unused_bytes))?;
+        writeln!(
+            f,
+            "sequences of max_model_len = {} tokens that fit at once: {} ({})",
+            self.max_model_len,
+            self.max_concurrency,
+            match planned {
+                Some(p) => format!("planner {}", p.max_concurrency),
+                None => "planner -".to_string(),
+            }
+        )?;
         match &self.planned {
             Ok(p) => write!(
                 f,

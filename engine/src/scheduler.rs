@@ -9,7 +9,10 @@
 //! the front of the waiting queue with its generated tokens kept, to be prefilled again
 //! (prefix caching usually makes that cheap). Finished and aborted sequences free their
 //! blocks at once. A full block becomes shareable through the prefix cache only once a
-//! step that computes it is scheduled (`BlockManager::seal_computed`).
+//! step that computes it is scheduled (`BlockManager::seal_computed`). Under the
+//! contiguous [`KvLayout`](crate::block_manager::KvLayout) the block manager reserves
+//! `max_model_len` slots at admission, so the same loop admits fewer sequences and never
+//! has to preempt; nothing else changes.
 //!
 //! Data flows one way: `schedule() -> ScheduledBatch` (integers only), the runner turns
 //! it into tensors and samples, `postprocess(&batch, &tokens)` appends the tokens.
@@ -462,6 +465,33 @@ mod tests {
         assert_eq!(done.len(), 2);
         assert!(s.stats().preemptions > 0);
         assert_eq!(s.blocks().stats().used, 0);
+    }
+
+    #[test]
+    fn contiguous_reservations_admit_fewer_sequences_without_preemption() {
+        use crate::block_manager::KvLayout;
+        // 12 blocks of 4, max_model_len 16: contiguous reserves 4 blocks a sequence.
+        let peak = |layout| {
+            let mut s = Scheduler::new(
+                SchedulerConfig {
+                    max_num_seqs: 8,
+                    max_batched_tokens: 64,
+                    max_model_len: 16,
+                },
+                BlockManager::with_layout(12, 4, layout, 16),
+            );
+            for i in 0..6 {
+                s.add(SeqId(i), vec![1 + i as u32; 3], stop(5));
+            }
+            let (done, _) = run_to_end(&mut s);
+            assert_eq!(done.len(), 6);
+            assert_eq!(s.blocks().stats().used, 0);
+            s.stats()
+        };
+        let (paged, contiguous) = (peak(KvLayout::Paged), peak(KvLayout::Contiguous));
+        assert_eq!(contiguous.peak_running, 3);
+        assert_eq!(contiguous.preemptions, 0);
+        assert_eq!(paged.peak_running, 6);
     }
 
     #[test]

@@ -360,6 +360,7 @@ fn golden_engine_batched_and_preempted_equal_alone() {
         max_num_seqs,
         max_batched_tokens,
         max_model_len: 512,
+        kv_layout: llmem_engine::block_manager::KvLayout::Paged,
     };
     let alone: Vec<Vec<u32>> = prompts
         .iter()

@@ -6,13 +6,14 @@
 //! The paged path: `forward_paged` == the contiguous forward (prefill, chunked prefill,
 //! decode; block sizes 1/2/16, shuffled block ids, f32/bf16/f16 caches), and the
 //! `Engine` gives every request the tokens it gets alone, whatever the concurrency,
-//! chunking or preemption; budget sizing adds up.
+//! chunking or preemption, and the same tokens under the contiguous KV layout, which
+//! runs fewer sequences at once; budget sizing adds up.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use llmem_engine::block_manager::SeqId;
+use llmem_engine::block_manager::{KvLayout, SeqId};
 use llmem_engine::engine::{Engine, EngineConfig, EngineStats, KvSizing};
 use llmem_engine::generate::{generate, FinishReason, GenerateRequest};
 use llmem_engine::kv_cache::{KvDtype, PagedKvCache, PagedMetadata};
@@ -1121,6 +1122,7 @@ fn engine_config(
         max_num_seqs,
         max_batched_tokens,
         max_model_len: model.max_context(),
+        kv_layout: KvLayout::Paged,
     }
 }
 
@@ -1267,6 +1269,52 @@ fn engine_batches_preempts_and_matches_each_sequence_run_alone() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// At the same KV budget, the contiguous layout (max_model_len slots reserved per
+/// sequence) runs fewer sequences at once than the paged one, and both generate the same
+/// greedy tokens.
+#[test]
+fn contiguous_layout_admits_fewer_sequences_with_the_same_tokens() {
+    let (dir, _) = Spec::default().write("engine-layouts");
+    let model = load(&dir, DType::F32);
+    let prompts = mixed_prompts();
+    let max_tokens = 12;
+    // 36 blocks of 4; max_model_len 36 (longest prompt 24 + 12): contiguous reserves 9
+    // blocks per sequence, so 4 fit at once.
+    let paged = EngineConfig {
+        max_model_len: 36,
+        ..engine_config(&model, 36, 4, 32, 256)
+    };
+    let contiguous = EngineConfig {
+        kv_layout: KvLayout::Contiguous,
+        ..paged
+    };
+    let (got_paged, paged_stats) = run_engine(&model, paged, &prompts, max_tokens);
+    let (got_contiguous, contiguous_stats) = run_engine(&model, contiguous, &prompts, max_tokens);
+    assert_eq!(got_paged, got_contiguous);
+    assert_eq!(contiguous_stats.peak_running, 4);
+    assert!(
+        paged_stats.peak_running > contiguous_stats.peak_running,
+        "paged {paged_stats:?} vs contiguous {contiguous_stats:?}"
+    );
+    // Reservations never grow, so nothing is preempted; nothing is shared either.
+    assert_eq!(contiguous_stats.preemptions, 0);
+    assert_eq!(contiguous_stats.prefix_hit_tokens, 0);
+    assert!(paged_stats.prefix_hit_tokens > 0);
+    // A cache that cannot hold one reservation is refused up front.
+    let err = Engine::new(
+        model.clone(),
+        EngineConfig {
+            num_blocks: 8,
+            ..contiguous
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("reserves 9 blocks"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn seeded_sampling_is_per_request_and_survives_preemption() {
     let (dir, _) = Spec::default().write("engine-seed");
@@ -1365,6 +1413,9 @@ fn budget_sizing_subtracts_weights_activations_and_overhead() {
     );
     let planned = report.planned.clone().unwrap();
     assert_eq!(planned.weights_bytes, model.weights_bytes());
+    // 100 blocks hold 6 sequences of max_model_len = 64 tokens (16 blocks each).
+    assert_eq!(report.max_concurrency, 6);
+    assert!(planned.max_concurrency >= 1);
     assert_eq!(planned.kv_bytes_per_token * 4, per_block);
     let shown = report.to_string();
     for line in [
@@ -1373,6 +1424,7 @@ fn budget_sizing_subtracts_weights_activations_and_overhead() {
         "runtime overhead",
         "KV cache",
         "planner",
+        "fit at once: 6",
     ] {
         assert!(shown.contains(line), "{shown}");
     }

@@ -9,13 +9,24 @@
 //! tokens served from cache / prompt tokens looked up), and `kv_waste_fraction`: over
 //! all steps, the slots allocated to sequences but holding no token, divided by the
 //! slots of the blocks in use (internal fragmentation of the last block of each
-//! sequence). The JSON keys are a contract for scripts.
+//! sequence; under `--kv-layout contiguous` also every reserved slot not yet used). The
+//! JSON keys are a contract for scripts.
+//!
+//! `--kv-layout paged,contiguous` runs every concurrency level under each layout with the
+//! same KV blocks: the contiguous layout reserves `max_model_len` slots per sequence at
+//! admission and shares nothing, so the pair shows what paging buys (sequences that fit
+//! at once, throughput). The cache is sized by `--kv-blocks`, `--memory-budget` or
+//! `--memory-utilization` (a share of physical memory, then the budget path); the
+//! start-up budget is printed to stdout in text mode and to stderr with `--format json`.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::Context;
-use llmem_engine::engine::{Engine, EngineConfig, KvSizing, RequestId, DEFAULT_BLOCK_SIZE};
+use llmem_engine::block_manager::KvLayout;
+use llmem_engine::engine::{
+    BudgetReport, Engine, EngineConfig, KvSizing, RequestId, DEFAULT_BLOCK_SIZE,
+};
 use llmem_engine::kv_cache::KvDtype;
 use llmem_engine::model::Model;
 use llmem_engine::sampler::{SamplingParams, SplitMix64};
@@ -28,6 +39,22 @@ use super::generate::DtypeArg;
 pub enum BenchFormat {
     Text,
     Json,
+}
+
+/// `--kv-layout` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvLayoutArg {
+    Paged,
+    Contiguous,
+}
+
+impl KvLayoutArg {
+    fn layout(self) -> KvLayout {
+        match self {
+            KvLayoutArg::Paged => KvLayout::Paged,
+            KvLayoutArg::Contiguous => KvLayout::Contiguous,
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -46,13 +73,22 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64, value_parser = super::positive_arg)]
     pub gen_tokens: u64,
     /// KV cache size in blocks (default: enough that the largest run never preempts).
-    #[arg(long, conflicts_with = "memory_budget", value_parser = super::positive_arg)]
+    #[arg(long, conflicts_with_all = ["memory_budget", "memory_utilization"],
+          value_parser = super::positive_arg)]
     pub kv_blocks: Option<u64>,
     /// Size the KV cache from a memory budget (e.g. 2GiB): weights, activations and the
     /// runtime overhead are subtracted first.
-    #[arg(long, value_parser = super::bytes_arg)]
+    #[arg(long, conflicts_with = "memory_utilization", value_parser = super::bytes_arg)]
     pub memory_budget: Option<u64>,
-    /// Runtime overhead subtracted from --memory-budget (0 on the CPU unless given).
+    /// Size the KV cache from this share (0 < F <= 1) of physical memory (MemTotal of
+    /// /proc/meminfo), then as --memory-budget.
+    #[arg(long, value_parser = super::utilization_arg, allow_hyphen_values = true)]
+    pub memory_utilization: Option<f64>,
+    /// KV cache layout(s), comma-separated: every concurrency runs under each.
+    /// `contiguous` reserves --max-model-len slots per sequence and shares nothing.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "paged")]
+    pub kv_layout: Vec<KvLayoutArg>,
+    /// Runtime overhead subtracted from the memory budget (0 on the CPU unless given).
     #[arg(long, default_value = "0", value_parser = super::bytes_arg)]
     pub runtime_overhead: u64,
     /// Tokens per KV block.
@@ -136,7 +172,7 @@ fn run_one(
     let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
     Ok(json!({
         "concurrency": prompts.len(),
-        "kv_layout": "paged",
+        "kv_layout": config.kv_layout.name(),
         "generated_tokens": generated,
         "wall_s": wall_s,
         "aggregate_tokens_per_s": if wall_s > 0.0 { generated as f64 / wall_s } else { 0.0 },
@@ -154,6 +190,11 @@ fn run_one(
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let kv_dtype = KvDtype::parse(&args.kv_dtype)?;
+    // With --memory-utilization: the fraction and the physical memory it applies to.
+    let utilization = match args.memory_utilization {
+        Some(f) => Some((f, super::physical_memory_bytes()?)),
+        None => None,
+    };
     let loaded = super::generate::load(&args.model, args.dtype)?;
     let model = &loaded.model;
     let (prompt_len, gen) = (args.prompt_tokens as usize, args.gen_tokens as usize);
@@ -170,19 +211,26 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         max_num_seqs: max_concurrency,
         max_batched_tokens: args.max_batched_tokens as usize,
         max_model_len,
+        kv_layout: KvLayout::Paged,
     };
-    let sizing = match (args.kv_blocks, args.memory_budget) {
-        (Some(n), _) => KvSizing::Blocks(n as usize),
-        (None, Some(bytes)) => KvSizing::Budget(bytes),
+    let sizing = match (args.kv_blocks, args.memory_budget, utilization) {
+        (Some(n), _, _) => KvSizing::Blocks(n as usize),
+        (None, Some(bytes), _) => KvSizing::Budget(bytes),
+        // f is in (0, 1]: the product fits u64.
+        (None, None, Some((f, total))) => KvSizing::Budget((total as f64 * f) as u64),
         // Every sequence of the largest run at full length: no preemption.
-        (None, None) => KvSizing::Blocks(max_concurrency * max_model_len.div_ceil(block_size)),
+        (None, None, None) => {
+            KvSizing::Blocks(max_concurrency * max_model_len.div_ceil(block_size))
+        }
     };
     let (num_blocks, report) = sizing
         .resolve(model, &config, args.runtime_overhead)
         .context("sizing the KV cache")?;
     config.num_blocks = num_blocks;
-    if let (Some(r), BenchFormat::Text) = (&report, args.format) {
-        eprintln!("{r}");
+    let startup = startup_text(report.as_ref(), utilization, &config, model);
+    match args.format {
+        BenchFormat::Text => println!("{startup}"),
+        BenchFormat::Json => eprintln!("{startup}"),
     }
     let prompts = random_prompts(
         max_concurrency,
@@ -190,34 +238,56 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         model.shape().vocab_size,
         args.seed,
     );
+    let mut layouts: Vec<KvLayout> = Vec::new();
+    for l in &args.kv_layout {
+        if !layouts.contains(&l.layout()) {
+            layouts.push(l.layout());
+        }
+    }
+    let reserve = max_model_len.div_ceil(block_size);
+    if layouts.contains(&KvLayout::Contiguous) && num_blocks < reserve {
+        anyhow::bail!(
+            "--kv-layout contiguous reserves {reserve} blocks per sequence (max_model_len = \
+             {max_model_len} / block_size = {block_size}) but the cache has only {num_blocks}; \
+             give it more --kv-blocks or lower --max-model-len"
+        );
+    }
     let mut runs = Vec::new();
     for &c in &args.concurrency {
         let c = c as usize;
-        let run_config = EngineConfig {
-            max_num_seqs: c,
-            ..config
-        };
-        let run = run_one(model, run_config, &prompts[..c], gen)
-            .with_context(|| format!("benchmark run at concurrency {c}"))?;
-        if args.format == BenchFormat::Text {
-            println!(
-                "concurrency {:>3}: {:>8.1} tok/s  ttft p50 {:>8.1} ms p99 {:>8.1} ms  \
+        for &kv_layout in &layouts {
+            let run_config = EngineConfig {
+                max_num_seqs: c,
+                kv_layout,
+                ..config
+            };
+            let run = run_one(model, run_config, &prompts[..c], gen).with_context(|| {
+                format!(
+                    "benchmark run at concurrency {c}, {} layout",
+                    kv_layout.name()
+                )
+            })?;
+            if args.format == BenchFormat::Text {
+                println!(
+                    "concurrency {:>3} {:<10}: {:>8.1} tok/s  ttft p50 {:>8.1} ms p99 {:>8.1} ms  \
                  itl p50 {:>7.1} ms p99 {:>7.1} ms  peak running {:>3}  peak blocks {}/{}  \
                  waste {:.3}  preemptions {}",
-                c,
-                run["aggregate_tokens_per_s"].as_f64().unwrap_or(0.0),
-                run["ttft_ms"]["p50"].as_f64().unwrap_or(0.0),
-                run["ttft_ms"]["p99"].as_f64().unwrap_or(0.0),
-                run["itl_ms"]["p50"].as_f64().unwrap_or(0.0),
-                run["itl_ms"]["p99"].as_f64().unwrap_or(0.0),
-                run["peak_running_sequences"],
-                run["peak_kv_blocks_used"],
-                run["kv_blocks_total"],
-                run["kv_waste_fraction"].as_f64().unwrap_or(0.0),
-                run["preemptions"],
-            );
+                    c,
+                    kv_layout.name(),
+                    run["aggregate_tokens_per_s"].as_f64().unwrap_or(0.0),
+                    run["ttft_ms"]["p50"].as_f64().unwrap_or(0.0),
+                    run["ttft_ms"]["p99"].as_f64().unwrap_or(0.0),
+                    run["itl_ms"]["p50"].as_f64().unwrap_or(0.0),
+                    run["itl_ms"]["p99"].as_f64().unwrap_or(0.0),
+                    run["peak_running_sequences"],
+                    run["peak_kv_blocks_used"],
+                    run["kv_blocks_total"],
+                    run["kv_waste_fraction"].as_f64().unwrap_or(0.0),
+                    run["preemptions"],
+                );
+            }
+            runs.push(run);
         }
-        runs.push(run);
     }
     if args.format == BenchFormat::Json {
         let budget = report.map(|r| {
@@ -228,10 +298,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 "runtime_overhead_bytes": r.runtime_overhead_bytes,
                 "kv_cache_bytes": r.kv_cache_bytes,
                 "unused_bytes": r.unused_bytes,
+                "max_concurrency": r.max_concurrency,
                 "planned": r.planned.as_ref().ok().map(|p| json!({
                     "weights_bytes": p.weights_bytes,
                     "activation_bytes": p.activation_bytes,
                     "kv_bytes_per_token": p.kv_bytes_per_token,
+                    "max_concurrency": p.max_concurrency,
                 })),
             })
         });
@@ -245,6 +317,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "prompt_tokens": prompt_len,
             "gen_tokens": gen,
             "seed": args.seed,
+            "memory_utilization": args.memory_utilization,
             "kv_cache_bytes": num_blocks as u64
                 * llmem_engine::kv_cache::block_bytes(model.shape(), block_size, kv_dtype),
             "budget": budget,
@@ -253,6 +326,44 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(())
+}
+
+/// The start-up budget: the planner's terms for a budget, or the block count given.
+fn startup_text(
+    report: Option<&BudgetReport>,
+    utilization: Option<(f64, u64)>,
+    config: &EngineConfig,
+    model: &Model,
+) -> String {
+    match report {
+        Some(r) => match utilization {
+            Some((f, total)) => format!(
+                "--memory-utilization {f} x physical memory {} (MemTotal)\n{r}",
+                llmem_planner::human_bytes(total)
+            ),
+            None => r.to_string(),
+        },
+        None => {
+            let per_block = llmem_engine::kv_cache::block_bytes(
+                model.shape(),
+                config.block_size,
+                config.kv_dtype,
+            );
+            let bytes = per_block.saturating_mul(config.num_blocks as u64);
+            let per_seq = config.max_model_len.div_ceil(config.block_size).max(1);
+            format!(
+                "KV cache {} ({} blocks x {} tokens = {} tokens); weights {}; sequences of \
+                 max_model_len = {} tokens that fit at once: {}",
+                llmem_planner::human_bytes(bytes),
+                config.num_blocks,
+                config.block_size,
+                config.num_blocks * config.block_size,
+                llmem_planner::human_bytes(model.weights_bytes()),
+                config.max_model_len,
+                config.num_blocks / per_seq,
+            )
+        }
+    }
 }
 
 #[cfg(test)]

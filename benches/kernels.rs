@@ -1,0 +1,128 @@
+//! The paged attention kernel against its slow reference, one decode step: batch 8,
+//! 9 query heads over 3 KV heads, head_dim 64, 512 tokens of context each, blocks of 16,
+//! an f32 cache (SmolLM2-135M's attention geometry). The block tables are shuffled so
+//! the kernel reads scattered blocks, as it does after a while of serving.
+//!
+//! Run: `RAYON_NUM_THREADS=2 cargo bench --bench kernels`
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use llmem_kernels::{paged_attention, paged_attention_reference, AttentionParams, CacheShape};
+
+const BATCH: usize = 8;
+const NUM_HEADS: usize = 9;
+const KV_HEADS: usize = 3;
+const HEAD_DIM: usize = 64;
+const CONTEXT: usize = 512;
+const BLOCK_SIZE: usize = 16;
+
+/// A seeded xorshift stream of values in [-1, 1).
+struct Values(u64);
+
+impl Values {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let blocks_per_seq = CONTEXT / BLOCK_SIZE;
+    let cache = CacheShape {
+        num_blocks: BATCH * blocks_per_seq,
+        block_size: BLOCK_SIZE,
+        kv_heads: KV_HEADS,
+        head_dim: HEAD_DIM,
+    };
+    let p = AttentionParams {
+        num_heads: NUM_HEADS,
+        scale: 1.0 / (HEAD_DIM as f32).sqrt(),
+        cache,
+        max_blocks_per_seq: blocks_per_seq,
+    };
+    let mut rng = Values(0x5EED);
+    let key_cache: Vec<f32> = (0..cache.elems()).map(|_| rng.next_f32()).collect();
+    let value_cache: Vec<f32> = (0..cache.elems()).map(|_| rng.next_f32()).collect();
+    let query: Vec<f32> = (0..BATCH * NUM_HEADS * HEAD_DIM)
+        .map(|_| rng.next_f32())
+        .collect();
+    // Every block id once, shuffled (Fisher-Yates), 32 per sequence.
+    let mut block_tables: Vec<u32> = (0..cache.num_blocks as u32).collect();
+    for i in (1..block_tables.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        block_tables.swap(i, j);
+    }
+    let query_seq: Vec<u32> = (0..BATCH as u32).collect();
+    let context_lens = vec![CONTEXT as u32; BATCH];
+    let mut out = vec![0f32; query.len()];
+
+    // The two agree before anything is timed.
+    paged_attention(
+        &mut out,
+        &query,
+        &key_cache,
+        &value_cache,
+        &block_tables,
+        &query_seq,
+        &context_lens,
+        &p,
+    )
+    .unwrap();
+    let want = paged_attention_reference(
+        &query,
+        &key_cache,
+        &value_cache,
+        &block_tables,
+        &query_seq,
+        &context_lens,
+        &p,
+    );
+    let diff = out
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-4, "kernel and reference differ by {diff}");
+
+    let mut group = c.benchmark_group("paged_attention/decode_b8_h9_kv3_d64_ctx512_bs16_f32");
+    // One element = one token of context read by one sequence.
+    group.throughput(Throughput::Elements((BATCH * CONTEXT) as u64));
+    group.bench_function("kernel", |b| {
+        b.iter(|| {
+            paged_attention(
+                &mut out,
+                &query,
+                &key_cache,
+                &value_cache,
+                &block_tables,
+                &query_seq,
+                &context_lens,
+                &p,
+            )
+            .unwrap()
+        })
+    });
+    group.sample_size(10);
+    group.bench_function("reference", |b| {
+        b.iter(|| {
+            paged_attention_reference(
+                &query,
+                &key_cache,
+                &value_cache,
+                &block_tables,
+                &query_seq,
+                &context_lens,
+                &p,
+            )
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
