@@ -21,8 +21,20 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::loader::WeightFiles;
 
-/// Rows up to which [`Linear::forward`] uses [`matvec`] instead of gemm.
-pub const MATVEC_MAX_ROWS: usize = 8;
+/// Rows up to which [`Linear::forward`] uses [`matvec`] instead of gemm, by weight
+/// dtype. Measured with `llmem bench` at 1-32 sequences (2 threads): for f32 weights gemm
+/// overtakes the matvec from 3-4 rows on (at 8 rows gemm was 1.5x faster); for bf16/f16
+/// weights gemm first widens the whole matrix to f32, so the matvec stays ahead up to at
+/// least 32 rows.
+pub fn matvec_max_rows(dtype: DType) -> usize {
+    match dtype {
+        DType::F32 => 2,
+        _ => 32,
+    }
+}
+
+/// The largest threshold of [`matvec_max_rows`] (tests cover both sides of it).
+pub const MATVEC_MAX_ROWS: usize = 32;
 
 /// A dense projection. `weight`: (out_features, in_features); `bias`: (out_features,).
 #[derive(Debug, Clone)]
@@ -70,7 +82,10 @@ impl Linear {
     /// x: (rows, in_features) -> (rows, out_features), in the weight's dtype.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let rows = x.dim(0)?;
-        let y = if rows <= MATVEC_MAX_ROWS && self.weight.device().is_cpu() && matvec_enabled() {
+        let y = if rows <= matvec_max_rows(self.weight.dtype())
+            && self.weight.device().is_cpu()
+            && matvec_enabled()
+        {
             matvec_tensor(x, &self.weight)?
         } else if self.weight.dtype() != DType::F32 {
             // candle's CPU gemm has no bf16, and its f16 kernel is far slower than f32.
