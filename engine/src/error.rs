@@ -88,13 +88,11 @@ pub enum Error {
     /// the wrong shape or dtype. `message` names the tensor.
     #[error("{}: {message}", path.display())]
     Weights { path: PathBuf, message: String },
-    /// A tensor operation failed; `context` says where (layer, step).
-    #[error("{context}: {source}")]
-    Tensor {
-        context: String,
-        #[source]
-        source: candle_core::Error,
-    },
+    /// A tensor operation failed; `context` says where (layer, step). candle's message
+    /// is kept without the backtrace candle adds when RUST_BACKTRACE is set, and is not
+    /// chained as a source, so `{:#}` prints it once.
+    #[error("{context}: {message}")]
+    Tensor { context: String, message: String },
     /// A request the engine cannot serve: a prompt longer than the context, a sampling
     /// parameter out of range, a batch whose metadata does not match its tokens.
     #[error("{0}")]
@@ -111,7 +109,7 @@ impl From<candle_core::Error> for Error {
     fn from(source: candle_core::Error) -> Self {
         Error::Tensor {
             context: "tensor operation".to_string(),
-            source,
+            message: crate::gguf::candle_message(source),
         }
     }
 }

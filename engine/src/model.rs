@@ -768,7 +768,7 @@ impl Model {
                 .forward(&x, |attn, h| attn.forward(h, &pass, i, caches))
                 .map_err(|source| Error::Tensor {
                     context: format!("forward pass, layer {i}"),
-                    source,
+                    message: crate::gguf::candle_message(source),
                 })?;
         }
         for (s, cache) in caches.iter_mut().enumerate() {
@@ -837,9 +837,9 @@ impl Model {
                     attn.forward_paged(h, &cos, &sin, i, meta, cache)
                 })
                 .map_err(|e| match e {
-                    Error::Tensor { source, .. } => Error::Tensor {
+                    Error::Tensor { message, .. } => Error::Tensor {
                         context: format!("paged forward pass, layer {i}"),
-                        source,
+                        message,
                     },
                     other => other,
                 })?;
