@@ -247,19 +247,25 @@ impl BlockManager {
             None => {
                 let (_, id) = self.free_cached.pop_first()?;
                 // Evict: the block is about to hold other tokens.
-                let block = &mut self.blocks[id.0 as usize];
-                block.free_stamp = None;
-                if let Some(h) = block.hash.take() {
-                    if self.index.get(&h) == Some(&id) {
-                        self.index.remove(&h);
-                    }
-                }
-                block.tokens.clear();
+                self.forget(id);
                 id
             }
         };
         self.blocks[id.0 as usize].ref_count = 1;
         Some(id)
+    }
+
+    /// Make a block taken out of `free_cached` unfindable: drop its hash (and the index
+    /// entry, if it still points here) and its token ids.
+    fn forget(&mut self, id: BlockId) {
+        let block = &mut self.blocks[id.0 as usize];
+        block.free_stamp = None;
+        if let Some(h) = block.hash.take() {
+            if self.index.get(&h) == Some(&id) {
+                self.index.remove(&h);
+            }
+        }
+        block.tokens.clear();
     }
 
     fn release(&mut self, id: BlockId) {
@@ -413,14 +419,7 @@ impl BlockManager {
     /// failed step, whose sealed blocks may never have been written.
     pub fn drop_free_cached(&mut self) {
         while let Some((_, id)) = self.free_cached.pop_first() {
-            let block = &mut self.blocks[id.0 as usize];
-            block.free_stamp = None;
-            if let Some(h) = block.hash.take() {
-                if self.index.get(&h) == Some(&id) {
-                    self.index.remove(&h);
-                }
-            }
-            block.tokens.clear();
+            self.forget(id);
             self.free_plain.push(id);
         }
     }
