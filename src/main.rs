@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +36,9 @@ enum Command {
     Import(cmd::import::ImportArgs),
     /// Benchmark the paged engine: throughput, latency and KV use at several concurrencies.
     Bench(cmd::bench::BenchArgs),
+    /// Serve the model over OpenAI's HTTP API, with live memory per component (`/v1/memory`,
+    /// `/metrics`, a dashboard at `/`).
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         Command::Perplexity(args) => cmd::perplexity::run(args),
         Command::Import(args) => cmd::import::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -40,7 +40,7 @@ use crate::block_manager::{BlockManager, KvLayout, SeqId};
 use crate::error::{Error, Result};
 use crate::kv_cache::{block_bytes, KvDtype, PagedKvCache, PagedMetadata};
 use crate::model::Model;
-use crate::sampler::{Sampler, SamplingParams};
+use crate::sampler::{log_softmax, top_of_logprobs, Sampler, SamplingParams};
 use crate::scheduler::{FinishReason, ScheduledBatch, Scheduler, SchedulerConfig, StopConditions};
 
 /// A request known to the engine (the scheduler's sequence id).
@@ -127,12 +127,25 @@ impl EngineConfig {
 }
 
 /// One token produced by a step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StepOutput {
     pub id: RequestId,
     pub token: u32,
     /// Set when this token ends the request (the token is part of its output).
     pub finished: Option<FinishReason>,
+    /// For requests added with `top_logprobs > 0`: the chosen token's log-probability
+    /// and the most likely alternatives, from the model's raw distribution (before
+    /// temperature, top-k and top-p), as OpenAI's `logprobs` reports them.
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// Log-probabilities of one sampled position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The sampled token's log-probability.
+    pub logprob: f64,
+    /// The `top_logprobs` most likely tokens and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f64)>,
 }
 
 /// Counters and gauges for reports.
@@ -164,8 +177,13 @@ pub struct Engine {
     scheduler: Scheduler,
     cache: PagedKvCache,
     samplers: HashMap<RequestId, Sampler>,
+    /// Requests that asked for log-probabilities, and how many alternatives.
+    top_logprobs: HashMap<RequestId, usize>,
     next_id: u64,
     steps: u64,
+    /// Estimated activation bytes of the last forward pass (0 once idle) and the peak.
+    activation_bytes: u64,
+    activation_peak_bytes: u64,
 }
 
 impl Engine {
@@ -198,8 +216,11 @@ impl Engine {
             scheduler,
             cache,
             samplers: HashMap::new(),
+            top_logprobs: HashMap::new(),
             next_id: 0,
             steps: 0,
+            activation_bytes: 0,
+            activation_peak_bytes: 0,
         })
     }
 
@@ -224,6 +245,18 @@ impl Engine {
         prompt_ids: Vec<u32>,
         params: SamplingParams,
         stop: StopConditions,
+    ) -> Result<RequestId> {
+        self.add_request_with_logprobs(prompt_ids, params, stop, 0)
+    }
+
+    /// [`Engine::add_request`], and report log-probabilities with each token: the
+    /// sampled token's and the `top_logprobs` most likely (0: none reported).
+    pub fn add_request_with_logprobs(
+        &mut self,
+        prompt_ids: Vec<u32>,
+        params: SamplingParams,
+        stop: StopConditions,
+        top_logprobs: usize,
     ) -> Result<RequestId> {
         let len = prompt_ids.len();
         if len == 0 {
@@ -268,6 +301,9 @@ impl Engine {
         self.next_id += 1;
         self.scheduler.add(id, prompt_ids, stop);
         self.samplers.insert(id, sampler);
+        if top_logprobs > 0 {
+            self.top_logprobs.insert(id, top_logprobs);
+        }
         Ok(id)
     }
 
@@ -277,33 +313,46 @@ impl Engine {
     pub fn step(&mut self) -> Result<Vec<StepOutput>> {
         let batch = self.scheduler.schedule();
         if batch.is_empty() {
+            self.activation_bytes = 0;
             return Ok(Vec::new());
         }
+        let rows = batch.seqs.iter().filter(|e| e.sample).count();
+        self.activation_bytes = self
+            .model
+            .paged_activation_peak_bytes(batch.num_tokens(), rows);
+        self.activation_peak_bytes = self.activation_peak_bytes.max(self.activation_bytes);
         let sampled = match self.run(&batch) {
             Ok(sampled) => sampled,
             Err(e) => {
                 for entry in &batch.seqs {
                     self.samplers.remove(&entry.seq);
+                    self.top_logprobs.remove(&entry.seq);
                 }
                 self.scheduler.abort_failed_step(&batch);
                 return Err(e);
             }
         };
         self.steps += 1;
-        let finished = self.scheduler.postprocess(&batch, &sampled);
+        let tokens: Vec<u32> = sampled.iter().map(|(t, _)| *t).collect();
+        let finished = self.scheduler.postprocess(&batch, &tokens);
         let mut outputs: Vec<StepOutput> = batch
             .seqs
             .iter()
             .filter(|e| e.sample)
-            .zip(&sampled)
-            .map(|(e, &token)| StepOutput {
+            .zip(sampled)
+            .map(|(e, (token, logprobs))| StepOutput {
                 id: e.seq,
                 token,
                 finished: None,
+                logprobs,
             })
             .collect();
+        if !self.has_work() {
+            self.activation_bytes = 0;
+        }
         for f in finished {
             self.samplers.remove(&f.seq);
+            self.top_logprobs.remove(&f.seq);
             if let Some(o) = outputs.iter_mut().find(|o| o.id == f.seq) {
                 o.finished = Some(f.reason);
             }
@@ -311,9 +360,9 @@ impl Engine {
         Ok(outputs)
     }
 
-    /// The forward pass and sampling of one batch: the sampled token of each entry
-    /// whose `sample` is true, in batch order.
-    fn run(&mut self, batch: &ScheduledBatch) -> Result<Vec<u32>> {
+    /// The forward pass and sampling of one batch: the sampled token (and, if asked,
+    /// its log-probabilities) of each entry whose `sample` is true, in batch order.
+    fn run(&mut self, batch: &ScheduledBatch) -> Result<Vec<(u32, Option<TokenLogprobs>)>> {
         let meta = PagedMetadata::from_batch(batch);
         let n = batch.num_tokens();
         let mut ids = Vec::with_capacity(n);
@@ -339,7 +388,15 @@ impl Engine {
                 let sampler = self.samplers.get_mut(&entry.seq).ok_or_else(|| {
                     Error::InvalidInput(format!("engine: no sampler for {:?}", entry.seq))
                 })?;
-                sampler.sample(row)
+                let token = sampler.sample(row)?;
+                let logprobs = self.top_logprobs.get(&entry.seq).map(|&k| {
+                    let lp = log_softmax(row);
+                    TokenLogprobs {
+                        logprob: lp.get(token as usize).copied().unwrap_or(f64::NEG_INFINITY),
+                        top: top_of_logprobs(&lp, k),
+                    }
+                });
+                Ok((token, logprobs))
             })
             .collect()
     }
@@ -347,6 +404,7 @@ impl Engine {
     /// Drop a request wherever it is and free its blocks. Returns false if unknown.
     pub fn abort(&mut self, id: RequestId) -> bool {
         self.samplers.remove(&id);
+        self.top_logprobs.remove(&id);
         self.scheduler.abort(id)
     }
 
@@ -358,6 +416,21 @@ impl Engine {
     /// A live request's tokens (prompt + generated so far).
     pub fn tokens(&self, id: RequestId) -> Option<&[u32]> {
         self.scheduler.tokens(id)
+    }
+
+    /// Estimated activation bytes of the last forward pass (0 when idle), and the
+    /// largest since start: [`Model::paged_activation_peak_bytes`] of each pass's shape.
+    pub fn activation_bytes(&self) -> (u64, u64) {
+        (self.activation_bytes, self.activation_peak_bytes)
+    }
+
+    /// Bytes of one KV block (all layers, K and V).
+    pub fn block_bytes(&self) -> u64 {
+        block_bytes(
+            self.model.shape(),
+            self.config.block_size,
+            self.config.kv_dtype,
+        )
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -464,7 +537,8 @@ fn planner_kv_dtype(d: KvDtype) -> llmem_planner::KvDtype {
     }
 }
 
-fn planned_terms(
+/// The planner's figures for `model` under `config` in a device of `budget_bytes`.
+pub fn planned_terms(
     model: &Model,
     config: &EngineConfig,
     budget_bytes: u64,
@@ -499,6 +573,21 @@ fn planned_terms(
     })
 }
 
+/// The activation bytes the sizing reserves for `config`, and the pass they are for:
+/// [`Model::paged_activation_peak_bytes`] of a pass of `max_batched_tokens` tokens,
+/// capped (as the planner caps it) by what `max_num_seqs` sequences of `max_model_len`
+/// tokens could ever feed at once.
+pub fn pass_activation_bytes(model: &Model, config: &EngineConfig) -> (u64, usize) {
+    let pass_tokens = config
+        .max_batched_tokens
+        .min(config.max_num_seqs.saturating_mul(config.max_model_len));
+    let rows = config.max_num_seqs.min(pass_tokens);
+    (
+        model.paged_activation_peak_bytes(pass_tokens, rows),
+        pass_tokens,
+    )
+}
+
 /// Split `budget_bytes` into weights, activations, overhead and whole KV blocks.
 pub fn budget_report(
     model: &Model,
@@ -512,11 +601,7 @@ pub fn budget_report(
         ));
     }
     let weights = model.weights_bytes();
-    let pass_tokens = config
-        .max_batched_tokens
-        .min(config.max_num_seqs.saturating_mul(config.max_model_len));
-    let rows = config.max_num_seqs.min(pass_tokens);
-    let activations = model.paged_activation_peak_bytes(pass_tokens, rows);
+    let (activations, pass_tokens) = pass_activation_bytes(model, config);
     let per_block = block_bytes(model.shape(), config.block_size, config.kv_dtype);
     let min_blocks = config.max_model_len.div_ceil(config.block_size) as u64;
     let overflow = || Error::InvalidInput("memory budget: the terms overflow 64 bits".into());
@@ -591,7 +676,7 @@ impl fmt::Display for BudgetReport {
         )?;
         writeln!(
             f,
-            "  runtime overhead   {:>12}   (stated, not measured)",
+            "  runtime overhead   {:>12}   (as given to the sizing)",
             h(self.runtime_overhead_bytes)
         )?;
         writeln!(

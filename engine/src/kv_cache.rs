@@ -73,11 +73,25 @@ enum Buffer {
 }
 
 impl Buffer {
+    /// A zeroed buffer whose pages are all resident: a zeroed `Vec` comes from `calloc`,
+    /// whose pages the OS maps only when first written, so without the touch a
+    /// reservation would not show in the process's RSS until sequences fill it, and the
+    /// memory ledger could not tell reserved from used. A GPU allocation is resident at
+    /// once; this makes the CPU cache behave the same.
     fn zeros(dtype: KvDtype, n: usize) -> Self {
+        fn resident<T: Copy>(mut v: Vec<T>, zero: T) -> Vec<T> {
+            let step = (4096 / std::mem::size_of::<T>()).max(1);
+            for i in (0..v.len()).step_by(step) {
+                // black_box: the compiler knows calloc memory is zero and would drop a
+                // plain store of zero.
+                v[i] = std::hint::black_box(zero);
+            }
+            v
+        }
         match dtype {
-            KvDtype::F32 => Buffer::F32(vec![0.0; n]),
-            KvDtype::F16 => Buffer::F16(vec![f16::ZERO; n]),
-            KvDtype::Bf16 => Buffer::Bf16(vec![bf16::ZERO; n]),
+            KvDtype::F32 => Buffer::F32(resident(vec![0.0; n], 0.0)),
+            KvDtype::F16 => Buffer::F16(resident(vec![f16::ZERO; n], f16::ZERO)),
+            KvDtype::Bf16 => Buffer::Bf16(resident(vec![bf16::ZERO; n], bf16::ZERO)),
         }
     }
 }

@@ -180,7 +180,12 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
 
 /// The `k` most likely tokens with their log-probabilities (f64), most likely first.
 pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f64)> {
-    let lp = log_softmax(logits);
+    top_of_logprobs(&log_softmax(logits), k)
+}
+
+/// The `k` largest entries of a row of log-probabilities, most likely first (ties: the
+/// lower id first).
+pub fn top_of_logprobs(lp: &[f64], k: usize) -> Vec<(u32, f64)> {
     let mut ids: Vec<u32> = (0..lp.len() as u32).collect();
     let by = |a: &u32, b: &u32| lp[*b as usize].total_cmp(&lp[*a as usize]).then(a.cmp(b));
     let k = k.min(ids.len());

@@ -1,0 +1,330 @@
+//! The memory ledger: where the server's memory went, per component, beside the
+//! planner's prediction for the same deployment.
+//!
+//! On the CPU the components are the engine's own accounting of the tensors it owns
+//! (weights, the KV cache it reserved and the part of it live sequences use, the
+//! activation estimate of the current and the largest forward pass) plus what the OS
+//! says: the process's resident set (`VmRSS` of /proc/self/status) and the machine's
+//! total and available memory (/proc/meminfo). `runtime_overhead` is measured, not
+//! assumed: the resident set before the model loaded (binary, allocator, runtime
+//! threads), the CPU's counterpart of a CUDA context. `unaccounted` is
+//! `rss - (weights + kv_reserved + activations_now + runtime_overhead)`: allocator slack,
+//! the tokenizer, rope tables, HTTP buffers. It can be negative when the OS has not yet
+//! made part of an allocation resident. Nothing is hidden in it on purpose: it is the
+//! gap between the engine's bookkeeping and the machine's.
+//!
+//! The planner's side (`plan`) comes from `llmem_engine::engine::planned_terms` for the
+//! served model, dtypes and limits in a device of the memory budget; its
+//! `kv_cache_reserved_bytes` is the KV of the most `max_model_len`-token sequences the
+//! planner fits in the budget, and `kv_cache_demand_bytes` what `max_num_seqs` such
+//! sequences would need.
+
+use std::fmt::Write as _;
+
+use llmem_engine::engine::PlannedTerms;
+use serde_json::{json, Value};
+
+use super::api::AppState;
+use super::worker::Histogram;
+
+/// Figures fixed at start-up.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    pub device: String,
+    pub weights_bytes: u64,
+    pub kv_cache_reserved_bytes: u64,
+    pub block_bytes: u64,
+    pub block_size: usize,
+    pub runtime_overhead_bytes: u64,
+    pub device_total_bytes: u64,
+    pub max_model_len: usize,
+    pub planned: Option<PlannedTerms>,
+    /// Why there is no plan, when there is none.
+    pub plan_error: Option<String>,
+}
+
+/// A `key:   1234 kB` field of a /proc file, in bytes.
+pub fn proc_kib_field(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| {
+        l.strip_prefix(key)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })?;
+    let mut words = line[key.len() + 1..].split_whitespace();
+    let kib: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") | None => kib.checked_mul(1024),
+        Some(_) => None,
+    }
+}
+
+/// This process's resident set, if /proc says.
+pub fn process_rss_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    proc_kib_field(&text, "VmRSS")
+}
+
+/// Machine memory in use (`MemTotal - MemAvailable`), if /proc says.
+fn machine_used_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let total = proc_kib_field(&text, "MemTotal")?;
+    let avail = proc_kib_field(&text, "MemAvailable")?;
+    Some(total.saturating_sub(avail))
+}
+
+/// The live figures of one moment.
+struct Now {
+    kv_used: u64,
+    activation: u64,
+    activation_peak: u64,
+    rss: u64,
+    unaccounted: i64,
+    device_used: u64,
+}
+
+impl Ledger {
+    /// The KV the planner reserves: its largest concurrency of `max_model_len`-token
+    /// sequences that fits the budget, times their bytes. (The engine reserves whole
+    /// blocks of whatever is left, so it may hold a little more.)
+    fn planned_kv_reserved(&self) -> u64 {
+        self.planned.as_ref().map_or(0, |p| {
+            p.max_concurrency
+                .saturating_mul(self.max_model_len as u64)
+                .saturating_mul(p.kv_bytes_per_token)
+        })
+    }
+
+    fn now(&self, state: &AppState) -> Now {
+        let snap = state.shared.snapshot();
+        let rss = process_rss_bytes().unwrap_or(0);
+        let accounted = self.weights_bytes
+            + self.kv_cache_reserved_bytes
+            + snap.activation_bytes
+            + self.runtime_overhead_bytes;
+        Now {
+            kv_used: snap.stats.blocks_used as u64 * self.block_bytes,
+            activation: snap.activation_bytes,
+            activation_peak: snap.activation_peak_bytes,
+            rss,
+            unaccounted: rss as i64 - accounted as i64,
+            device_used: machine_used_bytes().unwrap_or(0),
+        }
+    }
+
+    /// The `/v1/memory` document.
+    pub fn memory_json(&self, state: &AppState) -> Value {
+        let snap = state.shared.snapshot();
+        let n = self.now(state);
+        let plan = match &self.planned {
+            Some(p) => json!({
+                "weights_bytes": p.weights_bytes,
+                "kv_cache_reserved_bytes": self.planned_kv_reserved(),
+                "kv_cache_demand_bytes": p.kv_cache_bytes,
+                "activation_bytes": p.activation_bytes,
+                "activation_peak_bytes": p.activation_bytes,
+                "runtime_overhead_bytes": self.runtime_overhead_bytes,
+                "headroom_bytes": 0,
+                "total_bytes": p.weights_bytes + self.planned_kv_reserved()
+                    + p.activation_bytes + self.runtime_overhead_bytes,
+                "kv_bytes_per_token": p.kv_bytes_per_token,
+                "max_concurrency": p.max_concurrency,
+            }),
+            None => json!({"error": self.plan_error}),
+        };
+        json!({
+            "model": state.model_id,
+            "device": self.device,
+            "uptime_s": state.started.elapsed().as_secs_f64(),
+            "ranks": [{
+                "rank": 0,
+                "weights_bytes": self.weights_bytes,
+                "kv_cache_reserved_bytes": self.kv_cache_reserved_bytes,
+                "kv_cache_used_bytes": n.kv_used,
+                "activation_bytes": n.activation,
+                "activation_peak_bytes": n.activation_peak,
+                "runtime_overhead_bytes": self.runtime_overhead_bytes,
+                "unaccounted_bytes": n.unaccounted,
+                "device_total_bytes": self.device_total_bytes,
+                "device_used_bytes": n.device_used,
+                "process_rss_bytes": n.rss,
+            }],
+            "plan": plan,
+            "kv_blocks": {
+                "total": snap.stats.blocks_total,
+                "used": snap.stats.blocks_used,
+                "free": snap.stats.blocks_free,
+                "cached": snap.stats.blocks_cached,
+                "block_size_tokens": self.block_size,
+                "bytes_per_block": self.block_bytes,
+            },
+            "requests": {
+                "running": snap.stats.running,
+                "waiting": state.shared.waiting(),
+            },
+            "tokens": {
+                "prompt_total": snap.prompt_tokens_total,
+                "generated_total": snap.generated_tokens_total,
+            },
+            "preemptions_total": snap.stats.preemptions,
+        })
+    }
+
+    /// The `/metrics` page in Prometheus' text format.
+    pub fn prometheus(&self, state: &AppState) -> String {
+        let snap = state.shared.snapshot();
+        let n = self.now(state);
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        let comp = |c: &str| format!("{{component=\"{c}\",rank=\"0\"}}");
+        family(
+            "llmem_memory_bytes",
+            "gauge",
+            "Memory by component: the engine's accounting, and the OS's resident set.",
+            &[
+                (comp("weights"), self.weights_bytes as f64),
+                (
+                    comp("kv_cache_reserved"),
+                    self.kv_cache_reserved_bytes as f64,
+                ),
+                (comp("kv_cache_used"), n.kv_used as f64),
+                (comp("activations"), n.activation as f64),
+                (comp("activations_peak"), n.activation_peak as f64),
+                (comp("runtime_overhead"), self.runtime_overhead_bytes as f64),
+                (comp("unaccounted"), n.unaccounted as f64),
+                (comp("process_rss"), n.rss as f64),
+                (comp("device_total"), self.device_total_bytes as f64),
+                (comp("device_used"), n.device_used as f64),
+            ],
+        );
+        if let Some(p) = &self.planned {
+            family(
+                "llmem_memory_planned_bytes",
+                "gauge",
+                "The capacity planner's prediction for the same deployment, per GPU.",
+                &[
+                    (comp("weights"), p.weights_bytes as f64),
+                    (comp("kv_cache_reserved"), self.planned_kv_reserved() as f64),
+                    (comp("activations"), p.activation_bytes as f64),
+                    (comp("runtime_overhead"), self.runtime_overhead_bytes as f64),
+                ],
+            );
+        }
+        let s = &snap.stats;
+        family(
+            "llmem_kv_blocks",
+            "gauge",
+            "KV cache blocks: used by live sequences, free (including cached), cached \
+             (free blocks still holding a reusable prefix).",
+            &[
+                ("{state=\"used\"}".into(), s.blocks_used as f64),
+                ("{state=\"free\"}".into(), s.blocks_free as f64),
+                ("{state=\"cached\"}".into(), s.blocks_cached as f64),
+            ],
+        );
+        family(
+            "llmem_kv_block_bytes",
+            "gauge",
+            "Bytes of one KV block over all layers.",
+            &[(String::new(), self.block_bytes as f64)],
+        );
+        family(
+            "llmem_requests",
+            "gauge",
+            "Requests in the engine.",
+            &[
+                ("{state=\"running\"}".into(), s.running as f64),
+                ("{state=\"waiting\"}".into(), state.shared.waiting() as f64),
+            ],
+        );
+        family(
+            "llmem_preemptions_total",
+            "counter",
+            "Sequences preempted (recomputed later) because KV blocks ran out.",
+            &[(String::new(), s.preemptions as f64)],
+        );
+        family(
+            "llmem_prompt_tokens_total",
+            "counter",
+            "Prompt tokens of accepted requests.",
+            &[(String::new(), snap.prompt_tokens_total as f64)],
+        );
+        family(
+            "llmem_generation_tokens_total",
+            "counter",
+            "Tokens generated.",
+            &[(String::new(), snap.generated_tokens_total as f64)],
+        );
+        family(
+            "llmem_requests_total",
+            "counter",
+            "Requests that ended, by how.",
+            &[
+                (
+                    "{outcome=\"finished\"}".into(),
+                    snap.requests_finished as f64,
+                ),
+                ("{outcome=\"aborted\"}".into(), snap.requests_aborted as f64),
+                ("{outcome=\"failed\"}".into(), snap.requests_failed as f64),
+            ],
+        );
+        histogram(
+            &mut out,
+            "llmem_time_to_first_token_seconds",
+            "Time from a request's arrival to its first token.",
+            &snap.ttft,
+        );
+        histogram(
+            &mut out,
+            "llmem_inter_token_latency_seconds",
+            "Time between consecutive tokens of a request.",
+            &snap.itl,
+        );
+        out
+    }
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (b, c) in h.bounds.iter().zip(&h.counts) {
+        cumulative += c;
+        let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum {}", h.sum);
+    let _ = writeln!(out, "{name}_count {}", h.count);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_fields_are_read_in_bytes() {
+        let status = "Name:\tllmem\nVmPeak:\t  200 kB\nVmRSS:\t   1234 kB\nVmRSSx: 9 kB\n";
+        assert_eq!(proc_kib_field(status, "VmRSS"), Some(1234 * 1024));
+        assert_eq!(proc_kib_field(status, "VmSwap"), None);
+        assert_eq!(proc_kib_field("VmRSS: many kB\n", "VmRSS"), None);
+        assert_eq!(proc_kib_field("VmRSS: 5 MB\n", "VmRSS"), None);
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut h = Histogram::new(&[0.1, 1.0]);
+        for s in [0.05, 0.5, 0.7, 3.0] {
+            h.observe(s);
+        }
+        let mut out = String::new();
+        histogram(&mut out, "x", "help", &h);
+        assert!(out.contains("x_bucket{le=\"0.1\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"1\"} 3\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 4\n"), "{out}");
+        assert!(out.contains("x_count 4\n"), "{out}");
+    }
+}

@@ -1,0 +1,356 @@
+//! `llmem serve`: the main job. One engine thread runs continuous batching over the
+//! paged KV cache; an axum server in front speaks OpenAI's API, streams tokens as
+//! server-sent events, and shows live, per component, where memory went next to what the
+//! planner predicted (`/v1/memory`, `/metrics`, the dashboard at `/`).
+//!
+//! Start-up: measure the process's resident set before anything loads (the CPU's
+//! runtime overhead), load the model, size the KV cache from the memory budget with the
+//! planner's arithmetic (printed line by line, planned beside measured), allocate it
+//! resident, spawn the engine thread, bind (127.0.0.1 unless `--host` says otherwise),
+//! print `listening on http://ADDR` and serve. Ctrl-C stops accepting connections, lets
+//! running requests finish, and exits; a second Ctrl-C exits at once.
+
+pub mod api;
+pub mod ledger;
+pub mod worker;
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use llmem_engine::block_manager::KvLayout;
+use llmem_engine::engine::{Engine, EngineConfig, KvSizing, DEFAULT_BLOCK_SIZE};
+use llmem_engine::kv_cache::KvDtype;
+use llmem_planner::human_bytes;
+
+use crate::cmd::generate::{DtypeArg, Loaded};
+use api::AppState;
+use ledger::Ledger;
+use worker::{Shared, Snapshot};
+
+/// Default memory budget when none of --memory-budget, --memory-utilization and
+/// --kv-blocks is given: room for the default model in f32 and a few thousand tokens of
+/// KV, without taking a shared machine's memory.
+pub const DEFAULT_MEMORY_BUDGET: &str = "2GiB";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// A Hugging Face model directory, or the built-in `smollm2-135m` (fetched on first use).
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// The model id clients send and see (default: the --model name, or the directory's name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Weight and activation dtype.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// KV cache element type: f32, f16 or bf16 (default: the weights' dtype).
+    #[arg(long)]
+    pub kv_dtype: Option<String>,
+    /// Size everything from this memory budget (weights, activations, runtime overhead,
+    /// then KV blocks). Default 2GiB unless --memory-utilization or --kv-blocks is given.
+    #[arg(long, conflicts_with_all = ["memory_utilization", "kv_blocks"],
+          value_parser = crate::cmd::bytes_arg)]
+    pub memory_budget: Option<u64>,
+    /// Size the budget as this share (0 < F <= 1) of physical memory (MemTotal).
+    #[arg(long, conflicts_with = "kv_blocks", value_parser = crate::cmd::utilization_arg,
+          allow_hyphen_values = true)]
+    pub memory_utilization: Option<f64>,
+    /// KV cache size in blocks (no budget arithmetic).
+    #[arg(long, value_parser = crate::cmd::positive_arg)]
+    pub kv_blocks: Option<u64>,
+    /// Runtime overhead subtracted from the budget (default: measured, the resident set
+    /// before the model loads).
+    #[arg(long, value_parser = crate::cmd::bytes_arg)]
+    pub runtime_overhead: Option<u64>,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE as u64, value_parser = crate::cmd::positive_arg)]
+    pub block_size: u64,
+    /// Tokens per sequence at most, prompt included (default: the model's context).
+    #[arg(long, value_parser = crate::cmd::positive_arg)]
+    pub max_model_len: Option<u64>,
+    /// Sequences in one step at most.
+    #[arg(long, default_value_t = 32, value_parser = crate::cmd::positive_arg)]
+    pub max_num_seqs: u64,
+    /// Tokens in one forward pass at most (prefill chunks plus decodes).
+    #[arg(long, default_value_t = 2048, value_parser = crate::cmd::positive_arg)]
+    pub max_batched_tokens: u64,
+    /// Requests allowed to wait for a slot; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Address to bind. The default serves this machine only.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to bind (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every endpoint except /health and the page.
+    #[arg(long, env = "LLMEM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value = "1MiB", value_parser = crate::cmd::bytes_arg)]
+    pub max_body_bytes: u64,
+}
+
+/// A running engine thread and the state the router serves.
+pub struct Server {
+    pub state: Arc<AppState>,
+    pub worker: std::thread::JoinHandle<()>,
+    /// The start-up budget text.
+    pub startup: String,
+}
+
+/// Load the model, size and allocate the cache, start the engine thread.
+pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
+    let baseline_rss = ledger::process_rss_bytes().unwrap_or(0);
+    let utilization = match args.memory_utilization {
+        Some(f) => Some((f, crate::cmd::physical_memory_bytes()?)),
+        None => None,
+    };
+    let loaded: Loaded = crate::cmd::generate::load(&args.model, args.dtype)?;
+    let model = loaded.model;
+    let kv_dtype = match &args.kv_dtype {
+        Some(s) => KvDtype::parse(s)?,
+        None => match args.dtype {
+            DtypeArg::F32 => KvDtype::F32,
+            DtypeArg::Bf16 => KvDtype::Bf16,
+            DtypeArg::F16 => KvDtype::F16,
+        },
+    };
+    let max_model_len = match args.max_model_len {
+        Some(l) => l as usize,
+        None => model.max_context(),
+    };
+    let mut config = EngineConfig {
+        block_size: args.block_size as usize,
+        num_blocks: 0,
+        kv_dtype,
+        max_num_seqs: args.max_num_seqs as usize,
+        max_batched_tokens: args.max_batched_tokens as usize,
+        max_model_len,
+        kv_layout: KvLayout::Paged,
+    };
+    let overhead = args.runtime_overhead.unwrap_or(baseline_rss);
+    let budget = match (args.kv_blocks, args.memory_budget, utilization) {
+        (Some(_), _, _) => None,
+        (None, Some(b), _) => Some(b),
+        (None, None, Some((f, total))) => Some((total as f64 * f) as u64),
+        (None, None, None) => Some(
+            llmem_planner::parse_bytes(DEFAULT_MEMORY_BUDGET)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        ),
+    };
+    let sizing = match (args.kv_blocks, budget) {
+        (Some(n), _) => KvSizing::Blocks(n as usize),
+        (None, Some(b)) => KvSizing::Budget(b),
+        (None, None) => unreachable!("a budget is always set without --kv-blocks"),
+    };
+    let (num_blocks, report) = sizing
+        .resolve(&model, &config, overhead)
+        .context("sizing the KV cache")?;
+    config.num_blocks = num_blocks;
+    // With --kv-blocks the plan is for the budget those blocks imply.
+    let planned_budget = match budget {
+        Some(b) => b,
+        None => {
+            let per_block = llmem_engine::kv_cache::block_bytes(
+                model.shape(),
+                config.block_size,
+                config.kv_dtype,
+            );
+            model.weights_bytes()
+                + llmem_engine::engine::pass_activation_bytes(&model, &config).0
+                + overhead
+                + per_block.saturating_mul(num_blocks as u64)
+        }
+    };
+    let planned = llmem_engine::engine::planned_terms(&model, &config, planned_budget, overhead);
+    let mut startup = String::new();
+    if let Some((f, total)) = utilization {
+        startup.push_str(&format!(
+            "--memory-utilization {f} x physical memory {} (MemTotal)\n",
+            human_bytes(total)
+        ));
+    }
+    match &report {
+        Some(r) => startup.push_str(&r.to_string()),
+        None => startup.push_str(&format!(
+            "KV cache: {num_blocks} blocks given (--kv-blocks); weights {}",
+            human_bytes(model.weights_bytes())
+        )),
+    }
+    startup.push_str(&format!(
+        "\nruntime overhead: {} ({})",
+        human_bytes(overhead),
+        if args.runtime_overhead.is_some() {
+            "given"
+        } else {
+            "measured: resident set before the model loaded"
+        }
+    ));
+    let model_id = args.served_model_name.clone().unwrap_or_else(|| {
+        if std::path::Path::new(&args.model).is_dir() {
+            loaded
+                .dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| args.model.clone())
+        } else {
+            args.model.clone()
+        }
+    });
+    let vocab_size = model.shape().vocab_size;
+    let engine = Engine::new(model, config).context("allocating the KV cache")?;
+    let ledger = Ledger {
+        device: "cpu".into(),
+        weights_bytes: engine.model().weights_bytes(),
+        kv_cache_reserved_bytes: engine.cache_bytes(),
+        block_bytes: engine.block_bytes(),
+        block_size: config.block_size,
+        runtime_overhead_bytes: overhead,
+        device_total_bytes: crate::cmd::physical_memory_bytes().unwrap_or(0),
+        max_model_len,
+        plan_error: planned.as_ref().err().cloned(),
+        planned: planned.ok(),
+    };
+    let shared = Arc::new(Shared {
+        snapshot: Mutex::new(Snapshot::new(engine.stats())),
+        pending: AtomicUsize::new(0),
+    });
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = {
+        let shared = shared.clone();
+        let tokenizer = (*tokenizer).clone();
+        std::thread::Builder::new()
+            .name("llmem-engine".into())
+            .spawn(move || worker::run(engine, tokenizer, rx, shared))
+            .context("starting the engine thread")?
+    };
+    let state = Arc::new(AppState {
+        model_id,
+        commands: Mutex::new(tx),
+        shared,
+        tokenizer,
+        chat_template: loaded.config.chat_template.clone(),
+        bos_token: loaded.config.bos_token.clone(),
+        eos_token: loaded.config.eos_token.clone(),
+        eos_token_ids: loaded.config.eos_token_ids.clone(),
+        vocab_size,
+        max_model_len,
+        max_waiting: args.max_waiting,
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        ledger,
+        started: Instant::now(),
+        next_id: AtomicU64::new(1),
+    });
+    Ok(Server {
+        state,
+        worker,
+        startup,
+    })
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let server = start(&args)?;
+    println!("{}", server.startup);
+    let max_body = usize::try_from(args.max_body_bytes).unwrap_or(usize::MAX);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let state = server.state.clone();
+    runtime.block_on(async move {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let local: SocketAddr = listener.local_addr()?;
+        println!(
+            "llmem serve: model `{}` listening on http://{local} (dashboard: http://{local}/)",
+            state.model_id
+        );
+        let status = tokio::spawn(status_line(state.clone()));
+        let app = api::router(state.clone(), max_body);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal(state.clone()))
+            .await
+            .context("serving")?;
+        status.abort();
+        anyhow::Ok(())
+    })?;
+    // Dropping the runtime drops its tasks (the status line) and their handles.
+    drop(runtime);
+    // The last handle to the command channel goes with `server.state`; the engine thread
+    // then finishes what it holds and returns.
+    let Server { state, worker, .. } = server;
+    drop(state);
+    let _ = worker.join();
+    eprintln!("llmem serve: stopped");
+    Ok(())
+}
+
+/// Resolves on the first Ctrl-C (or SIGTERM); a second Ctrl-C exits at once.
+async fn shutdown_signal(state: Arc<AppState>) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    let s = state.shared.snapshot().stats;
+    eprintln!(
+        "\nllmem serve: shutting down: no new connections; draining {} running and {} \
+         waiting requests (Ctrl-C again to exit now)",
+        s.running,
+        state.shared.waiting()
+    );
+    tokio::spawn(async {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("llmem serve: exiting without draining");
+        std::process::exit(130);
+    });
+}
+
+/// One live line on stderr when it is a terminal: requests, KV blocks, memory, speed.
+async fn status_line(state: Arc<AppState>) {
+    if !std::io::stderr().is_terminal() {
+        return;
+    }
+    let mut last = (Instant::now(), 0u64);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let snap = state.shared.snapshot();
+        let s = &snap.stats;
+        let now = Instant::now();
+        let rate = (snap.generated_tokens_total - last.1) as f64
+            / now.duration_since(last.0).as_secs_f64().max(1e-9);
+        last = (now, snap.generated_tokens_total);
+        let rss = ledger::process_rss_bytes().unwrap_or(0);
+        eprint!(
+            "\r\x1b[2Krunning {} | waiting {} | KV {}/{} blocks ({} cached) | rss {} | {:.1} tok/s | {} tokens",
+            s.running,
+            state.shared.waiting(),
+            s.blocks_used,
+            s.blocks_total,
+            s.blocks_cached,
+            human_bytes(rss),
+            rate,
+            snap.generated_tokens_total,
+        );
+    }
+}

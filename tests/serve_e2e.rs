@@ -1,0 +1,238 @@
+//! End-to-end tests of `llmem serve`: the real binary on a loopback port, driven by
+//! headless Chromium (the dashboard draws its chart), by the official `openai` Python
+//! client (completion, streamed chat, logprobs), and by Ctrl-C (running requests drain,
+//! then the process exits cleanly).
+//!
+//! `scripts/test` (the README's test command) installs Chromium and the client's venv
+//! and points LLMEM_CHROMIUM / LLMEM_OPENAI_PYTHON at them. Without them these tests
+//! fail and say what to install; LLMEM_SKIP_BROWSER=1 / LLMEM_SKIP_OPENAI=1 skip them on
+//! purpose. The model comes from the cache like the golden tests (LLMEM_SKIP_GOLDEN=1
+//! skips when it is absent).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_llmem");
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn model_available() -> bool {
+    if std::env::var("LLMEM_SKIP_GOLDEN").as_deref() == Ok("1")
+        && llmem_engine::hub::cached_default_model_dir(None).is_none()
+    {
+        eprintln!("skipped: LLMEM_SKIP_GOLDEN=1 and no cached model");
+        return false;
+    }
+    true
+}
+
+/// A running `llmem serve`, killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(extra: &[&str]) -> Server {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--kv-blocks",
+            "256",
+            "--max-model-len",
+            "512",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn llmem serve");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    break rest.split_whitespace().next().unwrap().to_string();
+                }
+            }
+            _ => {
+                let mut err = String::new();
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("llmem serve exited before listening: {err}");
+            }
+        }
+    };
+    // Keep draining stdout so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server { child, addr }
+}
+
+/// Run a checker script; panic with its output unless it succeeds.
+fn run_checker(mut cmd: Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    assert!(out.status.success(), "{what} failed:\n{text}");
+}
+
+#[test]
+fn dashboard_draws_in_headless_chromium() {
+    if std::env::var("LLMEM_SKIP_BROWSER").as_deref() == Ok("1") || !model_available() {
+        return;
+    }
+    let chromium = std::env::var("LLMEM_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        Path::new(&chromium).exists(),
+        "no Chromium at {chromium}: run the tests with scripts/test (it installs Debian's \
+         chromium), set LLMEM_CHROMIUM, or LLMEM_SKIP_BROWSER=1 to skip"
+    );
+    let server = serve(&[]);
+    // Some traffic first, so the page has tokens and used blocks to show.
+    let _ = http(
+        &server.addr,
+        "POST",
+        "/v1/completions",
+        r#"{"prompt": "The capital of France is", "max_tokens": 8}"#,
+    );
+    let out_dir = tempfile_dir("dashboard");
+    let mut cmd = Command::new("python3");
+    cmd.arg(repo().join("tests/browser/check_dashboard.py"))
+        .arg(format!("http://{}/", server.addr))
+        .arg(&out_dir)
+        .args(["--chromium", &chromium]);
+    run_checker(cmd, "tests/browser/check_dashboard.py");
+    assert!(out_dir.join("dashboard.png").exists());
+}
+
+#[test]
+fn the_official_openai_client_works() {
+    if std::env::var("LLMEM_SKIP_OPENAI").as_deref() == Ok("1") || !model_available() {
+        return;
+    }
+    let python = std::env::var("LLMEM_OPENAI_PYTHON").unwrap_or_else(|_| {
+        let home = std::env::var("LLMEM_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/llmem")
+            });
+        home.join("venv-openai/bin/python").display().to_string()
+    });
+    let has_client = Command::new(&python)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        has_client,
+        "no Python with the `openai` package at {python}: run the tests with scripts/test \
+         (it makes the venv), set LLMEM_OPENAI_PYTHON, or LLMEM_SKIP_OPENAI=1 to skip"
+    );
+    let server = serve(&["--api-key", "e2e-key"]);
+    let mut cmd = Command::new(python);
+    cmd.arg(repo().join("tests/openai_client/check_openai.py"))
+        .arg(format!("http://{}/v1", server.addr))
+        .arg("smollm2-135m")
+        .args(["--api-key", "e2e-key"]);
+    run_checker(cmd, "tests/openai_client/check_openai.py");
+}
+
+#[test]
+fn ctrl_c_drains_running_requests_then_exits() {
+    if !model_available() {
+        return;
+    }
+    let mut server = serve(&[]);
+    // A streamed request that runs for a while.
+    let mut stream = TcpStream::connect(&server.addr).unwrap();
+    let body =
+        r#"{"prompt": "Once upon a time", "max_tokens": 48, "stream": true, "ignore_eos": true}"#;
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut first = String::new();
+    while !first.contains("\"text\"") {
+        let mut line = String::new();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "stream closed early"
+        );
+        first.push_str(&line);
+    }
+    let pid = server.child.id().to_string();
+    let killed = Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    assert!(killed.success());
+    // The running request still completes.
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("data: [DONE]"), "the stream was cut: {rest}");
+    assert!(rest.contains("\"finish_reason\":\"length\""), "{rest}");
+    // Then the process exits by itself, successfully.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "llmem serve did not exit after Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+    let mut err = String::new();
+    server
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("draining") && err.contains("stopped"), "{err}");
+    // New connections are refused once it is gone.
+    assert!(TcpStream::connect(&server.addr).is_err());
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns the raw response.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn tempfile_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("llmem-e2e-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
