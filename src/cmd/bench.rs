@@ -139,6 +139,10 @@ fn run_one(
     gen_tokens: usize,
 ) -> anyhow::Result<Value> {
     let mut engine = Engine::new(model.clone(), config)?;
+    let bar = super::live_bar(
+        (prompts.len() * gen_tokens) as u64,
+        &format!("concurrency {} {}", prompts.len(), config.kv_layout.name()),
+    );
     let stop = StopConditions {
         max_tokens: gen_tokens,
         stop_token_ids: Vec::new(),
@@ -166,7 +170,10 @@ fn run_one(
         let s = engine.stats();
         wasted += s.wasted_slots as u64;
         allocated += (s.blocks_used * config.block_size) as u64;
+        bar.set_position(generated as u64);
+        bar.set_message(super::memory_line(&s, engine.block_bytes()));
     }
+    bar.finish_and_clear();
     let wall_s = start.elapsed().as_secs_f64();
     let s = engine.stats();
     let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };

@@ -163,21 +163,41 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         top_logprobs: args.top_logprobs.unwrap_or(0),
     };
     let stream = args.format == OutputFormat::Text;
+    // With JSON output nothing shows until the end: a live line on a terminal meanwhile.
+    let bar = if stream {
+        indicatif::ProgressBar::hidden()
+    } else {
+        super::live_bar(0, "generating")
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {prefix} {elapsed} | {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
     let mut stdout = std::io::stdout().lock();
+    let mut pieces = 0u64;
     let out = generate(&loaded.model, &loaded.tokenizer, &req, |piece| {
         if stream {
             // A closed pipe (e.g. `| head`) is not worth failing the generation for.
             let _ = stdout.write_all(piece.as_bytes());
             let _ = stdout.flush();
+        } else {
+            pieces += 1;
+            bar.set_message(format!(
+                "{pieces} pieces of text | rss {}",
+                super::rss_text()
+            ));
+            bar.tick();
         }
     })?;
+    bar.finish_and_clear();
     match args.format {
         OutputFormat::Text => {
             let _ = writeln!(stdout);
             let t = &out.timings;
+            let m = &out.memory;
             eprintln!(
                 "[{} prompt + {} generated tokens, finish: {}; load {:.0} ms, prefill {:.1} tok/s, \
-                 decode {:.1} tok/s]",
+                 decode {:.1} tok/s; memory: weights {}, KV {}, activations peak {}, rss {}]",
                 out.prompt_token_ids.len(),
                 out.token_ids.len(),
                 serde_json::to_value(out.finish_reason)?
@@ -185,7 +205,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                     .unwrap_or_default(),
                 loaded.load_ms,
                 t.prefill_tokens_per_s,
-                t.decode_tokens_per_s
+                t.decode_tokens_per_s,
+                llmem_planner::human_bytes(m.weights_bytes),
+                llmem_planner::human_bytes(m.kv_cache_bytes),
+                llmem_planner::human_bytes(m.activation_peak_bytes),
+                super::rss_text(),
             );
         }
         OutputFormat::Json => {

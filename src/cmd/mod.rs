@@ -8,6 +8,47 @@ pub mod inspect;
 pub mod perplexity;
 pub mod plan;
 
+/// A progress bar on stderr for `total` tokens with a live message, drawn only when stdout
+/// and stderr are terminals (hidden when output goes to a file or a pipe).
+pub fn live_bar(total: u64, prefix: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:24}] {pos}/{len} tokens {per_sec} | {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar
+}
+
+/// One line of live memory: KV blocks in use and their bytes, requests, and the
+/// process's resident set.
+pub fn memory_line(s: &llmem_engine::engine::EngineStats, block_bytes: u64) -> String {
+    let rss = rss_text();
+    format!(
+        "KV {}/{} blocks ({}) | running {} waiting {} | preempted {} | rss {rss}",
+        s.blocks_used,
+        s.blocks_total,
+        llmem_planner::human_bytes(s.blocks_used as u64 * block_bytes),
+        s.running,
+        s.waiting,
+        s.preemptions,
+    )
+}
+
+/// The process's resident set, human-readable ("?" where /proc cannot tell).
+pub fn rss_text() -> String {
+    crate::serve::ledger::process_rss_bytes()
+        .map(llmem_planner::human_bytes)
+        .unwrap_or_else(|| "?".into())
+}
+
 /// Output formats shared by the subcommands.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -52,13 +93,7 @@ pub fn utilization_arg(s: &str) -> Result<f64, String> {
 
 /// `MemTotal` of a `/proc/meminfo` text, in bytes.
 pub fn parse_mem_total(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let mut words = line["MemTotal:".len()..].split_whitespace();
-    let kib: u64 = words.next()?.parse().ok()?;
-    match words.next() {
-        Some("kB") | None => kib.checked_mul(1024),
-        Some(_) => None,
-    }
+    crate::serve::ledger::proc_kib_field(meminfo, "MemTotal")
 }
 
 /// Physical memory of this machine (`MemTotal` of `/proc/meminfo`), in bytes.
