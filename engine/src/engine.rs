@@ -37,11 +37,15 @@ use candle_core::DType;
 use llmem_planner::{human_bytes, AttentionImpl, Deployment, Precision, Workload};
 
 use crate::block_manager::{BlockManager, KvLayout, SeqId};
+use crate::comm::CommStats;
 use crate::error::{Error, Result};
 use crate::kv_cache::{block_bytes, KvDtype, PagedKvCache, PagedMetadata};
+use crate::loader::WeightFiles;
 use crate::model::Model;
+use crate::parallel::{ParallelRunner, RankMemory, Runner};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::{FinishReason, ScheduledBatch, Scheduler, SchedulerConfig, StopConditions};
+use crate::shard::ParallelSpec;
 
 /// A request known to the engine (the scheduler's sequence id).
 pub type RequestId = SeqId;
@@ -84,7 +88,7 @@ impl EngineConfig {
         }
     }
 
-    fn validate(&self, model: &Model) -> Result<()> {
+    fn validate(&self, max_context: usize) -> Result<()> {
         let positive = [
             ("block_size", self.block_size),
             ("num_blocks", self.num_blocks),
@@ -105,12 +109,11 @@ impl EngineConfig {
                 u32::MAX
             )));
         }
-        if self.max_model_len < 2 || self.max_model_len > model.max_context() {
+        if self.max_model_len < 2 || self.max_model_len > max_context {
             return Err(Error::InvalidInput(format!(
                 "engine: max_model_len = {} must be between 2 and the model's \
                  max_position_embeddings = {}",
-                self.max_model_len,
-                model.max_context()
+                self.max_model_len, max_context
             )));
         }
         let reserve = self.max_model_len.div_ceil(self.block_size);
@@ -159,10 +162,10 @@ pub struct EngineStats {
 
 /// Continuous batching over a paged KV cache.
 pub struct Engine {
-    model: Model,
+    /// The model and its cache, or a tensor/pipeline-parallel grid of ranks.
+    runner: Runner,
     config: EngineConfig,
     scheduler: Scheduler,
-    cache: PagedKvCache,
     samplers: HashMap<RequestId, Sampler>,
     next_id: u64,
     steps: u64,
@@ -171,13 +174,51 @@ pub struct Engine {
 impl Engine {
     /// Allocate the cache (`num_blocks` x `block_size` tokens, every layer) for `model`.
     pub fn new(model: Model, config: EngineConfig) -> Result<Self> {
-        config.validate(&model)?;
+        config.validate(model.max_context())?;
         let cache = PagedKvCache::new(
             model.shape(),
             config.num_blocks,
             config.block_size,
             config.kv_dtype,
         )?;
+        Ok(Self::with_runner(
+            Runner::Single {
+                model: Box::new(model),
+                cache,
+            },
+            config,
+        ))
+    }
+
+    /// An engine over `spec.tp x spec.pp` rank threads, each loading its shard of the
+    /// model in `weights` and allocating its own cache of `config.num_blocks` blocks (of
+    /// its layers and KV heads). TP = PP = 1 is the plain [`Engine::new`] path.
+    pub fn new_parallel(
+        shape: &llmem_planner::ModelShape,
+        weights: WeightFiles,
+        dtype: DType,
+        spec: ParallelSpec,
+        config: EngineConfig,
+    ) -> Result<Self> {
+        spec.validate(shape)?;
+        config.validate(shape.max_position_embeddings as usize)?;
+        if spec.tp == 1 && spec.pp == 1 {
+            let model = Model::load(shape, &weights, dtype, &candle_core::Device::Cpu)?;
+            return Self::new(model, config);
+        }
+        let runner = ParallelRunner::new(
+            shape,
+            std::sync::Arc::new(weights),
+            dtype,
+            spec,
+            config.num_blocks,
+            config.block_size,
+            config.kv_dtype,
+        )?;
+        Ok(Self::with_runner(Runner::Parallel(runner), config))
+    }
+
+    fn with_runner(runner: Runner, config: EngineConfig) -> Self {
         let scheduler = Scheduler::new(
             SchedulerConfig {
                 max_num_seqs: config.max_num_seqs,
@@ -192,19 +233,66 @@ impl Engine {
                 config.max_model_len,
             ),
         );
-        Ok(Engine {
-            model,
+        Engine {
+            runner,
             config,
             scheduler,
-            cache,
             samplers: HashMap::new(),
             next_id: 0,
             steps: 0,
-        })
+        }
     }
 
-    pub fn model(&self) -> &Model {
-        &self.model
+    /// The model, when it runs unsharded (`None` under TP/PP: no rank holds it whole).
+    pub fn model(&self) -> Option<&Model> {
+        match &self.runner {
+            Runner::Single { model, .. } => Some(model),
+            Runner::Parallel(_) => None,
+        }
+    }
+
+    pub fn shape(&self) -> &llmem_planner::ModelShape {
+        self.runner.shape()
+    }
+
+    /// TP degree, PP stages and embedding layout (1 x 1 for a single model).
+    pub fn parallel_spec(&self) -> ParallelSpec {
+        self.runner.spec()
+    }
+
+    /// What each rank holds (one entry unsharded), with the activation peak of the
+    /// largest pass this configuration allows.
+    pub fn rank_memory(&self) -> Vec<RankMemory> {
+        let (tokens, rows) = self.largest_pass();
+        self.runner.rank_memory(tokens, rows)
+    }
+
+    /// The planner's per-GPU terms for the same split, dtypes and KV tokens, beside
+    /// [`Engine::rank_memory`] entry for entry.
+    pub fn planned_rank_memory(&self) -> Result<Vec<crate::parallel::PlannedRank>> {
+        let (tokens, _) = self.largest_pass();
+        crate::parallel::planned_rank_memory(
+            self.runner.shape(),
+            self.runner.dtype(),
+            self.runner.spec(),
+            self.config.kv_dtype,
+            (self.config.num_blocks * self.config.block_size) as u64,
+            tokens as u64,
+        )
+    }
+
+    /// Tokens and sampled rows of the largest pass (capped as the planner caps it).
+    fn largest_pass(&self) -> (usize, usize) {
+        let c = &self.config;
+        let tokens = c
+            .max_batched_tokens
+            .min(c.max_num_seqs.saturating_mul(c.max_model_len));
+        (tokens, c.max_num_seqs.min(tokens))
+    }
+
+    /// Time each rank spent in collectives (empty unsharded).
+    pub fn comm_stats(&self) -> Vec<CommStats> {
+        self.runner.comm_stats()
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -213,7 +301,7 @@ impl Engine {
 
     /// Bytes allocated for the KV cache.
     pub fn cache_bytes(&self) -> u64 {
-        self.cache.bytes()
+        self.runner.cache_bytes()
     }
 
     /// Queue a request. Errors (and queues nothing) if the prompt is empty, holds ids
@@ -231,7 +319,7 @@ impl Engine {
                 "the prompt is empty: it encodes to no tokens".into(),
             ));
         }
-        let vocab = self.model.shape().vocab_size;
+        let vocab = self.runner.shape().vocab_size;
         if let Some(bad) = prompt_ids.iter().find(|&&t| u64::from(t) >= vocab) {
             return Err(Error::InvalidInput(format!(
                 "prompt token id {bad} is outside the vocabulary of {vocab}"
@@ -326,9 +414,9 @@ impl Engine {
                 sample_rows.push(ids.len() - 1);
             }
         }
-        let logits =
-            self.model
-                .forward_paged(&ids, &positions, &meta, &mut self.cache, &sample_rows)?;
+        let logits = self
+            .runner
+            .forward_paged(&ids, &positions, &meta, &sample_rows)?;
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
         batch
             .seqs
