@@ -1,6 +1,8 @@
 //! The engine: continuous batching over the paged KV cache, one step at a time.
 //!
-//! [`Engine`] owns the [`Model`], the [`Scheduler`] (which owns the sequences and the
+//! [`Engine`] owns the [`Model`] (or, under tensor/pipeline parallelism, a grid of
+//! rank threads each holding a shard and its own cache: [`crate::parallel::Runner`]),
+//! the [`Scheduler`] (which owns the sequences and the
 //! block manager), the [`PagedKvCache`] tensors and one [`Sampler`] per live request.
 //! Data flows one way through [`Engine::step`]: `Scheduler::schedule()` -> a
 //! [`ScheduledBatch`] of integers -> [`PagedMetadata`] -> `Model::forward_paged` ->
@@ -215,7 +217,10 @@ impl Engine {
             config.block_size,
             config.kv_dtype,
         )?;
-        Ok(Self::with_runner(Runner::Parallel(runner), config))
+        Ok(Self::with_runner(
+            Runner::Parallel(Box::new(runner)),
+            config,
+        ))
     }
 
     fn with_runner(runner: Runner, config: EngineConfig) -> Self {
@@ -299,7 +304,7 @@ impl Engine {
         &self.config
     }
 
-    /// Bytes allocated for the KV cache.
+    /// Bytes allocated for the KV cache, summed over every rank under TP/PP.
     pub fn cache_bytes(&self) -> u64 {
         self.runner.cache_bytes()
     }

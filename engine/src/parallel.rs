@@ -435,7 +435,7 @@ pub enum Runner {
         model: Box<Model>,
         cache: PagedKvCache,
     },
-    Parallel(ParallelRunner),
+    Parallel(Box<ParallelRunner>),
 }
 
 impl Runner {

@@ -146,7 +146,6 @@ fn greedy_logits(
                 block_table: (0..end.div_ceil(block_size) as u32).collect(),
                 sample: true,
             }],
-            ..Default::default()
         };
         let meta = PagedMetadata::from_batch(&batch);
         let positions: Vec<u32> = (cached..end).map(|p| p as u32).collect();
@@ -185,7 +184,7 @@ fn single_runner(dir: &Path, num_blocks: usize, block_size: usize) -> Runner {
 
 fn parallel_runner(dir: &Path, s: ParallelSpec, num_blocks: usize, block_size: usize) -> Runner {
     let weights = Arc::new(WeightFiles::open_dir(dir).unwrap());
-    Runner::Parallel(
+    Runner::Parallel(Box::new(
         ParallelRunner::new(
             &shape_of(dir),
             weights,
@@ -196,7 +195,7 @@ fn parallel_runner(dir: &Path, s: ParallelSpec, num_blocks: usize, block_size: u
             KvDtype::F32,
         )
         .unwrap(),
-    )
+    ))
 }
 
 /// max |a - b| over every logit, relative to the largest |b|.
@@ -480,7 +479,6 @@ fn a_bad_pass_is_an_error_and_the_ranks_keep_serving() {
                 block_table: (0..n.div_ceil(4) as u32).collect(),
                 sample: true,
             }],
-            ..Default::default()
         };
         PagedMetadata::from_batch(&b)
     };
