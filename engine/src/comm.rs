@@ -318,8 +318,8 @@ mod nccl {
     use std::sync::Mutex;
     use std::time::Instant;
 
-    use candle_core::op::BackpropOp;
     use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+    use candle_core::op::BackpropOp;
     use candle_core::{DType, Device, Storage, Tensor};
     use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 
