@@ -339,3 +339,88 @@ fn bench_json_contract_with_forced_preemption() {
     assert_eq!(runs[0]["preemptions"], 0);
     assert!(runs[1]["preemptions"].as_u64().unwrap() > 0);
 }
+
+/// Needs the default model (fetched into the cache when missing).
+#[test]
+fn generate_refuses_tp2_on_smollm2_naming_the_valid_degrees() {
+    if !default_model_available() {
+        return;
+    }
+    let err = fails(&["generate", "--prompt", "Hi", "--tp", "2"]);
+    assert!(
+        err.contains("--tp 2") && err.contains("valid TP degrees: 1, 3, 9"),
+        "{err}"
+    );
+}
+
+/// Needs the default model (fetched into the cache when missing).
+#[test]
+fn generate_tp3_pp2_prints_the_split_and_equals_tp1() {
+    if !default_model_available() {
+        return;
+    }
+    let base = [
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "6",
+        "--ignore-eos",
+        "--format",
+        "json",
+    ];
+    let single = json(&base);
+    let args: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["--tp", "3", "--pp", "2"])
+        .collect();
+    let out = llmem(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("stage 0: layers 0-14 (+ embedding); stage 1: layers 15-29 (+ LM head)"),
+        "{err}"
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["token_ids"], single["token_ids"]);
+    assert_eq!(v["text"], single["text"]);
+    let ranks = v["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 6);
+    // Stage 0 holds the embedding, stage 1 a copy of it as the tied LM head plus the
+    // final norm: 15 layers each, so stage 1 is the final norm's 576 x 4 B heavier.
+    let w = |i: usize| ranks[i]["weights_bytes"].as_u64().unwrap();
+    assert_eq!(w(3) - w(0), 576 * 4);
+}
+
+/// Needs the default model (fetched into the cache when missing).
+#[test]
+fn bench_tp3_reports_the_collective_share() {
+    if !default_model_available() {
+        return;
+    }
+    let v = json(&[
+        "bench",
+        "--concurrency",
+        "2",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "3",
+        "--tp",
+        "3",
+        "--format",
+        "json",
+    ]);
+    let run = &v["runs"][0];
+    assert_eq!(run["tp"], 3);
+    assert!(run["all_reduce_count"].as_u64().unwrap() > 0);
+    let share = run["comm_share"].as_f64().unwrap();
+    assert!(share > 0.0 && share < 1.0, "{share}");
+    let err = fails(&["bench", "--tp", "3", "--memory-budget", "2GiB"]);
+    assert!(err.contains("--kv-blocks"), "{err}");
+}

@@ -1,6 +1,8 @@
 //! The engine: continuous batching over the paged KV cache, one step at a time.
 //!
-//! [`Engine`] owns the [`Model`], the [`Scheduler`] (which owns the sequences and the
+//! [`Engine`] owns the [`Model`] (or, under tensor/pipeline parallelism, a grid of
+//! rank threads each holding a shard and its own cache: [`crate::parallel::Runner`]),
+//! the [`Scheduler`] (which owns the sequences and the
 //! block manager), the [`PagedKvCache`] tensors and one [`Sampler`] per live request.
 //! Data flows one way through [`Engine::step`]: `Scheduler::schedule()` -> a
 //! [`ScheduledBatch`] of integers -> [`PagedMetadata`] -> `Model::forward_paged` ->
@@ -37,11 +39,15 @@ use candle_core::DType;
 use llmem_planner::{human_bytes, AttentionImpl, Deployment, Precision, Workload};
 
 use crate::block_manager::{BlockManager, KvLayout, SeqId};
+use crate::comm::CommStats;
 use crate::error::{Error, Result};
 use crate::kv_cache::{block_bytes, KvDtype, PagedKvCache, PagedMetadata};
+use crate::loader::WeightFiles;
 use crate::model::Model;
+use crate::parallel::{ParallelRunner, RankMemory, Runner};
 use crate::sampler::{log_softmax, top_of_logprobs, Sampler, SamplingParams};
 use crate::scheduler::{FinishReason, ScheduledBatch, Scheduler, SchedulerConfig, StopConditions};
+use crate::shard::ParallelSpec;
 
 /// A request known to the engine (the scheduler's sequence id).
 pub type RequestId = SeqId;
@@ -84,7 +90,7 @@ impl EngineConfig {
         }
     }
 
-    fn validate(&self, model: &Model) -> Result<()> {
+    fn validate(&self, max_context: usize) -> Result<()> {
         let positive = [
             ("block_size", self.block_size),
             ("num_blocks", self.num_blocks),
@@ -105,12 +111,11 @@ impl EngineConfig {
                 u32::MAX
             )));
         }
-        if self.max_model_len < 2 || self.max_model_len > model.max_context() {
+        if self.max_model_len < 2 || self.max_model_len > max_context {
             return Err(Error::InvalidInput(format!(
                 "engine: max_model_len = {} must be between 2 and the model's \
                  max_position_embeddings = {}",
-                self.max_model_len,
-                model.max_context()
+                self.max_model_len, max_context
             )));
         }
         let reserve = self.max_model_len.div_ceil(self.block_size);
@@ -172,30 +177,72 @@ pub struct EngineStats {
 
 /// Continuous batching over a paged KV cache.
 pub struct Engine {
-    model: Model,
+    /// The model and its cache, or a tensor/pipeline-parallel grid of ranks.
+    runner: Runner,
     config: EngineConfig,
     scheduler: Scheduler,
-    cache: PagedKvCache,
     samplers: HashMap<RequestId, Sampler>,
     /// Requests that asked for log-probabilities, and how many alternatives.
     top_logprobs: HashMap<RequestId, usize>,
     next_id: u64,
     steps: u64,
-    /// Estimated activation bytes of the last forward pass (0 once idle) and the peak.
-    activation_bytes: u64,
-    activation_peak_bytes: u64,
+    /// (tokens, sampled rows) of the last forward pass ((0, 0) once idle), and of the
+    /// pass with the largest activation estimate so far.
+    last_pass: (usize, usize),
+    peak_pass: (usize, usize),
 }
 
 impl Engine {
     /// Allocate the cache (`num_blocks` x `block_size` tokens, every layer) for `model`.
     pub fn new(model: Model, config: EngineConfig) -> Result<Self> {
-        config.validate(&model)?;
+        config.validate(model.max_context())?;
         let cache = PagedKvCache::new(
             model.shape(),
             config.num_blocks,
             config.block_size,
             config.kv_dtype,
         )?;
+        Ok(Self::with_runner(
+            Runner::Single {
+                model: Box::new(model),
+                cache,
+            },
+            config,
+        ))
+    }
+
+    /// An engine over `spec.tp x spec.pp` rank threads, each loading its shard of the
+    /// model in `weights` and allocating its own cache of `config.num_blocks` blocks (of
+    /// its layers and KV heads). TP = PP = 1 is the plain [`Engine::new`] path.
+    pub fn new_parallel(
+        shape: &llmem_planner::ModelShape,
+        weights: WeightFiles,
+        dtype: DType,
+        spec: ParallelSpec,
+        config: EngineConfig,
+    ) -> Result<Self> {
+        spec.validate(shape)?;
+        config.validate(shape.max_position_embeddings as usize)?;
+        if spec.tp == 1 && spec.pp == 1 {
+            let model = Model::load(shape, &weights, dtype, &candle_core::Device::Cpu)?;
+            return Self::new(model, config);
+        }
+        let runner = ParallelRunner::new(
+            shape,
+            std::sync::Arc::new(weights),
+            dtype,
+            spec,
+            config.num_blocks,
+            config.block_size,
+            config.kv_dtype,
+        )?;
+        Ok(Self::with_runner(
+            Runner::Parallel(Box::new(runner)),
+            config,
+        ))
+    }
+
+    fn with_runner(runner: Runner, config: EngineConfig) -> Self {
         let scheduler = Scheduler::new(
             SchedulerConfig {
                 max_num_seqs: config.max_num_seqs,
@@ -210,31 +257,78 @@ impl Engine {
                 config.max_model_len,
             ),
         );
-        Ok(Engine {
-            model,
+        Engine {
+            runner,
             config,
             scheduler,
-            cache,
             samplers: HashMap::new(),
             top_logprobs: HashMap::new(),
             next_id: 0,
             steps: 0,
-            activation_bytes: 0,
-            activation_peak_bytes: 0,
-        })
+            last_pass: (0, 0),
+            peak_pass: (0, 0),
+        }
     }
 
-    pub fn model(&self) -> &Model {
-        &self.model
+    /// The model, when it runs unsharded (`None` under TP/PP: no rank holds it whole).
+    pub fn model(&self) -> Option<&Model> {
+        match &self.runner {
+            Runner::Single { model, .. } => Some(model),
+            Runner::Parallel(_) => None,
+        }
+    }
+
+    pub fn shape(&self) -> &llmem_planner::ModelShape {
+        self.runner.shape()
+    }
+
+    /// TP degree, PP stages and embedding layout (1 x 1 for a single model).
+    pub fn parallel_spec(&self) -> ParallelSpec {
+        self.runner.spec()
+    }
+
+    /// What each rank holds (one entry unsharded), with the activation peak of the
+    /// largest pass this configuration allows.
+    pub fn rank_memory(&self) -> Vec<RankMemory> {
+        let (tokens, rows) = self.largest_pass();
+        self.runner.rank_memory(tokens, rows)
+    }
+
+    /// The planner's per-GPU terms for the same split, dtypes and KV tokens, beside
+    /// [`Engine::rank_memory`] entry for entry.
+    pub fn planned_rank_memory(&self) -> Result<Vec<crate::parallel::PlannedRank>> {
+        let (tokens, _) = self.largest_pass();
+        crate::parallel::planned_rank_memory(
+            self.runner.shape(),
+            self.runner.dtype(),
+            self.runner.spec(),
+            self.config.kv_dtype,
+            (self.config.num_blocks * self.config.block_size) as u64,
+            tokens as u64,
+        )
+    }
+
+    /// Tokens and sampled rows of the largest pass (capped as the planner caps it).
+    fn largest_pass(&self) -> (usize, usize) {
+        let c = &self.config;
+        let tokens = c
+            .max_batched_tokens
+            .min(c.max_num_seqs.saturating_mul(c.max_model_len));
+        (tokens, c.max_num_seqs.min(tokens))
+    }
+
+    /// Time each rank spent in collectives (empty unsharded).
+    pub fn comm_stats(&self) -> Vec<CommStats> {
+        self.runner.comm_stats()
     }
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
     }
 
-    /// Bytes allocated for the KV cache.
+    /// Bytes allocated for the KV cache, summed over every rank under TP/PP.
     pub fn cache_bytes(&self) -> u64 {
-        self.cache.bytes()
+        self.runner.cache_bytes()
     }
 
     /// Queue a request. Errors (and queues nothing) if the prompt is empty, holds ids
@@ -264,7 +358,7 @@ impl Engine {
                 "the prompt is empty: it encodes to no tokens".into(),
             ));
         }
-        let vocab = self.model.shape().vocab_size;
+        let vocab = self.runner.shape().vocab_size;
         if let Some(bad) = prompt_ids.iter().find(|&&t| u64::from(t) >= vocab) {
             return Err(Error::InvalidInput(format!(
                 "prompt token id {bad} is outside the vocabulary of {vocab}"
@@ -313,14 +407,15 @@ impl Engine {
     pub fn step(&mut self) -> Result<Vec<StepOutput>> {
         let batch = self.scheduler.schedule();
         if batch.is_empty() {
-            self.activation_bytes = 0;
+            self.last_pass = (0, 0);
             return Ok(Vec::new());
         }
         let rows = batch.seqs.iter().filter(|e| e.sample).count();
-        self.activation_bytes = self
-            .model
-            .paged_activation_peak_bytes(batch.num_tokens(), rows);
-        self.activation_peak_bytes = self.activation_peak_bytes.max(self.activation_bytes);
+        self.last_pass = (batch.num_tokens(), rows);
+        let peak = self.pass_activation(self.peak_pass);
+        if self.pass_activation(self.last_pass) > peak {
+            self.peak_pass = self.last_pass;
+        }
         let sampled = match self.run(&batch) {
             Ok(sampled) => sampled,
             Err(e) => {
@@ -348,7 +443,7 @@ impl Engine {
             })
             .collect();
         if !self.has_work() {
-            self.activation_bytes = 0;
+            self.last_pass = (0, 0);
         }
         for f in finished {
             self.samplers.remove(&f.seq);
@@ -375,9 +470,9 @@ impl Engine {
                 sample_rows.push(ids.len() - 1);
             }
         }
-        let logits =
-            self.model
-                .forward_paged(&ids, &positions, &meta, &mut self.cache, &sample_rows)?;
+        let logits = self
+            .runner
+            .forward_paged(&ids, &positions, &meta, &sample_rows)?;
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
         batch
             .seqs
@@ -421,13 +516,47 @@ impl Engine {
     /// Estimated activation bytes of the last forward pass (0 when idle), and the
     /// largest since start: [`Model::paged_activation_peak_bytes`] of each pass's shape.
     pub fn activation_bytes(&self) -> (u64, u64) {
-        (self.activation_bytes, self.activation_peak_bytes)
+        (
+            self.pass_activation(self.last_pass),
+            self.pass_activation(self.peak_pass),
+        )
     }
 
-    /// Bytes of one KV block (all layers, K and V).
+    /// Per rank (stage-major, as [`Engine::rank_memory`]): the activation estimate of the
+    /// last pass (0 when idle) and of the largest so far.
+    pub fn rank_activation_bytes(&self) -> Vec<(u64, u64)> {
+        let now = self.runner.rank_memory(self.last_pass.0, self.last_pass.1);
+        let peak = self.runner.rank_memory(self.peak_pass.0, self.peak_pass.1);
+        let bytes = |r: &RankMemory, pass: (usize, usize)| {
+            if pass.0 == 0 {
+                0
+            } else {
+                r.activation_peak_bytes
+            }
+        };
+        now.iter()
+            .zip(&peak)
+            .map(|(n, p)| (bytes(n, self.last_pass), bytes(p, self.peak_pass)))
+            .collect()
+    }
+
+    /// The largest per-rank activation estimate of a pass of (tokens, rows); 0 for none.
+    fn pass_activation(&self, (tokens, rows): (usize, usize)) -> u64 {
+        if tokens == 0 {
+            return 0;
+        }
+        self.runner
+            .rank_memory(tokens, rows)
+            .iter()
+            .map(|r| r.activation_peak_bytes)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Bytes of one KV block (all layers, K and V; all ranks together under TP/PP).
     pub fn block_bytes(&self) -> u64 {
         block_bytes(
-            self.model.shape(),
+            self.runner.shape(),
             self.config.block_size,
             self.config.kv_dtype,
         )

@@ -2,6 +2,7 @@
 
 pub mod block_manager;
 pub mod chat;
+pub mod comm;
 pub mod config;
 pub mod convert;
 pub mod engine;
@@ -13,9 +14,11 @@ pub mod kv_cache;
 pub mod linear;
 pub mod loader;
 pub mod model;
+pub mod parallel;
 pub mod perplexity;
 pub mod sampler;
 pub mod scheduler;
+pub mod shard;
 pub mod tokenizer_gguf;
 
 pub use error::{Error, Result};

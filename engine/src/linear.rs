@@ -73,6 +73,11 @@ impl Linear {
         Linear { weight, bias }
     }
 
+    /// The dense weight and bias, for tensor parallelism to slice into shards.
+    pub fn dense_parts(&self) -> (&Tensor, Option<&Tensor>) {
+        (&self.weight, self.bias.as_ref())
+    }
+
     /// Bytes held by the weight and bias.
     pub fn bytes(&self) -> u64 {
         let b = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;

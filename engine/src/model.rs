@@ -28,10 +28,12 @@
 //! takes a direct loop over the cache rows instead of tiny matmuls.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use llmem_planner::ModelShape;
 
+use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::generate::KvCache;
 use crate::kv_cache::{PagedKvCache, PagedMetadata};
@@ -104,7 +106,11 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         candle_nn::ops::rms_norm(x, &self.weight, self.eps)
     }
 }
@@ -113,9 +119,9 @@ impl RmsNorm {
 #[derive(Debug, Clone)]
 pub struct Rope {
     /// (max_positions, head_dim / 2), model dtype.
-    cos: Tensor,
+    pub(crate) cos: Tensor,
     /// (max_positions, head_dim / 2), model dtype.
-    sin: Tensor,
+    pub(crate) sin: Tensor,
 }
 
 /// Inverse frequencies, f32 as Hugging Face computes them, with `rope_scaling` applied.
@@ -171,7 +177,7 @@ pub fn rope_inv_freq(shape: &ModelShape) -> Result<Vec<f32>> {
 }
 
 impl Rope {
-    fn new(
+    pub(crate) fn new(
         shape: &ModelShape,
         max_positions: usize,
         dtype: DType,
@@ -196,6 +202,11 @@ impl Rope {
 }
 
 /// `self_attn`: q/k/v/o projections and grouped-query attention over the cache.
+///
+/// Under tensor parallelism (`tp` set) this is one rank's shard, as in Megatron: q/k/v
+/// hold this rank's heads (column-parallel), `o_proj` the matching input columns
+/// (row-parallel), so its output is a partial sum that one all-reduce completes; the
+/// `num_heads` / `num_kv_heads` fields are then the rank's own counts.
 #[derive(Debug, Clone)]
 pub struct Attention {
     q_proj: Linear,
@@ -205,14 +216,85 @@ pub struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    tp: Option<TpReduce>,
 }
 
-/// `mlp`: SwiGLU, `down_proj(silu(gate_proj(x)) * up_proj(x))`.
+/// `mlp`: SwiGLU, `down_proj(silu(gate_proj(x)) * up_proj(x))`. Under tensor
+/// parallelism gate/up hold a slice of the intermediate rows and down the matching
+/// columns, followed by one all-reduce.
 #[derive(Debug, Clone)]
 pub struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    tp: Option<TpReduce>,
+}
+
+/// The all-reduce that completes a row-parallel projection, and the projection's bias,
+/// added once after the sum (added on every rank before it, it would count TP times).
+#[derive(Clone)]
+pub(crate) struct TpReduce {
+    comm: Arc<dyn Communicator>,
+    bias: Option<Tensor>,
+}
+
+impl std::fmt::Debug for TpReduce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TpReduce")
+            .field("rank", &self.comm.rank())
+            .field("world_size", &self.comm.world_size())
+            .field("bias", &self.bias.is_some())
+            .finish()
+    }
+}
+
+impl TpReduce {
+    /// y: this rank's partial (T, hidden) -> the full sum, plus the bias.
+    fn apply(&self, y: Tensor) -> candle_core::Result<Tensor> {
+        let y = self
+            .comm
+            .all_reduce_sum(&y)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bias.as_ref().map_or(0, tensor_bytes)
+    }
+}
+
+/// Where one tensor-parallel rank sits and how its shard is cut.
+#[derive(Clone)]
+pub(crate) struct TpShard {
+    pub rank: usize,
+    pub tp: usize,
+    pub comm: Arc<dyn Communicator>,
+}
+
+impl TpShard {
+    /// Rank `rank`'s slice `(start, len)` of `n` rows split over `tp`: the first `n % tp`
+    /// ranks get one more (the planner's split, so both count the same bytes).
+    pub fn share(n: usize, tp: usize, rank: usize) -> (usize, usize) {
+        let (base, extra) = (n / tp, n % tp);
+        (
+            rank * base + rank.min(extra),
+            base + usize::from(rank < extra),
+        )
+    }
+}
+
+/// A deep copy of `t.narrow(dim, start, len)`, so the full tensor's storage is freed.
+fn narrow_copy(t: &Tensor, dim: usize, start: usize, len: usize) -> candle_core::Result<Tensor> {
+    let part = t.narrow(dim, start, len)?;
+    // `contiguous` is a no-op on a row slice, which would keep the whole tensor alive.
+    if part.is_contiguous() {
+        part.copy()
+    } else {
+        part.contiguous()
+    }
 }
 
 /// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
@@ -250,7 +332,7 @@ pub struct Model {
     weights_bytes: u64,
 }
 
-fn tensor_bytes(t: &Tensor) -> u64 {
+pub(crate) fn tensor_bytes(t: &Tensor) -> u64 {
     (t.elem_count() * t.dtype().size_in_bytes()) as u64
 }
 
@@ -286,7 +368,59 @@ impl Attention {
             num_heads: shape.num_attention_heads as usize,
             num_kv_heads: shape.num_key_value_heads as usize,
             head_dim: shape.head_dim as usize,
+            tp: None,
         })
+    }
+
+    /// One TP rank's shard: its `heads / tp` query heads, the KV heads they read (split
+    /// when TP divides the KV heads, the one shared head replicated when TP exceeds
+    /// them), and the matching columns of `o_proj`.
+    fn load_shard(
+        w: &WeightFiles,
+        prefix: &str,
+        shape: &ModelShape,
+        dtype: DType,
+        device: &Device,
+        shard: &TpShard,
+    ) -> Result<Self> {
+        let full = Self::load(w, prefix, shape, dtype, device)?;
+        let (nh, nkv, hd) = (full.num_heads, full.num_kv_heads, full.head_dim);
+        let heads_r = nh / shard.tp;
+        let kv_r = (nkv / shard.tp).max(1);
+        let group = nh / nkv;
+        let q0 = shard.rank * heads_r;
+        let kv0 = q0 / group;
+        let rows = |l: &Linear, start: usize, len: usize| -> candle_core::Result<Linear> {
+            let (weight, bias) = l.dense_parts();
+            Ok(Linear::from_weight(
+                narrow_copy(weight, 0, start * hd, len * hd)?,
+                bias.map(|b| narrow_copy(b, 0, start * hd, len * hd))
+                    .transpose()?,
+            ))
+        };
+        let (o_weight, o_bias) = full.o_proj.dense_parts();
+        Ok(Attention {
+            q_proj: rows(&full.q_proj, q0, heads_r)?,
+            k_proj: rows(&full.k_proj, kv0, kv_r)?,
+            v_proj: rows(&full.v_proj, kv0, kv_r)?,
+            o_proj: Linear::from_weight(narrow_copy(o_weight, 1, q0 * hd, heads_r * hd)?, None),
+            num_heads: heads_r,
+            num_kv_heads: kv_r,
+            head_dim: hd,
+            tp: Some(TpReduce {
+                comm: shard.comm.clone(),
+                bias: o_bias.cloned(),
+            }),
+        })
+    }
+
+    /// `o_proj`, completed by the TP all-reduce when sharded.
+    fn project_out(&self, o: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.o_proj.forward(o)?;
+        match &self.tp {
+            Some(r) => r.apply(y),
+            None => Ok(y),
+        }
     }
 
     /// The projections with rotary embeddings applied, shared by both cache layouts.
@@ -314,7 +448,7 @@ impl Attention {
     /// q, k, v go to the kernels as contiguous f32 `(T, heads | kv_heads, head_dim)`;
     /// the cache stores K/V in its own dtype and returns (T, heads * head_dim) f32, cast
     /// back to the model dtype before `o_proj`.
-    fn forward_paged(
+    pub(crate) fn forward_paged(
         &self,
         x: &Tensor,
         cos: &Tensor,
@@ -331,7 +465,7 @@ impl Attention {
         let out = cache.write_and_attend(layer_idx, &flat(&q)?, &flat(&k)?, &flat(&v)?, meta)?;
         let o = Tensor::from_vec(out, (t, self.num_heads * self.head_dim), x.device())?
             .to_dtype(x.dtype())?;
-        Ok(self.o_proj.forward(&o)?)
+        Ok(self.project_out(&o)?)
     }
 
     /// Contiguous per-sequence caches: x: (T, hidden) -> (T, hidden).
@@ -368,7 +502,7 @@ impl Attention {
         } else {
             Tensor::cat(&outs, 0)?
         };
-        self.o_proj.forward(&o)
+        self.project_out(&o)
     }
 
     /// Scaled dot-product attention of one sequence.
@@ -511,6 +645,38 @@ impl Mlp {
             gate_proj: lin("gate_proj", i, h)?,
             up_proj: lin("up_proj", i, h)?,
             down_proj: lin("down_proj", h, i)?,
+            tp: None,
+        })
+    }
+
+    /// One TP rank's shard: its share of the intermediate rows of gate/up and the same
+    /// columns of down (an uneven intermediate size gives the first ranks one more row).
+    fn load_shard(
+        w: &WeightFiles,
+        prefix: &str,
+        shape: &ModelShape,
+        dtype: DType,
+        device: &Device,
+        shard: &TpShard,
+    ) -> Result<Self> {
+        let full = Self::load(w, prefix, shape, dtype, device)?;
+        let (start, len) = TpShard::share(shape.intermediate_size as usize, shard.tp, shard.rank);
+        let rows = |l: &Linear| -> candle_core::Result<Linear> {
+            let (weight, bias) = l.dense_parts();
+            Ok(Linear::from_weight(
+                narrow_copy(weight, 0, start, len)?,
+                bias.map(|b| narrow_copy(b, 0, start, len)).transpose()?,
+            ))
+        };
+        let (d_weight, d_bias) = full.down_proj.dense_parts();
+        Ok(Mlp {
+            gate_proj: rows(&full.gate_proj)?,
+            up_proj: rows(&full.up_proj)?,
+            down_proj: Linear::from_weight(narrow_copy(d_weight, 1, start, len)?, None),
+            tp: Some(TpReduce {
+                comm: shard.comm.clone(),
+                bias: d_bias.cloned(),
+            }),
         })
     }
 
@@ -518,11 +684,15 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let gate = self.gate_proj.forward(x)?.silu()?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+        let y = self.down_proj.forward(&(gate * up)?)?;
+        match &self.tp {
+            Some(r) => r.apply(y),
+            None => Ok(y),
+        }
     }
 }
 
-fn load_norm(
+pub(crate) fn load_norm(
     w: &WeightFiles,
     name: &str,
     shape: &ModelShape,
@@ -564,9 +734,39 @@ impl DecoderLayer {
         })
     }
 
+    /// Layer `idx` as TP rank `shard.rank` holds it: attention and MLP sharded, the two
+    /// norms replicated. With TP = 1 it is the plain layer (no all-reduce at all).
+    pub(crate) fn load_shard(
+        w: &WeightFiles,
+        idx: usize,
+        shape: &ModelShape,
+        dtype: DType,
+        device: &Device,
+        shard: &TpShard,
+    ) -> Result<Self> {
+        if shard.tp == 1 {
+            return Self::load(w, idx, shape, dtype, device);
+        }
+        let p = format!("model.layers.{idx}");
+        let norm = |name: &str| load_norm(w, &format!("{p}.{name}.weight"), shape, dtype, device);
+        Ok(DecoderLayer {
+            input_layernorm: norm("input_layernorm")?,
+            self_attn: Attention::load_shard(
+                w,
+                &format!("{p}.self_attn"),
+                shape,
+                dtype,
+                device,
+                shard,
+            )?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            mlp: Mlp::load_shard(w, &format!("{p}.mlp"), shape, dtype, device, shard)?,
+        })
+    }
+
     /// x: (T, hidden) -> (T, hidden). `attend` runs `self_attn` on the normed input,
     /// (T, hidden) -> (T, hidden), over whichever cache the pass uses.
-    fn forward<E: From<candle_core::Error>>(
+    pub(crate) fn forward<E: From<candle_core::Error>>(
         &self,
         x: &Tensor,
         attend: impl FnOnce(&Attention, &Tensor) -> std::result::Result<Tensor, E>,
@@ -579,7 +779,7 @@ impl DecoderLayer {
         Ok((x + h)?)
     }
 
-    fn weights_bytes(&self) -> u64 {
+    pub(crate) fn weights_bytes(&self) -> u64 {
         let a = &self.self_attn;
         let m = &self.mlp;
         [
@@ -596,6 +796,8 @@ impl DecoderLayer {
         .sum::<u64>()
             + tensor_bytes(&self.input_layernorm.weight)
             + tensor_bytes(&self.post_attention_layernorm.weight)
+            + a.tp.as_ref().map_or(0, TpReduce::bytes)
+            + m.tp.as_ref().map_or(0, TpReduce::bytes)
     }
 }
 

@@ -31,6 +31,7 @@ use llmem_engine::kv_cache::KvDtype;
 use llmem_engine::model::Model;
 use llmem_engine::sampler::{SamplingParams, SplitMix64};
 use llmem_engine::scheduler::StopConditions;
+use llmem_engine::shard::ParallelSpec;
 use serde_json::{json, Value};
 
 use super::generate::DtypeArg;
@@ -111,6 +112,37 @@ pub struct BenchArgs {
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = BenchFormat::Text)]
     pub format: BenchFormat,
+    #[command(flatten)]
+    pub parallel: super::ParallelArgs,
+}
+
+/// What each run's engine is built from: the loaded model, or the parts every rank of
+/// a TP/PP grid loads its shard from.
+enum Source {
+    Single(Model),
+    Parallel {
+        shape: llmem_planner::ModelShape,
+        dir: std::path::PathBuf,
+        dtype: candle_core::DType,
+        spec: ParallelSpec,
+    },
+}
+
+impl Source {
+    fn engine(&self, config: EngineConfig) -> anyhow::Result<Engine> {
+        Ok(match self {
+            Source::Single(model) => Engine::new(model.clone(), config)?,
+            Source::Parallel {
+                shape,
+                dir,
+                dtype,
+                spec,
+            } => {
+                let weights = llmem_engine::loader::WeightFiles::open_dir(dir)?;
+                Engine::new_parallel(shape, weights, *dtype, *spec, config)?
+            }
+        })
+    }
 }
 
 /// Nearest-rank percentile of `values` (sorted here); 0 when empty.
@@ -133,12 +165,12 @@ fn random_prompts(count: usize, len: usize, vocab: u64, seed: u64) -> Vec<Vec<u3
 
 /// One run: `prompts.len()` requests at once through a fresh engine.
 fn run_one(
-    model: &Model,
+    source: &Source,
     config: EngineConfig,
     prompts: &[Vec<u32>],
     gen_tokens: usize,
 ) -> anyhow::Result<Value> {
-    let mut engine = Engine::new(model.clone(), config)?;
+    let mut engine = source.engine(config)?;
     let bar = super::live_bar(
         (prompts.len() * gen_tokens) as u64,
         &format!("concurrency {} {}", prompts.len(), config.kv_layout.name()),
@@ -176,6 +208,15 @@ fn run_one(
     bar.finish_and_clear();
     let wall_s = start.elapsed().as_secs_f64();
     let s = engine.stats();
+    // The busiest rank's time in collectives (waiting for its peers included), as a
+    // share of the run's wall time: what TP costs on this interconnect.
+    let comm = engine.comm_stats();
+    let busiest = comm
+        .iter()
+        .max_by(|a, b| a.total_seconds().total_cmp(&b.total_seconds()))
+        .copied()
+        .unwrap_or_default();
+    let spec = engine.parallel_spec();
     let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
     Ok(json!({
         "concurrency": prompts.len(),
@@ -192,6 +233,12 @@ fn run_one(
         "kv_waste_fraction": ratio(wasted, allocated),
         "preemptions": s.preemptions,
         "prefix_cache_hit_rate": ratio(s.prefix_hit_tokens, s.prefix_query_tokens),
+        "tp": spec.tp,
+        "pp": spec.pp,
+        "all_reduce_count": busiest.all_reduce_count,
+        "all_reduce_s": busiest.all_reduce_nanos as f64 * 1e-9,
+        "all_gather_s": busiest.all_gather_nanos as f64 * 1e-9,
+        "comm_share": if wall_s > 0.0 { busiest.total_seconds() / wall_s } else { 0.0 },
     }))
 }
 
@@ -202,8 +249,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(f) => Some((f, super::physical_memory_bytes()?)),
         None => None,
     };
+    let parallel = args.parallel.is_parallel();
+    if parallel && (args.memory_budget.is_some() || utilization.is_some()) {
+        anyhow::bail!(
+            "--memory-budget and --memory-utilization size one model's cache; with --tp/--pp > 1 \
+             give --kv-blocks (each rank allocates that many blocks of its own layers and KV \
+             heads) or leave it out"
+        );
+    }
     let loaded = super::generate::load(&args.model, args.dtype)?;
     let model = &loaded.model;
+    let source = if parallel {
+        let shape = model.shape().clone();
+        let spec = args.parallel.spec(&shape)?;
+        Source::Parallel {
+            shape,
+            dir: loaded.dir.clone(),
+            dtype: args.dtype.candle(),
+            spec,
+        }
+    } else {
+        Source::Single(model.clone())
+    };
     let (prompt_len, gen) = (args.prompt_tokens as usize, args.gen_tokens as usize);
     let max_concurrency = args.concurrency.iter().copied().max().unwrap_or(1) as usize;
     let block_size = args.block_size as usize;
@@ -234,7 +301,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .resolve(model, &config, args.runtime_overhead)
         .context("sizing the KV cache")?;
     config.num_blocks = num_blocks;
-    let startup = startup_text(report.as_ref(), utilization, &config, model);
+    let mut startup = startup_text(report.as_ref(), utilization, &config, model);
+    if parallel {
+        // One engine just for the report: the per-rank bytes do not depend on the run.
+        let engine = source.engine(EngineConfig {
+            max_num_seqs: max_concurrency,
+            ..config
+        })?;
+        startup = format!("{startup}\n{}", super::rank_report(&engine));
+    }
     match args.format {
         BenchFormat::Text => println!("{startup}"),
         BenchFormat::Json => eprintln!("{startup}"),
@@ -268,7 +343,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 kv_layout,
                 ..config
             };
-            let run = run_one(model, run_config, &prompts[..c], gen).with_context(|| {
+            let run = run_one(&source, run_config, &prompts[..c], gen).with_context(|| {
                 format!(
                     "benchmark run at concurrency {c}, {} layout",
                     kv_layout.name()
@@ -278,7 +353,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 println!(
                     "concurrency {:>3} {:<10}: {:>8.1} tok/s  ttft p50 {:>8.1} ms p99 {:>8.1} ms  \
                  itl p50 {:>7.1} ms p99 {:>7.1} ms  peak running {:>3}  peak blocks {}/{}  \
-                 waste {:.3}  preemptions {}",
+                 waste {:.3}  preemptions {}{}",
                     c,
                     kv_layout.name(),
                     run["aggregate_tokens_per_s"].as_f64().unwrap_or(0.0),
@@ -291,6 +366,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     run["kv_blocks_total"],
                     run["kv_waste_fraction"].as_f64().unwrap_or(0.0),
                     run["preemptions"],
+                    if parallel {
+                        format!(
+                            "  TP {} x PP {}: collectives {:.1}% of wall ({} all-reduces)",
+                            run["tp"],
+                            run["pp"],
+                            100.0 * run["comm_share"].as_f64().unwrap_or(0.0),
+                            run["all_reduce_count"]
+                        )
+                    } else {
+                        String::new()
+                    },
                 );
             }
             runs.push(run);

@@ -92,6 +92,8 @@ pub struct GenerateArgs {
     /// Do not stop at the model's EOS tokens.
     #[arg(long)]
     pub ignore_eos: bool,
+    #[command(flatten)]
+    pub parallel: super::ParallelArgs,
 }
 
 /// What `run` needs loaded: the model, its tokenizer and engine settings.
@@ -122,27 +124,11 @@ pub fn load(model: &str, dtype: DtypeArg) -> anyhow::Result<Loaded> {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    if args.parallel.is_parallel() {
+        return run_parallel(args);
+    }
     let loaded = load(&args.model, args.dtype)?;
-    let (prompt, add_special) = if args.chat {
-        let template = loaded.config.chat_template.as_deref().with_context(|| {
-            format!(
-                "{}: --chat needs a chat template (tokenizer_config.json `chat_template` \
-                 or chat_template.jinja) and this model has none",
-                loaded.dir.display()
-            )
-        })?;
-        let text = render_chat(
-            template,
-            &[ChatMessage::user(&args.prompt)],
-            loaded.config.bos_token.as_deref(),
-            loaded.config.eos_token.as_deref(),
-            true,
-        )?;
-        // The template already holds the special tokens.
-        (text, false)
-    } else {
-        (args.prompt.clone(), true)
-    };
+    let (prompt, add_special) = prompt_text(&args, &loaded.dir, &loaded.config)?;
     let encoding = loaded
         .tokenizer
         .encode(prompt.as_str(), add_special)
@@ -232,6 +218,189 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             if args.top_logprobs.is_some() {
                 json["top_logprobs"] = serde_json::to_value(&out.top_logprobs)?;
             }
+            writeln!(stdout, "{}", serde_json::to_string_pretty(&json)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// The prompt as the model sees it: the chat template applied when asked.
+fn prompt_text(
+    args: &GenerateArgs,
+    dir: &std::path::Path,
+    config: &EngineConfig,
+) -> anyhow::Result<(String, bool)> {
+    if !args.chat {
+        return Ok((args.prompt.clone(), true));
+    }
+    let template = config.chat_template.as_deref().with_context(|| {
+        format!(
+            "{}: --chat needs a chat template (tokenizer_config.json `chat_template` \
+             or chat_template.jinja) and this model has none",
+            dir.display()
+        )
+    })?;
+    let text = render_chat(
+        template,
+        &[ChatMessage::user(&args.prompt)],
+        config.bos_token.as_deref(),
+        config.eos_token.as_deref(),
+        true,
+    )?;
+    // The template already holds the special tokens.
+    Ok((text, false))
+}
+
+/// `--tp/--pp > 1`: the same request through the paged [`Engine`] over rank threads.
+///
+/// The text is decoded once at the end (no streaming) and cut before the first stop
+/// string; `--top-logprobs` is not available on this path. The PP split and the
+/// per-rank memory beside the planner's prediction go to stderr.
+fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
+    use llmem_engine::engine::{Engine, EngineConfig as PagedConfig, DEFAULT_BLOCK_SIZE};
+    use llmem_engine::kv_cache::KvDtype;
+    use llmem_engine::scheduler::StopConditions;
+
+    if args.top_logprobs.is_some() {
+        anyhow::bail!("--top-logprobs is not available with --tp/--pp > 1");
+    }
+    let dir = llmem_engine::hub::resolve_model(&args.model)?;
+    let start = Instant::now();
+    let (shape, weights) = super::open_parts(&dir)?;
+    let spec = args.parallel.spec(&shape)?;
+    let tokenizer = load_tokenizer(&dir)?;
+    let config = EngineConfig::from_dir(&dir)?;
+    let (prompt, add_special) = prompt_text(&args, &dir, &config)?;
+    let encoding = tokenizer
+        .encode(prompt.as_str(), add_special)
+        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+    let prompt_ids = encoding.get_ids().to_vec();
+    let max_context = shape.max_position_embeddings as usize;
+    let max_model_len = (prompt_ids.len() + args.max_tokens + 1)
+        .min(max_context)
+        .max(2);
+    let block_size = DEFAULT_BLOCK_SIZE;
+    let paged = PagedConfig {
+        block_size,
+        num_blocks: max_model_len.div_ceil(block_size),
+        kv_dtype: KvDtype::F32,
+        max_num_seqs: 1,
+        max_batched_tokens: max_model_len,
+        max_model_len,
+        kv_layout: llmem_engine::block_manager::KvLayout::Paged,
+    };
+    let mut engine = Engine::new_parallel(&shape, weights, args.dtype.candle(), spec, paged)
+        .with_context(|| {
+            format!(
+                "loading model {} as {} ranks",
+                dir.display(),
+                spec.tp * spec.pp
+            )
+        })?;
+    let load_ms = start.elapsed().as_secs_f64() * 1e3;
+    eprintln!("{}", super::rank_report(&engine));
+    let mut stop_ids = args.stop_token_ids.clone();
+    if !args.ignore_eos {
+        stop_ids.extend(&config.eos_token_ids);
+    }
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let stop = StopConditions {
+        max_tokens: args.max_tokens,
+        stop_token_ids: stop_ids,
+        ignore_eos: false,
+    };
+    let t0 = Instant::now();
+    let id = engine.add_request(prompt_ids.clone(), sampling, stop)?;
+    let mut token_ids = Vec::new();
+    let mut finish = None;
+    let mut first_token_ms = 0.0;
+    while engine.has_work() {
+        for o in engine.step()? {
+            if o.id == id {
+                if token_ids.is_empty() {
+                    first_token_ms = t0.elapsed().as_secs_f64() * 1e3;
+                }
+                token_ids.push(o.token);
+                finish = o.finished.or(finish);
+            }
+        }
+    }
+    let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut text = tokenizer
+        .decode(&token_ids, true)
+        .map_err(|e| anyhow::anyhow!("decoding the output: {e}"))?;
+    let mut finish_reason = match finish {
+        Some(llmem_engine::scheduler::FinishReason::Length) | None => "length",
+        Some(_) => "stop",
+    };
+    if let Some(cut) = args.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+        text.truncate(cut);
+        finish_reason = "stop";
+    }
+    let decode_ms = total_ms - first_token_ms;
+    let rate = |n: usize, ms: f64| if ms > 0.0 { n as f64 / (ms / 1e3) } else { 0.0 };
+    let prefill_rate = rate(prompt_ids.len(), first_token_ms);
+    let decode_rate = rate(token_ids.len().saturating_sub(1), decode_ms);
+    let comm: f64 = engine
+        .comm_stats()
+        .iter()
+        .map(|c| c.total_seconds())
+        .fold(0.0, f64::max);
+    let mut stdout = std::io::stdout().lock();
+    match args.format {
+        OutputFormat::Text => {
+            writeln!(stdout, "{text}")?;
+            eprintln!(
+                "[{} prompt + {} generated tokens, finish: {finish_reason}; load {:.0} ms, \
+                 prefill {:.1} tok/s, decode {:.1} tok/s; collectives {:.1}% of the time]",
+                prompt_ids.len(),
+                token_ids.len(),
+                load_ms,
+                prefill_rate,
+                decode_rate,
+                100.0 * comm * 1e3 / total_ms.max(1e-9),
+            );
+        }
+        OutputFormat::Json => {
+            let ranks: Vec<serde_json::Value> = engine
+                .rank_memory()
+                .iter()
+                .map(|m| {
+                    serde_json::json!({
+                        "stage": m.stage,
+                        "tp_rank": m.tp_rank,
+                        "first_layer": m.first_layer,
+                        "num_layers": m.num_layers,
+                        "weights_bytes": m.weights_bytes,
+                        "kv_cache_bytes": m.kv_cache_bytes,
+                        "activation_peak_bytes": m.activation_peak_bytes,
+                    })
+                })
+                .collect();
+            let json = serde_json::json!({
+                "model": dir.display().to_string(),
+                "dtype": args.dtype.name(),
+                "tp": spec.tp,
+                "pp": spec.pp,
+                "vocab_parallel": spec.vocab_parallel,
+                "prompt_token_ids": prompt_ids,
+                "token_ids": token_ids,
+                "text": text,
+                "finish_reason": finish_reason,
+                "timings": {
+                    "load_ms": load_ms,
+                    "prefill_ms": first_token_ms,
+                    "decode_ms": decode_ms,
+                    "prefill_tokens_per_s": prefill_rate,
+                    "decode_tokens_per_s": decode_rate,
+                },
+                "ranks": ranks,
+            });
             writeln!(stdout, "{}", serde_json::to_string_pretty(&json)?)?;
         }
     }

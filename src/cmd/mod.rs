@@ -8,6 +8,9 @@ pub mod inspect;
 pub mod perplexity;
 pub mod plan;
 
+use llmem_engine::engine::Engine;
+use llmem_engine::shard::ParallelSpec;
+
 /// A progress bar on stderr for `total` tokens with a live message, drawn only when stdout
 /// and stderr are terminals (hidden when output goes to a file or a pipe).
 pub fn live_bar(total: u64, prefix: &str) -> indicatif::ProgressBar {
@@ -55,6 +58,94 @@ pub enum Format {
     Text,
     Json,
     Markdown,
+}
+
+/// `--tp N --pp M [--vocab-parallel]`, shared by `generate`, `bench` (and `serve`).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct ParallelArgs {
+    /// Tensor-parallel degree: ranks (threads on the CPU) each holding a shard of every
+    /// layer and its own KV heads; must divide the attention heads.
+    #[arg(long, default_value_t = 1, value_parser = positive_arg)]
+    pub tp: u64,
+    /// Pipeline-parallel stages: consecutive layers per stage, stage 0 holds the
+    /// embedding and the last the LM head.
+    #[arg(long, default_value_t = 1, value_parser = positive_arg)]
+    pub pp: u64,
+    /// Split the embedding and LM head by vocabulary across TP ranks instead of
+    /// replicating them.
+    #[arg(long)]
+    pub vocab_parallel: bool,
+}
+
+impl ParallelArgs {
+    /// Whether these flags ask for more than one rank.
+    pub fn is_parallel(&self) -> bool {
+        self.tp > 1 || self.pp > 1
+    }
+
+    /// The checked spec for `shape`: a TP degree that does not split the heads is
+    /// refused with the degrees that would.
+    pub fn spec(&self, shape: &llmem_planner::ModelShape) -> anyhow::Result<ParallelSpec> {
+        let spec = ParallelSpec {
+            tp: usize::try_from(self.tp)?,
+            pp: usize::try_from(self.pp)?,
+            vocab_parallel: self.vocab_parallel,
+        };
+        spec.validate(shape)?;
+        Ok(spec)
+    }
+}
+
+/// The model's shape and opened weights of a directory, for the sharded loaders.
+pub fn open_parts(
+    dir: &std::path::Path,
+) -> anyhow::Result<(llmem_planner::ModelShape, llmem_engine::loader::WeightFiles)> {
+    let shape = llmem_planner::ModelShape::from_path(dir)?;
+    let weights = llmem_engine::loader::WeightFiles::open_dir(dir)?;
+    Ok((shape, weights))
+}
+
+/// The PP split and each rank's weights, KV cache and activation peak, with the
+/// planner's per-GPU prediction for the same split beside each.
+pub fn rank_report(engine: &Engine) -> String {
+    use llmem_planner::human_bytes as h;
+    let spec = engine.parallel_spec();
+    let mut out = format!(
+        "TP {} x PP {} ({} embedding); {}\n",
+        spec.tp,
+        spec.pp,
+        if spec.vocab_parallel {
+            "vocab-parallel"
+        } else {
+            "replicated"
+        },
+        spec.describe_split(engine.shape())
+    );
+    let planned = engine.planned_rank_memory();
+    out.push_str(
+        "stage rank  layers     weights (planner)              KV cache (planner)             activations (planner)\n",
+    );
+    for (i, m) in engine.rank_memory().iter().enumerate() {
+        let p = planned.as_ref().ok().and_then(|p| p.get(i));
+        let beside = |v: Option<u64>| v.map_or("-".to_string(), h);
+        out.push_str(&format!(
+            "{:>5} {:>4}  {:>2}-{:<4}  {:>12} ({:>12})  {:>12} ({:>12})  {:>12} ({:>12})\n",
+            m.stage,
+            m.tp_rank,
+            m.first_layer,
+            m.first_layer + m.num_layers - 1,
+            h(m.weights_bytes),
+            beside(p.map(|p| p.weights_bytes)),
+            h(m.kv_cache_bytes),
+            beside(p.map(|p| p.kv_cache_bytes)),
+            h(m.activation_peak_bytes),
+            beside(p.map(|p| p.activation_bytes)),
+        ));
+    }
+    if let Err(e) = planned {
+        out.push_str(&format!("planner: no prediction ({e})\n"));
+    }
+    out.trim_end().to_string()
 }
 
 /// A positive integer; zero and negative values get a message that says so.

@@ -22,22 +22,37 @@
 use std::fmt::Write as _;
 
 use llmem_engine::engine::PlannedTerms;
+use llmem_engine::parallel::PlannedRank;
 use serde_json::{json, Value};
 
 use super::api::AppState;
 use super::worker::Histogram;
 
+/// One rank's figures fixed at start-up, with the planner's per-GPU terms for it.
+#[derive(Debug, Clone)]
+pub struct RankLedger {
+    pub stage: usize,
+    pub tp_rank: usize,
+    pub weights_bytes: u64,
+    pub kv_cache_reserved_bytes: u64,
+    /// The planner's weights / KV / activations for this rank (TP/PP runs).
+    pub planned: Option<PlannedRank>,
+}
+
 /// Figures fixed at start-up.
 #[derive(Debug, Clone)]
 pub struct Ledger {
     pub device: String,
-    pub weights_bytes: u64,
-    pub kv_cache_reserved_bytes: u64,
+    /// Stage-major, as `Engine::rank_memory`; one entry unsharded.
+    pub ranks: Vec<RankLedger>,
+    /// Bytes of one block over all layers and ranks.
     pub block_bytes: u64,
     pub block_size: usize,
     pub runtime_overhead_bytes: u64,
     pub device_total_bytes: u64,
     pub max_model_len: usize,
+    /// The planner's figures for the whole deployment in a device of the budget
+    /// (unsharded runs).
     pub planned: Option<PlannedTerms>,
     /// Why there is no plan, when there is none.
     pub plan_error: Option<String>,
@@ -71,13 +86,19 @@ fn machine_used_bytes() -> Option<u64> {
     Some(total.saturating_sub(avail))
 }
 
-/// The live figures of one moment.
-struct Now {
+/// One rank's live figures.
+struct RankNow {
     kv_used: u64,
     activation: u64,
     activation_peak: u64,
-    rss: u64,
+    /// The process's gap, carried by rank 0 (ranks are threads of one process).
     unaccounted: i64,
+}
+
+/// The live figures of one moment.
+struct Now {
+    ranks: Vec<RankNow>,
+    rss: u64,
     device_used: u64,
 }
 
@@ -96,26 +117,46 @@ impl Ledger {
     fn now(&self, state: &AppState) -> Now {
         let snap = state.shared.snapshot();
         let rss = process_rss_bytes().unwrap_or(0);
-        let accounted = self.weights_bytes
-            + self.kv_cache_reserved_bytes
-            + snap.activation_bytes
+        let (used, total) = (
+            snap.stats.blocks_used as u64,
+            snap.stats.blocks_total as u64,
+        );
+        let mut ranks: Vec<RankNow> = self
+            .ranks
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let (activation, activation_peak) =
+                    snap.rank_activation.get(i).copied().unwrap_or((0, 0));
+                RankNow {
+                    kv_used: r.kv_cache_reserved_bytes * used / total.max(1),
+                    activation,
+                    activation_peak,
+                    unaccounted: 0,
+                }
+            })
+            .collect();
+        let accounted: u64 = self
+            .ranks
+            .iter()
+            .zip(&ranks)
+            .map(|(r, n)| r.weights_bytes + r.kv_cache_reserved_bytes + n.activation)
+            .sum::<u64>()
             + self.runtime_overhead_bytes;
+        if let Some(first) = ranks.first_mut() {
+            first.unaccounted = rss as i64 - accounted as i64;
+        }
         Now {
-            kv_used: snap.stats.blocks_used as u64 * self.block_bytes,
-            activation: snap.activation_bytes,
-            activation_peak: snap.activation_peak_bytes,
+            ranks,
             rss,
-            unaccounted: rss as i64 - accounted as i64,
             device_used: machine_used_bytes().unwrap_or(0),
         }
     }
 
-    /// The `/v1/memory` document.
-    pub fn memory_json(&self, state: &AppState) -> Value {
-        let snap = state.shared.snapshot();
-        let n = self.now(state);
-        let plan = match &self.planned {
-            Some(p) => json!({
+    /// The `plan` object: the planner's terms per GPU (rank 0's under TP/PP).
+    fn plan_json(&self) -> Value {
+        if let Some(p) = &self.planned {
+            return json!({
                 "weights_bytes": p.weights_bytes,
                 "kv_cache_reserved_bytes": self.planned_kv_reserved(),
                 "kv_cache_demand_bytes": p.kv_cache_bytes,
@@ -127,27 +168,65 @@ impl Ledger {
                     + p.activation_bytes + self.runtime_overhead_bytes,
                 "kv_bytes_per_token": p.kv_bytes_per_token,
                 "max_concurrency": p.max_concurrency,
+            });
+        }
+        match self.ranks.first().and_then(|r| r.planned) {
+            Some(p) => json!({
+                "weights_bytes": p.weights_bytes,
+                "kv_cache_reserved_bytes": p.kv_cache_bytes,
+                "activation_bytes": p.activation_bytes,
+                "activation_peak_bytes": p.activation_bytes,
+                "runtime_overhead_bytes": self.runtime_overhead_bytes,
+                "headroom_bytes": 0,
+                "total_bytes": p.weights_bytes + p.kv_cache_bytes + p.activation_bytes
+                    + self.runtime_overhead_bytes,
+                "per_rank": true,
             }),
             None => json!({"error": self.plan_error}),
-        };
+        }
+    }
+
+    /// The `/v1/memory` document.
+    pub fn memory_json(&self, state: &AppState) -> Value {
+        let snap = state.shared.snapshot();
+        let n = self.now(state);
+        let ranks: Vec<Value> = self
+            .ranks
+            .iter()
+            .zip(&n.ranks)
+            .enumerate()
+            .map(|(i, (r, now))| {
+                let mut v = json!({
+                    "rank": i,
+                    "stage": r.stage,
+                    "tp_rank": r.tp_rank,
+                    "weights_bytes": r.weights_bytes,
+                    "kv_cache_reserved_bytes": r.kv_cache_reserved_bytes,
+                    "kv_cache_used_bytes": now.kv_used,
+                    "activation_bytes": now.activation,
+                    "activation_peak_bytes": now.activation_peak,
+                    "runtime_overhead_bytes": if i == 0 { self.runtime_overhead_bytes } else { 0 },
+                    "unaccounted_bytes": now.unaccounted,
+                    "device_total_bytes": self.device_total_bytes,
+                    "device_used_bytes": n.device_used,
+                    "process_rss_bytes": n.rss,
+                });
+                if let Some(p) = r.planned {
+                    v["planned"] = json!({
+                        "weights_bytes": p.weights_bytes,
+                        "kv_cache_reserved_bytes": p.kv_cache_bytes,
+                        "activation_bytes": p.activation_bytes,
+                    });
+                }
+                v
+            })
+            .collect();
         json!({
             "model": state.model_id,
             "device": self.device,
             "uptime_s": state.started.elapsed().as_secs_f64(),
-            "ranks": [{
-                "rank": 0,
-                "weights_bytes": self.weights_bytes,
-                "kv_cache_reserved_bytes": self.kv_cache_reserved_bytes,
-                "kv_cache_used_bytes": n.kv_used,
-                "activation_bytes": n.activation,
-                "activation_peak_bytes": n.activation_peak,
-                "runtime_overhead_bytes": self.runtime_overhead_bytes,
-                "unaccounted_bytes": n.unaccounted,
-                "device_total_bytes": self.device_total_bytes,
-                "device_used_bytes": n.device_used,
-                "process_rss_bytes": n.rss,
-            }],
-            "plan": plan,
+            "ranks": ranks,
+            "plan": self.plan_json(),
             "kv_blocks": {
                 "total": snap.stats.blocks_total,
                 "used": snap.stats.blocks_used,
@@ -180,40 +259,67 @@ impl Ledger {
                 let _ = writeln!(out, "{name}{labels} {v}");
             }
         };
-        let comp = |c: &str| format!("{{component=\"{c}\",rank=\"0\"}}");
+        let comp = |c: &str, rank: usize| format!("{{component=\"{c}\",rank=\"{rank}\"}}");
+        let mut measured = Vec::new();
+        let mut planned = Vec::new();
+        for (i, (r, now)) in self.ranks.iter().zip(&n.ranks).enumerate() {
+            measured.extend([
+                (comp("weights", i), r.weights_bytes as f64),
+                (
+                    comp("kv_cache_reserved", i),
+                    r.kv_cache_reserved_bytes as f64,
+                ),
+                (comp("kv_cache_used", i), now.kv_used as f64),
+                (comp("activations", i), now.activation as f64),
+                (comp("activations_peak", i), now.activation_peak as f64),
+            ]);
+            if let Some(p) = r.planned {
+                planned.extend([
+                    (comp("weights", i), p.weights_bytes as f64),
+                    (comp("kv_cache_reserved", i), p.kv_cache_bytes as f64),
+                    (comp("activations", i), p.activation_bytes as f64),
+                ]);
+            }
+        }
+        let rank0 = n.ranks.first().map_or(0, |r| r.unaccounted);
+        measured.extend([
+            (
+                comp("runtime_overhead", 0),
+                self.runtime_overhead_bytes as f64,
+            ),
+            (comp("unaccounted", 0), rank0 as f64),
+            (comp("process_rss", 0), n.rss as f64),
+            (comp("device_total", 0), self.device_total_bytes as f64),
+            (comp("device_used", 0), n.device_used as f64),
+        ]);
+        if let Some(p) = &self.planned {
+            planned.extend([
+                (comp("weights", 0), p.weights_bytes as f64),
+                (
+                    comp("kv_cache_reserved", 0),
+                    self.planned_kv_reserved() as f64,
+                ),
+                (comp("activations", 0), p.activation_bytes as f64),
+            ]);
+        }
+        if !planned.is_empty() {
+            planned.push((
+                comp("runtime_overhead", 0),
+                self.runtime_overhead_bytes as f64,
+            ));
+        }
         family(
             "llmem_memory_bytes",
             "gauge",
-            "Memory by component: the engine's accounting, and the OS's resident set.",
-            &[
-                (comp("weights"), self.weights_bytes as f64),
-                (
-                    comp("kv_cache_reserved"),
-                    self.kv_cache_reserved_bytes as f64,
-                ),
-                (comp("kv_cache_used"), n.kv_used as f64),
-                (comp("activations"), n.activation as f64),
-                (comp("activations_peak"), n.activation_peak as f64),
-                (comp("runtime_overhead"), self.runtime_overhead_bytes as f64),
-                (comp("unaccounted"), n.unaccounted as f64),
-                (comp("process_rss"), n.rss as f64),
-                (comp("device_total"), self.device_total_bytes as f64),
-                (comp("device_used"), n.device_used as f64),
-            ],
+            "Memory by component and rank: the engine's accounting, and the OS's resident set.",
+            &measured,
         );
-        if let Some(p) = &self.planned {
-            family(
-                "llmem_memory_planned_bytes",
-                "gauge",
-                "The capacity planner's prediction for the same deployment, per GPU.",
-                &[
-                    (comp("weights"), p.weights_bytes as f64),
-                    (comp("kv_cache_reserved"), self.planned_kv_reserved() as f64),
-                    (comp("activations"), p.activation_bytes as f64),
-                    (comp("runtime_overhead"), self.runtime_overhead_bytes as f64),
-                ],
-            );
-        }
+        family(
+            "llmem_memory_planned_bytes",
+            "gauge",
+            "The capacity planner's prediction for the same deployment, per GPU.",
+            &planned,
+        );
         let s = &snap.stats;
         family(
             "llmem_kv_blocks",
@@ -229,7 +335,7 @@ impl Ledger {
         family(
             "llmem_kv_block_bytes",
             "gauge",
-            "Bytes of one KV block over all layers.",
+            "Bytes of one KV block over all layers (and ranks).",
             &[(String::new(), self.block_bytes as f64)],
         );
         family(

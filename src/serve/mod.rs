@@ -26,9 +26,11 @@ use llmem_engine::engine::{Engine, EngineConfig, KvSizing, DEFAULT_BLOCK_SIZE};
 use llmem_engine::kv_cache::KvDtype;
 use llmem_planner::human_bytes;
 
-use crate::cmd::generate::{DtypeArg, Loaded};
+use crate::cmd::generate::DtypeArg;
 use api::AppState;
 use ledger::Ledger;
+use llmem_engine::loader::load_tokenizer;
+use llmem_engine::model::Model;
 use worker::{Shared, Snapshot};
 
 /// Default memory budget when none of --memory-budget, --memory-utilization and
@@ -93,6 +95,8 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value = "1MiB", value_parser = crate::cmd::bytes_arg)]
     pub max_body_bytes: u64,
+    #[command(flatten)]
+    pub parallel: crate::cmd::ParallelArgs,
 }
 
 /// A running engine thread and the state the router serves.
@@ -103,35 +107,37 @@ pub struct Server {
     pub startup: String,
 }
 
-/// Load the model, size and allocate the cache, start the engine thread.
-pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
-    let baseline_rss = ledger::process_rss_bytes().unwrap_or(0);
-    let utilization = match args.memory_utilization {
-        Some(f) => Some((f, crate::cmd::physical_memory_bytes()?)),
-        None => None,
-    };
-    let loaded: Loaded = crate::cmd::generate::load(&args.model, args.dtype)?;
-    let model = loaded.model;
-    let kv_dtype = match &args.kv_dtype {
+/// The KV dtype: as given, else the weights' dtype.
+fn kv_dtype_for(args: &ServeArgs) -> anyhow::Result<KvDtype> {
+    Ok(match &args.kv_dtype {
         Some(s) => KvDtype::parse(s)?,
         None => match args.dtype {
             DtypeArg::F32 => KvDtype::F32,
             DtypeArg::Bf16 => KvDtype::Bf16,
             DtypeArg::F16 => KvDtype::F16,
         },
-    };
-    let max_model_len = match args.max_model_len {
-        Some(l) => l as usize,
-        None => model.max_context(),
-    };
-    let mut config = EngineConfig {
-        block_size: args.block_size as usize,
-        num_blocks: 0,
-        kv_dtype,
-        max_num_seqs: args.max_num_seqs as usize,
-        max_batched_tokens: args.max_batched_tokens as usize,
-        max_model_len,
-        kv_layout: KvLayout::Paged,
+    })
+}
+
+/// What start-up decided: the engine, its sizing text and the plan beside it.
+struct Built {
+    engine: Engine,
+    startup: String,
+    overhead: u64,
+    planned: Result<llmem_engine::engine::PlannedTerms, String>,
+}
+
+/// One model in this process: size the KV cache from the budget with the planner's
+/// arithmetic, then allocate it.
+fn build_single(
+    args: &ServeArgs,
+    model: Model,
+    mut config: EngineConfig,
+    baseline_rss: u64,
+) -> anyhow::Result<Built> {
+    let utilization = match args.memory_utilization {
+        Some(f) => Some((f, crate::cmd::physical_memory_bytes()?)),
+        None => None,
     };
     let overhead = args.runtime_overhead.unwrap_or(baseline_rss);
     let budget = match (args.kv_blocks, args.memory_budget, utilization) {
@@ -182,6 +188,74 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
             human_bytes(model.weights_bytes())
         )),
     }
+    let engine = Engine::new(model, config).context("allocating the KV cache")?;
+    Ok(Built {
+        engine,
+        startup,
+        overhead,
+        planned,
+    })
+}
+
+/// Load the model, size and allocate the cache, start the engine thread.
+pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
+    let baseline_rss = ledger::process_rss_bytes().unwrap_or(0);
+    let kv_dtype = kv_dtype_for(args)?;
+    let dir = llmem_engine::hub::resolve_model(&args.model)?;
+    let (shape, weights) = crate::cmd::open_parts(&dir)?;
+    let max_model_len = match args.max_model_len {
+        Some(l) => l as usize,
+        None => shape.max_position_embeddings as usize,
+    };
+    let config = EngineConfig {
+        block_size: args.block_size as usize,
+        num_blocks: 0,
+        kv_dtype,
+        max_num_seqs: args.max_num_seqs as usize,
+        max_batched_tokens: args.max_batched_tokens as usize,
+        max_model_len,
+        kv_layout: KvLayout::Paged,
+    };
+    let tokenizer = load_tokenizer(&dir)?;
+    let settings = llmem_engine::config::EngineConfig::from_dir(&dir)?;
+    let built = if args.parallel.is_parallel() {
+        let spec = args.parallel.spec(&shape)?;
+        let Some(blocks) = args.kv_blocks else {
+            anyhow::bail!(
+                "--tp/--pp above 1 sizes the KV cache with --kv-blocks N (blocks shared by \
+                 every rank); sizing each rank from a memory budget is not implemented yet"
+            );
+        };
+        let config = EngineConfig {
+            num_blocks: blocks as usize,
+            ..config
+        };
+        let engine = Engine::new_parallel(&shape, weights, args.dtype.candle(), spec, config)
+            .with_context(|| format!("loading {} across ranks", dir.display()))?;
+        let startup = crate::cmd::rank_report(&engine);
+        Built {
+            engine,
+            startup,
+            overhead: args.runtime_overhead.unwrap_or(baseline_rss),
+            planned: Err("per-rank plans are beside each rank".into()),
+        }
+    } else {
+        let model = Model::load(
+            &shape,
+            &weights,
+            args.dtype.candle(),
+            &candle_core::Device::Cpu,
+        )
+        .with_context(|| format!("loading model {}", dir.display()))?;
+        drop(weights);
+        build_single(args, model, config, baseline_rss)?
+    };
+    let Built {
+        engine,
+        mut startup,
+        overhead,
+        planned,
+    } = built;
     startup.push_str(&format!(
         "\nruntime overhead: {} ({})",
         human_bytes(overhead),
@@ -193,21 +267,34 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
     ));
     let model_id = args.served_model_name.clone().unwrap_or_else(|| {
         if std::path::Path::new(&args.model).is_dir() {
-            loaded
-                .dir
-                .file_name()
+            dir.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| args.model.clone())
         } else {
             args.model.clone()
         }
     });
-    let vocab_size = model.shape().vocab_size;
-    let engine = Engine::new(model, config).context("allocating the KV cache")?;
+    let parallel = engine.parallel_spec().tp * engine.parallel_spec().pp > 1;
+    let planned_ranks = if parallel {
+        engine.planned_rank_memory().ok()
+    } else {
+        None
+    };
+    let ranks = engine
+        .rank_memory()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| ledger::RankLedger {
+            stage: r.stage,
+            tp_rank: r.tp_rank,
+            weights_bytes: r.weights_bytes,
+            kv_cache_reserved_bytes: r.kv_cache_bytes,
+            planned: planned_ranks.as_ref().and_then(|p| p.get(i).copied()),
+        })
+        .collect();
     let ledger = Ledger {
         device: "cpu".into(),
-        weights_bytes: engine.model().weights_bytes(),
-        kv_cache_reserved_bytes: engine.cache_bytes(),
+        ranks,
         block_bytes: engine.block_bytes(),
         block_size: config.block_size,
         runtime_overhead_bytes: overhead,
@@ -220,7 +307,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         snapshot: Mutex::new(Snapshot::new(engine.stats())),
         pending: AtomicUsize::new(0),
     });
-    let tokenizer = Arc::new(loaded.tokenizer);
+    let tokenizer = Arc::new(tokenizer);
     let (tx, rx) = std::sync::mpsc::channel();
     let worker = {
         let shared = shared.clone();
@@ -235,11 +322,11 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         commands: Mutex::new(tx),
         shared,
         tokenizer,
-        chat_template: loaded.config.chat_template.clone(),
-        bos_token: loaded.config.bos_token.clone(),
-        eos_token: loaded.config.eos_token.clone(),
-        eos_token_ids: loaded.config.eos_token_ids.clone(),
-        vocab_size,
+        chat_template: settings.chat_template.clone(),
+        bos_token: settings.bos_token.clone(),
+        eos_token: settings.eos_token.clone(),
+        eos_token_ids: settings.eos_token_ids.clone(),
+        vocab_size: shape.vocab_size,
         max_model_len,
         max_waiting: args.max_waiting,
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),

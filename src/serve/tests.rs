@@ -587,7 +587,7 @@ async fn memory_and_metrics_follow_the_contract_and_the_plan() {
         + rank["kv_cache_reserved_bytes"].as_u64().unwrap()
         + rank["runtime_overhead_bytes"].as_u64().unwrap();
     assert!(used <= 1 << 30, "{used}");
-    assert_eq!(state.ledger.kv_cache_reserved_bytes, blocks * per_block);
+    assert_eq!(state.ledger.ranks[0].kv_cache_reserved_bytes, blocks * per_block);
 
     let (status, headers, bytes) = call(&router, "GET", "/metrics", None, None).await;
     assert_eq!(status, StatusCode::OK);
@@ -616,4 +616,42 @@ async fn memory_and_metrics_follow_the_contract_and_the_plan() {
     assert_eq!(status, StatusCode::OK);
     let models: Value = serde_json::from_slice(&models).unwrap();
     assert_eq!(models["data"][0]["id"], "smollm2-135m");
+}
+
+#[tokio::test]
+async fn tensor_parallel_serving_reports_every_rank_beside_the_planner() {
+    let Some((_state, router)) = server(&["--tp", "3"]) else {
+        return;
+    };
+    let reference = reference();
+    let case = &reference["cases"][0];
+    let (status, v) = post_json(
+        &router,
+        "/v1/completions",
+        json!({"prompt": field(case, "prompt_ids"), "max_tokens": 12, "temperature": 0,
+               "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let want = case["greedy_text"].as_str().unwrap();
+    let got = v["choices"][0]["text"].as_str().unwrap();
+    assert!(
+        want.starts_with(got) && !got.is_empty(),
+        "TP=3 {got:?} vs {want:?}"
+    );
+    let m = memory(&router).await;
+    let ranks = m["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 3, "{m}");
+    for r in ranks {
+        assert_eq!(r["weights_bytes"], r["planned"]["weights_bytes"], "{r}");
+        assert_eq!(
+            r["kv_cache_reserved_bytes"], r["planned"]["kv_cache_reserved_bytes"],
+            "{r}"
+        );
+    }
+    // `llmem plan --model smollm2-135m --precision fp32 --tp 3`: 254,944,512 B of weights per GPU.
+    assert_eq!(ranks[0]["weights_bytes"], 254_944_512u64);
+    let (_, _, metrics) = call(&router, "GET", "/metrics", None, None).await;
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(metrics.contains("llmem_memory_bytes{component=\"weights\",rank=\"2\"} 254944512"));
 }

@@ -113,8 +113,8 @@ pub const ITL_BOUNDS: &[f64] = &[
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub stats: EngineStats,
-    pub activation_bytes: u64,
-    pub activation_peak_bytes: u64,
+    /// Per rank: the activation estimate of the last pass and the largest.
+    pub rank_activation: Vec<(u64, u64)>,
     pub prompt_tokens_total: u64,
     pub generated_tokens_total: u64,
     pub requests_finished: u64,
@@ -129,8 +129,7 @@ impl Snapshot {
     pub fn new(stats: EngineStats) -> Self {
         Snapshot {
             stats,
-            activation_bytes: 0,
-            activation_peak_bytes: 0,
+            rank_activation: Vec::new(),
             prompt_tokens_total: 0,
             generated_tokens_total: 0,
             requests_finished: 0,
@@ -292,7 +291,7 @@ pub fn run(
             }
         }
         counters.stats = engine.stats();
-        (counters.activation_bytes, counters.activation_peak_bytes) = engine.activation_bytes();
+        counters.rank_activation = engine.rank_activation_bytes();
         *shared
             .snapshot
             .lock()
