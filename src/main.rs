@@ -35,6 +35,9 @@ enum Command {
     Import(cmd::import::ImportArgs),
     /// Benchmark the paged engine: throughput, latency and KV use at several concurrencies.
     Bench(cmd::bench::BenchArgs),
+    /// Measure each weight precision: bytes, load time, perplexity, KL and top-1
+    /// agreement with the highest precision, prefill and decode speed.
+    Sweep(cmd::sweep::SweepArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         Command::Perplexity(args) => cmd::perplexity::run(args),
         Command::Import(args) => cmd::import::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Sweep(args) => cmd::sweep::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

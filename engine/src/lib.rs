@@ -14,8 +14,10 @@ pub mod linear;
 pub mod loader;
 pub mod model;
 pub mod perplexity;
+pub mod quant;
 pub mod sampler;
 pub mod scheduler;
+pub mod sweep;
 pub mod tokenizer_gguf;
 
 pub use error::{Error, Result};

@@ -37,6 +37,7 @@ use crate::generate::KvCache;
 use crate::kv_cache::{PagedKvCache, PagedMetadata};
 use crate::linear::{Linear, WeightElem};
 use crate::loader::WeightFiles;
+use crate::quant::{self, StoredMatrix, WeightFormat};
 
 /// Attention bookkeeping for one forward pass, passed explicitly (no global context).
 ///
@@ -240,14 +241,15 @@ pub struct Model {
     shape: ModelShape,
     dtype: DType,
     device: Device,
-    /// (vocab, hidden)
-    embed_tokens: Tensor,
+    /// (vocab, hidden), dense or block-quantized (rows dequantized on lookup).
+    embed_tokens: StoredMatrix,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     /// (vocab, hidden); shares `embed_tokens`' storage when tied.
     lm_head: Linear,
     rope: Rope,
     weights_bytes: u64,
+    format: WeightFormat,
 }
 
 fn tensor_bytes(t: &Tensor) -> u64 {
@@ -259,7 +261,7 @@ impl Attention {
         w: &WeightFiles,
         prefix: &str,
         shape: &ModelShape,
-        dtype: DType,
+        fmt: &WeightFormat,
         device: &Device,
     ) -> Result<Self> {
         let (h, q, kv) = (
@@ -268,13 +270,13 @@ impl Attention {
             shape.kv_dim() as usize,
         );
         let lin = |name: &str, out_dim: usize, in_dim: usize, bias: bool| {
-            Linear::load(
+            quant::load_linear(
                 w,
                 &format!("{prefix}.{name}"),
                 out_dim,
                 in_dim,
                 bias,
-                dtype,
+                fmt,
                 device,
             )
         };
@@ -488,7 +490,7 @@ impl Mlp {
         w: &WeightFiles,
         prefix: &str,
         shape: &ModelShape,
-        dtype: DType,
+        fmt: &WeightFormat,
         device: &Device,
     ) -> Result<Self> {
         let (h, i, b) = (
@@ -497,13 +499,13 @@ impl Mlp {
             shape.mlp_bias,
         );
         let lin = |name: &str, out_dim: usize, in_dim: usize| {
-            Linear::load(
+            quant::load_linear(
                 w,
                 &format!("{prefix}.{name}"),
                 out_dim,
                 in_dim,
                 b,
-                dtype,
+                fmt,
                 device,
             )
         };
@@ -526,11 +528,16 @@ fn load_norm(
     w: &WeightFiles,
     name: &str,
     shape: &ModelShape,
-    dtype: DType,
+    fmt: &WeightFormat,
     device: &Device,
 ) -> Result<RmsNorm> {
     Ok(RmsNorm {
-        weight: w.load(name, &[shape.hidden_size as usize], dtype, device)?,
+        weight: w.load(
+            name,
+            &[shape.hidden_size as usize],
+            fmt.vector_dtype(),
+            device,
+        )?,
         eps: shape.rms_norm_eps as f32,
     })
 }
@@ -540,7 +547,7 @@ impl DecoderLayer {
         w: &WeightFiles,
         idx: usize,
         shape: &ModelShape,
-        dtype: DType,
+        fmt: &WeightFormat,
         device: &Device,
     ) -> Result<Self> {
         let p = format!("model.layers.{idx}");
@@ -549,18 +556,18 @@ impl DecoderLayer {
                 w,
                 &format!("{p}.input_layernorm.weight"),
                 shape,
-                dtype,
+                fmt,
                 device,
             )?,
-            self_attn: Attention::load(w, &format!("{p}.self_attn"), shape, dtype, device)?,
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), shape, fmt, device)?,
             post_attention_layernorm: load_norm(
                 w,
                 &format!("{p}.post_attention_layernorm.weight"),
                 shape,
-                dtype,
+                fmt,
                 device,
             )?,
-            mlp: Mlp::load(w, &format!("{p}.mlp"), shape, dtype, device)?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), shape, fmt, device)?,
         })
     }
 
@@ -602,6 +609,11 @@ impl DecoderLayer {
 impl Model {
     /// Load a model directory (config.json plus safetensors) in `dtype` on `device`.
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_dir_with(dir, &WeightFormat::dense(dtype)?, device)
+    }
+
+    /// Load a model directory with its weights stored as `fmt` says (see `crate::quant`).
+    pub fn load_dir_with(dir: &Path, fmt: &WeightFormat, device: &Device) -> Result<Self> {
         let shape = ModelShape::from_path(dir).map_err(|e| {
             let path = dir.join("config.json");
             // The planner's messages already lead with the file; do not repeat it.
@@ -615,7 +627,7 @@ impl Model {
             Error::Config { path, message }
         })?;
         let weights = WeightFiles::open_dir(dir)?;
-        Self::load(&shape, &weights, dtype, device)
+        Self::load_with(&shape, &weights, fmt, device)
     }
 
     /// Build the model from already opened weight files. Every tensor is checked for
@@ -626,26 +638,37 @@ impl Model {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-            return Err(Error::InvalidInput(format!(
-                "dtype {dtype:?} is not supported for the model; use f32, bf16 or f16"
-            )));
-        }
+        Self::load_with(shape, w, &WeightFormat::dense(dtype)?, device)
+    }
+
+    /// Build the model from opened weight files, each matrix stored as `fmt` says
+    /// (float dtypes, or GGUF block formats quantized at load; see `crate::quant`).
+    pub fn load_with(
+        shape: &ModelShape,
+        w: &WeightFiles,
+        fmt: &WeightFormat,
+        device: &Device,
+    ) -> Result<Self> {
+        // Checks the precision is one the engine runs.
+        WeightFormat::new(fmt.precision)?;
+        let dtype = fmt.activation_dtype();
         let (vocab, h) = (shape.vocab_size as usize, shape.hidden_size as usize);
-        let embed_tokens = w.load("model.embed_tokens.weight", &[vocab, h], dtype, device)?;
+        let ep = fmt.embedding_precision();
+        let embed_tokens =
+            quant::load_matrix(w, "model.embed_tokens.weight", vocab, h, ep, device)?;
         let layers = (0..shape.num_hidden_layers as usize)
-            .map(|i| DecoderLayer::load(w, i, shape, dtype, device))
+            .map(|i| DecoderLayer::load(w, i, shape, fmt, device))
             .collect::<Result<Vec<_>>>()?;
-        let norm = load_norm(w, "model.norm.weight", shape, dtype, device)?;
+        let norm = load_norm(w, "model.norm.weight", shape, fmt, device)?;
         // Some tied checkpoints still ship an lm_head.weight copy; tied means we use the
         // embedding, as transformers does.
         let lm_head = if shape.tie_word_embeddings {
-            Linear::from_weight(embed_tokens.clone(), None)
+            embed_tokens.clone().into_linear(None)
         } else {
-            Linear::load(w, "lm_head", vocab, h, false, dtype, device)?
+            quant::load_matrix(w, "lm_head.weight", vocab, h, ep, device)?.into_linear(None)
         };
         let rope = Rope::new(shape, shape.max_position_embeddings as usize, dtype, device)?;
-        let mut weights_bytes = tensor_bytes(&embed_tokens)
+        let mut weights_bytes = embed_tokens.bytes()
             + layers.iter().map(DecoderLayer::weights_bytes).sum::<u64>()
             + tensor_bytes(&norm.weight);
         if !shape.tie_word_embeddings {
@@ -661,7 +684,13 @@ impl Model {
             lm_head,
             rope,
             weights_bytes,
+            format: *fmt,
         })
+    }
+
+    /// How the weights are stored (precision, embeddings kept or not).
+    pub fn weight_format(&self) -> &WeightFormat {
+        &self.format
     }
 
     pub fn shape(&self) -> &ModelShape {
@@ -762,7 +791,7 @@ impl Model {
             masks,
             meta,
         };
-        let mut x = self.embed_tokens.index_select(input_ids, 0)?;
+        let mut x = self.embed_tokens.rows(input_ids, self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer
                 .forward(&x, |attn, h| attn.forward(h, &pass, i, caches))
@@ -830,7 +859,7 @@ impl Model {
         let positions = Tensor::new(positions, &self.device)?;
         let cos = self.rope.cos.index_select(&positions, 0)?;
         let sin = self.rope.sin.index_select(&positions, 0)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let mut x = self.embed_tokens.rows(&ids, self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer
                 .forward(&x, |attn, h| {

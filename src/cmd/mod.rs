@@ -7,6 +7,7 @@ pub mod import;
 pub mod inspect;
 pub mod perplexity;
 pub mod plan;
+pub mod sweep;
 
 /// Output formats shared by the subcommands.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
