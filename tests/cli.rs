@@ -384,7 +384,10 @@ fn sweep_json_contract_and_plot() {
     ]);
     assert_eq!(v["reference"], "f32");
     let levels = v["levels"].as_array().unwrap();
-    let names: Vec<&str> = levels.iter().map(|l| l["dtype"].as_str().unwrap()).collect();
+    let names: Vec<&str> = levels
+        .iter()
+        .map(|l| l["dtype"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["q4_0", "f32", "q8_0"], "levels in the order given");
     for l in levels {
         for key in [

@@ -432,9 +432,11 @@ fn golden_quantized_greedy_agreement() {
     let Some(dir) = model_dir() else { return };
     let tok = load_tokenizer(&dir).unwrap();
     for (p, min_total) in [
-        (Precision::Q8_0, 40),
-        (Precision::Q4K, 10),
-        (Precision::Q4_0, 10),
+        // Measured: q8_0 117/160, q4_k 11/160, q4_0 11/160 (4-bit SmolLM2-135M often
+        // picks another first token, then writes its own sensible text).
+        (Precision::Q8_0, 80),
+        (Precision::Q4K, 3),
+        (Precision::Q4_0, 3),
     ] {
         let fmt = WeightFormat {
             precision: p,
@@ -454,6 +456,9 @@ fn golden_quantized_greedy_agreement() {
             total += matched;
         }
         println!("{p} total: {total}/160 greedy tokens match the f32 reference");
-        assert!(total >= min_total, "{p}: greedy agreement fell to {total}/160");
+        assert!(
+            total >= min_total,
+            "{p}: greedy agreement fell to {total}/160"
+        );
     }
 }
