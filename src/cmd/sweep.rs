@@ -311,13 +311,19 @@ pub fn svg_chart(r: &SweepReport) -> String {
     ));
     for (i, l) in r.levels.iter().enumerate() {
         let radius = 4.0 + 10.0 * (l.decode_tokens_per_s / max_speed).sqrt();
+        // Labels of points in the right quarter go to their left, inside the chart.
+        let (label_x, anchor) = if px(xs[i]) > 0.75 * w {
+            (px(xs[i]) - radius - 4.0, "end")
+        } else {
+            (px(xs[i]) + radius + 4.0, "start")
+        };
         s.push_str(&format!(
             "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"{radius:.1}\" fill=\"steelblue\" \
              fill-opacity=\"0.6\" stroke=\"navy\"/>\n\
-             <text x=\"{:.1}\" y=\"{:.1}\">{} ({:.0} tok/s)</text>\n",
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"{anchor}\">{} ({:.0} tok/s)</text>\n",
             px(xs[i]),
             py(ys[i]),
-            px(xs[i]) + radius + 4.0,
+            label_x,
             py(ys[i]) - 2.0,
             xml_escape(&l.dtype),
             l.decode_tokens_per_s
