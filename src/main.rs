@@ -39,6 +39,9 @@ enum Command {
     /// Serve the model over OpenAI's HTTP API, with live memory per component (`/v1/memory`,
     /// `/metrics`, a dashboard at `/`).
     Serve(serve::ServeArgs),
+    /// Measure each weight precision: bytes, load time, perplexity, KL and top-1
+    /// agreement with the highest precision, prefill and decode speed.
+    Sweep(cmd::sweep::SweepArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Command::Import(args) => cmd::import::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Sweep(args) => cmd::sweep::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -424,3 +424,82 @@ fn bench_tp3_reports_the_collective_share() {
     let err = fails(&["bench", "--tp", "3", "--memory-budget", "2GiB"]);
     assert!(err.contains("--kv-blocks"), "{err}");
 }
+
+#[test]
+fn unknown_weight_dtypes_list_the_valid_ones() {
+    let err = fails(&["sweep", "--dtypes", "f32,q3_k"]);
+    assert!(
+        err.contains("q3_k") && err.contains("q4_k") && err.contains("q8_0"),
+        "{err}"
+    );
+    let err = fails(&["sweep", "--dtypes", "int4"]);
+    assert!(err.contains("planner") && err.contains("q4_0"), "{err}");
+    // clap lists the accepted values of --dtype itself.
+    let out = llmem(&["generate", "--prompt", "x", "--dtype", "q3_k"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("q4_k") && err.contains("q6_k"), "{err}");
+}
+
+/// Needs the default model (fetched into the cache when missing).
+#[test]
+fn sweep_json_contract_and_plot() {
+    if !default_model_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("llmem-sweep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("sweep.svg");
+    let v = json(&[
+        "sweep",
+        "--dtypes",
+        "q4_0,f32,q8_0",
+        "--tokens",
+        "64",
+        "--window",
+        "32",
+        "--prompt-tokens",
+        "8",
+        "--decode-tokens",
+        "4",
+        "--format",
+        "json",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert_eq!(v["reference"], "f32");
+    let levels = v["levels"].as_array().unwrap();
+    let names: Vec<&str> = levels
+        .iter()
+        .map(|l| l["dtype"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["q4_0", "f32", "q8_0"], "levels in the order given");
+    for l in levels {
+        for key in [
+            "weights_bytes_planned",
+            "weights_bytes_measured",
+            "load_ms",
+            "perplexity",
+            "kl_divergence",
+            "top1_agreement",
+            "prefill_tokens_per_s",
+            "decode_tokens_per_s",
+            "decode_tokens_per_s_batch16",
+        ] {
+            assert!(l[key].is_number(), "{}: {key} missing in {l}", l["dtype"]);
+        }
+        assert_eq!(l["weights_bytes_planned"], l["weights_bytes_measured"]);
+        assert!(l["perplexity"].as_f64().unwrap() > 1.0);
+        assert!(l["decode_tokens_per_s_batch16"].as_f64().unwrap() > 0.0);
+    }
+    let f32_level = &levels[1];
+    assert_eq!(f32_level["kl_divergence"].as_f64().unwrap(), 0.0);
+    assert_eq!(f32_level["top1_agreement"].as_f64().unwrap(), 1.0);
+    let bytes = |i: usize| levels[i]["weights_bytes_measured"].as_u64().unwrap();
+    assert!(bytes(0) < bytes(2) && bytes(2) < bytes(1));
+    // q4_0 drifts further from f32 than q8_0 does.
+    assert!(levels[0]["kl_divergence"].as_f64() > levels[2]["kl_divergence"].as_f64());
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.starts_with("<svg") && chart.contains("q4_0") && chart.ends_with("</svg>\n"));
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use candle_core::DType;
-use llmem_planner::{human_bytes, AttentionImpl, Deployment, Precision, Workload};
+use llmem_planner::{human_bytes, AttentionImpl, Deployment, Workload};
 
 use crate::block_manager::{BlockManager, KvLayout, SeqId};
 use crate::comm::CommStats;
@@ -673,19 +673,16 @@ pub fn planned_terms(
     budget_bytes: u64,
     overhead: u64,
 ) -> std::result::Result<PlannedTerms, String> {
-    let precision = match model.dtype() {
-        DType::F32 => Precision::Fp32,
-        DType::BF16 => Precision::Bf16,
-        DType::F16 => Precision::Fp16,
-        other => return Err(format!("no planner precision for {other:?}")),
-    };
+    // The weights' own format (a block format computes in f32 but stores its blocks).
+    let format = model.weight_format();
     let workload = Workload {
         context_tokens: config.max_model_len as u64,
         concurrency: config.max_num_seqs as u64,
         max_batched_tokens: config.max_batched_tokens as u64,
         attention: AttentionImpl::Fused,
     };
-    let mut deployment = Deployment::new(precision, llmem_planner::custom_gpu(budget_bytes));
+    let mut deployment = Deployment::new(format.precision, llmem_planner::custom_gpu(budget_bytes));
+    deployment.keep_embeddings = format.keep_embeddings && format.precision.is_quantized();
     deployment.kv_dtype = planner_kv_dtype(config.kv_dtype);
     deployment.runtime_overhead_bytes = Some(overhead);
     deployment.headroom_fraction = 0.0;

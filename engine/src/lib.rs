@@ -16,9 +16,11 @@ pub mod loader;
 pub mod model;
 pub mod parallel;
 pub mod perplexity;
+pub mod quant;
 pub mod sampler;
 pub mod scheduler;
 pub mod shard;
+pub mod sweep;
 pub mod tokenizer_gguf;
 
 pub use error::{Error, Result};

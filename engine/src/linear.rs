@@ -13,8 +13,17 @@
 //! compare. [`matvec_slow`] is the plain reference the fast path is tested against.
 //! Half-precision results are rounded to the weight dtype, as a bf16/f16 matmul with f32
 //! accumulation does.
+//!
+//! A third kind of weight is a GGUF block format (q8_0, q4_0, q4_1, q4_k, q6_k) held as a
+//! candle [`QTensor`]: f32 activations in, f32 out, through candle's quantized matmul
+//! (it quantizes the activations to q8 blocks and runs integer dot products, AVX2/VNNI
+//! where candle has them). See `crate::quant` for which tensors get which format.
 
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use std::sync::Arc;
+
+use candle_core::quantized::k_quants::GgmlType;
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -36,11 +45,21 @@ pub fn matvec_max_rows(dtype: DType) -> usize {
 /// The largest threshold of [`matvec_max_rows`] (tests cover both sides of it).
 pub const MATVEC_MAX_ROWS: usize = 32;
 
-/// A dense projection. `weight`: (out_features, in_features); `bias`: (out_features,).
+/// A projection. `weight`: (out_features, in_features); `bias`: (out_features,).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
+}
+
+/// How a projection's weight is stored.
+#[derive(Debug, Clone)]
+enum Weight {
+    /// A plain f32/bf16/f16 tensor (out_features, in_features).
+    Dense(Tensor),
+    /// GGUF blocks along each row, shape (out_features, in_features); shared when a tied
+    /// LM head reuses a quantized embedding.
+    Quant(Arc<QTensor>),
 }
 
 impl Linear {
@@ -65,45 +84,107 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight: Weight::Dense(weight),
+            bias,
+        })
     }
 
     /// Wrap an existing weight (a tied LM head shares the embedding's storage).
     pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias }
+        Linear {
+            weight: Weight::Dense(weight),
+            bias,
+        }
     }
 
-    /// The dense weight and bias, for tensor parallelism to slice into shards.
-    pub fn dense_parts(&self) -> (&Tensor, Option<&Tensor>) {
-        (&self.weight, self.bias.as_ref())
+    /// The dense weight and bias, for tensor parallelism to slice into shards; an error
+    /// for a block-quantized weight (its shards would have to be re-blocked).
+    pub fn dense_parts(&self) -> candle_core::Result<(&Tensor, Option<&Tensor>)> {
+        match &self.weight {
+            Weight::Dense(w) => Ok((w, self.bias.as_ref())),
+            Weight::Quant(_) => Err(candle_core::Error::Msg(
+                "tensor parallelism shards dense weights only; block-quantized weights \
+                 (q8_0, q4_0, ...) cannot be split yet"
+                    .into(),
+            )),
+        }
     }
 
     /// Bytes held by the weight and bias.
-    pub fn bytes(&self) -> u64 {
-        let b = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-        b(&self.weight) + self.bias.as_ref().map_or(0, b)
+    /// Wrap a block-quantized weight (out_features, in_features); the bias stays dense.
+    pub fn from_qtensor(weight: Arc<QTensor>, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight: Weight::Quant(weight),
+            bias,
+        }
     }
 
-    /// x: (rows, in_features) -> (rows, out_features), in the weight's dtype.
+    /// True when the weight is held in a GGUF block format.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, Weight::Quant(_))
+    }
+
+    /// Bytes held by the weight and bias (block formats: blocks with their scales).
+    pub fn bytes(&self) -> u64 {
+        let b = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        let w = match &self.weight {
+            Weight::Dense(t) => b(t),
+            Weight::Quant(q) => q.storage_size_in_bytes() as u64,
+        };
+        w + self.bias.as_ref().map_or(0, b)
+    }
+
+    /// x: (rows, in_features) -> (rows, out_features). A dense weight answers in its
+    /// own dtype, cast to x's when they differ (an f16 fallback matrix in an f32 model);
+    /// a quantized weight takes and returns f32.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let rows = x.dim(0)?;
-        let y = if rows <= matvec_max_rows(self.weight.dtype())
-            && self.weight.device().is_cpu()
-            && matvec_enabled()
-        {
-            matvec_tensor(x, &self.weight)?
-        } else if self.weight.dtype() != DType::F32 {
-            // candle's CPU gemm has no bf16, and its f16 kernel is far slower than f32.
-            x.to_dtype(DType::F32)?
-                .matmul(&self.weight.to_dtype(DType::F32)?.t()?)?
-                .to_dtype(self.weight.dtype())?
-        } else {
-            x.matmul(&self.weight.t()?)?
+        let y = match &self.weight {
+            Weight::Dense(w) => {
+                let y = dense_forward(x, w)?;
+                if y.dtype() != x.dtype() {
+                    y.to_dtype(x.dtype())?
+                } else {
+                    y
+                }
+            }
+            Weight::Quant(q) => {
+                let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+                let y = if x32.dim(0)? <= MATVEC_MAX_ROWS && matvec_enabled() {
+                    match qmatvec_tensor(&x32, q)? {
+                        Some(y) => y,
+                        None => QMatMul::QTensor(q.clone()).forward(&x32)?,
+                    }
+                } else {
+                    QMatMul::QTensor(q.clone()).forward(&x32)?
+                };
+                if x.dtype() != DType::F32 {
+                    y.to_dtype(x.dtype())?
+                } else {
+                    y
+                }
+            }
         };
         match &self.bias {
+            Some(b) if b.dtype() != y.dtype() => y.broadcast_add(&b.to_dtype(y.dtype())?),
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+}
+
+/// x: (rows, in_features) @ w^T, in w's dtype: the matvec for few rows, gemm otherwise.
+fn dense_forward(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let rows = x.dim(0)?;
+    if rows <= matvec_max_rows(w.dtype()) && w.device().is_cpu() && matvec_enabled() {
+        matvec_tensor(x, w)
+    } else if w.dtype() != DType::F32 {
+        // candle's CPU gemm has no bf16, and its f16 kernel is far slower than f32.
+        x.to_dtype(DType::F32)?
+            .matmul(&w.to_dtype(DType::F32)?.t()?)?
+            .to_dtype(w.dtype())
+    } else {
+        x.to_dtype(DType::F32)?.matmul(&w.t()?)
     }
 }
 
@@ -234,6 +315,119 @@ fn matvec_tensor(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
         Ok(y)
     } else {
         y.to_dtype(w.dtype())
+    }
+}
+
+/// `x @ w^T` for few rows `x` (m, k) f32 and a block-quantized CPU weight `w` (n, k),
+/// through [`qmatvec`]; `None` when the weight is not a CPU block format we handle (the
+/// caller then uses candle's quantized matmul).
+fn qmatvec_tensor(x: &Tensor, w: &QTensor) -> candle_core::Result<Option<Tensor>> {
+    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ6K, BlockQ8_0};
+    use candle_core::quantized::GgmlDType;
+    if !x.device().is_cpu() || !w.device().is_cpu() {
+        return Ok(None);
+    }
+    let (m, k) = x.dims2()?;
+    let (n, wk) = w.shape().dims2()?;
+    if k != wk {
+        candle_core::bail!("quantized matvec: input has {k} features, weight expects {wk}")
+    }
+    let data = w.data()?;
+    let bytes: &[u8] = &data;
+    let out = with_f32_rows(x, |xs| {
+        let mut out = vec![0f32; m * n];
+        let done = match w.dtype() {
+            GgmlDType::Q8_0 => qmatvec_bytes::<BlockQ8_0>(xs, m, bytes, n, k, &mut out),
+            GgmlDType::Q4_0 => qmatvec_bytes::<BlockQ4_0>(xs, m, bytes, n, k, &mut out),
+            GgmlDType::Q4_1 => qmatvec_bytes::<BlockQ4_1>(xs, m, bytes, n, k, &mut out),
+            GgmlDType::Q4K => qmatvec_bytes::<BlockQ4K>(xs, m, bytes, n, k, &mut out),
+            GgmlDType::Q6K => qmatvec_bytes::<BlockQ6K>(xs, m, bytes, n, k, &mut out),
+            _ => false,
+        };
+        Ok(done.then_some(out))
+    })?;
+    out.map(|o| Tensor::from_vec(o, (m, n), x.device()))
+        .transpose()
+}
+
+/// View `bytes` as blocks of `T` and run [`qmatvec`]; false when the bytes are not a
+/// whole, aligned `(n, k / block)` array of blocks.
+fn qmatvec_bytes<T: GgmlType>(
+    x: &[f32],
+    m: usize,
+    bytes: &[u8],
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+) -> bool {
+    let size = std::mem::size_of::<T>();
+    if k % T::BLCK_SIZE != 0
+        || bytes.len() != n * (k / T::BLCK_SIZE) * size
+        || bytes.as_ptr().align_offset(std::mem::align_of::<T>()) != 0
+    {
+        return false;
+    }
+    // Safety: the block types are plain `repr(C)` data (f16 scales and byte arrays), the
+    // length and alignment were checked just above, and `bytes` outlives the view.
+    let blocks: &[T] =
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) };
+    qmatvec(x, m, blocks, n, k, out);
+    true
+}
+
+/// `out[r * n + o] = dot(x row r, w row o)` for a block-quantized `w`: (n, k / block)
+/// blocks, row-major. Each input row is quantized once to the format's dot-product type
+/// (q8 blocks, as candle and llama.cpp do), then weight rows are split across the rayon
+/// pool in tasks of [`ROWS_PER_TASK`], four rows at a time through candle's SIMD
+/// `vec_dot_4`. Same arithmetic as candle's quantized matmul, on the rayon pool the rest
+/// of the forward pass uses: candle's own spinning barrier pool fought rayon for the two
+/// cores of the dev machine and made batch-1 decode 10x slower under load.
+pub fn qmatvec<T: GgmlType>(x: &[f32], m: usize, w: &[T], n: usize, k: usize, out: &mut [f32]) {
+    let kb = k / T::BLCK_SIZE;
+    assert!(x.len() >= m * k && w.len() >= n * kb && out.len() >= m * n);
+    let mut xq: Vec<T::VecDotType> = (0..m * kb).map(|_| T::VecDotType::zeros()).collect();
+    for r in 0..m {
+        T::VecDotType::from_float(&x[r * k..(r + 1) * k], &mut xq[r * kb..(r + 1) * kb]);
+    }
+    let mut scratch = Vec::new();
+    let t: &mut [f32] = if m == 1 {
+        &mut out[..n]
+    } else {
+        scratch.resize(n * m, 0f32);
+        &mut scratch
+    };
+    t.par_chunks_mut(ROWS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(task, dst)| {
+            let first = task * ROWS_PER_TASK;
+            let rows = dst.len() / m;
+            let row = |o: usize| &w[o * kb..(o + 1) * kb];
+            let mut j = 0;
+            while j + 4 <= rows {
+                let o = first + j;
+                for r in 0..m {
+                    let xr = &xq[r * kb..(r + 1) * kb];
+                    let (a, b, c, d) =
+                        T::vec_dot_4(k, row(o), row(o + 1), row(o + 2), row(o + 3), xr);
+                    dst[j * m + r] = a;
+                    dst[(j + 1) * m + r] = b;
+                    dst[(j + 2) * m + r] = c;
+                    dst[(j + 3) * m + r] = d;
+                }
+                j += 4;
+            }
+            for jj in j..rows {
+                for r in 0..m {
+                    dst[jj * m + r] = T::vec_dot(k, row(first + jj), &xq[r * kb..(r + 1) * kb]);
+                }
+            }
+        });
+    if m > 1 {
+        for o in 0..n {
+            for r in 0..m {
+                out[r * n + o] = scratch[o * m + r];
+            }
+        }
     }
 }
 
@@ -381,6 +575,46 @@ mod tests {
             let want = matvec_slow(&x, m, &wh, n, k);
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "f16: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_matvec_matches_candles_quantized_matmul() {
+        use candle_core::quantized::GgmlDType;
+        let dev = Device::Cpu;
+        let (n, k) = (70, 512);
+        let w = Tensor::from_vec(data(n * k, 8), (n, k), &dev).unwrap();
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
+            let q = Arc::new(QTensor::quantize(&w, dtype).unwrap());
+            for m in [1, 3, MATVEC_MAX_ROWS] {
+                let x = Tensor::from_vec(data(m * k, 30 + m as u64), (m, k), &dev).unwrap();
+                let got: Vec<f32> = qmatvec_tensor(&x, &q)
+                    .unwrap()
+                    .expect("a CPU block format")
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let want: Vec<f32> = QMatMul::QTensor(q.clone())
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{dtype:?} m={m}: {g} vs {w}"
+                    );
+                }
             }
         }
     }

@@ -39,6 +39,7 @@ use crate::generate::KvCache;
 use crate::kv_cache::{PagedKvCache, PagedMetadata};
 use crate::linear::{Linear, WeightElem};
 use crate::loader::WeightFiles;
+use crate::quant::{self, StoredMatrix, WeightFormat};
 
 /// Attention bookkeeping for one forward pass, passed explicitly (no global context).
 ///
@@ -322,14 +323,15 @@ pub struct Model {
     shape: ModelShape,
     dtype: DType,
     device: Device,
-    /// (vocab, hidden)
-    embed_tokens: Tensor,
+    /// (vocab, hidden), dense or block-quantized (rows dequantized on lookup).
+    embed_tokens: StoredMatrix,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     /// (vocab, hidden); shares `embed_tokens`' storage when tied.
     lm_head: Linear,
     rope: Rope,
     weights_bytes: u64,
+    format: WeightFormat,
 }
 
 pub(crate) fn tensor_bytes(t: &Tensor) -> u64 {
@@ -341,7 +343,7 @@ impl Attention {
         w: &WeightFiles,
         prefix: &str,
         shape: &ModelShape,
-        dtype: DType,
+        fmt: &WeightFormat,
         device: &Device,
     ) -> Result<Self> {
         let (h, q, kv) = (
@@ -350,13 +352,13 @@ impl Attention {
             shape.kv_dim() as usize,
         );
         let lin = |name: &str, out_dim: usize, in_dim: usize, bias: bool| {
-            Linear::load(
+            quant::load_linear(
                 w,
                 &format!("{prefix}.{name}"),
                 out_dim,
                 in_dim,
                 bias,
-                dtype,
+                fmt,
                 device,
             )
         };
@@ -383,7 +385,7 @@ impl Attention {
         device: &Device,
         shard: &TpShard,
     ) -> Result<Self> {
-        let full = Self::load(w, prefix, shape, dtype, device)?;
+        let full = Self::load(w, prefix, shape, &WeightFormat::dense(dtype)?, device)?;
         let (nh, nkv, hd) = (full.num_heads, full.num_kv_heads, full.head_dim);
         let heads_r = nh / shard.tp;
         let kv_r = (nkv / shard.tp).max(1);
@@ -391,14 +393,14 @@ impl Attention {
         let q0 = shard.rank * heads_r;
         let kv0 = q0 / group;
         let rows = |l: &Linear, start: usize, len: usize| -> candle_core::Result<Linear> {
-            let (weight, bias) = l.dense_parts();
+            let (weight, bias) = l.dense_parts()?;
             Ok(Linear::from_weight(
                 narrow_copy(weight, 0, start * hd, len * hd)?,
                 bias.map(|b| narrow_copy(b, 0, start * hd, len * hd))
                     .transpose()?,
             ))
         };
-        let (o_weight, o_bias) = full.o_proj.dense_parts();
+        let (o_weight, o_bias) = full.o_proj.dense_parts()?;
         Ok(Attention {
             q_proj: rows(&full.q_proj, q0, heads_r)?,
             k_proj: rows(&full.k_proj, kv0, kv_r)?,
@@ -622,7 +624,7 @@ impl Mlp {
         w: &WeightFiles,
         prefix: &str,
         shape: &ModelShape,
-        dtype: DType,
+        fmt: &WeightFormat,
         device: &Device,
     ) -> Result<Self> {
         let (h, i, b) = (
@@ -631,13 +633,13 @@ impl Mlp {
             shape.mlp_bias,
         );
         let lin = |name: &str, out_dim: usize, in_dim: usize| {
-            Linear::load(
+            quant::load_linear(
                 w,
                 &format!("{prefix}.{name}"),
                 out_dim,
                 in_dim,
                 b,
-                dtype,
+                fmt,
                 device,
             )
         };
@@ -659,16 +661,16 @@ impl Mlp {
         device: &Device,
         shard: &TpShard,
     ) -> Result<Self> {
-        let full = Self::load(w, prefix, shape, dtype, device)?;
+        let full = Self::load(w, prefix, shape, &WeightFormat::dense(dtype)?, device)?;
         let (start, len) = TpShard::share(shape.intermediate_size as usize, shard.tp, shard.rank);
         let rows = |l: &Linear| -> candle_core::Result<Linear> {
-            let (weight, bias) = l.dense_parts();
+            let (weight, bias) = l.dense_parts()?;
             Ok(Linear::from_weight(
                 narrow_copy(weight, 0, start, len)?,
                 bias.map(|b| narrow_copy(b, 0, start, len)).transpose()?,
             ))
         };
-        let (d_weight, d_bias) = full.down_proj.dense_parts();
+        let (d_weight, d_bias) = full.down_proj.dense_parts()?;
         Ok(Mlp {
             gate_proj: rows(&full.gate_proj)?,
             up_proj: rows(&full.up_proj)?,
@@ -696,11 +698,16 @@ pub(crate) fn load_norm(
     w: &WeightFiles,
     name: &str,
     shape: &ModelShape,
-    dtype: DType,
+    fmt: &WeightFormat,
     device: &Device,
 ) -> Result<RmsNorm> {
     Ok(RmsNorm {
-        weight: w.load(name, &[shape.hidden_size as usize], dtype, device)?,
+        weight: w.load(
+            name,
+            &[shape.hidden_size as usize],
+            fmt.vector_dtype(),
+            device,
+        )?,
         eps: shape.rms_norm_eps as f32,
     })
 }
@@ -710,7 +717,7 @@ impl DecoderLayer {
         w: &WeightFiles,
         idx: usize,
         shape: &ModelShape,
-        dtype: DType,
+        fmt: &WeightFormat,
         device: &Device,
     ) -> Result<Self> {
         let p = format!("model.layers.{idx}");
@@ -719,18 +726,18 @@ impl DecoderLayer {
                 w,
                 &format!("{p}.input_layernorm.weight"),
                 shape,
-                dtype,
+                fmt,
                 device,
             )?,
-            self_attn: Attention::load(w, &format!("{p}.self_attn"), shape, dtype, device)?,
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), shape, fmt, device)?,
             post_attention_layernorm: load_norm(
                 w,
                 &format!("{p}.post_attention_layernorm.weight"),
                 shape,
-                dtype,
+                fmt,
                 device,
             )?,
-            mlp: Mlp::load(w, &format!("{p}.mlp"), shape, dtype, device)?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), shape, fmt, device)?,
         })
     }
 
@@ -745,10 +752,11 @@ impl DecoderLayer {
         shard: &TpShard,
     ) -> Result<Self> {
         if shard.tp == 1 {
-            return Self::load(w, idx, shape, dtype, device);
+            return Self::load(w, idx, shape, &WeightFormat::dense(dtype)?, device);
         }
         let p = format!("model.layers.{idx}");
-        let norm = |name: &str| load_norm(w, &format!("{p}.{name}.weight"), shape, dtype, device);
+        let dense = WeightFormat::dense(dtype)?;
+        let norm = |name: &str| load_norm(w, &format!("{p}.{name}.weight"), shape, &dense, device);
         Ok(DecoderLayer {
             input_layernorm: norm("input_layernorm")?,
             self_attn: Attention::load_shard(
@@ -804,6 +812,11 @@ impl DecoderLayer {
 impl Model {
     /// Load a model directory (config.json plus safetensors) in `dtype` on `device`.
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_dir_with(dir, &WeightFormat::dense(dtype)?, device)
+    }
+
+    /// Load a model directory with its weights stored as `fmt` says (see `crate::quant`).
+    pub fn load_dir_with(dir: &Path, fmt: &WeightFormat, device: &Device) -> Result<Self> {
         let shape = ModelShape::from_path(dir).map_err(|e| {
             let path = dir.join("config.json");
             // The planner's messages already lead with the file; do not repeat it.
@@ -817,7 +830,7 @@ impl Model {
             Error::Config { path, message }
         })?;
         let weights = WeightFiles::open_dir(dir)?;
-        Self::load(&shape, &weights, dtype, device)
+        Self::load_with(&shape, &weights, fmt, device)
     }
 
     /// Build the model from already opened weight files. Every tensor is checked for
@@ -828,26 +841,37 @@ impl Model {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-            return Err(Error::InvalidInput(format!(
-                "dtype {dtype:?} is not supported for the model; use f32, bf16 or f16"
-            )));
-        }
+        Self::load_with(shape, w, &WeightFormat::dense(dtype)?, device)
+    }
+
+    /// Build the model from opened weight files, each matrix stored as `fmt` says
+    /// (float dtypes, or GGUF block formats quantized at load; see `crate::quant`).
+    pub fn load_with(
+        shape: &ModelShape,
+        w: &WeightFiles,
+        fmt: &WeightFormat,
+        device: &Device,
+    ) -> Result<Self> {
+        // Checks the precision is one the engine runs.
+        WeightFormat::new(fmt.precision)?;
+        let dtype = fmt.activation_dtype();
         let (vocab, h) = (shape.vocab_size as usize, shape.hidden_size as usize);
-        let embed_tokens = w.load("model.embed_tokens.weight", &[vocab, h], dtype, device)?;
+        let ep = fmt.embedding_precision();
+        let embed_tokens =
+            quant::load_matrix(w, "model.embed_tokens.weight", vocab, h, ep, device)?;
         let layers = (0..shape.num_hidden_layers as usize)
-            .map(|i| DecoderLayer::load(w, i, shape, dtype, device))
+            .map(|i| DecoderLayer::load(w, i, shape, fmt, device))
             .collect::<Result<Vec<_>>>()?;
-        let norm = load_norm(w, "model.norm.weight", shape, dtype, device)?;
+        let norm = load_norm(w, "model.norm.weight", shape, fmt, device)?;
         // Some tied checkpoints still ship an lm_head.weight copy; tied means we use the
         // embedding, as transformers does.
         let lm_head = if shape.tie_word_embeddings {
-            Linear::from_weight(embed_tokens.clone(), None)
+            embed_tokens.clone().into_linear(None)
         } else {
-            Linear::load(w, "lm_head", vocab, h, false, dtype, device)?
+            quant::load_matrix(w, "lm_head.weight", vocab, h, ep, device)?.into_linear(None)
         };
         let rope = Rope::new(shape, shape.max_position_embeddings as usize, dtype, device)?;
-        let mut weights_bytes = tensor_bytes(&embed_tokens)
+        let mut weights_bytes = embed_tokens.bytes()
             + layers.iter().map(DecoderLayer::weights_bytes).sum::<u64>()
             + tensor_bytes(&norm.weight);
         if !shape.tie_word_embeddings {
@@ -863,7 +887,13 @@ impl Model {
             lm_head,
             rope,
             weights_bytes,
+            format: *fmt,
         })
+    }
+
+    /// How the weights are stored (precision, embeddings kept or not).
+    pub fn weight_format(&self) -> &WeightFormat {
+        &self.format
     }
 
     pub fn shape(&self) -> &ModelShape {
@@ -964,7 +994,7 @@ impl Model {
             masks,
             meta,
         };
-        let mut x = self.embed_tokens.index_select(input_ids, 0)?;
+        let mut x = self.embed_tokens.rows(input_ids, self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer
                 .forward(&x, |attn, h| attn.forward(h, &pass, i, caches))
@@ -1032,7 +1062,7 @@ impl Model {
         let positions = Tensor::new(positions, &self.device)?;
         let cos = self.rope.cos.index_select(&positions, 0)?;
         let sin = self.rope.sin.index_select(&positions, 0)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let mut x = self.embed_tokens.rows(&ids, self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer
                 .forward(&x, |attn, h| {

@@ -215,7 +215,13 @@ impl ShardedModel {
                 Some(Linear::from_weight(rows(weight)?, None))
             };
             (
-                Some(load_norm(w, "model.norm.weight", shape, dtype, device)?),
+                Some(load_norm(
+                    w,
+                    "model.norm.weight",
+                    shape,
+                    &crate::quant::WeightFormat::dense(dtype)?,
+                    device,
+                )?),
                 head,
             )
         } else {

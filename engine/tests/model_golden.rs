@@ -392,3 +392,73 @@ fn golden_engine_batched_and_preempted_equal_alone() {
         }
     }
 }
+
+/// Every weight precision the engine runs, on SmolLM2 (hidden 576: the k-quants fall
+/// back to 32-block formats for most matrices): measured bytes equal the planner's.
+#[test]
+fn golden_quantized_weight_bytes_equal_the_planner() {
+    use llmem_engine::quant::{WeightFormat, ENGINE_PRECISIONS};
+    let Some(dir) = model_dir() else { return };
+    for p in ENGINE_PRECISIONS {
+        let keeps: &[bool] = if p.is_quantized() {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &keep_embeddings in keeps {
+            let fmt = WeightFormat {
+                precision: p,
+                keep_embeddings,
+            };
+            let model = Model::load_dir_with(&dir, &fmt, &Device::Cpu).unwrap();
+            let planned =
+                llmem_planner::model_weights_bytes(model.shape(), p, keep_embeddings).unwrap();
+            println!(
+                "{p} keep_embeddings={keep_embeddings}: {} bytes",
+                model.weights_bytes()
+            );
+            assert_eq!(model.weights_bytes(), planned, "{p} {keep_embeddings}");
+        }
+    }
+}
+
+/// Greedy continuations of the five reference prompts at q8_0, q4_k and q4_0, against
+/// the f32 reference: prints the agreement (matching prefix of the 32 tokens). The
+/// bounds are loose sanity checks, far below what was measured (see the README).
+#[test]
+fn golden_quantized_greedy_agreement() {
+    use llmem_engine::quant::WeightFormat;
+    use llmem_planner::Precision;
+    let Some(dir) = model_dir() else { return };
+    let tok = load_tokenizer(&dir).unwrap();
+    for (p, min_total) in [
+        // Measured: q8_0 117/160, q4_k 11/160, q4_0 11/160 (4-bit SmolLM2-135M often
+        // picks another first token, then writes its own sensible text).
+        (Precision::Q8_0, 80),
+        (Precision::Q4K, 3),
+        (Precision::Q4_0, 3),
+    ] {
+        let fmt = WeightFormat {
+            precision: p,
+            keep_embeddings: false,
+        };
+        let model = Model::load_dir_with(&dir, &fmt, &Device::Cpu).unwrap();
+        let mut total = 0;
+        for case in reference()["cases"].as_array().unwrap() {
+            let name = case["name"].as_str().unwrap();
+            let out = greedy(&model, &dir, ids(&case["prompt_ids"]), 0);
+            let want = ids(&case["greedy_ids"]);
+            let matched = matching_prefix(&out.token_ids, &want);
+            println!(
+                "{p} {name}: {matched}/32 greedy tokens match f32: {:?}",
+                tok.decode(&out.token_ids, true).unwrap()
+            );
+            total += matched;
+        }
+        println!("{p} total: {total}/160 greedy tokens match the f32 reference");
+        assert!(
+            total >= min_total,
+            "{p}: greedy agreement fell to {total}/160"
+        );
+    }
+}

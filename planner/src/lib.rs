@@ -21,7 +21,7 @@ pub mod shape;
 
 pub use fit::{fit, levers, max_concurrency, max_context, FitLimits, FitReport};
 pub use gpu::{catalog, custom_gpu, gpu, human_bytes, parse_bytes, Gpu};
-pub use plan::{plan, AttentionImpl, Deployment, Plan, Terms, Workload};
+pub use plan::{model_weights_bytes, plan, AttentionImpl, Deployment, Plan, Terms, Workload};
 pub use precision::{matrix_bytes, vector_bytes, KvDtype, Precision};
 pub use presets::{preset, preset_names, resolve_shape};
 pub use shape::{Architecture, ModelShape, ParamCounts, RawConfig, RopeScaling};

@@ -407,6 +407,21 @@ fn rank_weights(
     sum(&parts, "weight bytes of a rank")
 }
 
+/// Weight bytes of the whole model on one device (no TP, no PP) at `precision`, the
+/// embedding and LM head at fp16 when `keep_embeddings` and the precision is quantized.
+/// The engine's measured bytes for the same load options must equal this exactly.
+pub fn model_weights_bytes(
+    shape: &ModelShape,
+    precision: Precision,
+    keep_embeddings: bool,
+) -> Result<u64, PlanError> {
+    let d = Deployment {
+        keep_embeddings,
+        ..Deployment::new(precision, crate::gpu::custom_gpu(0))
+    };
+    rank_weights(shape, &d, shape.num_hidden_layers, true, true, 0)
+}
+
 /// KV heads one TP rank holds (one when TP exceeds the KV heads: replicated).
 pub fn kv_heads_per_rank(shape: &ModelShape, tp: u64) -> u64 {
     (shape.num_key_value_heads / tp).max(1)

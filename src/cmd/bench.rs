@@ -265,7 +265,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Source::Parallel {
             shape,
             dir: loaded.dir.clone(),
-            dtype: args.dtype.candle(),
+            dtype: args.dtype.dense()?,
             spec,
         }
     } else {

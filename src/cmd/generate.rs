@@ -13,31 +13,58 @@ use llmem_engine::config::EngineConfig;
 use llmem_engine::generate::{generate, GenerateRequest};
 use llmem_engine::loader::load_tokenizer;
 use llmem_engine::model::Model;
+use llmem_engine::quant::{fallback_notes, WeightFormat};
 use llmem_engine::sampler::SamplingParams;
+use llmem_planner::Precision;
 
-/// The dtype weights and activations are kept in.
+/// The precision weights are stored in. f32/bf16/f16 keep every tensor (and the
+/// activations) in that dtype; the GGUF block formats quantize the matrices at load and
+/// keep norms, biases and activations in f32 (see `llmem_engine::quant`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DtypeArg {
     F32,
     Bf16,
     F16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q6_k")]
+    Q6K,
+    #[value(name = "q4_1")]
+    Q4_1,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_k")]
+    Q4K,
 }
 
 impl DtypeArg {
-    pub fn candle(self) -> candle_core::DType {
+    pub fn precision(self) -> Precision {
         match self {
-            DtypeArg::F32 => candle_core::DType::F32,
-            DtypeArg::Bf16 => candle_core::DType::BF16,
-            DtypeArg::F16 => candle_core::DType::F16,
+            DtypeArg::F32 => Precision::Fp32,
+            DtypeArg::Bf16 => Precision::Bf16,
+            DtypeArg::F16 => Precision::Fp16,
+            DtypeArg::Q8_0 => Precision::Q8_0,
+            DtypeArg::Q6K => Precision::Q6K,
+            DtypeArg::Q4_1 => Precision::Q4_1,
+            DtypeArg::Q4_0 => Precision::Q4_0,
+            DtypeArg::Q4K => Precision::Q4K,
         }
     }
 
     pub fn name(self) -> &'static str {
-        match self {
-            DtypeArg::F32 => "f32",
-            DtypeArg::Bf16 => "bf16",
-            DtypeArg::F16 => "f16",
-        }
+        llmem_engine::quant::cli_name(self.precision())
+    }
+
+    /// The candle dtype of a float level; an error naming the option for block formats,
+    /// which tensor and pipeline parallelism cannot shard yet.
+    pub fn dense(self) -> anyhow::Result<candle_core::DType> {
+        llmem_engine::quant::dense_dtype(self.precision()).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--dtype {} with --tp/--pp: sharding runs float weights only (f32, bf16, f16); \
+                 block-quantized weights cannot be split across ranks yet",
+                self.name()
+            )
+        })
     }
 }
 
@@ -81,9 +108,14 @@ pub struct GenerateArgs {
     /// Stop at this token id (repeatable), even with --ignore-eos.
     #[arg(long = "stop-token-id")]
     pub stop_token_ids: Vec<u32>,
-    /// Weight and activation dtype.
+    /// Weight dtype: f32/bf16/f16, or a GGUF block format quantized at load (norms,
+    /// biases and activations stay f32; rows that do not fit a block fall back).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
+    /// With a block format: keep the embedding and LM head at f16 instead of quantizing
+    /// them like the other matrices.
+    #[arg(long)]
+    pub keep_embeddings: bool,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
     /// Report the top K log-probabilities at each generated position (JSON only).
@@ -107,11 +139,24 @@ pub struct Loaded {
 
 /// Resolve a model name or directory and load it on the CPU in `dtype`.
 pub fn load(model: &str, dtype: DtypeArg) -> anyhow::Result<Loaded> {
+    load_with(model, dtype, false)
+}
+
+/// [`load`] with the embedding and LM head kept at f16 when `keep_embeddings`. Matrices
+/// that fall back to another format are reported on stderr, one line per kind.
+pub fn load_with(model: &str, dtype: DtypeArg, keep_embeddings: bool) -> anyhow::Result<Loaded> {
     let dir = llmem_engine::hub::resolve_model(model)?;
     let start = Instant::now();
     let device = candle_core::Device::Cpu;
-    let model = Model::load_dir(&dir, dtype.candle(), &device)
+    let fmt = WeightFormat {
+        precision: dtype.precision(),
+        keep_embeddings,
+    };
+    let model = Model::load_dir_with(&dir, &fmt, &device)
         .with_context(|| format!("loading model {}", dir.display()))?;
+    for note in fallback_notes(model.shape(), &fmt) {
+        eprintln!("note: {note}");
+    }
     let tokenizer = load_tokenizer(&dir)?;
     let config = EngineConfig::from_dir(&dir)?;
     Ok(Loaded {
@@ -127,7 +172,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if args.parallel.is_parallel() {
         return run_parallel(args);
     }
-    let loaded = load(&args.model, args.dtype)?;
+    let loaded = load_with(&args.model, args.dtype, args.keep_embeddings)?;
     let (prompt, add_special) = prompt_text(&args, &loaded.dir, &loaded.config)?;
     let encoding = loaded
         .tokenizer
@@ -289,7 +334,7 @@ fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
         max_model_len,
         kv_layout: llmem_engine::block_manager::KvLayout::Paged,
     };
-    let mut engine = Engine::new_parallel(&shape, weights, args.dtype.candle(), spec, paged)
+    let mut engine = Engine::new_parallel(&shape, weights, args.dtype.dense()?, spec, paged)
         .with_context(|| {
             format!(
                 "loading model {} as {} ranks",

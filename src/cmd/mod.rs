@@ -7,6 +7,7 @@ pub mod import;
 pub mod inspect;
 pub mod perplexity;
 pub mod plan;
+pub mod sweep;
 
 use llmem_engine::engine::Engine;
 use llmem_engine::shard::ParallelSpec;

@@ -46,10 +46,15 @@ pub struct ServeArgs {
     /// The model id clients send and see (default: the --model name, or the directory's name).
     #[arg(long)]
     pub served_model_name: Option<String>,
-    /// Weight and activation dtype.
+    /// Weight dtype: a float (weights and activations) or a GGUF block format
+    /// (activations in f32).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
-    /// KV cache element type: f32, f16 or bf16 (default: the weights' dtype).
+    /// With a block format, keep the embedding and LM head at f16.
+    #[arg(long)]
+    pub keep_embeddings: bool,
+    /// KV cache element type: f32, f16 or bf16 (default: the weights' dtype; f32 under a
+    /// block format).
     #[arg(long)]
     pub kv_dtype: Option<String>,
     /// Size everything from this memory budget (weights, activations, runtime overhead,
@@ -111,10 +116,11 @@ pub struct Server {
 fn kv_dtype_for(args: &ServeArgs) -> anyhow::Result<KvDtype> {
     Ok(match &args.kv_dtype {
         Some(s) => KvDtype::parse(s)?,
+        // Block formats compute in f32.
         None => match args.dtype {
-            DtypeArg::F32 => KvDtype::F32,
             DtypeArg::Bf16 => KvDtype::Bf16,
             DtypeArg::F16 => KvDtype::F16,
+            _ => KvDtype::F32,
         },
     })
 }
@@ -230,7 +236,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
             num_blocks: blocks as usize,
             ..config
         };
-        let engine = Engine::new_parallel(&shape, weights, args.dtype.candle(), spec, config)
+        let engine = Engine::new_parallel(&shape, weights, args.dtype.dense()?, spec, config)
             .with_context(|| format!("loading {} across ranks", dir.display()))?;
         let startup = crate::cmd::rank_report(&engine);
         Built {
@@ -240,13 +246,15 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
             planned: Err("per-rank plans are beside each rank".into()),
         }
     } else {
-        let model = Model::load(
-            &shape,
-            &weights,
-            args.dtype.candle(),
-            &candle_core::Device::Cpu,
-        )
-        .with_context(|| format!("loading model {}", dir.display()))?;
+        let fmt = llmem_engine::quant::WeightFormat {
+            precision: args.dtype.precision(),
+            keep_embeddings: args.keep_embeddings,
+        };
+        let model = Model::load_with(&shape, &weights, &fmt, &candle_core::Device::Cpu)
+            .with_context(|| format!("loading model {}", dir.display()))?;
+        for note in llmem_engine::quant::fallback_notes(model.shape(), &fmt) {
+            eprintln!("note: {note}");
+        }
         drop(weights);
         build_single(args, model, config, baseline_rss)?
     };

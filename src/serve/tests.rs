@@ -587,7 +587,10 @@ async fn memory_and_metrics_follow_the_contract_and_the_plan() {
         + rank["kv_cache_reserved_bytes"].as_u64().unwrap()
         + rank["runtime_overhead_bytes"].as_u64().unwrap();
     assert!(used <= 1 << 30, "{used}");
-    assert_eq!(state.ledger.ranks[0].kv_cache_reserved_bytes, blocks * per_block);
+    assert_eq!(
+        state.ledger.ranks[0].kv_cache_reserved_bytes,
+        blocks * per_block
+    );
 
     let (status, headers, bytes) = call(&router, "GET", "/metrics", None, None).await;
     assert_eq!(status, StatusCode::OK);
@@ -654,4 +657,23 @@ async fn tensor_parallel_serving_reports_every_rank_beside_the_planner() {
     let (_, _, metrics) = call(&router, "GET", "/metrics", None, None).await;
     let metrics = String::from_utf8(metrics).unwrap();
     assert!(metrics.contains("llmem_memory_bytes{component=\"weights\",rank=\"2\"} 254944512"));
+}
+
+#[tokio::test]
+async fn quantized_serving_plans_the_bytes_it_holds() {
+    let Some((_state, router)) = server(&["--dtype", "q8_0"]) else {
+        return;
+    };
+    let (status, v) = post_json(
+        &router,
+        "/v1/completions",
+        json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    let m = memory(&router).await;
+    // `llmem sweep` measured and planned 143,025,408 B for q8_0 SmolLM2 (embedding included).
+    assert_eq!(m["ranks"][0]["weights_bytes"], 143_025_408u64, "{m}");
+    assert_eq!(m["plan"]["weights_bytes"], m["ranks"][0]["weights_bytes"]);
 }

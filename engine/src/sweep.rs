@@ -1,0 +1,362 @@
+//! What each weight precision costs and buys, measured in one process: bytes (planned by
+//! `llmem_planner::model_weights_bytes` and measured on the loaded model), load time,
+//! perplexity, agreement of the next-token distribution with a reference level, prefill
+//! and decode speed.
+//!
+//! Method. The text's first `tokens` ids are cut into windows of `window` tokens, each
+//! scored by one forward pass from an empty cache (the method of `crate::perplexity`);
+//! that pass also times prefill. The reference level's log-probabilities at every scored
+//! position are kept (positions x vocab f32) and every other level is compared with them
+//! at the same positions: mean KL(reference || level) in nats, and the fraction of
+//! positions whose argmax agrees. Decode at batch 1 is greedy generation of
+//! `decode_tokens` tokens after a prompt of the text's first ids through the contiguous
+//! cache; decode at batch 16 runs 16 requests through the paged [`Engine`] and counts
+//! only the steps in which every sequence decodes.
+
+use std::time::Instant;
+
+use llmem_planner::{ModelShape, Precision};
+use serde::Serialize;
+
+use crate::block_manager::KvLayout;
+use crate::engine::{Engine, EngineConfig};
+use crate::error::{Error, Result};
+use crate::kv_cache::KvDtype;
+use crate::loader::WeightFiles;
+use crate::model::{AttnMetadata, Model};
+use crate::quant::{cli_name, fallback_notes, WeightFormat};
+use crate::sampler::{log_softmax, SamplingParams};
+use crate::scheduler::StopConditions;
+
+/// Sequences in the batched decode measurement.
+pub const BATCH: usize = 16;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct SweepOptions {
+    /// Levels in the order to report them.
+    pub precisions: Vec<Precision>,
+    pub keep_embeddings: bool,
+    /// Tokens scored for perplexity / KL (whole windows only).
+    pub tokens: usize,
+    pub window: usize,
+    /// Prompt tokens before the decode measurements.
+    pub decode_prompt_tokens: usize,
+    /// Tokens generated per sequence in the decode measurements.
+    pub decode_tokens: usize,
+}
+
+/// One level's measurements; the field names are the JSON contract.
+#[derive(Debug, Clone, Serialize)]
+pub struct LevelReport {
+    pub dtype: String,
+    pub weights_bytes_planned: u64,
+    pub weights_bytes_measured: u64,
+    pub load_ms: f64,
+    pub perplexity: f64,
+    /// Mean KL(reference || this level) in nats per position; 0 for the reference.
+    pub kl_divergence: f64,
+    /// Fraction of positions whose argmax equals the reference's.
+    pub top1_agreement: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub decode_tokens_per_s_batch16: f64,
+    /// Matrices stored in another format because their rows do not fit the block.
+    pub fallbacks: Vec<String>,
+}
+
+/// The whole sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepReport {
+    /// The level the others are compared with (the most bits per weight).
+    pub reference: String,
+    pub tokens: usize,
+    pub window: usize,
+    pub positions: usize,
+    pub keep_embeddings: bool,
+    pub levels: Vec<LevelReport>,
+}
+
+/// Progress of one level: a stage name, and steps done out of a total.
+pub trait Progress {
+    fn level_start(&mut self, dtype: &str, steps: u64);
+    fn step(&mut self, message: &str);
+    fn level_done(&mut self);
+}
+
+/// No progress output (tests, JSON to a pipe).
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn level_start(&mut self, _: &str, _: u64) {}
+    fn step(&mut self, _: &str) {}
+    fn level_done(&mut self) {}
+}
+
+/// The reference level: the one with the most bits per weight (ties: the first given).
+pub fn reference_level(precisions: &[Precision]) -> Option<Precision> {
+    let mut best: Option<Precision> = None;
+    for &p in precisions {
+        if best.is_none_or(|b| p.bits_per_weight() > b.bits_per_weight()) {
+            best = Some(p);
+        }
+    }
+    best
+}
+
+/// Per-position log-probabilities of a window's predictions: (window - 1) x vocab.
+struct WindowScores {
+    log_probs: Vec<Vec<f32>>,
+    nll: f64,
+}
+
+fn score_window(model: &Model, chunk: &[u32]) -> Result<(WindowScores, f64)> {
+    let w = chunk.len();
+    let mut cache = model.new_cache(w)?;
+    let start = Instant::now();
+    let logits = model.forward_all_logits(chunk, &AttnMetadata::single(0, w), &mut [&mut cache])?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let vocab = logits.dim(1)?;
+    let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+    let mut log_probs = Vec::with_capacity(w - 1);
+    let mut nll = 0.0;
+    for pos in 0..w - 1 {
+        let lp = log_softmax(&flat[pos * vocab..(pos + 1) * vocab]);
+        let target = chunk[pos + 1] as usize;
+        nll -= lp.get(target).copied().ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "token id {target} is outside the vocabulary of {vocab}"
+            ))
+        })?;
+        log_probs.push(lp.iter().map(|&x| x as f32).collect());
+    }
+    Ok((WindowScores { log_probs, nll }, elapsed))
+}
+
+/// KL(p || q) for log-probabilities, in nats.
+pub fn kl_divergence(log_p: &[f32], log_q: &[f32]) -> f64 {
+    log_p
+        .iter()
+        .zip(log_q)
+        .map(|(&lp, &lq)| {
+            let p = (lp as f64).exp();
+            if p > 0.0 {
+                p * (lp as f64 - lq as f64)
+            } else {
+                0.0
+            }
+        })
+        .sum()
+}
+
+fn argmax(xs: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Greedy decode of `n` tokens after `prompt` at batch 1; decode tokens per second.
+fn decode_batch1(model: &Model, prompt: &[u32], n: usize) -> Result<f64> {
+    let mut cache = model.new_cache(prompt.len() + n)?;
+    let logits = model.forward(
+        prompt,
+        &AttnMetadata::single(0, prompt.len()),
+        &mut [&mut cache],
+    )?;
+    let mut next = argmax(&logits.flatten_all()?.to_vec1::<f32>()?) as u32;
+    let start = Instant::now();
+    for i in 0..n {
+        let logits = model.forward(
+            &[next],
+            &AttnMetadata::single(prompt.len() + i, 1),
+            &mut [&mut cache],
+        )?;
+        next = argmax(&logits.flatten_all()?.to_vec1::<f32>()?) as u32;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// [`BATCH`] sequences through the paged engine; tokens per second over the steps in
+/// which all of them decode (prefill steps left out).
+fn decode_batched(model: &Model, prompt: &[u32], n: usize) -> Result<f64> {
+    let block_size = 16;
+    let max_model_len = prompt.len() + n;
+    let config = EngineConfig {
+        block_size,
+        num_blocks: BATCH * max_model_len.div_ceil(block_size),
+        kv_dtype: KvDtype::F32,
+        max_num_seqs: BATCH,
+        max_batched_tokens: (BATCH * prompt.len()).max(BATCH),
+        max_model_len,
+        kv_layout: KvLayout::Paged,
+    };
+    let mut engine = Engine::new(model.clone(), config)?;
+    let stop = StopConditions {
+        max_tokens: n,
+        stop_token_ids: Vec::new(),
+        ignore_eos: true,
+    };
+    for s in 0..BATCH {
+        // Distinct prompts (rotated) so the prefix cache does not share them.
+        let mut p = prompt.to_vec();
+        p.rotate_left(s % prompt.len().max(1));
+        engine.add_request(p, SamplingParams::default(), stop.clone())?;
+    }
+    let (mut tokens, mut seconds) = (0usize, 0f64);
+    while engine.has_work() {
+        let start = Instant::now();
+        let out = engine.step()?;
+        let dt = start.elapsed().as_secs_f64();
+        // A step that emits one token per sequence of a full batch is a decode step
+        // (the first step emits the prefill's tokens; it is left out).
+        if out.len() == BATCH && engine.stats().steps > 1 {
+            tokens += out.len();
+            seconds += dt;
+        }
+    }
+    Ok(if seconds > 0.0 {
+        tokens as f64 / seconds
+    } else {
+        0.0
+    })
+}
+
+/// Run the sweep over `ids` (the tokenized text; at least `tokens` and the decode prompt).
+pub fn sweep(
+    shape: &ModelShape,
+    weights: &WeightFiles,
+    ids: &[u32],
+    opts: &SweepOptions,
+    progress: &mut dyn Progress,
+) -> Result<SweepReport> {
+    let reference = reference_level(&opts.precisions)
+        .ok_or_else(|| Error::InvalidInput("the sweep needs at least one dtype".into()))?;
+    if opts.window < 2 {
+        return Err(Error::InvalidInput(format!(
+            "window = {}: a window needs at least 2 tokens",
+            opts.window
+        )));
+    }
+    let windows = opts.tokens / opts.window;
+    if windows == 0 || ids.len() < opts.tokens {
+        return Err(Error::InvalidInput(format!(
+            "the text has {} tokens; the sweep scores --tokens {} in windows of {} (at least \
+             one whole window is needed)",
+            ids.len(),
+            opts.tokens,
+            opts.window
+        )));
+    }
+    if opts.decode_prompt_tokens == 0 || opts.decode_prompt_tokens > ids.len() {
+        return Err(Error::InvalidInput(format!(
+            "decode prompt of {} tokens: the text has {}",
+            opts.decode_prompt_tokens,
+            ids.len()
+        )));
+    }
+    let scored = &ids[..windows * opts.window];
+    let prompt = &ids[..opts.decode_prompt_tokens];
+    // Reference first, then the others; reported in the order given.
+    let mut order: Vec<usize> = (0..opts.precisions.len()).collect();
+    let ref_idx = opts
+        .precisions
+        .iter()
+        .position(|&p| p == reference)
+        .unwrap_or(0);
+    order.retain(|&i| i != ref_idx);
+    order.insert(0, ref_idx);
+
+    let mut ref_scores: Vec<Vec<Vec<f32>>> = Vec::new();
+    let mut reports: Vec<Option<LevelReport>> = vec![None; opts.precisions.len()];
+    for i in order {
+        let p = opts.precisions[i];
+        let name = cli_name(p);
+        progress.level_start(name, (windows + 3) as u64);
+        let fmt = WeightFormat {
+            precision: p,
+            keep_embeddings: opts.keep_embeddings,
+        };
+        let planned = llmem_planner::model_weights_bytes(shape, p, opts.keep_embeddings)
+            .map_err(|e| Error::InvalidInput(format!("planning {name}: {e}")))?;
+        let start = Instant::now();
+        let model = Model::load_with(shape, weights, &fmt, &candle_core::Device::Cpu)?;
+        let load_ms = start.elapsed().as_secs_f64() * 1e3;
+        progress.step("loaded");
+
+        let (mut nll, mut prefill_s) = (0f64, 0f64);
+        let (mut kl_sum, mut agree, mut positions) = (0f64, 0usize, 0usize);
+        for w in 0..windows {
+            let chunk = &scored[w * opts.window..(w + 1) * opts.window];
+            let (scores, secs) = score_window(&model, chunk)?;
+            nll += scores.nll;
+            prefill_s += secs;
+            if i == ref_idx {
+                ref_scores.push(scores.log_probs);
+            } else {
+                for (r, q) in ref_scores[w].iter().zip(&scores.log_probs) {
+                    kl_sum += kl_divergence(r, q);
+                    agree += usize::from(argmax(r) == argmax(q));
+                }
+            }
+            positions += opts.window - 1;
+            progress.step("perplexity window");
+        }
+        if i == ref_idx {
+            agree = positions;
+        }
+        let decode = decode_batch1(&model, prompt, opts.decode_tokens)?;
+        progress.step("decode batch 1");
+        let decode16 = decode_batched(&model, prompt, opts.decode_tokens)?;
+        progress.step("decode batch 16");
+        reports[i] = Some(LevelReport {
+            dtype: name.to_string(),
+            weights_bytes_planned: planned,
+            weights_bytes_measured: model.weights_bytes(),
+            load_ms,
+            perplexity: (nll / positions as f64).exp(),
+            kl_divergence: kl_sum / positions as f64,
+            top1_agreement: agree as f64 / positions as f64,
+            prefill_tokens_per_s: scored.len() as f64 / prefill_s,
+            decode_tokens_per_s: decode,
+            decode_tokens_per_s_batch16: decode16,
+            fallbacks: fallback_notes(shape, &fmt),
+        });
+        progress.level_done();
+    }
+    Ok(SweepReport {
+        reference: cli_name(reference).to_string(),
+        tokens: scored.len(),
+        window: opts.window,
+        positions: windows * (opts.window - 1),
+        keep_embeddings: opts.keep_embeddings,
+        levels: reports.into_iter().flatten().collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_is_the_most_bits_per_weight() {
+        use Precision::*;
+        assert_eq!(reference_level(&[Q4_0, Bf16, Q8_0]), Some(Bf16));
+        assert_eq!(reference_level(&[Q4K, Fp32, Bf16]), Some(Fp32));
+        assert_eq!(reference_level(&[Q4_0, Q8_0]), Some(Q8_0));
+        assert_eq!(reference_level(&[]), None);
+    }
+
+    #[test]
+    fn kl_is_zero_for_equal_and_positive_for_different() {
+        let p = log_softmax(&[1.0, 2.0, 3.0]);
+        let q = log_softmax(&[3.0, 2.0, 1.0]);
+        let p: Vec<f32> = p.iter().map(|&x| x as f32).collect();
+        let q: Vec<f32> = q.iter().map(|&x| x as f32).collect();
+        assert!(kl_divergence(&p, &p).abs() < 1e-7);
+        assert!(kl_divergence(&p, &q) > 0.5);
+    }
+}
