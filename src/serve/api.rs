@@ -10,9 +10,9 @@
 //! full.
 //!
 //! Bodies are parsed by hand from bytes (not axum's `Json` extractor) so that a malformed
-//! body also gets the OpenAI error shape. Every response carries `usage`; in a stream the
-//! chunk that carries `finish_reason` has it too (and a separate usage chunk follows
-//! when `stream_options.include_usage` asks, as OpenAI sends it).
+//! body also gets the OpenAI error shape. Every response carries `usage`; in a stream,
+//! once: on the chunk that carries `finish_reason`, or, when
+//! `stream_options.include_usage` asks, in a usage-only chunk after it (as OpenAI sends it).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,6 +58,8 @@ pub struct AppState {
     pub max_model_len: usize,
     /// Requests allowed to wait before new ones get 503.
     pub max_waiting: usize,
+    /// Sequences the engine runs at once (a request beyond them waits).
+    pub max_num_seqs: usize,
     pub api_key: Option<String>,
     pub ledger: Ledger,
     pub started: Instant,
@@ -443,14 +445,14 @@ impl AppState {
             Some(m) => m,
             None => (limit as u64).saturating_sub(p as u64),
         };
-        if p as u64 + max_tokens > limit as u64 || p >= limit {
+        let total = (p as u64).checked_add(max_tokens);
+        if total.is_none_or(|t| t > limit as u64) || p >= limit {
             return Err(ApiError::bad_param(
                 "max_tokens",
                 format!(
                     "this model's maximum context length is {limit} tokens, but the request \
-                     asks for {} ({p} in the prompt + {max_tokens} to generate); shorten the \
-                     prompt or lower max_tokens",
-                    p as u64 + max_tokens
+                     asks for {p} in the prompt + {max_tokens} to generate; shorten the \
+                     prompt or lower max_tokens"
                 ),
             ));
         }
@@ -488,7 +490,9 @@ impl AppState {
         arrived: Instant,
     ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
         let waiting = self.shared.waiting();
-        if waiting >= self.max_waiting {
+        // A request waits when others already do or every sequence slot is taken.
+        let would_wait = waiting > 0 || self.shared.snapshot().stats.running >= self.max_num_seqs;
+        if would_wait && waiting >= self.max_waiting {
             return Err(ApiError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 kind: "server_error",
@@ -512,15 +516,18 @@ impl AppState {
             arrived,
             events,
         };
-        self.shared.pending.fetch_add(1, Ordering::Relaxed);
-        let sent = self
-            .commands
-            .lock()
-            .map_err(|_| ApiError::internal("the engine thread is gone"))?
-            .send(Command::Add {
+        // The guard lives in this block only: the future must stay Send across awaits.
+        let sent = {
+            let commands = self
+                .commands
+                .lock()
+                .map_err(|_| ApiError::internal("the engine thread is gone"))?;
+            self.shared.pending.fetch_add(1, Ordering::Relaxed);
+            commands.send(Command::Add {
                 request: Box::new(request),
                 reply,
-            });
+            })
+        };
         if sent.is_err() {
             self.shared.pending.fetch_sub(1, Ordering::Relaxed);
             return Err(ApiError::internal("the engine thread has stopped"));
@@ -593,17 +600,20 @@ trait ChunkFormat: Send {
     fn done(&mut self, finish_reason: &'static str, usage: Value) -> Vec<Value>;
 }
 
-/// The finish chunk with `usage` added, then (when asked) a usage-only chunk: the same
-/// envelope with no choices, as OpenAI sends for `stream_options.include_usage`.
+/// The finish chunk, then: with `stream_options.include_usage`, a usage-only chunk (the
+/// same envelope with no choices, as OpenAI sends it); without, `usage` on the finish
+/// chunk itself. Usage is sent once either way, so clients that add chunks up count it
+/// once.
 fn closing_chunks(mut last: Value, include_usage: bool, usage: Value) -> Vec<Value> {
-    let usage_only = include_usage.then(|| {
+    if include_usage {
         let mut u = last.clone();
         u["choices"] = json!([]);
-        u["usage"] = usage.clone();
-        u
-    });
-    last["usage"] = usage;
-    std::iter::once(last).chain(usage_only).collect()
+        u["usage"] = usage;
+        vec![last, u]
+    } else {
+        last["usage"] = usage;
+        vec![last]
+    }
 }
 
 struct SseState {
@@ -660,7 +670,15 @@ fn sse_response(
                     st.queue.push_back("[DONE]".into());
                     st.finished = true;
                 }
-                None => st.finished = true,
+                None => {
+                    // The engine dropped the request without an ending: say so.
+                    let body = json!({"error": {"message": "the engine stopped this request",
+                                                "type": "server_error", "param": null,
+                                                "code": null}});
+                    st.queue.push_back(body.to_string());
+                    st.queue.push_back("[DONE]".into());
+                    st.finished = true;
+                }
             }
         }
     });

@@ -129,7 +129,8 @@ impl Ledger {
                 let (activation, activation_peak) =
                     snap.rank_activation.get(i).copied().unwrap_or((0, 0));
                 RankNow {
-                    kv_used: r.kv_cache_reserved_bytes * used / total.max(1),
+                    kv_used: (u128::from(r.kv_cache_reserved_bytes) * u128::from(used)
+                        / u128::from(total.max(1))) as u64,
                     activation,
                     activation_peak,
                     unaccounted: 0,
@@ -164,8 +165,8 @@ impl Ledger {
                 "activation_peak_bytes": p.activation_bytes,
                 "runtime_overhead_bytes": self.runtime_overhead_bytes,
                 "headroom_bytes": 0,
-                "total_bytes": p.weights_bytes + self.planned_kv_reserved()
-                    + p.activation_bytes + self.runtime_overhead_bytes,
+                "total_bytes": sum_bytes(&[p.weights_bytes, self.planned_kv_reserved(),
+                                           p.activation_bytes, self.runtime_overhead_bytes]),
                 "kv_bytes_per_token": p.kv_bytes_per_token,
                 "max_concurrency": p.max_concurrency,
             });
@@ -178,8 +179,8 @@ impl Ledger {
                 "activation_peak_bytes": p.activation_bytes,
                 "runtime_overhead_bytes": self.runtime_overhead_bytes,
                 "headroom_bytes": 0,
-                "total_bytes": p.weights_bytes + p.kv_cache_bytes + p.activation_bytes
-                    + self.runtime_overhead_bytes,
+                "total_bytes": sum_bytes(&[p.weights_bytes, p.kv_cache_bytes,
+                                           p.activation_bytes, self.runtime_overhead_bytes]),
                 "per_rank": true,
             }),
             None => json!({"error": self.plan_error}),
@@ -392,6 +393,11 @@ impl Ledger {
         );
         out
     }
+}
+
+/// A sum of byte counts that saturates instead of overflowing.
+fn sum_bytes(terms: &[u64]) -> u64 {
+    terms.iter().fold(0u64, |a, b| a.saturating_add(*b))
 }
 
 fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {

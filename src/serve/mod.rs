@@ -85,7 +85,8 @@ pub struct ServeArgs {
     /// Tokens in one forward pass at most (prefill chunks plus decodes).
     #[arg(long, default_value_t = 2048, value_parser = crate::cmd::positive_arg)]
     pub max_batched_tokens: u64,
-    /// Requests allowed to wait for a slot; more get 503 with Retry-After.
+    /// Requests allowed to wait for a sequence slot; more get 503 with Retry-After (0: a
+    /// request is served only if a slot is free now).
     #[arg(long, default_value_t = 256)]
     pub max_waiting: usize,
     /// Address to bind. The default serves this machine only.
@@ -337,6 +338,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         vocab_size: shape.vocab_size,
         max_model_len,
         max_waiting: args.max_waiting,
+        max_num_seqs: args.max_num_seqs as usize,
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         ledger,
         started: Instant::now(),

@@ -30,7 +30,10 @@ fn server(extra: &[&str]) -> Option<(Arc<AppState>, axum::Router)> {
         eprintln!("serve tests skipped: LLMEM_SKIP_GOLDEN=1 and no cached model");
         return None;
     }
-    let mut argv = vec!["serve", "--max-model-len", "256", "--max-num-seqs", "8"];
+    let mut argv = vec!["serve", "--max-model-len", "256"];
+    if !extra.contains(&"--max-num-seqs") {
+        argv.extend_from_slice(&["--max-num-seqs", "8"]);
+    }
     if !extra.contains(&"--memory-budget") {
         argv.extend_from_slice(&["--kv-blocks", "64"]);
     }
@@ -197,17 +200,23 @@ async fn streams_carry_the_same_text_and_end_with_usage_and_done() {
         .iter()
         .find(|c| c["choices"][0]["finish_reason"].is_string())
         .expect("a chunk with finish_reason");
-    assert_eq!(finish["usage"]["completion_tokens"], 12);
+    assert!(
+        finish.get("usage").is_none(),
+        "usage is sent once: {finish}"
+    );
     let last = chunks.last().unwrap();
     assert_eq!(
         last["choices"],
         json!([]),
         "include_usage adds a usage-only chunk"
     );
+    assert_eq!(last["usage"]["completion_tokens"], 12);
     assert_eq!(
         last["usage"]["total_tokens"],
         whole["usage"]["total_tokens"]
     );
+    let with_usage = chunks.iter().filter(|c| c.get("usage").is_some()).count();
+    assert_eq!(with_usage, 1);
 
     // Chat, streamed: a role delta first, content deltas, a finish chunk.
     let (status, _, bytes) = call(
@@ -353,6 +362,11 @@ async fn bad_requests_get_openai_errors_that_name_the_problem() {
             "256 tokens",
         ),
         (
+            json!({"prompt": "hi", "max_tokens": u64::MAX}),
+            StatusCode::BAD_REQUEST,
+            "256 tokens",
+        ),
+        (
             json!({"prompt": [1, 2, 999999]}),
             StatusCode::BAD_REQUEST,
             "999999",
@@ -451,9 +465,33 @@ async fn api_key_guards_everything_but_health_and_the_page() {
 
 #[tokio::test]
 async fn a_full_queue_answers_503_with_retry_after() {
-    let Some((_state, router)) = server(&["--max-waiting", "0"]) else {
+    let Some((_state, router)) = server(&["--max-waiting", "0", "--max-num-seqs", "1"]) else {
         return;
     };
+    // An idle server serves even with no waiting room.
+    let (ok, _) = post_json(
+        &router,
+        "/v1/completions",
+        json!({"prompt": "hi", "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(ok, StatusCode::OK);
+    // Take the only sequence slot with a long stream, then ask again.
+    let req = Request::post("/v1/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(
+            json!({"prompt": "Tell me a story.", "max_tokens": 200, "stream": true,
+                   "ignore_eos": true})
+            .to_string(),
+        ))
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let mut data = resp.into_body().into_data_stream();
+    let mut seen = String::new();
+    while !seen.contains("\"text\"") {
+        let chunk = data.next().await.expect("stream open").unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
     let (status, headers, bytes) = call(
         &router,
         "POST",
@@ -465,6 +503,7 @@ async fn a_full_queue_answers_503_with_retry_after() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["retry-after"], "1");
     assert_error(&serde_json::from_slice(&bytes).unwrap(), "--max-waiting");
+    drop(data);
 }
 
 async fn memory(router: &axum::Router) -> Value {

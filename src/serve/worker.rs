@@ -243,6 +243,13 @@ pub fn run(
                 }
             }
         }
+        // Publish now too: requests just moved from `pending` into the engine's queue
+        // stay counted as waiting while the next step runs.
+        counters.stats = engine.stats();
+        *shared
+            .snapshot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = counters.clone();
         // Clients that went away: abort at once, which frees their blocks.
         let gone: Vec<RequestId> = live
             .iter()
@@ -352,6 +359,10 @@ fn handle_output<'t>(
             }
         }
         text.push_str(&l.stops.finish());
+    }
+    if l.stops.stopped() {
+        // A stop string in the last token (or the flushed tail) ends it as "stop" too.
+        finish = Some(FinishReason::Stop);
     }
     let (token_text, top_texts) = if l.want_logprobs {
         let one = |id: u32| tok.decode(&[id], false).unwrap_or_default();
