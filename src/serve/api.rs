@@ -60,6 +60,8 @@ pub struct AppState {
     pub max_waiting: usize,
     /// Sequences the engine runs at once (a request beyond them waits).
     pub max_num_seqs: usize,
+    /// Tokens the KV cache holds in all (blocks x block size).
+    pub cache_tokens: usize,
     pub api_key: Option<String>,
     pub ledger: Ledger,
     pub started: Instant,
@@ -443,7 +445,13 @@ impl AppState {
                 ))
             }
             Some(m) => m,
-            None => (limit as u64).saturating_sub(p as u64),
+            // The rest of the context, but no more than the whole cache holds (the
+            // last sampled token takes no slot), so a request that asked for no
+            // particular length is not refused for the cache's size.
+            None => (limit as u64)
+                .min(self.cache_tokens as u64 + 1)
+                .saturating_sub(p as u64)
+                .max(1),
         };
         let total = (p as u64).checked_add(max_tokens);
         if total.is_none_or(|t| t > limit as u64) || p >= limit {

@@ -312,6 +312,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         plan_error: planned.as_ref().err().cloned(),
         planned: planned.ok(),
     };
+    let engine_cache_tokens = engine.config().num_blocks * engine.config().block_size;
     let shared = Arc::new(Shared {
         snapshot: Mutex::new(Snapshot::new(engine.stats())),
         pending: AtomicUsize::new(0),
@@ -339,6 +340,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         max_model_len,
         max_waiting: args.max_waiting,
         max_num_seqs: args.max_num_seqs as usize,
+        cache_tokens: engine_cache_tokens,
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         ledger,
         started: Instant::now(),

@@ -34,7 +34,7 @@ fn server(extra: &[&str]) -> Option<(Arc<AppState>, axum::Router)> {
     if !extra.contains(&"--max-num-seqs") {
         argv.extend_from_slice(&["--max-num-seqs", "8"]);
     }
-    if !extra.contains(&"--memory-budget") {
+    if !extra.contains(&"--memory-budget") && !extra.contains(&"--kv-blocks") {
         argv.extend_from_slice(&["--kv-blocks", "64"]);
     }
     argv.extend_from_slice(extra);
@@ -715,4 +715,21 @@ async fn quantized_serving_plans_the_bytes_it_holds() {
     // `llmem sweep` measured and planned 143,025,408 B for q8_0 SmolLM2 (embedding included).
     assert_eq!(m["ranks"][0]["weights_bytes"], 143_025_408u64, "{m}");
     assert_eq!(m["plan"]["weights_bytes"], m["ranks"][0]["weights_bytes"]);
+}
+
+#[tokio::test]
+async fn chat_without_max_tokens_fits_a_small_cache() {
+    // 4 blocks of 16 tokens hold 64 tokens, far below max_model_len = 256.
+    let Some((_state, router)) = server(&["--kv-blocks", "4"]) else {
+        return;
+    };
+    let (status, v) = post_json(
+        &router,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let used = v["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(used <= 65, "{v}");
 }
