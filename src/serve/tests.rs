@@ -153,6 +153,13 @@ async fn greedy_completions_match_the_reference_with_logprobs() {
         assert_eq!(v["usage"]["prompt_tokens"], ids.as_array().unwrap().len());
         let lp = &v["choices"][0]["logprobs"];
         assert_eq!(lp["tokens"].as_array().unwrap().len(), n);
+        let joined: String = lp["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(joined, want, "{name}: the tokens spell the text");
         // The chosen token's log-probability is the reference's top-1 at every step.
         for (step, (got, want)) in lp["token_logprobs"]
             .as_array()

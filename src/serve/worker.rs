@@ -169,6 +169,8 @@ struct Live<'t> {
     stops: StopStrings,
     want_logprobs: bool,
     prompt_tokens: usize,
+    /// The last token fed or generated (context for decoding one token's text).
+    prev_id: u32,
     generated: usize,
     arrived: Instant,
     last_token: Option<Instant>,
@@ -211,6 +213,7 @@ pub fn run(
                 Command::Add { request, reply } => {
                     let r = *request;
                     let prompt_tokens = r.prompt_ids.len();
+                    let prev_id = r.prompt_ids.last().copied().unwrap_or(0);
                     let added = engine.add_request_with_logprobs(
                         r.prompt_ids,
                         r.sampling,
@@ -229,6 +232,7 @@ pub fn run(
                                     stops: StopStrings::new(r.stop_strings),
                                     want_logprobs: r.top_logprobs > 0,
                                     prompt_tokens,
+                                    prev_id,
                                     generated: 0,
                                     arrived: r.arrived,
                                     last_token: None,
@@ -365,7 +369,17 @@ fn handle_output<'t>(
         finish = Some(FinishReason::Stop);
     }
     let (token_text, top_texts) = if l.want_logprobs {
-        let one = |id: u32| tok.decode(&[id], false).unwrap_or_default();
+        // Each token's text in context: decode(previous, token) minus decode(previous).
+        // Alone, a SentencePiece token loses its leading space ("▁the" -> "the").
+        let prev = l.prev_id;
+        let before = tok.decode(&[prev], false).unwrap_or_default();
+        let one = |id: u32| {
+            let both = tok.decode(&[prev, id], false).unwrap_or_default();
+            match both.strip_prefix(before.as_str()) {
+                Some(rest) => rest.to_string(),
+                None => tok.decode(&[id], false).unwrap_or_default(),
+            }
+        };
         (
             Some(one(out.token)),
             out.logprobs
@@ -376,6 +390,7 @@ fn handle_output<'t>(
     } else {
         (None, Vec::new())
     };
+    l.prev_id = out.token;
     outbox.push((
         l.events.clone(),
         Event::Token(TokenEvent {
