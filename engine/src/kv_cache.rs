@@ -206,6 +206,27 @@ impl PagedKvCache {
         self.layers.len()
     }
 
+    /// Whether this cache fits `shape` (layers, KV heads, head size); otherwise a message
+    /// saying what the cache has and what `who` ("the model", "this shard") needs.
+    pub fn check_fits(&self, shape: &ModelShape, who: &str) -> std::result::Result<(), String> {
+        let c = self.shape;
+        if self.num_layers() != shape.num_hidden_layers as usize
+            || c.kv_heads != shape.num_key_value_heads as usize
+            || c.head_dim != shape.head_dim as usize
+        {
+            return Err(format!(
+                "the cache has {} layers of {} KV heads x {} dims; {who} needs {} x {} x {}",
+                self.num_layers(),
+                c.kv_heads,
+                c.head_dim,
+                shape.num_hidden_layers,
+                shape.num_key_value_heads,
+                shape.head_dim
+            ));
+        }
+        Ok(())
+    }
+
     /// Write this step's K/V of layer `layer` into its slots, then attend every query
     /// over its sequence's cached context.
     ///

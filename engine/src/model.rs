@@ -1121,21 +1121,8 @@ impl Model {
         if let Some(&r) = sample_rows.iter().find(|&&r| r >= n) {
             return bad(format!("sample row {r} is outside the batch of {n} tokens"));
         }
-        let c = cache.shape();
-        let s = &self.shape;
-        if cache.num_layers() != s.num_hidden_layers as usize
-            || c.kv_heads != s.num_key_value_heads as usize
-            || c.head_dim != s.head_dim as usize
-        {
-            return bad(format!(
-                "the cache has {} layers of {} KV heads x {} dims; the model needs {} x {} x {}",
-                cache.num_layers(),
-                c.kv_heads,
-                c.head_dim,
-                s.num_hidden_layers,
-                s.num_key_value_heads,
-                s.head_dim
-            ));
+        if let Err(m) = cache.check_fits(&self.shape, "the model") {
+            return bad(m);
         }
         Ok(())
     }
