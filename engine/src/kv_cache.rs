@@ -143,6 +143,48 @@ impl PagedMetadata {
     }
 }
 
+/// Check a paged pass's inputs against each other, the model's context and the cache:
+/// tokens, positions, slots and context lengths agree in number, every position is
+/// inside `max_positions`, every sampled row inside the batch, and `cache` fits
+/// `cache_shape` (the model's, or one shard's, which `who` names in the message).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_paged_pass(
+    ids: &[u32],
+    positions: &[u32],
+    meta: &PagedMetadata,
+    sample_rows: &[usize],
+    max_positions: u64,
+    cache: &PagedKvCache,
+    cache_shape: &ModelShape,
+    who: &str,
+) -> Result<()> {
+    let bad = |m: String| Err(Error::InvalidInput(format!("paged forward pass: {m}")));
+    let n = ids.len();
+    if n == 0 {
+        return bad("the batch feeds no token".to_string());
+    }
+    if positions.len() != n || meta.slot_mapping.len() != n || meta.context_lens.len() != n {
+        return bad(format!(
+            "{n} tokens but {} positions, {} slots and {} context lengths",
+            positions.len(),
+            meta.slot_mapping.len(),
+            meta.context_lens.len()
+        ));
+    }
+    if let Some(&p) = positions.iter().find(|&&p| u64::from(p) >= max_positions) {
+        return bad(format!(
+            "position {p} is beyond the model's max_position_embeddings = {max_positions}"
+        ));
+    }
+    if let Some(&r) = sample_rows.iter().find(|&&r| r >= n) {
+        return bad(format!("sample row {r} is outside the batch of {n} tokens"));
+    }
+    if let Err(m) = cache.check_fits(cache_shape, who) {
+        return bad(m);
+    }
+    Ok(())
+}
+
 /// The cache tensors of every layer.
 pub struct PagedKvCache {
     layers: Vec<Layer>,

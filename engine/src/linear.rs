@@ -98,11 +98,11 @@ impl Linear {
         }
     }
 
-    /// The dense weight and bias, for tensor parallelism to slice into shards; an error
-    /// for a block-quantized weight (its shards would have to be re-blocked).
-    pub fn dense_parts(&self) -> candle_core::Result<(&Tensor, Option<&Tensor>)> {
+    /// The dense weight, for tensor parallelism to slice into shards; an error for a
+    /// block-quantized weight (its shards would have to be re-blocked).
+    fn dense_weight(&self) -> candle_core::Result<&Tensor> {
         match &self.weight {
-            Weight::Dense(w) => Ok((w, self.bias.as_ref())),
+            Weight::Dense(w) => Ok(w),
             Weight::Quant(_) => Err(candle_core::Error::Msg(
                 "tensor parallelism shards dense weights only; block-quantized weights \
                  (q8_0, q4_0, ...) cannot be split yet"
@@ -111,7 +111,30 @@ impl Linear {
         }
     }
 
-    /// Bytes held by the weight and bias.
+    /// A column-parallel shard: output features `start..start + len` (rows of the
+    /// weight, and of the bias).
+    pub fn output_shard(&self, start: usize, len: usize) -> candle_core::Result<Linear> {
+        Ok(Linear::from_weight(
+            narrow_copy(self.dense_weight()?, 0, start, len)?,
+            self.bias
+                .as_ref()
+                .map(|b| narrow_copy(b, 0, start, len))
+                .transpose()?,
+        ))
+    }
+
+    /// A row-parallel shard: input features `start..start + len` (columns of the weight),
+    /// without the bias, which is returned beside it to be added once after the
+    /// all-reduce that sums the shards.
+    pub fn input_shard(
+        &self,
+        start: usize,
+        len: usize,
+    ) -> candle_core::Result<(Linear, Option<Tensor>)> {
+        let weight = narrow_copy(self.dense_weight()?, 1, start, len)?;
+        Ok((Linear::from_weight(weight, None), self.bias.clone()))
+    }
+
     /// Wrap a block-quantized weight (out_features, in_features); the bias stays dense.
     pub fn from_qtensor(weight: Arc<QTensor>, bias: Option<Tensor>) -> Self {
         Linear {
@@ -185,6 +208,17 @@ fn dense_forward(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
             .to_dtype(w.dtype())
     } else {
         x.to_dtype(DType::F32)?.matmul(&w.t()?)
+    }
+}
+
+/// A deep copy of `t.narrow(dim, start, len)`, so the full tensor's storage is freed.
+fn narrow_copy(t: &Tensor, dim: usize, start: usize, len: usize) -> candle_core::Result<Tensor> {
+    let part = t.narrow(dim, start, len)?;
+    // `contiguous` is a no-op on a row slice, which would keep the whole tensor alive.
+    if part.is_contiguous() {
+        part.copy()
+    } else {
+        part.contiguous()
     }
 }
 

@@ -36,7 +36,7 @@ use llmem_planner::ModelShape;
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::generate::KvCache;
-use crate::kv_cache::{PagedKvCache, PagedMetadata};
+use crate::kv_cache::{check_paged_pass, PagedKvCache, PagedMetadata};
 use crate::linear::{Linear, WeightElem};
 use crate::loader::WeightFiles;
 use crate::quant::{self, StoredMatrix, WeightFormat};
@@ -287,17 +287,6 @@ impl TpShard {
     }
 }
 
-/// A deep copy of `t.narrow(dim, start, len)`, so the full tensor's storage is freed.
-fn narrow_copy(t: &Tensor, dim: usize, start: usize, len: usize) -> candle_core::Result<Tensor> {
-    let part = t.narrow(dim, start, len)?;
-    // `contiguous` is a no-op on a row slice, which would keep the whole tensor alive.
-    if part.is_contiguous() {
-        part.copy()
-    } else {
-        part.contiguous()
-    }
-}
-
 /// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
@@ -392,26 +381,19 @@ impl Attention {
         let group = nh / nkv;
         let q0 = shard.rank * heads_r;
         let kv0 = q0 / group;
-        let rows = |l: &Linear, start: usize, len: usize| -> candle_core::Result<Linear> {
-            let (weight, bias) = l.dense_parts()?;
-            Ok(Linear::from_weight(
-                narrow_copy(weight, 0, start * hd, len * hd)?,
-                bias.map(|b| narrow_copy(b, 0, start * hd, len * hd))
-                    .transpose()?,
-            ))
-        };
-        let (o_weight, o_bias) = full.o_proj.dense_parts()?;
+        let heads = |l: &Linear, start: usize, len: usize| l.output_shard(start * hd, len * hd);
+        let (o_proj, o_bias) = full.o_proj.input_shard(q0 * hd, heads_r * hd)?;
         Ok(Attention {
-            q_proj: rows(&full.q_proj, q0, heads_r)?,
-            k_proj: rows(&full.k_proj, kv0, kv_r)?,
-            v_proj: rows(&full.v_proj, kv0, kv_r)?,
-            o_proj: Linear::from_weight(narrow_copy(o_weight, 1, q0 * hd, heads_r * hd)?, None),
+            q_proj: heads(&full.q_proj, q0, heads_r)?,
+            k_proj: heads(&full.k_proj, kv0, kv_r)?,
+            v_proj: heads(&full.v_proj, kv0, kv_r)?,
+            o_proj,
             num_heads: heads_r,
             num_kv_heads: kv_r,
             head_dim: hd,
             tp: Some(TpReduce {
                 comm: shard.comm.clone(),
-                bias: o_bias.cloned(),
+                bias: o_bias,
             }),
         })
     }
@@ -663,21 +645,14 @@ impl Mlp {
     ) -> Result<Self> {
         let full = Self::load(w, prefix, shape, &WeightFormat::dense(dtype)?, device)?;
         let (start, len) = TpShard::share(shape.intermediate_size as usize, shard.tp, shard.rank);
-        let rows = |l: &Linear| -> candle_core::Result<Linear> {
-            let (weight, bias) = l.dense_parts()?;
-            Ok(Linear::from_weight(
-                narrow_copy(weight, 0, start, len)?,
-                bias.map(|b| narrow_copy(b, 0, start, len)).transpose()?,
-            ))
-        };
-        let (d_weight, d_bias) = full.down_proj.dense_parts()?;
+        let (down_proj, d_bias) = full.down_proj.input_shard(start, len)?;
         Ok(Mlp {
-            gate_proj: rows(&full.gate_proj)?,
-            up_proj: rows(&full.up_proj)?,
-            down_proj: Linear::from_weight(narrow_copy(d_weight, 1, start, len)?, None),
+            gate_proj: full.gate_proj.output_shard(start, len)?,
+            up_proj: full.up_proj.output_shard(start, len)?,
+            down_proj,
             tp: Some(TpReduce {
                 comm: shard.comm.clone(),
-                bias: d_bias.cloned(),
+                bias: d_bias,
             }),
         })
     }
@@ -1057,7 +1032,16 @@ impl Model {
         cache: &mut PagedKvCache,
         sample_rows: &[usize],
     ) -> Result<Tensor> {
-        self.check_paged_pass(ids, positions, meta, cache, sample_rows)?;
+        check_paged_pass(
+            ids,
+            positions,
+            meta,
+            sample_rows,
+            self.shape.max_position_embeddings,
+            cache,
+            &self.shape,
+            "the model",
+        )?;
         let ids = self.token_tensor(ids)?;
         let positions = Tensor::new(positions, &self.device)?;
         let cos = self.rope.cos.index_select(&positions, 0)?;
@@ -1085,46 +1069,6 @@ impl Model {
         let rows = Tensor::new(rows.as_slice(), &self.device)?;
         let hidden = self.norm.forward(&x.index_select(&rows, 0)?)?;
         self.logits(&hidden)
-    }
-
-    /// Check a paged pass's inputs against each other, the model and the cache.
-    fn check_paged_pass(
-        &self,
-        ids: &[u32],
-        positions: &[u32],
-        meta: &PagedMetadata,
-        cache: &PagedKvCache,
-        sample_rows: &[usize],
-    ) -> Result<()> {
-        let bad = |m: String| Err(Error::InvalidInput(format!("paged forward pass: {m}")));
-        let n = ids.len();
-        if n == 0 {
-            return bad("the batch feeds no token".to_string());
-        }
-        if positions.len() != n || meta.slot_mapping.len() != n || meta.context_lens.len() != n {
-            return bad(format!(
-                "{n} tokens but {} positions, {} slots and {} context lengths",
-                positions.len(),
-                meta.slot_mapping.len(),
-                meta.context_lens.len()
-            ));
-        }
-        if let Some(&p) = positions
-            .iter()
-            .find(|&&p| p as usize >= self.max_context())
-        {
-            return bad(format!(
-                "position {p} is beyond the model's max_position_embeddings = {}",
-                self.max_context()
-            ));
-        }
-        if let Some(&r) = sample_rows.iter().find(|&&r| r >= n) {
-            return bad(format!("sample row {r} is outside the batch of {n} tokens"));
-        }
-        if let Err(m) = cache.check_fits(&self.shape, "the model") {
-            return bad(m);
-        }
-        Ok(())
     }
 
     /// Token ids as a tensor, after checking each lies inside the vocabulary.

@@ -28,7 +28,7 @@ use llmem_planner::ModelShape;
 
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
-use crate::kv_cache::{PagedKvCache, PagedMetadata};
+use crate::kv_cache::{check_paged_pass, PagedKvCache, PagedMetadata};
 use crate::linear::Linear;
 use crate::loader::WeightFiles;
 use crate::model::{load_norm, tensor_bytes, DecoderLayer, RmsNorm, Rope, TpShard};
@@ -403,34 +403,21 @@ impl ShardedModel {
         cache: &PagedKvCache,
         sample_rows: &[usize],
     ) -> Result<()> {
-        let bad = |m: String| Err(Error::InvalidInput(format!("paged forward pass: {m}")));
-        let n = ids.len();
-        if n == 0 {
-            return bad("the batch feeds no token".to_string());
-        }
-        if positions.len() != n || meta.slot_mapping.len() != n || meta.context_lens.len() != n {
-            return bad(format!(
-                "{n} tokens but {} positions, {} slots and {} context lengths",
-                positions.len(),
-                meta.slot_mapping.len(),
-                meta.context_lens.len()
-            ));
-        }
-        let max = self.shape.max_position_embeddings;
-        if let Some(&p) = positions.iter().find(|&&p| u64::from(p) >= max) {
-            return bad(format!(
-                "position {p} is beyond the model's max_position_embeddings = {max}"
-            ));
-        }
+        check_paged_pass(
+            ids,
+            positions,
+            meta,
+            sample_rows,
+            self.shape.max_position_embeddings,
+            cache,
+            &self.local_shape,
+            "this shard",
+        )?;
         let vocab = self.shape.vocab_size;
         if let Some(&t) = ids.iter().find(|&&t| u64::from(t) >= vocab) {
-            return bad(format!("token id {t} is outside the vocabulary of {vocab}"));
-        }
-        if let Some(&r) = sample_rows.iter().find(|&&r| r >= n) {
-            return bad(format!("sample row {r} is outside the batch of {n} tokens"));
-        }
-        if let Err(m) = cache.check_fits(&self.local_shape, "this shard") {
-            return bad(m);
+            return Err(Error::InvalidInput(format!(
+                "paged forward pass: token id {t} is outside the vocabulary of {vocab}"
+            )));
         }
         Ok(())
     }
