@@ -423,6 +423,40 @@ pub fn qmatvec<T: GgmlType>(x: &[f32], m: usize, w: &[T], n: usize, k: usize, ou
     for r in 0..m {
         T::VecDotType::from_float(&x[r * k..(r + 1) * k], &mut xq[r * kb..(r + 1) * kb]);
     }
+    par_weight_rows(out, m, n, |first, dst| {
+        let rows = dst.len() / m;
+        let row = |o: usize| &w[o * kb..(o + 1) * kb];
+        let mut j = 0;
+        while j + 4 <= rows {
+            let o = first + j;
+            for r in 0..m {
+                let xr = &xq[r * kb..(r + 1) * kb];
+                let (a, b, c, d) = T::vec_dot_4(k, row(o), row(o + 1), row(o + 2), row(o + 3), xr);
+                dst[j * m + r] = a;
+                dst[(j + 1) * m + r] = b;
+                dst[(j + 2) * m + r] = c;
+                dst[(j + 3) * m + r] = d;
+            }
+            j += 4;
+        }
+        for jj in j..rows {
+            for r in 0..m {
+                dst[jj * m + r] = T::vec_dot(k, row(first + jj), &xq[r * kb..(r + 1) * kb]);
+            }
+        }
+    });
+}
+
+/// Split the `n` weight rows into rayon tasks of [`ROWS_PER_TASK`]; `task(first, dst)`
+/// fills `dst`, the (rows, m) results of weight rows `first..` (weight-row major, so
+/// tasks own disjoint chunks), which are then laid out as `out`: (m, n). For m == 1 the
+/// two layouts are the same and the tasks write into `out` directly.
+fn par_weight_rows(
+    out: &mut [f32],
+    m: usize,
+    n: usize,
+    task: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
     let mut scratch = Vec::new();
     let t: &mut [f32] = if m == 1 {
         &mut out[..n]
@@ -432,30 +466,7 @@ pub fn qmatvec<T: GgmlType>(x: &[f32], m: usize, w: &[T], n: usize, k: usize, ou
     };
     t.par_chunks_mut(ROWS_PER_TASK * m)
         .enumerate()
-        .for_each(|(task, dst)| {
-            let first = task * ROWS_PER_TASK;
-            let rows = dst.len() / m;
-            let row = |o: usize| &w[o * kb..(o + 1) * kb];
-            let mut j = 0;
-            while j + 4 <= rows {
-                let o = first + j;
-                for r in 0..m {
-                    let xr = &xq[r * kb..(r + 1) * kb];
-                    let (a, b, c, d) =
-                        T::vec_dot_4(k, row(o), row(o + 1), row(o + 2), row(o + 3), xr);
-                    dst[j * m + r] = a;
-                    dst[(j + 1) * m + r] = b;
-                    dst[(j + 2) * m + r] = c;
-                    dst[(j + 3) * m + r] = d;
-                }
-                j += 4;
-            }
-            for jj in j..rows {
-                for r in 0..m {
-                    dst[jj * m + r] = T::vec_dot(k, row(first + jj), &xq[r * kb..(r + 1) * kb]);
-                }
-            }
-        });
+        .for_each(|(i, dst)| task(i * ROWS_PER_TASK, dst));
     if m > 1 {
         for o in 0..n {
             for r in 0..m {
@@ -475,33 +486,15 @@ const ROWS_PER_TASK: usize = 32;
 /// once from memory and dotted with all `m` input rows while it is in L1.
 pub fn matvec<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize, out: &mut [f32]) {
     assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
-    // (n, m) results so that tasks own disjoint chunks; for m == 1 that is `out` itself.
-    let mut scratch = Vec::new();
-    let t: &mut [f32] = if m == 1 {
-        &mut out[..n]
-    } else {
-        scratch.resize(n * m, 0f32);
-        &mut scratch
-    };
-    t.par_chunks_mut(ROWS_PER_TASK * m)
-        .enumerate()
-        .for_each(|(task, dst)| {
-            let first = task * ROWS_PER_TASK;
-            for (j, ys) in dst.chunks_mut(m).enumerate() {
-                let o = first + j;
-                let row = &w[o * k..(o + 1) * k];
-                for (r, y) in ys.iter_mut().enumerate() {
-                    *y = W::dot(&x[r * k..(r + 1) * k], row);
-                }
-            }
-        });
-    if m > 1 {
-        for o in 0..n {
-            for r in 0..m {
-                out[r * n + o] = scratch[o * m + r];
+    par_weight_rows(out, m, n, |first, dst| {
+        for (j, ys) in dst.chunks_mut(m).enumerate() {
+            let o = first + j;
+            let row = &w[o * k..(o + 1) * k];
+            for (r, y) in ys.iter_mut().enumerate() {
+                *y = W::dot(&x[r * k..(r + 1) * k], row);
             }
         }
-    }
+    });
 }
 
 /// Dot product with f32 accumulation; AVX2 code when the CPU supports it.
