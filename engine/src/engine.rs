@@ -90,6 +90,16 @@ impl EngineConfig {
         }
     }
 
+    /// Tokens and sampled rows of the largest pass: `max_batched_tokens`, capped (as the
+    /// planner caps it) by what `max_num_seqs` sequences of `max_model_len` tokens could
+    /// feed at once, with one sampled row per sequence.
+    pub fn largest_pass(&self) -> (usize, usize) {
+        let tokens = self
+            .max_batched_tokens
+            .min(self.max_num_seqs.saturating_mul(self.max_model_len));
+        (tokens, self.max_num_seqs.min(tokens))
+    }
+
     fn validate(&self, max_context: usize) -> Result<()> {
         let positive = [
             ("block_size", self.block_size),
@@ -290,14 +300,14 @@ impl Engine {
     /// What each rank holds (one entry unsharded), with the activation peak of the
     /// largest pass this configuration allows.
     pub fn rank_memory(&self) -> Vec<RankMemory> {
-        let (tokens, rows) = self.largest_pass();
+        let (tokens, rows) = self.config.largest_pass();
         self.runner.rank_memory(tokens, rows)
     }
 
     /// The planner's per-GPU terms for the same split, dtypes and KV tokens, beside
     /// [`Engine::rank_memory`] entry for entry.
     pub fn planned_rank_memory(&self) -> Result<Vec<crate::parallel::PlannedRank>> {
-        let (tokens, _) = self.largest_pass();
+        let (tokens, _) = self.config.largest_pass();
         crate::parallel::planned_rank_memory(
             self.runner.shape(),
             self.runner.dtype(),
@@ -306,15 +316,6 @@ impl Engine {
             (self.config.num_blocks * self.config.block_size) as u64,
             tokens as u64,
         )
-    }
-
-    /// Tokens and sampled rows of the largest pass (capped as the planner caps it).
-    fn largest_pass(&self) -> (usize, usize) {
-        let c = &self.config;
-        let tokens = c
-            .max_batched_tokens
-            .min(c.max_num_seqs.saturating_mul(c.max_model_len));
-        (tokens, c.max_num_seqs.min(tokens))
     }
 
     /// Time each rank spent in collectives (empty unsharded).
@@ -704,10 +705,7 @@ pub fn planned_terms(
 /// capped (as the planner caps it) by what `max_num_seqs` sequences of `max_model_len`
 /// tokens could ever feed at once.
 pub fn pass_activation_bytes(model: &Model, config: &EngineConfig) -> (u64, usize) {
-    let pass_tokens = config
-        .max_batched_tokens
-        .min(config.max_num_seqs.saturating_mul(config.max_model_len));
-    let rows = config.max_num_seqs.min(pass_tokens);
+    let (pass_tokens, rows) = config.largest_pass();
     (
         model.paged_activation_peak_bytes(pass_tokens, rows),
         pass_tokens,
