@@ -7,6 +7,12 @@ pub trait CacheElem: Copy + Send + Sync + Default + 'static {
     const NAME: &'static str;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
+    /// The slice itself when the element is f32 (lets kernels take a SIMD path).
+    #[inline(always)]
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        let _ = s;
+        None
+    }
 }
 
 impl CacheElem for f32 {
@@ -18,6 +24,10 @@ impl CacheElem for f32 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         x
+    }
+    #[inline(always)]
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
     }
 }
 
