@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
+use llmem_kernels::q8::PackedQ8;
 use llmem_planner::{ModelShape, Precision};
 
 use crate::error::{Error, Result};
@@ -161,11 +162,23 @@ pub fn ggml_dtype(p: Precision) -> Option<GgmlDType> {
     }
 }
 
+/// False when `LLMEM_Q8_KERNEL=0`: Q8_0 then stays in candle's layout and runs on its
+/// block dots (to compare the two side by side).
+pub fn q8_kernel_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        std::env::var("LLMEM_Q8_KERNEL").as_deref() != Ok("0") && PackedQ8::fast_path_available()
+    })
+}
+
 /// A `(rows, cols)` matrix stored as `precision` after its row-length fallback.
 #[derive(Debug, Clone)]
 pub enum StoredMatrix {
     Dense(Tensor),
     Quant(Arc<QTensor>),
+    /// Q8_0 repacked for the AVX-512 VNNI kernel of `llmem_kernels::q8` (same bytes as
+    /// candle's Q8_0 layout); see [`StoredMatrix::from_qtensor`] for when.
+    PackedQ8(Arc<PackedQ8>),
 }
 
 impl StoredMatrix {
@@ -174,6 +187,40 @@ impl StoredMatrix {
         match self {
             StoredMatrix::Dense(t) => (t.elem_count() * t.dtype().size_in_bytes()) as u64,
             StoredMatrix::Quant(q) => q.storage_size_in_bytes() as u64,
+            StoredMatrix::PackedQ8(p) => p.bytes() as u64,
+        }
+    }
+
+    /// A block-quantized matrix on its device: Q8_0 on a CPU with AVX-512 VNNI is
+    /// repacked for `llmem_kernels::q8` (2-4x faster products than candle's block dots
+    /// on this project's dev machine, see `benches/kernels.rs`), unless
+    /// `LLMEM_Q8_KERNEL=0`; everything else stays candle's.
+    pub fn from_qtensor(q: QTensor) -> candle_core::Result<StoredMatrix> {
+        if q.dtype() == GgmlDType::Q8_0 && q.device().is_cpu() && q8_kernel_enabled() {
+            if let Ok((rows, cols)) = q.shape().dims2() {
+                if PackedQ8::can_pack(rows, cols) {
+                    let packed = PackedQ8::from_q8_0_blocks(rows, cols, &q.data()?)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                    return Ok(StoredMatrix::PackedQ8(Arc::new(packed)));
+                }
+            }
+        }
+        Ok(StoredMatrix::Quant(Arc::new(q)))
+    }
+
+    /// The whole matrix in f32 (tests and tools; the engine never needs it).
+    pub fn dequantize(&self) -> candle_core::Result<Tensor> {
+        match self {
+            StoredMatrix::Dense(t) => t.to_dtype(DType::F32),
+            StoredMatrix::Quant(q) => q.dequantize(&Device::Cpu),
+            StoredMatrix::PackedQ8(p) => {
+                let mut out = vec![0f32; p.rows() * p.cols()];
+                for (r, row) in out.chunks_exact_mut(p.cols()).enumerate() {
+                    p.dequantize_row(r, row)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                }
+                Tensor::from_vec(out, (p.rows(), p.cols()), &Device::Cpu)
+            }
         }
     }
 
@@ -182,6 +229,7 @@ impl StoredMatrix {
         match self {
             StoredMatrix::Dense(t) => Linear::from_weight(t, bias),
             StoredMatrix::Quant(q) => Linear::from_qtensor(q, bias),
+            StoredMatrix::PackedQ8(p) => Linear::from_packed_q8(p, bias),
         }
     }
 
@@ -191,6 +239,16 @@ impl StoredMatrix {
         let t = match self {
             StoredMatrix::Dense(t) => t.index_select(ids, 0)?,
             StoredMatrix::Quant(q) => q.embedding(ids)?,
+            StoredMatrix::PackedQ8(p) => {
+                let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                let cols = p.cols();
+                let mut out = vec![0f32; ids.len() * cols];
+                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(cols)) {
+                    p.dequantize_row(id as usize, row)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                }
+                Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)?
+            }
         };
         if t.dtype() == dtype {
             Ok(t)
@@ -223,7 +281,7 @@ pub fn store_matrix(w: &Tensor, precision: Precision, name: &str) -> Result<Stor
     })?;
     let w32 = w.to_dtype(DType::F32).map_err(wrap)?;
     let q = QTensor::quantize(&w32, g).map_err(wrap)?;
-    Ok(StoredMatrix::Quant(Arc::new(q)))
+    StoredMatrix::from_qtensor(q).map_err(wrap)
 }
 
 /// Load `name` (rows, cols) from safetensors and store it at `precision`.
@@ -367,14 +425,13 @@ mod tests {
         let rms = (data.iter().map(|x| (x * x) as f64).sum::<f64>() / data.len() as f64).sqrt();
         for p in ENGINE_PRECISIONS {
             let stored = store_matrix(&w, p, "test.weight").unwrap();
-            let back: Vec<f32> = match &stored {
-                StoredMatrix::Dense(t) => t.to_dtype(DType::F32).unwrap(),
-                StoredMatrix::Quant(q) => q.dequantize(&Device::Cpu).unwrap(),
-            }
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+            let back: Vec<f32> = stored
+                .dequantize()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let err = (data
                 .iter()
                 .zip(&back)
@@ -406,6 +463,7 @@ mod tests {
             match (&stored, want) {
                 (StoredMatrix::Dense(t), w) => assert_eq!(Some(t.dtype()), dense_dtype(w)),
                 (StoredMatrix::Quant(q), w) => assert_eq!(Some(q.dtype()), ggml_dtype(w)),
+                (StoredMatrix::PackedQ8(_), w) => assert_eq!(w, Precision::Q8_0),
             }
             assert_eq!(
                 stored.bytes(),
@@ -424,11 +482,13 @@ mod tests {
             Precision::Q4K,
             Precision::Q6K,
         ] {
-            let StoredMatrix::Quant(q) = store_matrix(&w, p, "w").unwrap() else {
-                panic!("{p} should be quantized at 256 columns")
-            };
-            let dense = q.dequantize(&Device::Cpu).unwrap();
-            let lin = Linear::from_qtensor(q, None);
+            let stored = store_matrix(&w, p, "w").unwrap();
+            assert!(
+                !matches!(stored, StoredMatrix::Dense(_)),
+                "{p} should be quantized at 256 columns"
+            );
+            let dense = stored.dequantize().unwrap();
+            let lin = stored.into_linear(None);
             for m in [1, 5] {
                 let x = Tensor::from_vec(random(m, k, 20 + m as u64), (m, k), &Device::Cpu)
                     .unwrap()
