@@ -131,59 +131,104 @@ fn dot<T: CacheElem>(q: &[f32], k: &[T]) -> f32 {
     lanes.iter().sum::<f32>() + sum
 }
 
-/// [`dot`], with AVX2 + FMA intrinsics for an f32 cache when `simd` (the caller checked
-/// the CPU): LLVM does not vectorize the generic form well for every element type.
+/// [`dot`], through AVX2/FMA/F16C intrinsics when `simd` (the caller checked the CPU):
+/// LLVM does not vectorize the generic form well for every element type.
 #[inline(always)]
 fn dot_dispatch<T: CacheElem>(q: &[f32], k: &[T], simd: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        if let Some(kf) = T::as_f32(k) {
-            // SAFETY: `simd` is true only when the CPU has AVX2 and FMA.
-            return unsafe { dot_f32_avx2(q, kf) };
-        }
+        // SAFETY: `simd` is true only when the CPU has AVX2, FMA and F16C.
+        return unsafe { simd::dot(q, k) };
     }
     let _ = simd;
     dot(q, k)
 }
 
+/// `acc += w * v`, through intrinsics when `simd` (as [`dot_dispatch`]).
+#[inline(always)]
+fn axpy_dispatch<T: CacheElem>(acc: &mut [f32], w: f32, v: &[T], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: as in `dot_dispatch`.
+        unsafe { simd::axpy(acc, w, v) };
+        return;
+    }
+    let _ = simd;
+    for (a, v) in acc.iter_mut().zip(v) {
+        *a = w.mul_add(v.to_f32(), *a);
+    }
+}
+
+/// AVX2 + FMA + F16C forms of the two inner loops, for every cache element type.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn dot_f32_avx2(q: &[f32], k: &[f32]) -> f32 {
+mod simd {
     use std::arch::x86_64::*;
-    let n = q.len().min(k.len());
-    let (qp, kp) = (q.as_ptr(), k.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 32 <= n {
-        for (j, a) in acc.iter_mut().enumerate() {
-            let off = i + 8 * j;
-            *a = _mm256_fmadd_ps(
-                _mm256_loadu_ps(qp.add(off)),
-                _mm256_loadu_ps(kp.add(off)),
-                *a,
-            );
+
+    use crate::elem::{CacheElem, ElemKind};
+
+    /// Eight cache elements at `p`, widened to f32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8<T: CacheElem>(p: *const T) -> __m256 {
+        match T::KIND {
+            ElemKind::F32 => _mm256_loadu_ps(p as *const f32),
+            ElemKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            ElemKind::Bf16 => _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+                16,
+            )),
         }
-        i += 32;
     }
-    while i + 8 <= n {
-        acc[0] = _mm256_fmadd_ps(
-            _mm256_loadu_ps(qp.add(i)),
-            _mm256_loadu_ps(kp.add(i)),
-            acc[0],
-        );
-        i += 8;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub unsafe fn dot<T: CacheElem>(q: &[f32], k: &[T]) -> f32 {
+        let n = q.len().min(k.len());
+        let (qp, kp) = (q.as_ptr(), k.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let off = i + 8 * j;
+                *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(off)), load8(kp.add(off)), *a);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), load8(kp.add(i)), acc[0]);
+            i += 8;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        let mut total = _mm_cvtss_f32(h);
+        while i < n {
+            total = q[i].mul_add(k[i].to_f32(), total);
+            i += 1;
+        }
+        total
     }
-    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    let h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    let mut total = _mm_cvtss_f32(h);
-    while i < n {
-        total = q[i].mul_add(k[i], total);
-        i += 1;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub unsafe fn axpy<T: CacheElem>(acc: &mut [f32], w: f32, v: &[T]) {
+        let n = acc.len().min(v.len());
+        let (ap, vp) = (acc.as_mut_ptr(), v.as_ptr());
+        let wv = _mm256_set1_ps(w);
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(
+                ap.add(i),
+                _mm256_fmadd_ps(wv, load8(vp.add(i)), _mm256_loadu_ps(ap.add(i))),
+            );
+            i += 8;
+        }
+        while i < n {
+            acc[i] = w.mul_add(v[i].to_f32(), acc[i]);
+            i += 1;
+        }
     }
-    total
 }
 
 /// `out[q] = softmax(scale * query[q] . K[0..len]) V[0..len]` per head.
@@ -226,7 +271,7 @@ pub fn paged_attention<T: CacheElem>(
             };
             #[cfg(target_arch = "x86_64")]
             if simd {
-                // SAFETY: the CPU has AVX2 and FMA (checked by `simd_available`).
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked by `simd_available`).
                 unsafe { attend_avx2(task, io, p) };
                 return;
             }
@@ -236,12 +281,18 @@ pub fn paged_attention<T: CacheElem>(
     Ok(())
 }
 
-/// Whether [`attend`] can be compiled for AVX2 + FMA on this CPU (chosen at run time, so
-/// one binary runs everywhere; the portable build of the loops is SSE2-only).
+/// Whether [`attend`] can run its AVX2 + FMA + F16C form on this CPU (chosen at run
+/// time, so one binary runs everywhere; the portable build of the loops is SSE2-only).
 fn simd_available() -> bool {
+    #[cfg(test)]
+    if tests::PORTABLE.with(|p| p.get()) {
+        return false;
+    }
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -259,7 +310,7 @@ struct TaskIo<'a, 'b, T> {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_avx2<T: CacheElem>(task: usize, io: TaskIo<'_, '_, T>, p: &AttentionParams) {
     attend(task, io, p, true)
 }
@@ -319,10 +370,7 @@ fn attend<T: CacheElem>(task: usize, io: TaskIo<'_, '_, T>, p: &AttentionParams,
             exp_in_place(s);
             denom[g] = denom[g] * correction + s.iter().sum::<f32>();
             for (t, &w) in s.iter().enumerate() {
-                let v = &value_cache[base + t * token_elems..][..hd];
-                for (a, v) in acc.iter_mut().zip(v) {
-                    *a = w.mul_add(v.to_f32(), *a);
-                }
+                axpy_dispatch(acc, w, &value_cache[base + t * token_elems..][..hd], simd);
             }
         }
     }
@@ -406,10 +454,15 @@ pub fn paged_attention_reference<T: CacheElem>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::testutil::Rng;
     use half::{bf16, f16};
+
+    thread_local! {
+        /// Set by a test to run the portable form of the kernel on this thread's calls.
+        pub(crate) static PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     struct Case {
         block_size: usize,
@@ -478,27 +531,32 @@ mod tests {
             cache: shape,
             max_blocks_per_seq: max_blocks,
         };
-        let mut out = vec![f32::NAN; query.len()];
-        paged_attention(
-            &mut out,
-            &query,
-            &kc,
-            &vc,
-            &tables,
-            &query_seq,
-            &context_lens,
-            &p,
-        )
-        .unwrap();
         let expected =
             paged_attention_reference(&query, &kc, &vc, &tables, &query_seq, &context_lens, &p);
-        for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
-            assert!(
-                a.is_finite() && (a - b).abs() <= tol,
-                "{} bs {} element {i}: {a} vs {b}",
-                T::NAME,
-                case.block_size
-            );
+        // Both forms of the kernel: the SIMD one (where the CPU has it) and the portable.
+        for portable in [false, true] {
+            PORTABLE.with(|f| f.set(portable));
+            let mut out = vec![f32::NAN; query.len()];
+            paged_attention(
+                &mut out,
+                &query,
+                &kc,
+                &vc,
+                &tables,
+                &query_seq,
+                &context_lens,
+                &p,
+            )
+            .unwrap();
+            PORTABLE.with(|f| f.set(false));
+            for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
+                assert!(
+                    a.is_finite() && (a - b).abs() <= tol,
+                    "{} bs {} portable {portable} element {i}: {a} vs {b}",
+                    T::NAME,
+                    case.block_size
+                );
+            }
         }
     }
 

@@ -7,16 +7,21 @@ pub trait CacheElem: Copy + Send + Sync + Default + 'static {
     const NAME: &'static str;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
-    /// The slice itself when the element is f32 (lets kernels take a SIMD path).
-    #[inline(always)]
-    fn as_f32(s: &[Self]) -> Option<&[f32]> {
-        let _ = s;
-        None
-    }
+    /// Which of the three it is, for kernels with a SIMD path per element type.
+    const KIND: ElemKind;
+}
+
+/// The element types of [`CacheElem`], by value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElemKind {
+    F32,
+    F16,
+    Bf16,
 }
 
 impl CacheElem for f32 {
     const NAME: &'static str = "f32";
+    const KIND: ElemKind = ElemKind::F32;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -25,14 +30,11 @@ impl CacheElem for f32 {
     fn from_f32(x: f32) -> Self {
         x
     }
-    #[inline(always)]
-    fn as_f32(s: &[Self]) -> Option<&[f32]> {
-        Some(s)
-    }
 }
 
 impl CacheElem for f16 {
     const NAME: &'static str = "f16";
+    const KIND: ElemKind = ElemKind::F16;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
@@ -45,6 +47,7 @@ impl CacheElem for f16 {
 
 impl CacheElem for bf16 {
     const NAME: &'static str = "bf16";
+    const KIND: ElemKind = ElemKind::Bf16;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)

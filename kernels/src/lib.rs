@@ -17,7 +17,7 @@ pub mod q8;
 
 pub use attention::{paged_attention, paged_attention_reference, AttentionParams};
 pub use cache::{reshape_and_cache, reshape_and_cache_reference, CacheShape};
-pub use elem::CacheElem;
+pub use elem::{CacheElem, ElemKind};
 
 /// Errors: a shape or index that does not match the parameters. Kernels check their
 /// inputs up front and never index out of bounds.
