@@ -279,6 +279,7 @@ pub fn sweep(
         let fmt = WeightFormat {
             precision: p,
             keep_embeddings: opts.keep_embeddings,
+            as_stored: false,
         };
         let planned = llmem_planner::model_weights_bytes(shape, p, opts.keep_embeddings)
             .map_err(|e| Error::InvalidInput(format!("planning {name}: {e}")))?;

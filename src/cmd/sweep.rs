@@ -12,10 +12,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use llmem_engine::loader::{load_tokenizer, WeightFiles};
 use llmem_engine::quant::parse_weight_dtype;
 use llmem_engine::sweep::{sweep, Progress, Quiet, SweepOptions, SweepReport};
-use llmem_planner::{human_bytes, ModelShape, Precision};
+use llmem_planner::{human_bytes, Precision};
 
 use super::Format;
 
@@ -24,7 +23,8 @@ const DEFAULT_TEXT: &str = include_str!("../../data/tinyshakespeare-sample.txt")
 
 #[derive(clap::Args)]
 pub struct SweepArgs {
-    /// A Hugging Face model directory, or the built-in `smollm2-135m`.
+    /// A Hugging Face model directory, a llama .gguf file (each level dequantizes and
+    /// requantizes its tensors), or the built-in `smollm2-135m`.
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
     /// Comma-separated weight dtypes: f32, f16, bf16, q8_0, q6_k, q4_1, q4_0, q4_k. The
@@ -105,10 +105,13 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         }
         None => DEFAULT_TEXT.to_string(),
     };
-    let dir = llmem_engine::hub::resolve_model(&args.model)?;
-    let shape = ModelShape::from_path(&dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let weights = WeightFiles::open_dir(&dir)?;
-    let tokenizer = load_tokenizer(&dir)?;
+    let super::ModelParts {
+        path: dir,
+        shape,
+        weights,
+        tokenizer,
+        ..
+    } = super::open_model(&args.model)?;
     let ids = tokenizer
         .encode(text.as_str(), false)
         .map_err(|e| anyhow::anyhow!("tokenizing the text: {e}"))?
