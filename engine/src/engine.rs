@@ -686,19 +686,16 @@ pub fn planned_terms(
     deployment.keep_embeddings = format.keep_embeddings && format.precision.is_quantized();
     deployment.kv_dtype = planner_kv_dtype(config.kv_dtype);
     deployment.runtime_overhead_bytes = Some(overhead);
+    // A GGUF kept as stored (possibly mixed types): the planner's sum of its tensor table.
+    deployment.stored_weights_bytes = model.stored_weights().map(|s| s.bytes);
     deployment.headroom_fraction = 0.0;
     let plan =
         llmem_planner::plan(model.shape(), &workload, &deployment).map_err(|e| e.to_string())?;
     let max_concurrency = llmem_planner::max_concurrency(model.shape(), &workload, &deployment)
         .map_err(|e| e.to_string())?;
-    // A GGUF kept as stored (possibly mixed types): the planner's sum of its tensor
-    // table, not the single-precision estimate. (`max_concurrency` still uses the latter.)
-    let weights_bytes = model
-        .stored_weights()
-        .map_or(plan.per_gpu.weights_bytes, |s| s.bytes);
     Ok(PlannedTerms {
         max_concurrency,
-        weights_bytes,
+        weights_bytes: plan.per_gpu.weights_bytes,
         activation_bytes: plan.per_gpu.activation_bytes,
         kv_cache_bytes: plan.per_gpu.kv_cache_bytes,
         kv_bytes_per_token: plan.kv_bytes_per_token,

@@ -109,6 +109,31 @@ pub struct ModelParts {
     pub config: llmem_engine::config::EngineConfig,
 }
 
+/// A GGUF's shape and its tensor table summed per ggml type by the planner, when `model`
+/// names a file (`llmem plan` / `llmem inspect`); `None` for presets, config.json files
+/// and directories, which the planner resolves itself.
+pub fn gguf_shape(
+    model: &str,
+) -> anyhow::Result<
+    Option<(
+        llmem_planner::ModelShape,
+        llmem_planner::checkpoint::CheckpointSummary,
+        llmem_planner::Precision,
+    )>,
+> {
+    let path = std::path::Path::new(model);
+    let is_config = path.extension().is_some_and(|e| e == "json");
+    if is_config || !(path.is_file() || llmem_engine::gguf_weights::is_gguf_path(path)) {
+        return Ok(None);
+    }
+    let g = llmem_engine::gguf_weights::GgufModel::open(path)?;
+    let weights = g
+        .weights
+        .gguf()
+        .ok_or_else(|| anyhow::anyhow!("{}: not opened as a GGUF", path.display()))?;
+    Ok(Some((g.shape, weights.summary()?, weights.main_precision())))
+}
+
 /// Open what `--model` names. A path to a file (or any path ending in `.gguf`) is read
 /// as a GGUF; a directory as a Hugging Face model; else the built-in name.
 pub fn open_model(model: &str) -> anyhow::Result<ModelParts> {
