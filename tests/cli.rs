@@ -545,19 +545,47 @@ fn gguf_runs_natively_and_plan_inspect_and_generate_agree_on_its_bytes() {
     assert_eq!(inspect["checkpoint"]["bytes"].as_u64(), Some(measured));
     // An explicit --dtype requantizes: the planner's figure at that precision.
     let v = json(&[
-        "generate", "--model", &g, "--prompt", "Hi", "--max-tokens", "1", "--dtype", "q8_0",
-        "--format", "json",
+        "generate",
+        "--model",
+        &g,
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "1",
+        "--dtype",
+        "q8_0",
+        "--format",
+        "json",
     ]);
     assert_eq!(v["dtype"], "q8_0");
     let plan = json(&["plan", "--precision", "q8_0", "--format", "json"]);
-    assert_eq!(plan["per_gpu"]["weights_bytes"], v["memory"]["weights_bytes"]);
-    let err = fails(&["generate", "--model", &g, "--prompt", "x", "--keep-embeddings"]);
-    assert!(err.contains("--keep-embeddings") && err.contains(".gguf"), "{err}");
+    assert_eq!(
+        plan["per_gpu"]["weights_bytes"],
+        v["memory"]["weights_bytes"]
+    );
+    let err = fails(&[
+        "generate",
+        "--model",
+        &g,
+        "--prompt",
+        "x",
+        "--keep-embeddings",
+    ]);
+    assert!(
+        err.contains("--keep-embeddings") && err.contains(".gguf"),
+        "{err}"
+    );
 }
 
 #[test]
 fn gguf_errors_name_the_file() {
-    let err = fails(&["generate", "--model", "/no/such/model.gguf", "--prompt", "x"]);
+    let err = fails(&[
+        "generate",
+        "--model",
+        "/no/such/model.gguf",
+        "--prompt",
+        "x",
+    ]);
     assert!(err.contains("/no/such/model.gguf"), "{err}");
     let dir = std::env::temp_dir().join(format!("llmem-cli-gguf-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -384,7 +384,9 @@ fn unreadable_tensor_type(file: &File) -> Option<(String, u32)> {
         Some(u64::from_le_bytes(b))
     }
     fn skip(r: &mut (impl Read + Seek), n: u64) -> Option<()> {
-        r.seek(SeekFrom::Current(i64::try_from(n).ok()?)).ok().map(|_| ())
+        r.seek(SeekFrom::Current(i64::try_from(n).ok()?))
+            .ok()
+            .map(|_| ())
     }
     fn string(r: &mut (impl Read + Seek)) -> Option<String> {
         let len = u64_(r)?;

@@ -148,7 +148,10 @@ impl GgufWeights {
         let data = self.file.dequantize_f32(&plan.gguf)?;
         let data = self.reorder_rows(plan, data)?;
         let wrap = |e: candle_core::Error| {
-            self.tensor_err(&plan.gguf, format!("building the tensor: {}", candle_message(e)))
+            self.tensor_err(
+                &plan.gguf,
+                format!("building the tensor: {}", candle_message(e)),
+            )
         };
         let t = Tensor::from_vec(data, shape, device).map_err(wrap)?;
         if dtype == DType::F32 {
@@ -297,11 +300,13 @@ impl GgufModel {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let config = config_json(&params, &vocab, OutDtype::F32, &source);
-        let mut shape = ModelShape::from_config_str(&path.display().to_string(), &config.to_string())
-            .map_err(|e| Error::Config {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
+        let mut shape =
+            ModelShape::from_config_str(&path.display().to_string(), &config.to_string()).map_err(
+                |e| Error::Config {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                },
+            )?;
         shape.name = path
             .file_stem()
             .map(|n| n.to_string_lossy().into_owned())

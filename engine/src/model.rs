@@ -907,9 +907,10 @@ impl Model {
         let fmt = match fmt {
             Some(f) => *f,
             None => {
-                let main = g.weights.gguf().map_or(llmem_planner::Precision::Fp32, |w| {
-                    w.main_precision()
-                });
+                let main = g
+                    .weights
+                    .gguf()
+                    .map_or(llmem_planner::Precision::Fp32, |w| w.main_precision());
                 WeightFormat::gguf_as_stored(main)
             }
         };

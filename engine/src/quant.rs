@@ -506,7 +506,13 @@ mod tests {
                     .unwrap()
                     .affine(10.0, 0.0)
                     .unwrap();
-                let got: Vec<f32> = lin.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let got: Vec<f32> = lin
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
                 let want: Vec<f32> = x
                     .matmul(&dense.t().unwrap())
                     .unwrap()

@@ -274,8 +274,8 @@ pub fn sweep(
             reference = Some(l);
         }
     }
-    let reference =
-        reference.ok_or_else(|| Error::InvalidInput("the sweep needs at least one dtype".into()))?;
+    let reference = reference
+        .ok_or_else(|| Error::InvalidInput("the sweep needs at least one dtype".into()))?;
     if opts.window < 2 {
         return Err(Error::InvalidInput(format!(
             "window = {}: a window needs at least 2 tokens",

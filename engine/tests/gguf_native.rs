@@ -135,7 +135,9 @@ fn metadata(arch: &str) -> Vec<(String, Value)> {
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
         (
             "tokenizer.chat_template".into(),
-            Value::String("{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}".into()),
+            Value::String(
+                "{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}".into(),
+            ),
         ),
     ];
     meta.sort_by(|a, b| a.0.cmp(&b.0));
@@ -171,6 +173,9 @@ fn write_gguf(
     let mut f = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut f, &meta_refs, &tensor_refs).unwrap();
 }
+
+/// Which ggml type each matrix of a test file gets, by tensor name.
+type DtypeOf<'a> = &'a dyn Fn(&str) -> GgmlDType;
 
 fn all(d: GgmlDType) -> impl Fn(&str) -> GgmlDType {
     move |_| d
@@ -216,7 +221,10 @@ fn logits(model: &Model) -> Vec<f32> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn native(path: &Path) -> Model {
@@ -277,8 +285,7 @@ fn mixed_and_f16_files_match_the_imported_model_within_activation_rounding() {
     // weight's outputs are rounded to f16. So logits agree to a tolerance, not exactly:
     // a wrong row order for q/k (the un-permutation) would be off by the logits' scale.
     let tmp = tempfile::tempdir().unwrap();
-    let cases: [(&str, &dyn Fn(&str) -> GgmlDType); 2] =
-        [("mixed", &mixed), ("f16", &all(GgmlDType::F16))];
+    let cases: [(&str, DtypeOf); 2] = [("mixed", &mixed), ("f16", &all(GgmlDType::F16))];
     for (name, dtype_of) in cases {
         let path = tmp.path().join(format!("{name}.gguf"));
         write_gguf(&path, "llama", true, dtype_of, None);
@@ -297,7 +304,7 @@ fn mixed_and_f16_files_match_the_imported_model_within_activation_rounding() {
 #[test]
 fn measured_weight_bytes_equal_the_planner_sum_of_the_tensor_table() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases: [(&str, &dyn Fn(&str) -> GgmlDType, bool); 6] = [
+    let cases: [(&str, DtypeOf, bool); 6] = [
         ("f32", &all(GgmlDType::F32), false),
         ("f16", &all(GgmlDType::F16), true),
         ("q8_0", &all(GgmlDType::Q8_0), false),
@@ -323,7 +330,11 @@ fn measured_weight_bytes_equal_the_planner_sum_of_the_tensor_table() {
             .map(|n| file.read_tensor(n).unwrap().storage_size_in_bytes() as u64)
             .sum();
         assert_eq!(read, planned.bytes, "{name}");
-        println!("{name}: {} B in {:?}", planned.bytes, planned.by_dtype.keys());
+        println!(
+            "{name}: {} B in {:?}",
+            planned.bytes,
+            planned.by_dtype.keys()
+        );
     }
 }
 
@@ -407,7 +418,10 @@ fn errors_name_the_file_and_the_tensor_or_key() {
     let truncated = p("truncated.gguf");
     write_gguf(&truncated, "llama", false, &all(GgmlDType::Q8_0), None);
     let len = std::fs::metadata(&truncated).unwrap().len();
-    let f = std::fs::OpenOptions::new().write(true).open(&truncated).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&truncated)
+        .unwrap();
     f.set_len(len - 1000).unwrap();
     drop(f);
     check(&open_err(&truncated), &truncated, &["tensor"]);

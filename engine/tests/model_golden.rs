@@ -255,7 +255,11 @@ fn golden_native_q4_1_gguf_greedy_agreement() {
     let (model, _) = Model::load_gguf(&gguf, None, &Device::Cpu).unwrap();
     let stored = model.stored_weights().unwrap();
     assert_eq!(model.weights_bytes(), stored.bytes);
-    assert!(stored.by_dtype.contains_key("q4_1"), "{:?}", stored.by_dtype);
+    assert!(
+        stored.by_dtype.contains_key("q4_1"),
+        "{:?}",
+        stored.by_dtype
+    );
     let mut total = 0;
     for case in reference()["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
@@ -273,7 +277,10 @@ fn golden_native_q4_1_gguf_greedy_agreement() {
     println!("native q4_1 GGUF total: {total}/160 greedy tokens match");
     // Measured 91/160 (two cases all 32, the others part at close calls); the bound is
     // bf16's, loose on purpose: activation rounding decides near-ties either way.
-    assert!(total >= 80, "native GGUF greedy agreement fell to {total}/160");
+    assert!(
+        total >= 80,
+        "native GGUF greedy agreement fell to {total}/160"
+    );
 }
 
 #[test]

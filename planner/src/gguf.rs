@@ -165,8 +165,14 @@ mod tests {
     #[test]
     fn block_formats_count_their_scales() {
         // q8_0: 34 bytes per 32 values; q4_K: 144 per 256; f16: 2 per value.
-        assert_eq!(gguf_tensor_bytes("a", GgmlType::Q8_0, &[64, 3]).unwrap(), 6 * 34);
-        assert_eq!(gguf_tensor_bytes("b", GgmlType::Q4K, &[512, 2]).unwrap(), 4 * 144);
+        assert_eq!(
+            gguf_tensor_bytes("a", GgmlType::Q8_0, &[64, 3]).unwrap(),
+            6 * 34
+        );
+        assert_eq!(
+            gguf_tensor_bytes("b", GgmlType::Q4K, &[512, 2]).unwrap(),
+            4 * 144
+        );
         assert_eq!(gguf_tensor_bytes("c", GgmlType::F16, &[5, 7]).unwrap(), 70);
         let e = gguf_tensor_bytes("blk.0.x", GgmlType::Q4_0, &[40]).unwrap_err();
         assert!(e.to_string().contains("blk.0.x"), "{e}");

@@ -11,10 +11,10 @@ use anyhow::Context;
 use llmem_engine::chat::{render_chat, ChatMessage};
 use llmem_engine::config::EngineConfig;
 use llmem_engine::generate::{generate, GenerateRequest};
+use llmem_engine::loader::WeightFiles;
 use llmem_engine::model::Model;
 use llmem_engine::quant::{fallback_notes, WeightFormat};
 use llmem_engine::sampler::SamplingParams;
-use llmem_engine::loader::WeightFiles;
 use llmem_planner::{ModelShape, Precision};
 
 /// The precision weights are stored in. f32/bf16/f16 keep every tensor (and the
@@ -438,12 +438,12 @@ fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let mut engine = Engine::new_parallel(&shape, weights, dense_dtype(args.dtype)?, spec, paged)
         .with_context(|| {
-            format!(
-                "loading model {} as {} ranks",
-                dir.display(),
-                spec.tp * spec.pp
-            )
-        })?;
+        format!(
+            "loading model {} as {} ranks",
+            dir.display(),
+            spec.tp * spec.pp
+        )
+    })?;
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
     eprintln!("{}", super::rank_report(&engine));
     let mut stop_ids = args.stop_token_ids.clone();

@@ -131,7 +131,11 @@ pub fn gguf_shape(
         .weights
         .gguf()
         .ok_or_else(|| anyhow::anyhow!("{}: not opened as a GGUF", path.display()))?;
-    Ok(Some((g.shape, weights.summary()?, weights.main_precision())))
+    Ok(Some((
+        g.shape,
+        weights.summary()?,
+        weights.main_precision(),
+    )))
 }
 
 /// Open what `--model` names. A path to a file (or any path ending in `.gguf`) is read
