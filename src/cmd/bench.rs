@@ -267,7 +267,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Source::Parallel {
             shape,
             model: args.model.clone(),
-            dtype: super::generate::dense_dtype(args.dtype)?,
+            dtype: super::generate::dense_dtype(
+                args.dtype,
+                &super::open_model(&args.model)?.weights,
+            )?,
             spec,
         }
     } else {

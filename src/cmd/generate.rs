@@ -180,9 +180,21 @@ pub fn weight_format(
 }
 
 /// `--dtype` for the sharded (`--tp/--pp`) loaders, which run float weights only; a GGUF
-/// is dequantized to it (f32 by default).
-pub fn dense_dtype(dtype: Option<DtypeArg>) -> anyhow::Result<candle_core::DType> {
-    dtype.unwrap_or(DtypeArg::F32).dense()
+/// is dequantized to it (f32 by default), which a note on stderr says.
+pub fn dense_dtype(
+    dtype: Option<DtypeArg>,
+    weights: &WeightFiles,
+) -> anyhow::Result<candle_core::DType> {
+    let d = dtype.unwrap_or(DtypeArg::F32);
+    let dense = d.dense()?;
+    if let Some(g) = weights.gguf() {
+        eprintln!(
+            "note: {}: --tp/--pp shard float weights: the GGUF is dequantized to {}",
+            g.path().display(),
+            d.name()
+        );
+    }
+    Ok(dense)
 }
 
 /// The report name of a loaded model's format: `--dtype`'s name, or for a GGUF kept as
@@ -436,14 +448,15 @@ fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
         max_model_len,
         kv_layout: llmem_engine::block_manager::KvLayout::Paged,
     };
-    let mut engine = Engine::new_parallel(&shape, weights, dense_dtype(args.dtype)?, spec, paged)
-        .with_context(|| {
-        format!(
-            "loading model {} as {} ranks",
-            dir.display(),
-            spec.tp * spec.pp
-        )
-    })?;
+    let dtype = dense_dtype(args.dtype, &weights)?;
+    let mut engine =
+        Engine::new_parallel(&shape, weights, dtype, spec, paged).with_context(|| {
+            format!(
+                "loading model {} as {} ranks",
+                dir.display(),
+                spec.tp * spec.pp
+            )
+        })?;
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
     eprintln!("{}", super::rank_report(&engine));
     let mut stop_ids = args.stop_token_ids.clone();

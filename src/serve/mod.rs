@@ -242,7 +242,8 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
             num_blocks: blocks as usize,
             ..config
         };
-        let engine = Engine::new_parallel(&shape, weights, dense_dtype(args.dtype)?, spec, config)
+        let dtype = dense_dtype(args.dtype, &weights)?;
+        let engine = Engine::new_parallel(&shape, weights, dtype, spec, config)
             .with_context(|| format!("loading {} across ranks", dir.display()))?;
         let startup = crate::cmd::rank_report(&engine);
         Built {
