@@ -503,3 +503,103 @@ fn sweep_json_contract_and_plot() {
     assert!(chart.starts_with("<svg") && chart.contains("q4_0") && chart.ends_with("</svg>\n"));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The cached default-model GGUF (the Q4_1 file the default model is converted from),
+/// fetched with the model when missing.
+fn default_gguf() -> Option<String> {
+    if !default_model_available() {
+        return None;
+    }
+    let root = llmem_engine::hub::cache_root().ok()?;
+    let path = llmem_engine::hub::default_gguf_path(&root);
+    if !path.is_file() {
+        eprintln!("skipped: {} is not cached", path.display());
+        return None;
+    }
+    Some(path.to_str()?.to_string())
+}
+
+/// Needs the default model's GGUF (fetched into the cache with the model).
+#[test]
+fn gguf_runs_natively_and_plan_inspect_and_generate_agree_on_its_bytes() {
+    let Some(g) = default_gguf() else { return };
+    let v = json(&[
+        "generate",
+        "--model",
+        &g,
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "4",
+        "--ignore-eos",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(v["dtype"], "as-stored:q4_1");
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 4);
+    let measured = v["memory"]["weights_bytes"].as_u64().unwrap();
+    let plan = json(&["plan", "--model", &g, "--format", "json"]);
+    assert_eq!(plan["per_gpu"]["weights_bytes"].as_u64(), Some(measured));
+    assert_eq!(plan["gguf"]["bytes"].as_u64(), Some(measured));
+    let inspect = json(&["inspect", &g, "--format", "json"]);
+    assert_eq!(inspect["checkpoint"]["bytes"].as_u64(), Some(measured));
+    // An explicit --dtype requantizes: the planner's figure at that precision.
+    let v = json(&[
+        "generate",
+        "--model",
+        &g,
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "1",
+        "--dtype",
+        "q8_0",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(v["dtype"], "q8_0");
+    let plan = json(&["plan", "--precision", "q8_0", "--format", "json"]);
+    assert_eq!(
+        plan["per_gpu"]["weights_bytes"],
+        v["memory"]["weights_bytes"]
+    );
+    let err = fails(&[
+        "generate",
+        "--model",
+        &g,
+        "--prompt",
+        "x",
+        "--keep-embeddings",
+    ]);
+    assert!(
+        err.contains("--keep-embeddings") && err.contains(".gguf"),
+        "{err}"
+    );
+}
+
+#[test]
+fn gguf_errors_name_the_file() {
+    let err = fails(&[
+        "generate",
+        "--model",
+        "/no/such/model.gguf",
+        "--prompt",
+        "x",
+    ]);
+    assert!(err.contains("/no/such/model.gguf"), "{err}");
+    let dir = std::env::temp_dir().join(format!("llmem-cli-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = dir.join("fake.gguf");
+    std::fs::write(&fake, b"not a gguf").unwrap();
+    let fake = fake.to_str().unwrap();
+    for cmd in [
+        &["generate", "--model", fake, "--prompt", "x"][..],
+        &["plan", "--model", fake],
+        &["inspect", fake],
+    ] {
+        let err = fails(cmd);
+        assert!(err.contains(fake) && err.contains("GGUF"), "{cmd:?}: {err}");
+    }
+    let err = fails(&["sweep", "--dtypes", "stored,f32", "--model", "/no/such/dir"]);
+    assert!(err.contains("/no/such/dir"), "{err}");
+}

@@ -3,7 +3,8 @@
 //! (`generation_config.json`, then `config.json`), the special-token strings and the chat
 //! template (`tokenizer_config.json` or `chat_template.jinja`).
 //!
-//! Raw files are parsed with every field optional; [`EngineConfig::from_dir`] resolves
+//! Raw files are parsed with every field optional; [`EngineConfig::from_dir`] (or
+//! [`EngineConfig::from_values`], for a GGUF's metadata) resolves
 //! them into values with nothing left to guess. A file that is absent is not an error
 //! (the field falls back); a file that is present but malformed is, and names the file.
 
@@ -113,7 +114,47 @@ impl EngineConfig {
         let model: Option<RawTokenIds> = read_optional_json(&dir.join("config.json"))?;
         let tokenizer: Option<RawTokenizerConfig> =
             read_optional_json(&dir.join("tokenizer_config.json"))?;
+        let mut config = Self::resolve(generation, model, tokenizer);
+        let jinja_path: PathBuf = dir.join("chat_template.jinja");
+        if config.chat_template.is_none() {
+            match std::fs::read_to_string(&jinja_path) {
+                Ok(text) => config.chat_template = Some(text),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(jinja_path, e)),
+            }
+        }
+        Ok(config)
+    }
 
+    /// The same settings from the three documents as JSON values (a GGUF's metadata turned
+    /// into `generation_config.json`, `config.json` and `tokenizer_config.json`); the
+    /// error says which document has the wrong form.
+    pub fn from_values(
+        generation_config: Option<serde_json::Value>,
+        config: Option<serde_json::Value>,
+        tokenizer_config: Option<serde_json::Value>,
+    ) -> std::result::Result<Self, String> {
+        fn parse<T: for<'de> Deserialize<'de>>(
+            what: &str,
+            v: Option<serde_json::Value>,
+        ) -> std::result::Result<Option<T>, String> {
+            v.map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| format!("{what}: not of the expected form: {e}"))
+        }
+        Ok(Self::resolve(
+            parse("generation_config", generation_config)?,
+            parse("config", config)?,
+            parse("tokenizer_config", tokenizer_config)?,
+        ))
+    }
+
+    /// Resolve the parsed documents (any may be absent) into settings.
+    fn resolve(
+        generation: Option<RawTokenIds>,
+        model: Option<RawTokenIds>,
+        tokenizer: Option<RawTokenizerConfig>,
+    ) -> Self {
         let pick = |f: fn(&RawTokenIds) -> &Option<OneOrMany>| -> Vec<u32> {
             generation
                 .as_ref()
@@ -126,7 +167,7 @@ impl EngineConfig {
         let bos_token_id = pick(|r| &r.bos_token_id).first().copied();
 
         let tokenizer = tokenizer.unwrap_or_default();
-        let mut chat_template = match tokenizer.chat_template {
+        let chat_template = match tokenizer.chat_template {
             Some(RawChatTemplate::One(t)) => Some(t),
             Some(RawChatTemplate::Named(list)) => {
                 let default = list.iter().find(|t| t.name == "default").or(list.first());
@@ -134,21 +175,13 @@ impl EngineConfig {
             }
             None => None,
         };
-        let jinja_path: PathBuf = dir.join("chat_template.jinja");
-        if chat_template.is_none() {
-            match std::fs::read_to_string(&jinja_path) {
-                Ok(text) => chat_template = Some(text),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(jinja_path, e)),
-            }
-        }
-        Ok(EngineConfig {
+        EngineConfig {
             eos_token_ids,
             bos_token_id,
             bos_token: tokenizer.bos_token.map(RawSpecialToken::into_string),
             eos_token: tokenizer.eos_token.map(RawSpecialToken::into_string),
             chat_template,
-        })
+        }
     }
 }
 

@@ -157,11 +157,11 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
 /// One tensor to write: where it comes from, where it goes, its checked shape, and whether
 /// its rows must be un-permuted (with how many heads).
 #[derive(Debug, Clone)]
-struct TensorPlan {
-    gguf: String,
-    hf: String,
-    shape: Vec<usize>,
-    unpermute_heads: Option<usize>,
+pub(crate) struct TensorPlan {
+    pub(crate) gguf: String,
+    pub(crate) hf: String,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) unpermute_heads: Option<usize>,
 }
 
 /// The expected Hugging Face shape of every tensor a llama GGUF must (or may) have.
@@ -203,7 +203,7 @@ fn expected_tensors(p: &LlamaParams) -> Vec<(String, Vec<usize>, Option<usize>, 
 
 /// Check the tensor table against the hyper-parameters: every required tensor present with
 /// the right shape, no unknown tensor.
-fn plan_tensors(g: &GgufFile, p: &LlamaParams) -> Result<Vec<TensorPlan>> {
+pub(crate) fn plan_tensors(g: &GgufFile, p: &LlamaParams) -> Result<Vec<TensorPlan>> {
     let expected = expected_tensors(p);
     let known: HashMap<&str, usize> = expected
         .iter()

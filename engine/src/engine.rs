@@ -686,6 +686,8 @@ pub fn planned_terms(
     deployment.keep_embeddings = format.keep_embeddings && format.precision.is_quantized();
     deployment.kv_dtype = planner_kv_dtype(config.kv_dtype);
     deployment.runtime_overhead_bytes = Some(overhead);
+    // A GGUF kept as stored (possibly mixed types): the planner's sum of its tensor table.
+    deployment.stored_weights_bytes = model.stored_weights().map(|s| s.bytes);
     deployment.headroom_fraction = 0.0;
     let plan =
         llmem_planner::plan(model.shape(), &workload, &deployment).map_err(|e| e.to_string())?;

@@ -21,7 +21,7 @@ pub enum Error {
     #[error("{}: {message}", path.display())]
     Json { path: PathBuf, message: String },
 
-    // ---- GGUF import (gguf.rs, convert.rs, tokenizer_gguf.rs) ---------------------------
+    // ---- GGUF import and loading (gguf.rs, convert.rs, tokenizer_gguf.rs, gguf_weights.rs)
     /// The file is not a GGUF file, or its header/metadata is damaged or truncated.
     #[error("{}: not a readable GGUF file: {message}", path.display())]
     GgufRead { path: PathBuf, message: String },
@@ -36,10 +36,10 @@ pub enum Error {
         found: String,
         expected: String,
     },
-    /// The GGUF describes a model family the converter does not handle.
+    /// The GGUF describes a model family the converter and loader do not handle.
     #[error(
         "{}: architecture `{found}` (general.architecture) is not supported: \
-         `llmem import` converts only `llama` models",
+         llmem loads and converts only `llama` GGUF models",
         path.display()
     )]
     UnsupportedArchitecture { path: PathBuf, found: String },
@@ -74,8 +74,8 @@ pub enum Error {
     /// A model name that is neither a directory nor a built-in name.
     #[error(
         "model `{name}` not found: give a directory in Hugging Face layout (config.json, \
-         *.safetensors, tokenizer.json) or the built-in name `smollm2-135m`; \
-         to use a .gguf file, convert it first with `llmem import FILE.gguf OUT_DIR`"
+         *.safetensors, tokenizer.json), a llama .gguf file, or the built-in name \
+         `smollm2-135m`"
     )]
     UnknownModel { name: String },
 

@@ -83,10 +83,29 @@ impl GgufFile {
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
         let content = {
             let mut reader = BufReader::new(&file);
-            Content::read(&mut reader).map_err(|e| Error::GgufRead {
-                path: path.clone(),
-                message: candle_message(e),
-            })?
+            match Content::read(&mut reader) {
+                Ok(c) => c,
+                Err(e) => {
+                    // candle names only the type id of a tensor type it cannot read;
+                    // walk the header again to name the tensor too.
+                    if let Some((tensor, id)) = unreadable_tensor_type(&file) {
+                        return Err(Error::GgufTensor {
+                            path,
+                            tensor,
+                            message: format!(
+                                "stored as ggml type {id} ({}), which llmem cannot read; \
+                                 supported: f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, \
+                                 q2_K, q3_K, q4_K, q5_K, q6_K",
+                                ggml_type_name(id)
+                            ),
+                        });
+                    }
+                    return Err(Error::GgufRead {
+                        path,
+                        message: candle_message(e),
+                    });
+                }
+            }
         };
         Ok(GgufFile {
             path,
@@ -303,6 +322,130 @@ impl GgufFile {
             message: format!("reading {dtype:?} data: {}", candle_message(e)),
         }
     }
+}
+
+/// ggml's name of a tensor type id (ggml.h `enum ggml_type`), for messages.
+fn ggml_type_name(id: u32) -> &'static str {
+    match id {
+        0 => "f32",
+        1 => "f16",
+        2 => "q4_0",
+        3 => "q4_1",
+        6 => "q5_0",
+        7 => "q5_1",
+        8 => "q8_0",
+        9 => "q8_1",
+        10 => "q2_K",
+        11 => "q3_K",
+        12 => "q4_K",
+        13 => "q5_K",
+        14 => "q6_K",
+        15 => "q8_K",
+        16 => "iq2_xxs",
+        17 => "iq2_xs",
+        18 => "iq3_xxs",
+        19 => "iq1_s",
+        20 => "iq4_nl",
+        21 => "iq3_s",
+        22 => "iq2_s",
+        23 => "iq4_xs",
+        24 => "i8",
+        25 => "i16",
+        26 => "i32",
+        27 => "i64",
+        28 => "f64",
+        29 => "iq1_m",
+        30 => "bf16",
+        34 => "tq1_0",
+        35 => "tq2_0",
+        39 => "mxfp4",
+        _ => "unknown",
+    }
+}
+
+/// The type ids candle 0.11 reads (`GgmlDType`).
+const CANDLE_TYPE_IDS: [u32; 15] = [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 30];
+
+/// Walk a GGUF v2/v3 header (metadata skipped value by value) and return the first
+/// tensor whose type id candle cannot read. `None` when the header cannot be walked or
+/// every type is readable: the caller then reports candle's own error.
+fn unreadable_tensor_type(file: &File) -> Option<(String, u32)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut r = BufReader::new(file);
+    r.seek(SeekFrom::Start(0)).ok()?;
+    fn u32_(r: &mut impl Read) -> Option<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).ok()?;
+        Some(u32::from_le_bytes(b))
+    }
+    fn u64_(r: &mut impl Read) -> Option<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b).ok()?;
+        Some(u64::from_le_bytes(b))
+    }
+    fn skip(r: &mut (impl Read + Seek), n: u64) -> Option<()> {
+        r.seek(SeekFrom::Current(i64::try_from(n).ok()?))
+            .ok()
+            .map(|_| ())
+    }
+    fn string(r: &mut (impl Read + Seek)) -> Option<String> {
+        let len = u64_(r)?;
+        if len > 1 << 20 {
+            return None;
+        }
+        let mut b = vec![0u8; len as usize];
+        r.read_exact(&mut b).ok()?;
+        Some(String::from_utf8_lossy(&b).into_owned())
+    }
+    /// Skip one metadata value of type `t`.
+    fn value(r: &mut (impl Read + Seek), t: u32, depth: u32) -> Option<()> {
+        match t {
+            0 | 1 | 7 => skip(r, 1),
+            2 | 3 => skip(r, 2),
+            4..=6 => skip(r, 4),
+            10..=12 => skip(r, 8),
+            8 => {
+                let len = u64_(r)?;
+                skip(r, len)
+            }
+            9 if depth < 4 => {
+                let et = u32_(r)?;
+                let n = u64_(r)?;
+                for _ in 0..n {
+                    value(r, et, depth + 1)?;
+                }
+                Some(())
+            }
+            _ => None,
+        }
+    }
+    if u32_(&mut r)? != 0x4655_4747 {
+        return None;
+    }
+    if !matches!(u32_(&mut r)?, 2 | 3) {
+        return None;
+    }
+    let n_tensors = u64_(&mut r)?;
+    let n_kv = u64_(&mut r)?;
+    for _ in 0..n_kv {
+        string(&mut r)?;
+        let t = u32_(&mut r)?;
+        value(&mut r, t, 0)?;
+    }
+    for _ in 0..n_tensors {
+        let name = string(&mut r)?;
+        let n_dims = u32_(&mut r)?;
+        if n_dims > 8 {
+            return None;
+        }
+        skip(&mut r, 8 * u64::from(n_dims))?;
+        let t = u32_(&mut r)?;
+        u64_(&mut r)?;
+        if !CANDLE_TYPE_IDS.contains(&t) {
+            return Some((name, t));
+        }
+    }
+    None
 }
 
 /// The Llama hyper-parameters a GGUF declares, resolved (no `Option`s left except the

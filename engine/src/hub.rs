@@ -349,7 +349,7 @@ mod tests {
     fn unknown_name_lists_what_is_accepted() {
         let err = resolve_model("no-such-model-xyz").unwrap_err().to_string();
         assert!(
-            err.contains("smollm2-135m") && err.contains("llmem import"),
+            err.contains("smollm2-135m") && err.contains(".gguf"),
             "{err}"
         );
     }

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_weights;
 pub mod hub;
 pub mod kv_cache;
 pub mod linear;

@@ -14,7 +14,8 @@
 //! Half-precision results are rounded to the weight dtype, as a bf16/f16 matmul with f32
 //! accumulation does.
 //!
-//! A third kind of weight is a GGUF block format (q8_0, q4_0, q4_1, q4_k, q6_k) held as a
+//! A third kind of weight is a GGUF block format (q8_0, q4_0, q4_1, q4_k, q6_k; and
+//! q5_0, q5_1, q2_k, q3_k, q5_k from a GGUF loaded as stored) held as a
 //! candle [`QTensor`]: f32 activations in, f32 out, through candle's quantized matmul
 //! (it quantizes the activations to q8 blocks and runs integer dot products, AVX2/VNNI
 //! where candle has them). See `crate::quant` for which tensors get which format.
@@ -392,7 +393,10 @@ fn matvec_tensor(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 /// through [`qmatvec`]; `None` when the weight is not a CPU block format we handle (the
 /// caller then uses candle's quantized matmul).
 fn qmatvec_tensor(x: &Tensor, w: &QTensor) -> candle_core::Result<Option<Tensor>> {
-    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ6K, BlockQ8_0};
+    use candle_core::quantized::k_quants::{
+        BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1,
+        BlockQ6K, BlockQ8_0,
+    };
     use candle_core::quantized::GgmlDType;
     if !x.device().is_cpu() || !w.device().is_cpu() {
         return Ok(None);
@@ -412,6 +416,13 @@ fn qmatvec_tensor(x: &Tensor, w: &QTensor) -> candle_core::Result<Option<Tensor>
             GgmlDType::Q4_1 => qmatvec_bytes::<BlockQ4_1>(xs, m, bytes, n, k, &mut out),
             GgmlDType::Q4K => qmatvec_bytes::<BlockQ4K>(xs, m, bytes, n, k, &mut out),
             GgmlDType::Q6K => qmatvec_bytes::<BlockQ6K>(xs, m, bytes, n, k, &mut out),
+            // Types a GGUF may hold that `--dtype` never produces (Q4_K_M files use q5_0
+            // where rows do not fit q4_K's 256-value block, for instance).
+            GgmlDType::Q5_0 => qmatvec_bytes::<BlockQ5_0>(xs, m, bytes, n, k, &mut out),
+            GgmlDType::Q5_1 => qmatvec_bytes::<BlockQ5_1>(xs, m, bytes, n, k, &mut out),
+            GgmlDType::Q2K => qmatvec_bytes::<BlockQ2K>(xs, m, bytes, n, k, &mut out),
+            GgmlDType::Q3K => qmatvec_bytes::<BlockQ3K>(xs, m, bytes, n, k, &mut out),
+            GgmlDType::Q5K => qmatvec_bytes::<BlockQ5K>(xs, m, bytes, n, k, &mut out),
             _ => false,
         };
         Ok(done.then_some(out))

@@ -6,7 +6,8 @@
 //! a floating dtype (f32, bf16 or f16); it is then converted to the dtype the model runs
 //! in. Invariants: a file whose header does not describe exactly its own length (a
 //! truncated or padded file) is rejected when opened, before any tensor is read; every
-//! error names the file and the tensor.
+//! error names the file and the tensor. A GGUF file can stand in for the safetensors
+//! files ([`WeightFiles::from_gguf`], see `crate::gguf_weights`): `load` then dequantizes.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use safetensors::tensor::{Dtype as StDtype, Metadata};
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
+use crate::gguf_weights::GgufWeights;
 
 /// One memory-mapped safetensors file with its parsed header.
 struct MappedFile {
@@ -27,11 +29,15 @@ struct MappedFile {
     metadata: Metadata,
 }
 
-/// The safetensors files of a model, memory-mapped, indexed by tensor name.
+/// The weights of a model, indexed by Hugging Face tensor name: memory-mapped safetensors
+/// files, or one GGUF file whose tensors are read (and renamed, and for `attn_q`/`attn_k`
+/// un-permuted) on request.
 pub struct WeightFiles {
     files: Vec<MappedFile>,
     /// Tensor name -> index into `files`.
     index: HashMap<String, usize>,
+    /// Set instead of `files` when the weights are a GGUF file.
+    gguf: Option<GgufWeights>,
 }
 
 /// The safetensors dtypes the engine can load.
@@ -114,16 +120,41 @@ impl WeightFiles {
                 metadata,
             });
         }
-        Ok(WeightFiles { files, index })
+        Ok(WeightFiles {
+            files,
+            index,
+            gguf: None,
+        })
+    }
+
+    /// The tensors of a llama GGUF, already checked against `params` (every required
+    /// tensor present with its shape, no unknown tensor), under their Hugging Face names.
+    pub fn from_gguf(gguf: GgufWeights) -> Self {
+        WeightFiles {
+            files: Vec::new(),
+            index: HashMap::new(),
+            gguf: Some(gguf),
+        }
+    }
+
+    /// The GGUF behind these weights, if they come from one.
+    pub fn gguf(&self) -> Option<&GgufWeights> {
+        self.gguf.as_ref()
     }
 
     /// Whether a tensor of this name exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        match &self.gguf {
+            Some(g) => g.contains(name),
+            None => self.index.contains_key(name),
+        }
     }
 
     /// All tensor names, sorted.
     pub fn names(&self) -> Vec<String> {
+        if let Some(g) = &self.gguf {
+            return g.names();
+        }
         let mut names: Vec<String> = self.index.keys().cloned().collect();
         names.sort();
         names
@@ -146,6 +177,9 @@ impl WeightFiles {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        if let Some(g) = &self.gguf {
+            return g.load_dense(name, shape, dtype, device);
+        }
         let Some(&file_idx) = self.index.get(name) else {
             let path = if self.files.len() == 1 {
                 self.first_path()

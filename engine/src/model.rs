@@ -31,6 +31,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use llmem_planner::checkpoint::CheckpointSummary;
 use llmem_planner::ModelShape;
 
 use crate::comm::Communicator;
@@ -321,6 +322,9 @@ pub struct Model {
     rope: Rope,
     weights_bytes: u64,
     format: WeightFormat,
+    /// For a GGUF loaded as stored: its tensor table summed per ggml type (the planner's
+    /// figure for these weights, which `weights_bytes` equals).
+    stored: Option<CheckpointSummary>,
 }
 
 pub(crate) fn tensor_bytes(t: &Tensor) -> u64 {
@@ -832,8 +836,15 @@ impl Model {
         let dtype = fmt.activation_dtype();
         let (vocab, h) = (shape.vocab_size as usize, shape.hidden_size as usize);
         let ep = fmt.embedding_precision();
-        let embed_tokens =
-            quant::load_matrix(w, "model.embed_tokens.weight", vocab, h, ep, device)?;
+        let embed_tokens = quant::load_matrix(
+            w,
+            "model.embed_tokens.weight",
+            vocab,
+            h,
+            ep,
+            fmt.as_stored,
+            device,
+        )?;
         let layers = (0..shape.num_hidden_layers as usize)
             .map(|i| DecoderLayer::load(w, i, shape, fmt, device))
             .collect::<Result<Vec<_>>>()?;
@@ -843,7 +854,8 @@ impl Model {
         let lm_head = if shape.tie_word_embeddings {
             embed_tokens.clone().into_linear(None)
         } else {
-            quant::load_matrix(w, "lm_head.weight", vocab, h, ep, device)?.into_linear(None)
+            quant::load_matrix(w, "lm_head.weight", vocab, h, ep, fmt.as_stored, device)?
+                .into_linear(None)
         };
         let rope = Rope::new(shape, shape.max_position_embeddings as usize, dtype, device)?;
         let mut weights_bytes = embed_tokens.bytes()
@@ -852,6 +864,11 @@ impl Model {
         if !shape.tie_word_embeddings {
             weights_bytes += lm_head.bytes();
         }
+        // A GGUF kept as stored: the planner's figure is the file's own tensor table.
+        let stored = match (fmt.as_stored, w.gguf()) {
+            (true, Some(g)) => Some(g.summary()?),
+            _ => None,
+        };
         Ok(Model {
             shape: shape.clone(),
             dtype,
@@ -863,12 +880,42 @@ impl Model {
             rope,
             weights_bytes,
             format: *fmt,
+            stored,
         })
     }
 
     /// How the weights are stored (precision, embeddings kept or not).
     pub fn weight_format(&self) -> &WeightFormat {
         &self.format
+    }
+
+    /// For a GGUF loaded with its tensors as stored: the file's tensor table summed per
+    /// ggml type by the planner ([`llmem_planner::gguf_weights`]); its `bytes` equal
+    /// [`Model::weights_bytes`].
+    pub fn stored_weights(&self) -> Option<&CheckpointSummary> {
+        self.stored.as_ref()
+    }
+
+    /// Open a GGUF file and load it: as stored when `fmt` is `None` (block formats stay
+    /// blocks, see `crate::gguf_weights`), else dequantized and stored as `fmt` says.
+    pub fn load_gguf(
+        path: &Path,
+        fmt: Option<&WeightFormat>,
+        device: &Device,
+    ) -> Result<(Self, crate::gguf_weights::GgufModel)> {
+        let g = crate::gguf_weights::GgufModel::open(path)?;
+        let fmt = match fmt {
+            Some(f) => *f,
+            None => {
+                let main = g
+                    .weights
+                    .gguf()
+                    .map_or(llmem_planner::Precision::Fp32, |w| w.main_precision());
+                WeightFormat::gguf_as_stored(main)
+            }
+        };
+        let model = Self::load_with(&g.shape, &g.weights, &fmt, device)?;
+        Ok((model, g))
     }
 
     pub fn shape(&self) -> &ModelShape {

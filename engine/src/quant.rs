@@ -84,6 +84,11 @@ pub struct WeightFormat {
     pub precision: Precision,
     /// Keep the embedding and LM head at f16 when `precision` is quantized.
     pub keep_embeddings: bool,
+    /// Weights from a GGUF file: keep every tensor in the ggml type the file stores
+    /// (mixed files stay mixed); `precision` then only names the file's main type, for
+    /// reports. Activations, norms and the KV cache default run in f32. Ignored for
+    /// safetensors weights.
+    pub as_stored: bool,
 }
 
 impl WeightFormat {
@@ -102,6 +107,7 @@ impl WeightFormat {
         Ok(WeightFormat {
             precision,
             keep_embeddings: false,
+            as_stored: false,
         })
     }
 
@@ -116,18 +122,34 @@ impl WeightFormat {
         Ok(WeightFormat {
             precision,
             keep_embeddings: false,
+            as_stored: false,
         })
     }
 
     /// The dtype of activations, rope tables and the default KV cache: the float
     /// precision itself, f32 for the block formats.
     pub fn activation_dtype(&self) -> DType {
+        if self.as_stored {
+            return DType::F32;
+        }
         dense_dtype(self.precision).unwrap_or(DType::F32)
     }
 
-    /// The dtype of norm weights and biases ([`Precision::unquantized`]).
+    /// The dtype of norm weights and biases ([`Precision::unquantized`]; f32 as stored).
     pub fn vector_dtype(&self) -> DType {
+        if self.as_stored {
+            return DType::F32;
+        }
         dense_dtype(self.precision.unquantized()).unwrap_or(DType::F32)
+    }
+
+    /// A GGUF file's tensors as the file stores them; `main` names the file's main type.
+    pub fn gguf_as_stored(main: Precision) -> Self {
+        WeightFormat {
+            precision: main,
+            keep_embeddings: false,
+            as_stored: true,
+        }
     }
 
     /// The precision the embedding and LM head are asked for (before fallbacks).
@@ -284,15 +306,20 @@ pub fn store_matrix(w: &Tensor, precision: Precision, name: &str) -> Result<Stor
     StoredMatrix::from_qtensor(q).map_err(wrap)
 }
 
-/// Load `name` (rows, cols) from safetensors and store it at `precision`.
+/// Load `name` (rows, cols) and store it at `precision`; with `as_stored` and GGUF
+/// weights, in the type the file stores instead.
 pub fn load_matrix(
     w: &WeightFiles,
     name: &str,
     rows: usize,
     cols: usize,
     precision: Precision,
+    as_stored: bool,
     device: &Device,
 ) -> Result<StoredMatrix> {
+    if let (true, Some(g)) = (as_stored, w.gguf()) {
+        return g.load_stored(name, rows, cols, device);
+    }
     // Float targets load straight into their dtype; block formats quantize from f32.
     let load_dtype = dense_dtype(precision.for_row_len(cols as u64)).unwrap_or(DType::F32);
     let t = w.load(name, &[rows, cols], load_dtype, device)?;
@@ -318,6 +345,7 @@ pub fn load_linear(
         out_features,
         in_features,
         fmt.precision,
+        fmt.as_stored,
         device,
     )?;
     let bias = if bias {
@@ -512,6 +540,50 @@ mod tests {
                 for (g, w) in got.iter().zip(&want) {
                     // The activations are quantized to 8 bits per block on the way in.
                     assert!((g - w).abs() <= 0.02 * scale, "{p} m={m}: {g} vs {w}");
+                }
+            }
+        }
+    }
+
+    /// The ggml types only a GGUF loaded as stored brings (no `--dtype` makes them) go
+    /// through the same quantized matvec; checked against the dequantized weight.
+    #[test]
+    fn gguf_only_block_types_match_their_dequantized_weight() {
+        let (n, k) = (40, 512);
+        let w = Tensor::from_vec(random(n, k, 5), (n, k), &Device::Cpu).unwrap();
+        for g in [
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q5K,
+        ] {
+            let q = Arc::new(QTensor::quantize(&w, g).unwrap());
+            let dense = q.dequantize(&Device::Cpu).unwrap();
+            let lin = Linear::from_qtensor(q, None);
+            for m in [1, 3] {
+                let x = Tensor::from_vec(random(m, k, 30 + m as u64), (m, k), &Device::Cpu)
+                    .unwrap()
+                    .affine(10.0, 0.0)
+                    .unwrap();
+                let got: Vec<f32> = lin
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let want: Vec<f32> = x
+                    .matmul(&dense.t().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+                for (a, b) in got.iter().zip(&want) {
+                    // Activations are quantized to 8 bits per block on the way in.
+                    assert!((a - b).abs() <= 0.02 * scale, "{g:?} m={m}: {a} vs {b}");
                 }
             }
         }

@@ -31,11 +31,29 @@ use crate::scheduler::StopConditions;
 /// Sequences in the batched decode measurement.
 pub const BATCH: usize = 16;
 
+/// One level of a sweep: the weights stored at a precision (quantized at load), or a
+/// GGUF's tensors as the file stores them (`stored`; mixed files stay mixed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    At(Precision),
+    Stored,
+}
+
+impl Level {
+    /// The name reports and `--dtypes` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::At(p) => cli_name(p),
+            Level::Stored => "stored",
+        }
+    }
+}
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct SweepOptions {
     /// Levels in the order to report them.
-    pub precisions: Vec<Precision>,
+    pub levels: Vec<Level>,
     pub keep_embeddings: bool,
     /// Tokens scored for perplexity / KL (whole windows only).
     pub tokens: usize,
@@ -233,7 +251,30 @@ pub fn sweep(
     opts: &SweepOptions,
     progress: &mut dyn Progress,
 ) -> Result<SweepReport> {
-    let reference = reference_level(&opts.precisions)
+    // A `stored` level counts its file's bits per weight (bytes over parameters).
+    let stored = match (opts.levels.contains(&Level::Stored), weights.gguf()) {
+        (false, _) => None,
+        (true, Some(g)) => Some((g.summary()?, g.main_precision())),
+        (true, None) => {
+            return Err(Error::InvalidInput(
+                "the `stored` level loads a GGUF's tensors as the file stores them; the \
+                 model is not a .gguf file"
+                    .into(),
+            ))
+        }
+    };
+    let bits = |l: Level| match (l, &stored) {
+        (Level::At(p), _) => p.bits_per_weight(),
+        (Level::Stored, Some((s, _))) => s.bytes as f64 * 8.0 / s.params.max(1) as f64,
+        (Level::Stored, None) => 0.0,
+    };
+    let mut reference: Option<Level> = None;
+    for &l in &opts.levels {
+        if reference.is_none_or(|r| bits(l) > bits(r)) {
+            reference = Some(l);
+        }
+    }
+    let reference = reference
         .ok_or_else(|| Error::InvalidInput("the sweep needs at least one dtype".into()))?;
     if opts.window < 2 {
         return Err(Error::InvalidInput(format!(
@@ -261,27 +302,41 @@ pub fn sweep(
     let scored = &ids[..windows * opts.window];
     let prompt = &ids[..opts.decode_prompt_tokens];
     // Reference first, then the others; reported in the order given.
-    let mut order: Vec<usize> = (0..opts.precisions.len()).collect();
+    let mut order: Vec<usize> = (0..opts.levels.len()).collect();
     let ref_idx = opts
-        .precisions
+        .levels
         .iter()
-        .position(|&p| p == reference)
+        .position(|&l| l == reference)
         .unwrap_or(0);
     order.retain(|&i| i != ref_idx);
     order.insert(0, ref_idx);
 
     let mut ref_scores: Vec<Vec<Vec<f32>>> = Vec::new();
-    let mut reports: Vec<Option<LevelReport>> = vec![None; opts.precisions.len()];
+    let mut reports: Vec<Option<LevelReport>> = vec![None; opts.levels.len()];
     for i in order {
-        let p = opts.precisions[i];
-        let name = cli_name(p);
+        let level = opts.levels[i];
+        let name = level.name();
         progress.level_start(name, (windows + 3) as u64);
-        let fmt = WeightFormat {
-            precision: p,
-            keep_embeddings: opts.keep_embeddings,
+        let (fmt, planned, fallbacks) = match (level, &stored) {
+            (Level::At(p), _) => {
+                let fmt = WeightFormat {
+                    precision: p,
+                    keep_embeddings: opts.keep_embeddings,
+                    as_stored: false,
+                };
+                let planned = llmem_planner::model_weights_bytes(shape, p, opts.keep_embeddings)
+                    .map_err(|e| Error::InvalidInput(format!("planning {name}: {e}")))?;
+                (fmt, planned, fallback_notes(shape, &fmt))
+            }
+            (Level::Stored, Some((summary, main))) => (
+                WeightFormat::gguf_as_stored(*main),
+                summary.bytes,
+                Vec::new(),
+            ),
+            (Level::Stored, None) => {
+                return Err(Error::InvalidInput("`stored` needs a .gguf model".into()))
+            }
         };
-        let planned = llmem_planner::model_weights_bytes(shape, p, opts.keep_embeddings)
-            .map_err(|e| Error::InvalidInput(format!("planning {name}: {e}")))?;
         let start = Instant::now();
         let model = Model::load_with(shape, weights, &fmt, &candle_core::Device::Cpu)?;
         let load_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -323,12 +378,12 @@ pub fn sweep(
             prefill_tokens_per_s: scored.len() as f64 / prefill_s,
             decode_tokens_per_s: decode,
             decode_tokens_per_s_batch16: decode16,
-            fallbacks: fallback_notes(shape, &fmt),
+            fallbacks,
         });
         progress.level_done();
     }
     Ok(SweepReport {
-        reference: cli_name(reference).to_string(),
+        reference: reference.name().to_string(),
         tokens: scored.len(),
         window: opts.window,
         positions: windows * (opts.window - 1),

@@ -9,6 +9,8 @@
 //!   other token); top-10 logits at the last prompt position within 1e-3; top-5 logprobs
 //!   per step within 1e-3 while the tokens agree.
 //! - bf16: prints how many greedy tokens match per case; asserts a loose bound.
+//! - the cached Q4_1 GGUF run natively (when present): the same, with the reference's
+//!   top1-top2 margin where each case first differs.
 //! - streaming: pieces handed to the client never hold a broken character.
 //! - SLOW (about a minute): perplexity over 8,192 tokens of tinyshakespeare, window 512,
 //!   within 0.5% of 43.9112.
@@ -235,6 +237,52 @@ fn golden_bf16_greedy_agreement() {
     assert!(total >= 80, "bf16 greedy agreement fell to {total}/160");
 }
 
+/// The default model's own GGUF (Q4_1, the file the cached directory was converted
+/// from) run natively: its blocks are the reference's weights exactly (the directory is
+/// their f32 dequantization), so greedy tokens differ from the f32 reference only where
+/// quantizing the activations to 8-bit blocks in the matmuls tips a close call.
+#[test]
+fn golden_native_q4_1_gguf_greedy_agreement() {
+    let Some(dir) = model_dir() else { return };
+    let Some(gguf) = llmem_engine::hub::cache_root()
+        .ok()
+        .map(|r| llmem_engine::hub::default_gguf_path(&r))
+        .filter(|p| p.is_file())
+    else {
+        eprintln!("skipped: the default model's GGUF is not cached");
+        return;
+    };
+    let (model, _) = Model::load_gguf(&gguf, None, &Device::Cpu).unwrap();
+    let stored = model.stored_weights().unwrap();
+    assert_eq!(model.weights_bytes(), stored.bytes);
+    assert!(
+        stored.by_dtype.contains_key("q4_1"),
+        "{:?}",
+        stored.by_dtype
+    );
+    let mut total = 0;
+    for case in reference()["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let out = greedy(&model, &dir, ids(&case["prompt_ids"]), 0);
+        let matched = matching_prefix(&out.token_ids, &ids(&case["greedy_ids"]));
+        let margin = case["top1_top2_logit_margin_per_step"][matched]
+            .as_f64()
+            .map_or("-".to_string(), |m| format!("{m:.3}"));
+        println!(
+            "{name}: native q4_1 GGUF greedy matches {matched}/32 tokens of the f32 \
+             reference (reference top1-top2 margin at the first difference: {margin})"
+        );
+        total += matched;
+    }
+    println!("native q4_1 GGUF total: {total}/160 greedy tokens match");
+    // Measured 91/160 (two cases all 32, the others part at close calls); the bound is
+    // bf16's, loose on purpose: activation rounding decides near-ties either way.
+    assert!(
+        total >= 80,
+        "native GGUF greedy agreement fell to {total}/160"
+    );
+}
+
 #[test]
 fn golden_perplexity_8192_tokens_f32_slow() {
     let Some(dir) = model_dir() else { return };
@@ -409,6 +457,7 @@ fn golden_quantized_weight_bytes_equal_the_planner() {
             let fmt = WeightFormat {
                 precision: p,
                 keep_embeddings,
+                as_stored: false,
             };
             let model = Model::load_dir_with(&dir, &fmt, &Device::Cpu).unwrap();
             let planned =
@@ -442,6 +491,7 @@ fn golden_quantized_greedy_agreement() {
         let fmt = WeightFormat {
             precision: p,
             keep_embeddings: false,
+            as_stored: false,
         };
         let model = Model::load_dir_with(&dir, &fmt, &Device::Cpu).unwrap();
         let mut total = 0;

@@ -1603,6 +1603,7 @@ fn quantized_weight_bytes_equal_the_planner() {
                 let fmt = WeightFormat {
                     precision: p,
                     keep_embeddings,
+                    as_stored: false,
                 };
                 let model = Model::load_dir_with(&dir, &fmt, &Device::Cpu).unwrap();
                 let planned =
@@ -1644,6 +1645,7 @@ fn quantized_models_stay_close_to_f32_and_decode_like_prefill() {
         let fmt = WeightFormat {
             precision: p,
             keep_embeddings: false,
+            as_stored: false,
         };
         let model = Model::load_dir_with(&dir, &fmt, &Device::Cpu).unwrap();
         assert_eq!(model.dtype(), DType::F32);

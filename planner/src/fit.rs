@@ -111,6 +111,8 @@ fn with(d: &Deployment, precision: Precision, tp: u64, pp: u64) -> Deployment {
         tp,
         pp,
         replicas: 1,
+        // A file's stored bytes hold only at its own precision.
+        stored_weights_bytes: d.stored_weights_bytes.filter(|_| precision == d.precision),
         ..d.clone()
     }
 }
@@ -385,6 +387,7 @@ pub fn levers(shape: &ModelShape, w: &Workload, d: &Deployment) -> Result<Vec<Le
 fn with_kv(d: &Deployment, p: Precision) -> Deployment {
     Deployment {
         precision: p,
+        stored_weights_bytes: d.stored_weights_bytes.filter(|_| p == d.precision),
         ..d.clone()
     }
 }

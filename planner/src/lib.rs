@@ -7,11 +7,13 @@
 //! ```
 //!
 //! Pure arithmetic on integers: no tensors, no I/O except reading config.json and
-//! safetensors headers. Every sum is overflow-checked. The engine sizes its KV cache
+//! safetensors headers (a GGUF's tensor table is read by the engine and summed here).
+//! Every sum is overflow-checked. The engine sizes its KV cache
 //! with [`ModelShape::kv_bytes_per_token`], so planned and measured compare like with like.
 
 pub mod checkpoint;
 pub mod fit;
+pub mod gguf;
 pub mod gpu;
 pub mod plan;
 pub mod precision;
@@ -20,6 +22,7 @@ pub mod report;
 pub mod shape;
 
 pub use fit::{fit, levers, max_concurrency, max_context, FitLimits, FitReport};
+pub use gguf::{gguf_tensor_bytes, gguf_weights, GgmlType};
 pub use gpu::{catalog, custom_gpu, gpu, human_bytes, parse_bytes, Gpu};
 pub use plan::{model_weights_bytes, plan, AttentionImpl, Deployment, Plan, Terms, Workload};
 pub use precision::{matrix_bytes, vector_bytes, KvDtype, Precision};

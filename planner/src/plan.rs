@@ -72,6 +72,11 @@ pub struct Deployment {
     pub vocab_parallel: bool,
     /// Keep the embedding and LM head at fp16 when the other weights are quantized.
     pub keep_embeddings: bool,
+    /// The weight bytes of a file whose tensors are loaded as stored (a GGUF's tensor
+    /// table summed by [`crate::gguf_weights`]; mixed types have no one precision). Used
+    /// for a rank that holds the whole model (TP = PP = 1) instead of the estimate at
+    /// `precision`; a split plan still uses the estimate.
+    pub stored_weights_bytes: Option<u64>,
 }
 
 impl Deployment {
@@ -87,6 +92,7 @@ impl Deployment {
             headroom_fraction: DEFAULT_HEADROOM,
             vocab_parallel: false,
             keep_embeddings: false,
+            stored_weights_bytes: None,
         }
     }
 
@@ -381,6 +387,11 @@ fn rank_weights(
     holds_lm_head: bool,
     rank: u64,
 ) -> Result<u64, PlanError> {
+    if let Some(bytes) = d.stored_weights_bytes {
+        if d.tp == 1 && holds_embedding && holds_lm_head && layers == shape.num_hidden_layers {
+            return Ok(bytes);
+        }
+    }
     let p = d.precision;
     let tp = d.tp;
     let h = shape.hidden_size;
@@ -964,6 +975,26 @@ mod tests {
         assert_eq!(stage_layers(126, 4), vec![31, 32, 32, 31]);
         assert_eq!(stage_layers(5, 5), vec![1; 5]);
         assert_eq!(stage_layers(7, 3), vec![2, 3, 2]);
+    }
+
+    #[test]
+    fn stored_weight_bytes_replace_the_estimate_only_for_a_whole_model() {
+        let shape = preset("smollm2-135m").unwrap();
+        let w = Workload::new(1024, 1);
+        let base = Deployment::new(Precision::Q8_0, h100());
+        let stored = Deployment {
+            stored_weights_bytes: Some(123_456_789),
+            ..base.clone()
+        };
+        let p = plan(&shape, &w, &stored).unwrap();
+        assert_eq!(p.per_gpu.weights_bytes, 123_456_789);
+        assert_eq!(p.weights_bytes_model, 123_456_789);
+        let split = Deployment { tp: 3, ..stored };
+        let base_split = Deployment { tp: 3, ..base };
+        assert_eq!(
+            plan(&shape, &w, &split).unwrap().per_gpu.weights_bytes,
+            plan(&shape, &w, &base_split).unwrap().per_gpu.weights_bytes
+        );
     }
 
     #[test]

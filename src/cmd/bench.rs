@@ -60,7 +60,7 @@ impl KvLayoutArg {
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// A Hugging Face model directory, or the built-in `smollm2-135m` (fetched on first use).
+    /// A Hugging Face model directory, a llama .gguf file, or the built-in `smollm2-135m`.
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
     /// Concurrent requests per run, comma-separated: one run each.
@@ -104,9 +104,10 @@ pub struct BenchArgs {
     /// KV cache element type: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub kv_dtype: String,
-    /// Weight and activation dtype.
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
-    pub dtype: DtypeArg,
+    /// Weight dtype (see `llmem generate --help`). Default: f32 for a model directory,
+    /// each tensor as stored for a .gguf file.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
     /// Seed of the random prompts.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -122,7 +123,8 @@ enum Source {
     Single(Model),
     Parallel {
         shape: llmem_planner::ModelShape,
-        dir: std::path::PathBuf,
+        /// What `--model` said: a directory, built-in name or .gguf file.
+        model: String,
         dtype: candle_core::DType,
         spec: ParallelSpec,
     },
@@ -134,11 +136,11 @@ impl Source {
             Source::Single(model) => Engine::new(model.clone(), config)?,
             Source::Parallel {
                 shape,
-                dir,
+                model,
                 dtype,
                 spec,
             } => {
-                let weights = llmem_engine::loader::WeightFiles::open_dir(dir)?;
+                let weights = super::open_model(model)?.weights;
                 Engine::new_parallel(shape, weights, *dtype, *spec, config)?
             }
         })
@@ -264,8 +266,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let spec = args.parallel.spec(&shape)?;
         Source::Parallel {
             shape,
-            dir: loaded.dir.clone(),
-            dtype: args.dtype.dense()?,
+            model: args.model.clone(),
+            dtype: super::generate::dense_dtype(
+                args.dtype,
+                &super::open_model(&args.model)?.weights,
+            )?,
             spec,
         }
     } else {
@@ -402,7 +407,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         });
         let out = json!({
             "model": loaded.dir.display().to_string(),
-            "dtype": args.dtype.name(),
+            "dtype": loaded.dtype_name,
             "kv_dtype": kv_dtype.name(),
             "block_size": block_size,
             "max_model_len": max_model_len,

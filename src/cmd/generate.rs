@@ -4,18 +4,18 @@
 //! `timings.*`, `memory.*`, `top_logprobs`) are a contract for scripts; see the README.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use llmem_engine::chat::{render_chat, ChatMessage};
 use llmem_engine::config::EngineConfig;
 use llmem_engine::generate::{generate, GenerateRequest};
-use llmem_engine::loader::load_tokenizer;
+use llmem_engine::loader::WeightFiles;
 use llmem_engine::model::Model;
 use llmem_engine::quant::{fallback_notes, WeightFormat};
 use llmem_engine::sampler::SamplingParams;
-use llmem_planner::Precision;
+use llmem_planner::{ModelShape, Precision};
 
 /// The precision weights are stored in. f32/bf16/f16 keep every tensor (and the
 /// activations) in that dtype; the GGUF block formats quantize the matrices at load and
@@ -78,7 +78,8 @@ pub enum OutputFormat {
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// A Hugging Face model directory, or the built-in `smollm2-135m` (fetched on first use).
+    /// A Hugging Face model directory, a llama .gguf file (run natively: quantized tensors
+    /// stay in their block format), or the built-in `smollm2-135m` (fetched on first use).
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
     /// The prompt text.
@@ -110,8 +111,10 @@ pub struct GenerateArgs {
     pub stop_token_ids: Vec<u32>,
     /// Weight dtype: f32/bf16/f16, or a GGUF block format quantized at load (norms,
     /// biases and activations stay f32; rows that do not fit a block fall back).
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
-    pub dtype: DtypeArg,
+    /// Default: f32 for a model directory; for a .gguf file, each tensor as the file
+    /// stores it (give --dtype to dequantize and requantize it instead).
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
     /// With a block format: keep the embedding and LM head at f16 instead of quantizing
     /// them like the other matrices.
     #[arg(long)]
@@ -130,41 +133,148 @@ pub struct GenerateArgs {
 
 /// What `run` needs loaded: the model, its tokenizer and engine settings.
 pub struct Loaded {
+    /// The model directory or .gguf file.
     pub dir: PathBuf,
     pub model: Model,
     pub tokenizer: tokenizers::Tokenizer,
     pub config: EngineConfig,
     pub load_ms: f64,
+    /// How the weights were loaded, for reports: `--dtype`'s name, or `as-stored:<type>`
+    /// for a GGUF kept in its own types (`<type>` the one holding most bytes).
+    pub dtype_name: String,
 }
 
-/// Resolve a model name or directory and load it on the CPU in `dtype`.
-pub fn load(model: &str, dtype: DtypeArg) -> anyhow::Result<Loaded> {
+/// Resolve a model name, directory or .gguf file and load it on the CPU. `None` is the
+/// default: f32 for a directory, the file's own tensor types for a GGUF.
+pub fn load(model: &str, dtype: Option<DtypeArg>) -> anyhow::Result<Loaded> {
     load_with(model, dtype, false)
+}
+
+/// The format `--dtype` / `--keep-embeddings` ask for, given what the model is. A GGUF
+/// without `--dtype` keeps its stored types (`--keep-embeddings` is refused: the file
+/// already says how its embedding is stored); with `--dtype` it is dequantized and
+/// requantized (or cast) like a safetensors model.
+pub fn weight_format(
+    weights: &WeightFiles,
+    path: &Path,
+    dtype: Option<DtypeArg>,
+    keep_embeddings: bool,
+) -> anyhow::Result<WeightFormat> {
+    match (dtype, weights.gguf()) {
+        (None, Some(g)) => {
+            if keep_embeddings {
+                anyhow::bail!(
+                    "--keep-embeddings applies when quantizing at load; {} is loaded with its \
+                     tensors as stored (embedding included). Add --dtype to requantize it.",
+                    path.display()
+                );
+            }
+            Ok(WeightFormat::gguf_as_stored(g.main_precision()))
+        }
+        (d, _) => Ok(WeightFormat {
+            precision: d.unwrap_or(DtypeArg::F32).precision(),
+            keep_embeddings,
+            as_stored: false,
+        }),
+    }
+}
+
+/// `--dtype` for the sharded (`--tp/--pp`) loaders, which run float weights only; a GGUF
+/// is dequantized to it (f32 by default), which a note on stderr says.
+pub fn dense_dtype(
+    dtype: Option<DtypeArg>,
+    weights: &WeightFiles,
+) -> anyhow::Result<candle_core::DType> {
+    let d = dtype.unwrap_or(DtypeArg::F32);
+    let dense = d.dense()?;
+    if let Some(g) = weights.gguf() {
+        eprintln!(
+            "note: {}: --tp/--pp shard float weights: the GGUF is dequantized to {}",
+            g.path().display(),
+            d.name()
+        );
+    }
+    Ok(dense)
+}
+
+/// The report name of a loaded model's format: `--dtype`'s name, or for a GGUF kept as
+/// stored `as-stored:<type>`, the ggml type holding most of its bytes.
+pub fn format_name(model: &Model) -> String {
+    match model.stored_weights() {
+        Some(s) => {
+            let main = s
+                .by_dtype
+                .iter()
+                .max_by_key(|(_, t)| t.bytes)
+                .map_or("?", |(ty, _)| ty.as_str());
+            format!("as-stored:{main}")
+        }
+        None => llmem_engine::quant::cli_name(model.weight_format().precision).to_string(),
+    }
+}
+
+/// Load `parts` as `fmt` says, printing the format notes on stderr: for a GGUF kept as
+/// stored, its tensors per type; else the matrices that fall back to another format.
+pub fn load_parts(
+    shape: &ModelShape,
+    weights: &WeightFiles,
+    path: &Path,
+    fmt: &WeightFormat,
+) -> anyhow::Result<Model> {
+    let device = candle_core::Device::Cpu;
+    let model = Model::load_with(shape, weights, fmt, &device)
+        .with_context(|| format!("loading model {}", path.display()))?;
+    if let Some(s) = model.stored_weights() {
+        let types: Vec<String> = s
+            .by_dtype
+            .iter()
+            .map(|(ty, t)| {
+                format!(
+                    "{} {ty} ({})",
+                    t.tensors,
+                    llmem_planner::human_bytes(t.bytes)
+                )
+            })
+            .collect();
+        eprintln!(
+            "note: {}: tensors as stored: {}",
+            path.display(),
+            types.join(", ")
+        );
+    } else {
+        if weights.gguf().is_some() {
+            eprintln!(
+                "note: {}: dequantized and stored as {} (--dtype)",
+                path.display(),
+                llmem_engine::quant::cli_name(fmt.precision)
+            );
+        }
+        for note in fallback_notes(model.shape(), fmt) {
+            eprintln!("note: {note}");
+        }
+    }
+    Ok(model)
 }
 
 /// [`load`] with the embedding and LM head kept at f16 when `keep_embeddings`. Matrices
 /// that fall back to another format are reported on stderr, one line per kind.
-pub fn load_with(model: &str, dtype: DtypeArg, keep_embeddings: bool) -> anyhow::Result<Loaded> {
-    let dir = llmem_engine::hub::resolve_model(model)?;
+pub fn load_with(
+    model: &str,
+    dtype: Option<DtypeArg>,
+    keep_embeddings: bool,
+) -> anyhow::Result<Loaded> {
     let start = Instant::now();
-    let device = candle_core::Device::Cpu;
-    let fmt = WeightFormat {
-        precision: dtype.precision(),
-        keep_embeddings,
-    };
-    let model = Model::load_dir_with(&dir, &fmt, &device)
-        .with_context(|| format!("loading model {}", dir.display()))?;
-    for note in fallback_notes(model.shape(), &fmt) {
-        eprintln!("note: {note}");
-    }
-    let tokenizer = load_tokenizer(&dir)?;
-    let config = EngineConfig::from_dir(&dir)?;
+    let parts = super::open_model(model)?;
+    let fmt = weight_format(&parts.weights, &parts.path, dtype, keep_embeddings)?;
+    let model = load_parts(&parts.shape, &parts.weights, &parts.path, &fmt)?;
+    let dtype_name = format_name(&model);
     Ok(Loaded {
-        dir,
+        dir: parts.path,
         model,
-        tokenizer,
-        config,
+        tokenizer: parts.tokenizer,
+        config: parts.config,
         load_ms: start.elapsed().as_secs_f64() * 1e3,
+        dtype_name,
     })
 }
 
@@ -246,7 +356,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         OutputFormat::Json => {
             let mut json = serde_json::json!({
                 "model": loaded.dir.display().to_string(),
-                "dtype": args.dtype.name(),
+                "dtype": loaded.dtype_name,
                 "prompt_token_ids": out.prompt_token_ids,
                 "token_ids": out.token_ids,
                 "text": out.text,
@@ -280,8 +390,8 @@ fn prompt_text(
     }
     let template = config.chat_template.as_deref().with_context(|| {
         format!(
-            "{}: --chat needs a chat template (tokenizer_config.json `chat_template` \
-             or chat_template.jinja) and this model has none",
+            "{}: --chat needs a chat template (tokenizer_config.json `chat_template`, \
+             chat_template.jinja, or a GGUF's tokenizer.chat_template) and this model has none",
             dir.display()
         )
     })?;
@@ -309,12 +419,16 @@ fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
     if args.top_logprobs.is_some() {
         anyhow::bail!("--top-logprobs is not available with --tp/--pp > 1");
     }
-    let dir = llmem_engine::hub::resolve_model(&args.model)?;
     let start = Instant::now();
-    let (shape, weights) = super::open_parts(&dir)?;
+    let parts = super::open_model(&args.model)?;
+    let (dir, shape, weights, tokenizer, config) = (
+        parts.path,
+        parts.shape,
+        parts.weights,
+        parts.tokenizer,
+        parts.config,
+    );
     let spec = args.parallel.spec(&shape)?;
-    let tokenizer = load_tokenizer(&dir)?;
-    let config = EngineConfig::from_dir(&dir)?;
     let (prompt, add_special) = prompt_text(&args, &dir, &config)?;
     let encoding = tokenizer
         .encode(prompt.as_str(), add_special)
@@ -334,8 +448,9 @@ fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
         max_model_len,
         kv_layout: llmem_engine::block_manager::KvLayout::Paged,
     };
-    let mut engine = Engine::new_parallel(&shape, weights, args.dtype.dense()?, spec, paged)
-        .with_context(|| {
+    let dtype = dense_dtype(args.dtype, &weights)?;
+    let mut engine =
+        Engine::new_parallel(&shape, weights, dtype, spec, paged).with_context(|| {
             format!(
                 "loading model {} as {} ranks",
                 dir.display(),
@@ -429,7 +544,7 @@ fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
                 .collect();
             let json = serde_json::json!({
                 "model": dir.display().to_string(),
-                "dtype": args.dtype.name(),
+                "dtype": args.dtype.unwrap_or(DtypeArg::F32).name(),
                 "tp": spec.tp,
                 "pp": spec.pp,
                 "vocab_parallel": spec.vocab_parallel,

@@ -14,7 +14,7 @@ use super::Format;
 
 #[derive(Args)]
 pub struct InspectArgs {
-    /// A preset name, a config.json or a model directory.
+    /// A preset name, a config.json, a model directory or a llama .gguf file.
     #[arg(default_value = "smollm2-135m")]
     pub model: String,
     /// Precision for the bytes column.
@@ -39,19 +39,26 @@ pub fn run(args: InspectArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let shape = llmem_planner::resolve_shape(&args.model)?;
     let precision: Precision = args.precision.parse()?;
-    let path = Path::new(&args.model);
-    let dir = if path.is_dir() {
-        Some(path)
-    } else if path.is_file() {
-        path.parent()
-    } else {
-        None
-    };
-    let stored = match dir {
-        Some(d) => read_checkpoint(d)?,
-        None => None,
+    let (shape, stored) = match super::gguf_shape(&args.model)? {
+        // A GGUF: its own tensor table, summed per ggml type by the planner.
+        Some((shape, summary, _)) => (shape, Some(summary)),
+        None => {
+            let shape = llmem_planner::resolve_shape(&args.model)?;
+            let path = Path::new(&args.model);
+            let dir = if path.is_dir() {
+                Some(path)
+            } else if path.is_file() {
+                path.parent()
+            } else {
+                None
+            };
+            let stored = match dir {
+                Some(d) => read_checkpoint(d)?,
+                None => None,
+            };
+            (shape, stored)
+        }
     };
     match args.format {
         Format::Json => {
@@ -67,23 +74,8 @@ pub fn run(args: InspectArgs) -> Result<()> {
         Format::Text | Format::Markdown => {
             print!("{}", report::inspect_text(&shape, precision)?);
             if let Some(s) = stored {
-                println!(
-                    "\n  stored in {} file(s): {} tensors, {} params, {} B ({})",
-                    s.files.len(),
-                    s.tensors,
-                    grouped(s.params),
-                    grouped(s.bytes),
-                    human_bytes(s.bytes)
-                );
-                for (dtype, t) in &s.by_dtype {
-                    println!(
-                        "    {:<6} {:>5} tensors {:>17} params {:>17} B",
-                        dtype,
-                        t.tensors,
-                        grouped(t.params),
-                        grouped(t.bytes)
-                    );
-                }
+                println!();
+                print!("{}", stored_text(&s));
                 let derived = shape.params().total;
                 if s.params != derived {
                     println!(
@@ -101,4 +93,26 @@ pub fn run(args: InspectArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The stored bytes of a checkpoint or GGUF file, in all and per dtype, one line each.
+pub fn stored_text(s: &llmem_planner::checkpoint::CheckpointSummary) -> String {
+    let mut out = format!(
+        "  stored in {} file(s): {} tensors, {} params, {} B ({})\n",
+        s.files.len(),
+        s.tensors,
+        grouped(s.params),
+        grouped(s.bytes),
+        human_bytes(s.bytes)
+    );
+    for (dtype, t) in &s.by_dtype {
+        out.push_str(&format!(
+            "    {:<6} {:>5} tensors {:>17} params {:>17} B\n",
+            dtype,
+            t.tensors,
+            grouped(t.params),
+            grouped(t.bytes)
+        ));
+    }
+    out
 }

@@ -97,13 +97,73 @@ impl ParallelArgs {
     }
 }
 
-/// The model's shape and opened weights of a directory, for the sharded loaders.
-pub fn open_parts(
-    dir: &std::path::Path,
-) -> anyhow::Result<(llmem_planner::ModelShape, llmem_engine::loader::WeightFiles)> {
-    let shape = llmem_planner::ModelShape::from_path(dir)?;
-    let weights = llmem_engine::loader::WeightFiles::open_dir(dir)?;
-    Ok((shape, weights))
+/// A model as `--model` names it, opened but not loaded: a Hugging Face directory (or the
+/// built-in name) or a GGUF file, whose metadata supplies the shape, tokenizer and chat
+/// template.
+pub struct ModelParts {
+    /// The directory or the .gguf file.
+    pub path: std::path::PathBuf,
+    pub shape: llmem_planner::ModelShape,
+    pub weights: llmem_engine::loader::WeightFiles,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub config: llmem_engine::config::EngineConfig,
+}
+
+/// A GGUF's shape and its tensor table summed per ggml type by the planner, when `model`
+/// names a file (`llmem plan` / `llmem inspect`); `None` for presets, config.json files
+/// and directories, which the planner resolves itself.
+pub fn gguf_shape(
+    model: &str,
+) -> anyhow::Result<
+    Option<(
+        llmem_planner::ModelShape,
+        llmem_planner::checkpoint::CheckpointSummary,
+        llmem_planner::Precision,
+    )>,
+> {
+    let path = std::path::Path::new(model);
+    let is_config = path.extension().is_some_and(|e| e == "json");
+    if is_config || !(path.is_file() || llmem_engine::gguf_weights::is_gguf_path(path)) {
+        return Ok(None);
+    }
+    let g = llmem_engine::gguf_weights::GgufModel::open(path)?;
+    let weights = g
+        .weights
+        .gguf()
+        .ok_or_else(|| anyhow::anyhow!("{}: not opened as a GGUF", path.display()))?;
+    Ok(Some((
+        g.shape,
+        weights.summary()?,
+        weights.main_precision(),
+    )))
+}
+
+/// Open what `--model` names. A path to a file (or any path ending in `.gguf`) is read
+/// as a GGUF; a directory as a Hugging Face model; else the built-in name.
+pub fn open_model(model: &str) -> anyhow::Result<ModelParts> {
+    let path = std::path::Path::new(model);
+    if path.is_file() || llmem_engine::gguf_weights::is_gguf_path(path) {
+        let g = llmem_engine::gguf_weights::GgufModel::open(path)?;
+        return Ok(ModelParts {
+            path: g.path,
+            shape: g.shape,
+            weights: g.weights,
+            tokenizer: g.tokenizer,
+            config: g.config,
+        });
+    }
+    let dir = llmem_engine::hub::resolve_model(model)?;
+    let shape = llmem_planner::ModelShape::from_path(&dir)?;
+    let weights = llmem_engine::loader::WeightFiles::open_dir(&dir)?;
+    let tokenizer = llmem_engine::loader::load_tokenizer(&dir)?;
+    let config = llmem_engine::config::EngineConfig::from_dir(&dir)?;
+    Ok(ModelParts {
+        path: dir,
+        shape,
+        weights,
+        tokenizer,
+        config,
+    })
 }
 
 /// The PP split and each rank's weights, KV cache and activation peak, with the

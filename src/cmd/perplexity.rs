@@ -10,7 +10,7 @@ use super::generate::{load, DtypeArg, OutputFormat};
 
 #[derive(clap::Args, Debug)]
 pub struct PerplexityArgs {
-    /// A Hugging Face model directory, or the built-in `smollm2-135m`.
+    /// A Hugging Face model directory, a llama .gguf file, or the built-in `smollm2-135m`.
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
     /// The text file to score.
@@ -22,8 +22,10 @@ pub struct PerplexityArgs {
     /// Tokens per window; each window is one forward pass from an empty cache.
     #[arg(long, default_value_t = 512)]
     pub window: usize,
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
-    pub dtype: DtypeArg,
+    /// Weight dtype (see `llmem generate --help`). Default: f32 for a model directory,
+    /// each tensor as stored for a .gguf file.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
 }
@@ -52,7 +54,7 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
         println!(
             "model {} ({}), {} tokens, window {}",
             loaded.dir.display(),
-            args.dtype.name(),
+            loaded.dtype_name,
             ids.len(),
             args.window
         );
@@ -76,7 +78,7 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     } else {
         let json = serde_json::json!({
             "model": loaded.dir.display().to_string(),
-            "dtype": args.dtype.name(),
+            "dtype": loaded.dtype_name,
             "method": METHOD,
             "report": report,
             "seconds": elapsed_s,

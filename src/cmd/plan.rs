@@ -23,12 +23,14 @@ pub enum Solve {
 
 #[derive(Args)]
 pub struct PlanArgs {
-    /// A preset name (see `llmem inspect --list`), a config.json or a model directory.
+    /// A preset name (see `llmem inspect --list`), a config.json, a model directory, or a
+    /// llama .gguf file (weights: its tensor table's bytes, as `llmem generate` loads it).
     #[arg(long, short, default_value = "smollm2-135m")]
     pub model: String,
-    /// Weight precision: fp32, fp16, bf16, fp8, int8, int4, q8_0, q6_k, q4_1, q4_0, q4_k.
-    #[arg(long, default_value = "fp16")]
-    pub precision: String,
+    /// Weight precision: fp32, fp16, bf16, fp8, int8, int4, q8_0, q6_k, q4_1, q4_0, q4_k
+    /// [default: fp16; for a .gguf, the file's own tensors, named after its main type].
+    #[arg(long)]
+    pub precision: Option<String>,
     /// KV cache dtype: fp32, fp16, bf16, fp8, int8 [default: fp16, fp32 for fp32 weights].
     #[arg(long)]
     pub kv_dtype: Option<String>,
@@ -105,8 +107,21 @@ pub fn run(args: PlanArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let shape = llmem_planner::resolve_shape(&args.model)?;
-    let precision: Precision = args.precision.parse()?;
+    // A GGUF planned as stored: its own bytes, at the precision of its main type (which
+    // sets the KV and activation defaults), unless --precision asks for another.
+    let (shape, stored) = match super::gguf_shape(&args.model)? {
+        Some((shape, summary, main)) => (shape, Some((summary, main))),
+        None => (llmem_planner::resolve_shape(&args.model)?, None),
+    };
+    let precision: Precision = match (&args.precision, &stored) {
+        (Some(p), _) => p.parse()?,
+        (None, Some((_, main))) => *main,
+        (None, None) => Precision::Fp16,
+    };
+    let stored_weights_bytes = stored
+        .as_ref()
+        .filter(|(_, main)| args.precision.is_none() || *main == precision)
+        .map(|(s, _)| s.bytes);
     let kv_dtype = match &args.kv_dtype {
         Some(k) => k.parse::<KvDtype>()?,
         None => KvDtype::default_for(precision),
@@ -146,6 +161,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         headroom_fraction: args.headroom,
         vocab_parallel: args.vocab_parallel,
         keep_embeddings: args.keep_embeddings,
+        stored_weights_bytes,
     };
     let plan = llmem_planner::plan(&shape, &workload, &deployment)?;
     let fit_report = if args.fit {
@@ -188,6 +204,9 @@ pub fn run(args: PlanArgs) -> Result<()> {
             if let Some((key, n)) = solved {
                 value["solve"] = json!({ key: n });
             }
+            if let Some((summary, _)) = &stored {
+                value["gguf"] = serde_json::to_value(summary)?;
+            }
             println!("{}", serde_json::to_string_pretty(&value)?);
         }
         Format::Text | Format::Markdown => {
@@ -221,6 +240,17 @@ pub fn run(args: PlanArgs) -> Result<()> {
             }
             if let Some((key, n)) = solved {
                 println!("\n--solve: {key} = {n}");
+            }
+            if let Some((summary, _)) = &stored {
+                println!();
+                print!("{}", super::inspect::stored_text(summary));
+                match stored_weights_bytes {
+                    Some(_) => println!(
+                        "  (the weights term above is this sum for an unsplit model; \
+                         --tp/--pp use the {precision} estimate)"
+                    ),
+                    None => println!("  (the plan above requantizes to {precision})"),
+                }
             }
         }
     }

@@ -12,10 +12,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use llmem_engine::loader::{load_tokenizer, WeightFiles};
 use llmem_engine::quant::parse_weight_dtype;
-use llmem_engine::sweep::{sweep, Progress, Quiet, SweepOptions, SweepReport};
-use llmem_planner::{human_bytes, ModelShape, Precision};
+use llmem_engine::sweep::{sweep, Level, Progress, Quiet, SweepOptions, SweepReport};
+use llmem_planner::human_bytes;
 
 use super::Format;
 
@@ -24,11 +23,14 @@ const DEFAULT_TEXT: &str = include_str!("../../data/tinyshakespeare-sample.txt")
 
 #[derive(clap::Args)]
 pub struct SweepArgs {
-    /// A Hugging Face model directory, or the built-in `smollm2-135m`.
+    /// A Hugging Face model directory, a llama .gguf file (each level dequantizes and
+    /// requantizes its tensors), or the built-in `smollm2-135m`.
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
-    /// Comma-separated weight dtypes: f32, f16, bf16, q8_0, q6_k, q4_1, q4_0, q4_k. The
-    /// one with the most bits per weight is the reference for KL and top-1 agreement.
+    /// Comma-separated weight dtypes: f32, f16, bf16, q8_0, q6_k, q4_1, q4_0, q4_k, and
+    /// for a .gguf model `stored` (its tensors as the file stores them; the other levels
+    /// dequantize and requantize them). The one with the most bits per weight is the
+    /// reference for KL and top-1 agreement.
     #[arg(long, default_value = "f32,bf16,q8_0,q4_k,q4_0", value_delimiter = ',')]
     pub dtypes: Vec<String>,
     /// Text to score (default: the tinyshakespeare sample shipped in data/).
@@ -91,13 +93,17 @@ impl Progress for Bars {
 }
 
 pub fn run(args: SweepArgs) -> anyhow::Result<()> {
-    let mut precisions: Vec<Precision> = Vec::new();
+    let mut levels: Vec<Level> = Vec::new();
     for d in &args.dtypes {
-        let p = parse_weight_dtype(d).context("--dtypes")?;
-        if precisions.contains(&p) {
+        let l = if d.eq_ignore_ascii_case("stored") {
+            Level::Stored
+        } else {
+            Level::At(parse_weight_dtype(d).context("--dtypes")?)
+        };
+        if levels.contains(&l) {
             anyhow::bail!("--dtypes lists {d} twice");
         }
-        precisions.push(p);
+        levels.push(l);
     }
     let text = match &args.text {
         Some(path) => {
@@ -105,17 +111,27 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         }
         None => DEFAULT_TEXT.to_string(),
     };
-    let dir = llmem_engine::hub::resolve_model(&args.model)?;
-    let shape = ModelShape::from_path(&dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let weights = WeightFiles::open_dir(&dir)?;
-    let tokenizer = load_tokenizer(&dir)?;
+    let super::ModelParts {
+        path: dir,
+        shape,
+        weights,
+        tokenizer,
+        ..
+    } = super::open_model(&args.model)?;
     let ids = tokenizer
         .encode(text.as_str(), false)
         .map_err(|e| anyhow::anyhow!("tokenizing the text: {e}"))?
         .get_ids()
         .to_vec();
+    if levels.contains(&Level::Stored) && weights.gguf().is_none() {
+        anyhow::bail!(
+            "--dtypes stored: the `stored` level runs a GGUF's tensors as the file stores \
+             them; {} is not a .gguf file",
+            dir.display()
+        );
+    }
     let opts = SweepOptions {
-        precisions,
+        levels,
         keep_embeddings: args.keep_embeddings,
         tokens: args.tokens,
         window: args.window.min(args.tokens),

@@ -26,10 +26,9 @@ use llmem_engine::engine::{Engine, EngineConfig, KvSizing, DEFAULT_BLOCK_SIZE};
 use llmem_engine::kv_cache::KvDtype;
 use llmem_planner::human_bytes;
 
-use crate::cmd::generate::DtypeArg;
+use crate::cmd::generate::{dense_dtype, load_parts, weight_format, DtypeArg};
 use api::AppState;
 use ledger::Ledger;
-use llmem_engine::loader::load_tokenizer;
 use llmem_engine::model::Model;
 use worker::{Shared, Snapshot};
 
@@ -40,16 +39,18 @@ pub const DEFAULT_MEMORY_BUDGET: &str = "2GiB";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// A Hugging Face model directory, or the built-in `smollm2-135m` (fetched on first use).
+    /// A Hugging Face model directory, a llama .gguf file (run with its tensors as stored),
+    /// or the built-in `smollm2-135m` (fetched on first use).
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
     /// The model id clients send and see (default: the --model name, or the directory's name).
     #[arg(long)]
     pub served_model_name: Option<String>,
     /// Weight dtype: a float (weights and activations) or a GGUF block format
-    /// (activations in f32).
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
-    pub dtype: DtypeArg,
+    /// (activations in f32). Default: f32 for a model directory; for a .gguf file, each
+    /// tensor as the file stores it (--dtype requantizes it instead).
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
     /// With a block format, keep the embedding and LM head at f16.
     #[arg(long)]
     pub keep_embeddings: bool,
@@ -119,8 +120,8 @@ fn kv_dtype_for(args: &ServeArgs) -> anyhow::Result<KvDtype> {
         Some(s) => KvDtype::parse(s)?,
         // Block formats compute in f32.
         None => match args.dtype {
-            DtypeArg::Bf16 => KvDtype::Bf16,
-            DtypeArg::F16 => KvDtype::F16,
+            Some(DtypeArg::Bf16) => KvDtype::Bf16,
+            Some(DtypeArg::F16) => KvDtype::F16,
             _ => KvDtype::F32,
         },
     })
@@ -208,8 +209,14 @@ fn build_single(
 pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
     let baseline_rss = ledger::process_rss_bytes().unwrap_or(0);
     let kv_dtype = kv_dtype_for(args)?;
-    let dir = llmem_engine::hub::resolve_model(&args.model)?;
-    let (shape, weights) = crate::cmd::open_parts(&dir)?;
+    let crate::cmd::ModelParts {
+        path: dir,
+        shape,
+        weights,
+        tokenizer,
+        config: settings,
+    } = crate::cmd::open_model(&args.model)?;
+    let is_gguf = weights.gguf().is_some();
     let max_model_len = match args.max_model_len {
         Some(l) => l as usize,
         None => shape.max_position_embeddings as usize,
@@ -223,8 +230,6 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         max_model_len,
         kv_layout: KvLayout::Paged,
     };
-    let tokenizer = load_tokenizer(&dir)?;
-    let settings = llmem_engine::config::EngineConfig::from_dir(&dir)?;
     let built = if args.parallel.is_parallel() {
         let spec = args.parallel.spec(&shape)?;
         let Some(blocks) = args.kv_blocks else {
@@ -237,7 +242,8 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
             num_blocks: blocks as usize,
             ..config
         };
-        let engine = Engine::new_parallel(&shape, weights, args.dtype.dense()?, spec, config)
+        let dtype = dense_dtype(args.dtype, &weights)?;
+        let engine = Engine::new_parallel(&shape, weights, dtype, spec, config)
             .with_context(|| format!("loading {} across ranks", dir.display()))?;
         let startup = crate::cmd::rank_report(&engine);
         Built {
@@ -247,15 +253,8 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
             planned: Err("per-rank plans are beside each rank".into()),
         }
     } else {
-        let fmt = llmem_engine::quant::WeightFormat {
-            precision: args.dtype.precision(),
-            keep_embeddings: args.keep_embeddings,
-        };
-        let model = Model::load_with(&shape, &weights, &fmt, &candle_core::Device::Cpu)
-            .with_context(|| format!("loading model {}", dir.display()))?;
-        for note in llmem_engine::quant::fallback_notes(model.shape(), &fmt) {
-            eprintln!("note: {note}");
-        }
+        let fmt = weight_format(&weights, &dir, args.dtype, args.keep_embeddings)?;
+        let model = load_parts(&shape, &weights, &dir, &fmt)?;
         drop(weights);
         build_single(args, model, config, baseline_rss)?
     };
@@ -275,7 +274,11 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         }
     ));
     let model_id = args.served_model_name.clone().unwrap_or_else(|| {
-        if std::path::Path::new(&args.model).is_dir() {
+        if is_gguf {
+            dir.file_stem()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| args.model.clone())
+        } else if std::path::Path::new(&args.model).is_dir() {
             dir.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| args.model.clone())

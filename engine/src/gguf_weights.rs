@@ -1,0 +1,337 @@
+//! Running a GGUF file directly (`--model file.gguf`): its tensors, config, tokenizer and
+//! chat template, without converting it to a model directory first.
+//!
+//! Owns: [`GgufWeights`], the tensor table of a llama GGUF under Hugging Face names, which
+//! hands out each matrix either in its stored ggml type ([`GgufWeights::load_stored`]:
+//! block formats stay `QTensor`s, f32/f16/bf16 become dense tensors) or dequantized
+//! ([`GgufWeights::load_dense`], for `--dtype` requantization and for sharding); and
+//! [`GgufModel::open`], which adds the [`ModelShape`], tokenizer and [`EngineConfig`] read
+//! from the file's metadata through the same code `llmem import` uses.
+//!
+//! Invariants: the table is checked once at open (every required tensor present with the
+//! shape the `llama.*` metadata implies, no unknown tensor: `convert::plan_tensors`);
+//! `attn_q`/`attn_k` rows are returned in Hugging Face order. llama.cpp's converter
+//! permutes those rows within each head ([`crate::gguf::unpermute_rows`]); a row of a
+//! block format is a whole number of blocks, an independent byte range, so un-permuting
+//! the rows' bytes is exact for every type. Loaded as stored, the model's weight bytes are
+//! the file's tensor bytes, which [`GgufWeights::summary`] computes with the planner's
+//! [`llmem_planner::gguf_weights`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
+use llmem_planner::checkpoint::CheckpointSummary;
+use llmem_planner::{GgmlType, ModelShape, Precision};
+
+use crate::config::EngineConfig;
+use crate::convert::{config_json, generation_config_json, plan_tensors, OutDtype, TensorPlan};
+use crate::error::{Error, Result};
+use crate::gguf::{candle_message, unpermute_rows, GgufFile, LlamaParams};
+use crate::loader::WeightFiles;
+use crate::quant::StoredMatrix;
+use crate::tokenizer_gguf::{load_tokenizer, GgufVocab};
+
+/// The planner's name for a candle ggml type (the two enums list the same types).
+pub fn ggml_type(d: GgmlDType) -> GgmlType {
+    match d {
+        GgmlDType::F32 => GgmlType::F32,
+        GgmlDType::F16 => GgmlType::F16,
+        GgmlDType::BF16 => GgmlType::Bf16,
+        GgmlDType::Q4_0 => GgmlType::Q4_0,
+        GgmlDType::Q4_1 => GgmlType::Q4_1,
+        GgmlDType::Q5_0 => GgmlType::Q5_0,
+        GgmlDType::Q5_1 => GgmlType::Q5_1,
+        GgmlDType::Q8_0 => GgmlType::Q8_0,
+        GgmlDType::Q8_1 => GgmlType::Q8_1,
+        GgmlDType::Q2K => GgmlType::Q2K,
+        GgmlDType::Q3K => GgmlType::Q3K,
+        GgmlDType::Q4K => GgmlType::Q4K,
+        GgmlDType::Q5K => GgmlType::Q5K,
+        GgmlDType::Q6K => GgmlType::Q6K,
+        GgmlDType::Q8K => GgmlType::Q8K,
+    }
+}
+
+/// The tensors of a llama GGUF, by Hugging Face name.
+pub struct GgufWeights {
+    file: GgufFile,
+    params: LlamaParams,
+    /// Hugging Face name -> where it is in the file and how to reorder its rows.
+    plans: HashMap<String, TensorPlan>,
+}
+
+impl std::fmt::Debug for GgufWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufWeights")
+            .field("path", &self.file.path())
+            .field("tensors", &self.plans.len())
+            .finish()
+    }
+}
+
+impl GgufWeights {
+    /// Open a GGUF and check its architecture, hyper-parameters and tensor table.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let params = LlamaParams::from_gguf(&file)?;
+        let plans = plan_tensors(&file, &params)?
+            .into_iter()
+            .map(|p| (p.hf.clone(), p))
+            .collect();
+        Ok(GgufWeights {
+            file,
+            params,
+            plans,
+        })
+    }
+
+    pub fn file(&self) -> &GgufFile {
+        &self.file
+    }
+
+    pub fn params(&self) -> &LlamaParams {
+        &self.params
+    }
+
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    pub(crate) fn contains(&self, hf_name: &str) -> bool {
+        self.plans.contains_key(hf_name)
+    }
+
+    pub(crate) fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.plans.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    fn tensor_err(&self, tensor: &str, message: String) -> Error {
+        Error::GgufTensor {
+            path: self.path().to_path_buf(),
+            tensor: tensor.to_string(),
+            message,
+        }
+    }
+
+    /// The plan of `hf_name`, checked to have `shape`.
+    fn plan(&self, hf_name: &str, shape: &[usize]) -> Result<&TensorPlan> {
+        let plan = self.plans.get(hf_name).ok_or_else(|| {
+            self.tensor_err(
+                hf_name,
+                format!("missing (expected shape {shape:?}; no llama.cpp tensor maps to it)"),
+            )
+        })?;
+        if plan.shape != shape {
+            return Err(self.tensor_err(
+                &plan.gguf,
+                format!("shape {:?}, expected {shape:?} ({hf_name})", plan.shape),
+            ));
+        }
+        Ok(plan)
+    }
+
+    /// `hf_name` dequantized to f32, rows in Hugging Face order, then cast to `dtype`.
+    pub(crate) fn load_dense(
+        &self,
+        hf_name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let plan = self.plan(hf_name, shape)?;
+        let data = self.file.dequantize_f32(&plan.gguf)?;
+        let data = self.reorder_rows(plan, data)?;
+        let wrap = |e: candle_core::Error| {
+            self.tensor_err(
+                &plan.gguf,
+                format!("building the tensor: {}", candle_message(e)),
+            )
+        };
+        let t = Tensor::from_vec(data, shape, device).map_err(wrap)?;
+        if dtype == DType::F32 {
+            Ok(t)
+        } else {
+            t.to_dtype(dtype).map_err(wrap)
+        }
+    }
+
+    /// Undo the q/k row permutation of `data` (any element type: values or bytes),
+    /// `plan.shape[0]` rows of equal length; other tensors pass through.
+    fn reorder_rows<T: Copy>(&self, plan: &TensorPlan, data: Vec<T>) -> Result<Vec<T>> {
+        let Some(heads) = plan.unpermute_heads else {
+            return Ok(data);
+        };
+        let rows = plan.shape[0];
+        if rows == 0 || data.len() % rows != 0 {
+            return Err(self.tensor_err(
+                &plan.gguf,
+                format!("{} values do not split into {rows} rows", data.len()),
+            ));
+        }
+        let row_len = data.len() / rows;
+        unpermute_rows(&data, rows, row_len, heads)
+            .map_err(|m| self.tensor_err(&plan.gguf, format!("un-permuting rows: {m}")))
+    }
+
+    /// The matrix `hf_name` (rows, cols) in the type the file stores: a block format as a
+    /// `QTensor` (rows un-permuted as whole byte ranges for q/k), f32/f16/bf16 as a dense
+    /// tensor of that dtype.
+    pub fn load_stored(
+        &self,
+        hf_name: &str,
+        rows: usize,
+        cols: usize,
+        device: &Device,
+    ) -> Result<StoredMatrix> {
+        let plan = self.plan(hf_name, &[rows, cols])?;
+        let q = self.file.read_tensor(&plan.gguf)?;
+        let dtype = q.dtype();
+        let wrap = |e: candle_core::Error| {
+            self.tensor_err(
+                &plan.gguf,
+                format!("loading {dtype:?} data: {}", candle_message(e)),
+            )
+        };
+        let dense = match dtype {
+            GgmlDType::F32 => Some(DType::F32),
+            GgmlDType::F16 => Some(DType::F16),
+            GgmlDType::BF16 => Some(DType::BF16),
+            _ => None,
+        };
+        if dense.is_none() && plan.unpermute_heads.is_none() {
+            return Ok(StoredMatrix::Quant(Arc::new(q)));
+        }
+        let raw = q.data().map_err(wrap)?;
+        let raw = self.reorder_rows(plan, raw.into_owned())?;
+        match dense {
+            Some(d) => Ok(StoredMatrix::Dense(
+                Tensor::from_raw_buffer(&raw, d, &[rows, cols], device).map_err(wrap)?,
+            )),
+            None => Ok(StoredMatrix::Quant(Arc::new(
+                qtensor_from_ggml(dtype, &raw, vec![rows, cols], device).map_err(wrap)?,
+            ))),
+        }
+    }
+
+    /// The planner's figure for this file's weights: its tensor table summed per type.
+    /// A model loaded as stored holds exactly these bytes.
+    pub fn summary(&self) -> Result<CheckpointSummary> {
+        let file_name = self
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut plans: Vec<&TensorPlan> = self.plans.values().collect();
+        plans.sort_by(|a, b| a.gguf.cmp(&b.gguf));
+        let mut table = Vec::with_capacity(plans.len());
+        for p in plans {
+            let info = self.file.tensor_info(&p.gguf)?;
+            let dims = info.shape.dims().iter().map(|&d| d as u64).collect();
+            table.push((p.gguf.as_str(), ggml_type(info.ggml_dtype), dims));
+        }
+        llmem_planner::gguf_weights(&file_name, table).map_err(|e| Error::GgufRead {
+            path: self.path().to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The precision holding most of the file's matrix bytes (for reports and the
+    /// planner's activation and KV defaults); f32 when that type has no planner precision.
+    pub fn main_precision(&self) -> Precision {
+        let mut bytes: HashMap<GgmlType, u64> = HashMap::new();
+        for p in self.plans.values() {
+            if let Ok(info) = self.file.tensor_info(&p.gguf) {
+                let ty = ggml_type(info.ggml_dtype);
+                let elems = info.shape.elem_count() as u64;
+                let (be, bb) = ty.block();
+                *bytes.entry(ty).or_default() += elems / be * bb;
+            }
+        }
+        let mut by: Vec<(GgmlType, u64)> = bytes.into_iter().collect();
+        by.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        by.first()
+            .and_then(|(ty, _)| ty.precision())
+            .unwrap_or(Precision::Fp32)
+    }
+}
+
+/// Everything a GGUF carries to run it: shape, weights, tokenizer and generation settings.
+pub struct GgufModel {
+    pub path: PathBuf,
+    pub shape: ModelShape,
+    pub weights: WeightFiles,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub config: EngineConfig,
+}
+
+impl GgufModel {
+    /// Open a llama GGUF: the hyper-parameters become a [`ModelShape`] (through the
+    /// config.json `llmem import` would write), the vocabulary a tokenizer, the special
+    /// tokens and chat template an [`EngineConfig`].
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such GGUF file"),
+            ));
+        }
+        let weights = GgufWeights::open(path)?;
+        let params = weights.params().clone();
+        let vocab = GgufVocab::from_gguf(weights.file())?;
+        if vocab.tokens.len() > params.vocab_size {
+            return Err(Error::Tokenizer {
+                path: path.to_path_buf(),
+                message: format!(
+                    "{} tokens but token_embd.weight has only {} rows",
+                    vocab.tokens.len(),
+                    params.vocab_size
+                ),
+            });
+        }
+        let tokenizer = load_tokenizer(&vocab.tokenizer_json()?, path)?;
+        let source = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let config = config_json(&params, &vocab, OutDtype::F32, &source);
+        let mut shape =
+            ModelShape::from_config_str(&path.display().to_string(), &config.to_string()).map_err(
+                |e| Error::Config {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                },
+            )?;
+        shape.name = path
+            .file_stem()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or(source);
+        let engine_config = EngineConfig::from_values(
+            Some(generation_config_json(&vocab)),
+            Some(config),
+            Some(vocab.tokenizer_config_json(params.max_position_embeddings)),
+        )
+        .map_err(|message| Error::Config {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(GgufModel {
+            path: path.to_path_buf(),
+            shape,
+            weights: WeightFiles::from_gguf(weights),
+            tokenizer,
+            config: engine_config,
+        })
+    }
+}
+
+/// True when `path` names a GGUF file by extension (`.gguf`, any case).
+pub fn is_gguf_path(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
