@@ -19,7 +19,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::GgmlDType;
@@ -205,7 +204,7 @@ impl GgufWeights {
             _ => None,
         };
         if dense.is_none() && plan.unpermute_heads.is_none() {
-            return Ok(StoredMatrix::Quant(Arc::new(q)));
+            return StoredMatrix::from_qtensor(q).map_err(wrap);
         }
         let raw = q.data().map_err(wrap)?;
         let raw = self.reorder_rows(plan, raw.into_owned())?;
@@ -213,9 +212,10 @@ impl GgufWeights {
             Some(d) => Ok(StoredMatrix::Dense(
                 Tensor::from_raw_buffer(&raw, d, &[rows, cols], device).map_err(wrap)?,
             )),
-            None => Ok(StoredMatrix::Quant(Arc::new(
+            None => StoredMatrix::from_qtensor(
                 qtensor_from_ggml(dtype, &raw, vec![rows, cols], device).map_err(wrap)?,
-            ))),
+            )
+            .map_err(wrap),
         }
     }
 
