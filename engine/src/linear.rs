@@ -19,8 +19,9 @@
 //! candle [`QTensor`]: f32 activations in, f32 out, through candle's quantized matmul
 //! (it quantizes the activations to q8 blocks and runs integer dot products, AVX2/VNNI
 //! where candle has them). See `crate::quant` for which tensors get which format.
-//! Q8_0 on a CPU with AVX-512 VNNI is instead repacked at load into the interleaved
-//! layout of `llmem_kernels::q8` (same bytes), whose kernel serves every row count.
+//! Q8_0 and Q4_0 on a CPU with AVX-512 VNNI are instead repacked at load into the
+//! interleaved layout of `llmem_kernels::packed` (same bytes), whose kernel serves every
+//! row count.
 
 use std::sync::Arc;
 
@@ -30,7 +31,7 @@ use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use llmem_kernels::q8::PackedQ8;
+use llmem_kernels::packed::PackedMatrix;
 
 use crate::error::Result;
 use crate::loader::WeightFiles;
@@ -65,8 +66,8 @@ enum Weight {
     /// GGUF blocks along each row, shape (out_features, in_features); shared when a tied
     /// LM head reuses a quantized embedding.
     Quant(Arc<QTensor>),
-    /// Q8_0 in the interleaved layout of `llmem_kernels::q8`, shared like `Quant`.
-    PackedQ8(Arc<PackedQ8>),
+    /// Q8_0/Q4_0 in the interleaved layout of `llmem_kernels::packed`, shared like `Quant`.
+    Packed(Arc<PackedMatrix>),
 }
 
 impl Linear {
@@ -110,7 +111,7 @@ impl Linear {
     fn dense_weight(&self) -> candle_core::Result<&Tensor> {
         match &self.weight {
             Weight::Dense(w) => Ok(w),
-            Weight::Quant(_) | Weight::PackedQ8(_) => Err(candle_core::Error::Msg(
+            Weight::Quant(_) | Weight::Packed(_) => Err(candle_core::Error::Msg(
                 "tensor parallelism shards dense weights only; block-quantized weights \
                  (q8_0, q4_0, ...) cannot be split yet"
                     .into(),
@@ -151,16 +152,16 @@ impl Linear {
     }
 
     /// True when the weight is held in a GGUF block format.
-    /// Wrap a repacked Q8_0 weight (out_features, in_features); the bias stays dense.
-    pub fn from_packed_q8(weight: Arc<PackedQ8>, bias: Option<Tensor>) -> Self {
+    /// Wrap a repacked Q8_0/Q4_0 weight (out_features, in_features); the bias stays dense.
+    pub fn from_packed(weight: Arc<PackedMatrix>, bias: Option<Tensor>) -> Self {
         Linear {
-            weight: Weight::PackedQ8(weight),
+            weight: Weight::Packed(weight),
             bias,
         }
     }
 
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, Weight::Quant(_) | Weight::PackedQ8(_))
+        matches!(self.weight, Weight::Quant(_) | Weight::Packed(_))
     }
 
     /// Bytes held by the weight and bias (block formats: blocks with their scales).
@@ -169,7 +170,7 @@ impl Linear {
         let w = match &self.weight {
             Weight::Dense(t) => b(t),
             Weight::Quant(q) => q.storage_size_in_bytes() as u64,
-            Weight::PackedQ8(p) => p.bytes() as u64,
+            Weight::Packed(p) => p.bytes() as u64,
         };
         w + self.bias.as_ref().map_or(0, b)
     }
@@ -203,17 +204,17 @@ impl Linear {
                     y
                 }
             }
-            Weight::PackedQ8(p) => {
+            Weight::Packed(p) => {
                 let (m, k) = x.dims2()?;
                 if k != p.cols() {
                     candle_core::bail!(
-                        "q8_0 matmul: input has {k} features, weight expects {}",
+                        "packed matmul: input has {k} features, weight expects {}",
                         p.cols()
                     )
                 }
                 let out = with_f32_rows(x, |xs| {
                     let mut out = vec![0f32; m * p.rows()];
-                    llmem_kernels::q8::matmul_q8(xs, m, p, &mut out)
+                    llmem_kernels::packed::matmul(xs, m, p, &mut out)
                         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                     Ok(out)
                 })?;

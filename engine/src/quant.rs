@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use llmem_kernels::q8::PackedQ8;
+use llmem_kernels::packed::{BlockFormat, PackedMatrix};
 use llmem_planner::{ModelShape, Precision};
 
 use crate::error::{Error, Result};
@@ -184,12 +184,12 @@ pub fn ggml_dtype(p: Precision) -> Option<GgmlDType> {
     }
 }
 
-/// False when `LLMEM_Q8_KERNEL=0`: Q8_0 then stays in candle's layout and runs on its
-/// block dots (to compare the two side by side).
-pub fn q8_kernel_enabled() -> bool {
+/// False when `LLMEM_PACKED=0` or the CPU lacks AVX-512 VNNI: Q8_0 and Q4_0 then stay
+/// in candle's layout and run on its block dots (set it to compare the two).
+pub fn packed_kernel_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| {
-        std::env::var("LLMEM_Q8_KERNEL").as_deref() != Ok("0") && PackedQ8::fast_path_available()
+        std::env::var("LLMEM_PACKED").as_deref() != Ok("0") && PackedMatrix::fast_path_available()
     })
 }
 
@@ -198,9 +198,9 @@ pub fn q8_kernel_enabled() -> bool {
 pub enum StoredMatrix {
     Dense(Tensor),
     Quant(Arc<QTensor>),
-    /// Q8_0 repacked for the AVX-512 VNNI kernel of `llmem_kernels::q8` (same bytes as
-    /// candle's Q8_0 layout); see [`StoredMatrix::from_qtensor`] for when.
-    PackedQ8(Arc<PackedQ8>),
+    /// Q8_0 or Q4_0 repacked for the AVX-512 VNNI kernel of `llmem_kernels::packed` (same
+    /// bytes as candle's layout); see [`StoredMatrix::from_qtensor`] for when.
+    Packed(Arc<PackedMatrix>),
 }
 
 impl StoredMatrix {
@@ -209,21 +209,26 @@ impl StoredMatrix {
         match self {
             StoredMatrix::Dense(t) => (t.elem_count() * t.dtype().size_in_bytes()) as u64,
             StoredMatrix::Quant(q) => q.storage_size_in_bytes() as u64,
-            StoredMatrix::PackedQ8(p) => p.bytes() as u64,
+            StoredMatrix::Packed(p) => p.bytes() as u64,
         }
     }
 
-    /// A block-quantized matrix on its device: Q8_0 on a CPU with AVX-512 VNNI is
-    /// repacked for `llmem_kernels::q8` (2-4x faster products than candle's block dots
-    /// on this project's dev machine, see `benches/kernels.rs`), unless
-    /// `LLMEM_Q8_KERNEL=0`; everything else stays candle's.
+    /// A block-quantized matrix on its device: Q8_0 and Q4_0 on a CPU with AVX-512 VNNI
+    /// are repacked for `llmem_kernels::packed` (several times faster products than
+    /// candle's block dots on this project's dev machine; `llmem bench` with
+    /// `LLMEM_PACKED=0` runs candle's, to compare); everything else stays candle's.
     pub fn from_qtensor(q: QTensor) -> candle_core::Result<StoredMatrix> {
-        if q.dtype() == GgmlDType::Q8_0 && q.device().is_cpu() && q8_kernel_enabled() {
+        let format = match q.dtype() {
+            GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
+            GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
+            _ => None,
+        };
+        if let (Some(format), true, true) = (format, q.device().is_cpu(), packed_kernel_enabled()) {
             if let Ok((rows, cols)) = q.shape().dims2() {
-                if PackedQ8::can_pack(rows, cols) {
-                    let packed = PackedQ8::from_q8_0_blocks(rows, cols, &q.data()?)
+                if PackedMatrix::can_pack(rows, cols) {
+                    let packed = PackedMatrix::from_blocks(format, rows, cols, &q.data()?)
                         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                    return Ok(StoredMatrix::PackedQ8(Arc::new(packed)));
+                    return Ok(StoredMatrix::Packed(Arc::new(packed)));
                 }
             }
         }
@@ -235,7 +240,7 @@ impl StoredMatrix {
         match self {
             StoredMatrix::Dense(t) => t.to_dtype(DType::F32),
             StoredMatrix::Quant(q) => q.dequantize(&Device::Cpu),
-            StoredMatrix::PackedQ8(p) => {
+            StoredMatrix::Packed(p) => {
                 let mut out = vec![0f32; p.rows() * p.cols()];
                 for (r, row) in out.chunks_exact_mut(p.cols()).enumerate() {
                     p.dequantize_row(r, row)
@@ -251,7 +256,7 @@ impl StoredMatrix {
         match self {
             StoredMatrix::Dense(t) => Linear::from_weight(t, bias),
             StoredMatrix::Quant(q) => Linear::from_qtensor(q, bias),
-            StoredMatrix::PackedQ8(p) => Linear::from_packed_q8(p, bias),
+            StoredMatrix::Packed(p) => Linear::from_packed(p, bias),
         }
     }
 
@@ -261,7 +266,7 @@ impl StoredMatrix {
         let t = match self {
             StoredMatrix::Dense(t) => t.index_select(ids, 0)?,
             StoredMatrix::Quant(q) => q.embedding(ids)?,
-            StoredMatrix::PackedQ8(p) => {
+            StoredMatrix::Packed(p) => {
                 let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
                 let cols = p.cols();
                 let mut out = vec![0f32; ids.len() * cols];
@@ -491,7 +496,7 @@ mod tests {
             match (&stored, want) {
                 (StoredMatrix::Dense(t), w) => assert_eq!(Some(t.dtype()), dense_dtype(w)),
                 (StoredMatrix::Quant(q), w) => assert_eq!(Some(q.dtype()), ggml_dtype(w)),
-                (StoredMatrix::PackedQ8(_), w) => assert_eq!(w, Precision::Q8_0),
+                (StoredMatrix::Packed(p), w) => assert_eq!(p.format().name(), w.to_string()),
             }
             assert_eq!(
                 stored.bytes(),

@@ -1,5 +1,5 @@
-//! Kernels for llmem: KV cache writes and paged attention, and the Q8_0 matrix product
-//! ([`q8`]), on the CPU.
+//! Kernels for llmem: KV cache writes and paged attention, and the block-quantized
+//! (Q8_0, Q4_0) matrix product ([`packed`]), on the CPU.
 //!
 //! Kernels are free functions over slices: they know nothing of requests, sequences or
 //! schedulers, only of block tables, slot mappings and context lengths (vLLM's
@@ -13,7 +13,7 @@
 mod attention;
 mod cache;
 mod elem;
-pub mod q8;
+pub mod packed;
 
 pub use attention::{paged_attention, paged_attention_reference, AttentionParams};
 pub use cache::{reshape_and_cache, reshape_and_cache_reference, CacheShape};

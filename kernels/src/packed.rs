@@ -1,0 +1,696 @@
+//! Block-quantized matrix products on the CPU, for weights in llama.cpp's Q8_0 and Q4_0
+//! block formats (per block of 32 weights along a row: one f16 scale `d` and 32 signed
+//! bytes `q` (Q8_0), or 16 bytes of 4-bit `q + 8` (Q4_0: element `i` in the low nibble of
+//! byte `i`, element `16 + i` in its high nibble); the weight is `d * q`).
+//!
+//! Why a kernel of our own: the row-by-row block dot (candle's `vec_dot`, and llama.cpp's
+//! plain-layout path) spends most of its instructions on per-block bookkeeping (scale
+//! conversion, horizontal sums) rather than on multiply-adds. Here the weight matrix is
+//! repacked once, at load, so that one 512-bit register holds 4 consecutive weights of 16
+//! different rows. A `vpdpbusd` (AVX-512 VNNI) against 4 bytes of one activation row,
+//! broadcast, then does 64 multiply-adds that all land in their own row's lane: no
+//! horizontal sums, and one scale step per block for 16 rows at once.
+//!
+//! Layout of [`PackedMatrix`]: rows in groups of [`GROUP`] (16); for each group and each
+//! block of 32 columns, one tile: the 16 rows' f16 scales (32 bytes), then runs of 64
+//! bytes, 4 bytes per row in turn. Q8_0: 8 runs, run `j` holding columns `4j..4j+4`, each
+//! stored as `q + 128` (an unsigned byte, the operand `vpdpbusd` multiplies as unsigned).
+//! Q4_0: 4 runs, run `j` holding bytes `4j..4j+4` of the block as stored (columns
+//! `4j..4j+4` in the low nibbles, `16+4j..16+4j+4` in the high ones, unsigned `q + 8`).
+//! The activations, quantized to signed bytes per block of 32 with an f32 scale, carry
+//! their block sums so that the `128 * sum(a)` (or `8 * sum(a)`) the unsigned weights add
+//! is taken off exactly in integers. The bytes held equal the block format's (34 or 18 per
+//! 32 weights): the memory planner's figure does not change.
+//!
+//! Products use integer arithmetic within a block, so the result equals
+//! `sum_b d_w[b] * d_a[b] * sum_i q_w[i] * q_a[i]` up to f32 rounding of the block sums;
+//! [`matmul_reference`] computes that sum plainly and the tests hold the fast kernel to
+//! it. Without AVX-512 VNNI ([`PackedMatrix::fast_path_available`] is false) the reference
+//! is what runs; the engine then keeps candle's layout instead of packing.
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::KernelError;
+
+/// Weights per block (the Q8_0 block length).
+pub const QK: usize = 32;
+/// Rows interleaved in one packed group.
+pub const GROUP: usize = 16;
+/// Bytes of the 16 scales at the head of a tile.
+const SCALES: usize = 2 * GROUP;
+
+/// The block formats the kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockFormat {
+    Q8_0,
+    Q4_0,
+}
+
+impl BlockFormat {
+    /// Bytes of one block: the f16 scale and the 32 weights.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            BlockFormat::Q8_0 => 2 + QK,
+            BlockFormat::Q4_0 => 2 + QK / 2,
+        }
+    }
+
+    const fn tile_bytes(self) -> usize {
+        GROUP * self.block_bytes()
+    }
+
+    /// What the stored unsigned weight exceeds the signed one by.
+    const fn bias(self) -> i32 {
+        match self {
+            BlockFormat::Q8_0 => 128,
+            BlockFormat::Q4_0 => 8,
+        }
+    }
+
+    /// Bytes of weights per row and block (32 or 16): 4 per row in each 64-byte run.
+    const fn runs(self) -> usize {
+        (self.block_bytes() - 2) / 4
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            BlockFormat::Q8_0 => "q8_0",
+            BlockFormat::Q4_0 => "q4_0",
+        }
+    }
+}
+/// Activation rows processed together by the kernel (register tile).
+const MR: usize = 8;
+/// Activation rows per sequential chunk, so a chunk's quantized rows stay in cache while
+/// every weight group streams past them.
+const M_CHUNK: usize = 128;
+
+/// A (rows, cols) block-quantized matrix in the interleaved layout of the module docs.
+#[derive(Clone)]
+pub struct PackedMatrix {
+    format: BlockFormat,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for PackedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedMatrix")
+            .field("format", &self.format)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("bytes", &self.data.len())
+            .finish()
+    }
+}
+
+impl PackedMatrix {
+    /// True when this CPU runs the fast kernel (x86-64 with AVX-512 F/BW/VNNI). Callers
+    /// that have another layout to fall back on should pack only when this holds.
+    pub fn fast_path_available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Whether a (rows, cols) matrix can be packed: rows a multiple of 16, cols of 32.
+    pub fn can_pack(rows: usize, cols: usize) -> bool {
+        rows > 0 && cols > 0 && rows % GROUP == 0 && cols % QK == 0
+    }
+
+    /// Repack `blocks`, a row-major (rows, cols) matrix of `format` blocks as GGUF and
+    /// candle store them (per block: the f16 scale, little-endian, then the weights).
+    pub fn from_blocks(
+        format: BlockFormat,
+        rows: usize,
+        cols: usize,
+        blocks: &[u8],
+    ) -> Result<Self, KernelError> {
+        if !Self::can_pack(rows, cols) {
+            return Err(KernelError::Invalid(format!(
+                "a packed {} matrix needs rows a multiple of {GROUP} and columns a multiple \
+                 of {QK}; got ({rows}, {cols})",
+                format.name()
+            )));
+        }
+        let kb = cols / QK;
+        let bb = format.block_bytes();
+        crate::check_len("blocks", blocks.len(), rows * kb * bb, || {
+            format!(
+                "({rows}, {cols}) {} at {bb} bytes per {QK} weights",
+                format.name()
+            )
+        })?;
+        let flip = if format == BlockFormat::Q8_0 { 0x80 } else { 0 };
+        let tb = format.tile_bytes();
+        let mut data = vec![0u8; blocks.len()];
+        data.par_chunks_mut(kb * tb)
+            .enumerate()
+            .for_each(|(g, dst)| {
+                for b in 0..kb {
+                    let tile = &mut dst[b * tb..(b + 1) * tb];
+                    for lane in 0..GROUP {
+                        let src = &blocks[((g * GROUP + lane) * kb + b) * bb..][..bb];
+                        tile[2 * lane..2 * lane + 2].copy_from_slice(&src[..2]);
+                        for j in 0..format.runs() {
+                            for t in 0..4 {
+                                tile[SCALES + j * 4 * GROUP + lane * 4 + t] =
+                                    src[2 + 4 * j + t] ^ flip;
+                            }
+                        }
+                    }
+                }
+            });
+        Ok(PackedMatrix {
+            format,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// Back to row-major blocks (the inverse of [`PackedMatrix::from_blocks`]).
+    pub fn to_blocks(&self) -> Vec<u8> {
+        let kb = self.cols / QK;
+        let bb = self.format.block_bytes();
+        let flip = if self.format == BlockFormat::Q8_0 {
+            0x80
+        } else {
+            0
+        };
+        let mut out = vec![0u8; self.data.len()];
+        for row in 0..self.rows {
+            for b in 0..kb {
+                let dst = &mut out[(row * kb + b) * bb..][..bb];
+                let (tile, lane) = self.tile(row, b);
+                dst[..2].copy_from_slice(&tile[2 * lane..2 * lane + 2]);
+                for j in 0..self.format.runs() {
+                    for t in 0..4 {
+                        dst[2 + 4 * j + t] = tile[SCALES + j * 4 * GROUP + lane * 4 + t] ^ flip;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The signed weight `i` (0..32) of a block, for `lane` of `tile`.
+    #[inline]
+    fn weight(&self, tile: &[u8], lane: usize, i: usize) -> i8 {
+        match self.format {
+            BlockFormat::Q8_0 => {
+                (tile[SCALES + (i / 4) * 4 * GROUP + lane * 4 + i % 4] ^ 0x80) as i8
+            }
+            BlockFormat::Q4_0 => {
+                let byte = tile[SCALES + ((i % 16) / 4) * 4 * GROUP + lane * 4 + i % 4];
+                let nibble = if i < 16 { byte & 0x0F } else { byte >> 4 };
+                nibble as i8 - 8
+            }
+        }
+    }
+
+    /// The scale of `lane` in `tile`.
+    #[inline]
+    fn scale(tile: &[u8], lane: usize) -> f32 {
+        f16::from_le_bytes([tile[2 * lane], tile[2 * lane + 1]]).to_f32()
+    }
+
+    pub fn format(&self) -> BlockFormat {
+        self.format
+    }
+
+    /// The tile holding block `b` of `row`, and the row's lane in it.
+    fn tile(&self, row: usize, b: usize) -> (&[u8], usize) {
+        let kb = self.cols / QK;
+        let g = row / GROUP;
+        let tb = self.format.tile_bytes();
+        let start = (g * kb + b) * tb;
+        (&self.data[start..start + tb], row % GROUP)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held: exactly the block format's size (34 or 18 bytes per 32 weights).
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Row `row` in f32 (`d * q` per weight), into `out` (`cols` long). An embedding
+    /// lookup uses this for the rows a pass needs.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        if row >= self.rows {
+            return Err(KernelError::Invalid(format!(
+                "row {row} is out of range for a matrix of {} rows",
+                self.rows
+            )));
+        }
+        crate::check_len("row", out.len(), self.cols, || {
+            format!("{} columns", self.cols)
+        })?;
+        for (b, chunk) in out.chunks_exact_mut(QK).enumerate() {
+            let (tile, lane) = self.tile(row, b);
+            let d = Self::scale(tile, lane);
+            for (i, o) in chunk.iter_mut().enumerate() {
+                *o = d * self.weight(tile, lane, i) as f32;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Activation rows quantized per block of 32: signed bytes, an f32 scale and the sum of
+/// the bytes, per block.
+#[derive(Debug, Clone)]
+pub struct QuantRows {
+    k: usize,
+    q: Vec<i8>,
+    d: Vec<f32>,
+    sum: Vec<i32>,
+}
+
+/// Quantize `m` rows of `k` (a multiple of 32) values: per block, `d = max|x| / 127` and
+/// `q = round(x / d)`.
+pub fn quantize_rows(x: &[f32], m: usize, k: usize) -> Result<QuantRows, KernelError> {
+    if k == 0 || k % QK != 0 {
+        return Err(KernelError::Invalid(format!(
+            "rows of {k} values cannot be quantized in blocks of {QK}"
+        )));
+    }
+    crate::check_len("activations", x.len(), m * k, || format!("({m}, {k})"))?;
+    let kb = k / QK;
+    let mut out = QuantRows {
+        k,
+        q: vec![0; m * k],
+        d: vec![0.0; m * kb],
+        sum: vec![0; m * kb],
+    };
+    let fast = PackedMatrix::fast_path_available();
+    let block = |xs: &[f32], q: &mut [i8], d: &mut f32, s: &mut i32| {
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            // SAFETY: AVX-512 F/BW present (checked); `xs` and `q` are QK long.
+            (*d, *s) = unsafe { quantize_block_avx512(xs, q) };
+            return;
+        }
+        let _ = fast;
+        (*d, *s) = quantize_block_scalar(xs, q);
+    };
+    type Row<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [i32]);
+    let row = |(((xs, q), d), s): Row<'_>| {
+        for (((xs, q), d), s) in xs
+            .chunks_exact(QK)
+            .zip(q.chunks_exact_mut(QK))
+            .zip(d.iter_mut())
+            .zip(s.iter_mut())
+        {
+            block(xs, q, d, s);
+        }
+    };
+    if m >= 16 {
+        x.par_chunks(k)
+            .zip(out.q.par_chunks_mut(k))
+            .zip(out.d.par_chunks_mut(kb))
+            .zip(out.sum.par_chunks_mut(kb))
+            .with_min_len(8)
+            .for_each(row);
+    } else {
+        x.chunks(k)
+            .zip(out.q.chunks_mut(k))
+            .zip(out.d.chunks_mut(kb))
+            .zip(out.sum.chunks_mut(kb))
+            .for_each(row);
+    }
+    Ok(out)
+}
+
+/// One block of [`quantize_rows`]: returns the scale and the sum of the bytes.
+fn quantize_block_scalar(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    let mut total = 0i32;
+    for (o, v) in q.iter_mut().zip(xs) {
+        let r = (v * inv).clamp(-127.0, 127.0).round_ties_even() as i8;
+        *o = r;
+        total += r as i32;
+    }
+    (scale, total)
+}
+
+/// One block of [`quantize_rows`] with AVX-512 (rounding to nearest, ties to even, as
+/// the scalar form): returns the scale and the sum of the bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_block_avx512(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    debug_assert!(xs.len() == QK && q.len() == QK);
+    let a = _mm512_loadu_ps(xs.as_ptr());
+    let b = _mm512_loadu_ps(xs.as_ptr().add(16));
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    let scale = amax / 127.0;
+    let inv = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+    let lo = _mm512_set1_ps(-127.0);
+    let hi = _mm512_set1_ps(127.0);
+    let qa = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(a, inv), lo), hi));
+    let qb = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(b, inv), lo), hi));
+    _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(qa));
+    _mm_storeu_si128(
+        q.as_mut_ptr().add(16) as *mut __m128i,
+        _mm512_cvtepi32_epi8(qb),
+    );
+    (scale, _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)))
+}
+
+/// `out = x w^T`: `x` is (m, cols) f32, `w` (rows, cols) packed, `out` (m, rows). The
+/// activations are quantized per block of 32 first, as llama.cpp does for Q8_0 and Q4_0.
+pub fn matmul(x: &[f32], m: usize, w: &PackedMatrix, out: &mut [f32]) -> Result<(), KernelError> {
+    let (n, k) = (w.rows, w.cols);
+    crate::check_len("output", out.len(), m * n, || format!("({m}, {n})"))?;
+    let qa = quantize_rows(x, m, k)?;
+    if !PackedMatrix::fast_path_available() {
+        out.copy_from_slice(&matmul_reference(&qa, m, w));
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let groups = n / GROUP;
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        for r0 in (0..m).step_by(M_CHUNK) {
+            let rows = M_CHUNK.min(m - r0);
+            let run = |g: usize| {
+                let out_ptr = &out_ptr;
+                // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked above); task `g` writes
+                // only columns g*16..g*16+16 of rows r0..r0+rows, which no other task
+                // touches, and every index stays inside `out` (m * n, checked above),
+                // `qa` (m rows of k) and `w` (groups * kb tiles).
+                unsafe {
+                    match w.format {
+                        BlockFormat::Q8_0 => group_rows::<false>(w, &qa, g, r0, rows, out_ptr.0, n),
+                        BlockFormat::Q4_0 => group_rows::<true>(w, &qa, g, r0, rows, out_ptr.0, n),
+                    }
+                }
+            };
+            if rows * n * k >= 1 << 18 {
+                (0..groups).into_par_iter().with_min_len(2).for_each(run);
+            } else {
+                (0..groups).for_each(run);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The plain form of [`matmul`]'s arithmetic on already quantized rows, the reference for
+/// the fast kernel (and what runs without AVX-512 VNNI).
+pub fn matmul_reference(qa: &QuantRows, m: usize, w: &PackedMatrix) -> Vec<f32> {
+    let (n, k) = (w.rows, w.cols);
+    let kb = k / QK;
+    debug_assert_eq!(qa.k, k);
+    let mut out = vec![0f32; m * n];
+    for r in 0..m {
+        for o in 0..n {
+            let mut acc = 0f32;
+            for b in 0..kb {
+                let (tile, lane) = w.tile(o, b);
+                let dw = PackedMatrix::scale(tile, lane);
+                let mut s = 0i32;
+                for i in 0..QK {
+                    s += w.weight(tile, lane, i) as i32 * qa.q[r * k + b * QK + i] as i32;
+                }
+                acc += s as f32 * (dw * qa.d[r * kb + b]);
+            }
+            out[r * n + o] = acc;
+        }
+    }
+    out
+}
+
+/// The output pointer shared by the tasks of [`matmul`], each writing its own columns.
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (see `matmul`), and the buffer outlives them.
+unsafe impl Sync for OutPtr {}
+unsafe impl Send for OutPtr {}
+
+/// Rows `r0..r0 + rows` of the output, columns of group `g`, in register tiles of MR rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn group_rows<const Q4: bool>(
+    w: &PackedMatrix,
+    qa: &QuantRows,
+    g: usize,
+    r0: usize,
+    rows: usize,
+    out: *mut f32,
+    n: usize,
+) {
+    let mut r = r0;
+    let end = r0 + rows;
+    while r < end {
+        let left = end - r;
+        match left {
+            8.. => tile::<8, Q4>(w, qa, g, r, out, n),
+            7 => tile::<7, Q4>(w, qa, g, r, out, n),
+            6 => tile::<6, Q4>(w, qa, g, r, out, n),
+            5 => tile::<5, Q4>(w, qa, g, r, out, n),
+            4 => tile::<4, Q4>(w, qa, g, r, out, n),
+            3 => tile::<3, Q4>(w, qa, g, r, out, n),
+            2 => tile::<2, Q4>(w, qa, g, r, out, n),
+            _ => tile::<1, Q4>(w, qa, g, r, out, n),
+        }
+        r += left.min(MR);
+    }
+}
+
+/// One register tile: R activation rows starting at `r` times the 16 rows of group `g`,
+/// over every block; 16 results per activation row, stored to `out[r.., g*16..]`. `Q4`:
+/// the weights are Q4_0 nibbles (else Q8_0 bytes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn tile<const R: usize, const Q4: bool>(
+    w: &PackedMatrix,
+    qa: &QuantRows,
+    g: usize,
+    r: usize,
+    out: *mut f32,
+    n: usize,
+) {
+    use std::arch::x86_64::*;
+    let k = w.cols;
+    let kb = k / QK;
+    let tb = w.format.tile_bytes();
+    let bias = w.format.bias();
+    let wbase = w.data.as_ptr().add(g * kb * tb);
+    let abase = qa.q.as_ptr().add(r * k);
+    let dbase = qa.d.as_ptr().add(r * kb);
+    let sbase = qa.sum.as_ptr().add(r * kb);
+    let nibble = _mm512_set1_epi8(0x0F);
+    let act = |i: usize, b: usize, col: usize| {
+        _mm512_set1_epi32((abase.add(i * k + b * QK + col) as *const i32).read_unaligned())
+    };
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..kb {
+        let t = wbase.add(b * tb);
+        let wd = _mm512_cvtph_ps(_mm256_loadu_si256(t as *const __m256i));
+        let mut dots = [_mm512_setzero_si512(); R];
+        if Q4 {
+            for j in 0..QK / 8 {
+                let v = _mm512_loadu_si512(t.add(SCALES + j * 4 * GROUP) as *const __m512i);
+                let lo = _mm512_and_si512(v, nibble);
+                let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+                for (i, dot) in dots.iter_mut().enumerate() {
+                    *dot = _mm512_dpbusd_epi32(*dot, lo, act(i, b, 4 * j));
+                    *dot = _mm512_dpbusd_epi32(*dot, hi, act(i, b, 16 + 4 * j));
+                }
+            }
+        } else {
+            for j in 0..QK / 4 {
+                let wv = _mm512_loadu_si512(t.add(SCALES + j * 4 * GROUP) as *const __m512i);
+                for (i, dot) in dots.iter_mut().enumerate() {
+                    *dot = _mm512_dpbusd_epi32(*dot, wv, act(i, b, 4 * j));
+                }
+            }
+        }
+        for (i, (dot, acc)) in dots.iter().zip(acc.iter_mut()).enumerate() {
+            let s = _mm512_sub_epi32(*dot, _mm512_set1_epi32(bias * *sbase.add(i * kb + b)));
+            let scale = _mm512_mul_ps(wd, _mm512_set1_ps(*dbase.add(i * kb + b)));
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, *acc);
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out.add((r + i) * n + g * GROUP), *acc);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::Rng;
+
+    const FORMATS: [BlockFormat; 2] = [BlockFormat::Q8_0, BlockFormat::Q4_0];
+
+    /// Row-major blocks of `format` for random weights, and the weights they decode to.
+    fn random_blocks(
+        format: BlockFormat,
+        rows: usize,
+        cols: usize,
+        seed: u64,
+    ) -> (Vec<u8>, Vec<f32>) {
+        let mut rng = Rng::new(seed);
+        let mut blocks = Vec::new();
+        let mut deq = Vec::new();
+        let qmax = if format == BlockFormat::Q8_0 {
+            127.0
+        } else {
+            7.0
+        };
+        for _ in 0..rows * cols / QK {
+            let xs: Vec<f32> = (0..QK).map(|_| rng.uniform() * 0.5).collect();
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = f16::from_f32(amax / qmax);
+            blocks.extend_from_slice(&d.to_le_bytes());
+            let q: Vec<i8> = xs
+                .iter()
+                .map(|v| (v / d.to_f32()).round().clamp(-qmax - 1.0, qmax) as i8)
+                .collect();
+            match format {
+                BlockFormat::Q8_0 => blocks.extend(q.iter().map(|&v| v as u8)),
+                BlockFormat::Q4_0 => blocks.extend(
+                    (0..QK / 2).map(|i| ((q[i] + 8) as u8) | (((q[i + 16] + 8) as u8) << 4)),
+                ),
+            }
+            deq.extend(q.iter().map(|&v| v as f32 * d.to_f32()));
+        }
+        (blocks, deq)
+    }
+
+    #[test]
+    fn packing_round_trips_and_dequantizes_rows() {
+        let (rows, cols) = (48, 96);
+        for format in FORMATS {
+            let (blocks, deq) = random_blocks(format, rows, cols, 7);
+            let p = PackedMatrix::from_blocks(format, rows, cols, &blocks).unwrap();
+            assert_eq!(p.bytes(), rows * cols / QK * format.block_bytes());
+            assert_eq!(p.to_blocks(), blocks);
+            let mut row = vec![0f32; cols];
+            for r in [0, 1, 15, 16, 47] {
+                p.dequantize_row(r, &mut row).unwrap();
+                assert_eq!(row, deq[r * cols..(r + 1) * cols], "{format:?} row {r}");
+            }
+            assert!(p.dequantize_row(48, &mut row).is_err());
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_refused_with_the_numbers() {
+        let e = PackedMatrix::from_blocks(BlockFormat::Q8_0, 10, 32, &[0; 340]).unwrap_err();
+        assert!(e.to_string().contains("(10, 32)"), "{e}");
+        let e = PackedMatrix::from_blocks(BlockFormat::Q8_0, 16, 32, &[0; 10]).unwrap_err();
+        assert!(e.to_string().contains("544"), "{e}");
+        let e = PackedMatrix::from_blocks(BlockFormat::Q4_0, 16, 32, &[0; 544]).unwrap_err();
+        assert!(e.to_string().contains("288"), "{e}");
+        let e = quantize_rows(&[0.0; 40], 1, 40).unwrap_err();
+        assert!(e.to_string().contains("40"), "{e}");
+    }
+
+    #[test]
+    fn quantized_rows_reconstruct_within_half_a_step() {
+        let mut rng = Rng::new(3);
+        let x: Vec<f32> = (0..3 * 64).map(|_| rng.uniform() * 4.0).collect();
+        let q = quantize_rows(&x, 3, 64).unwrap();
+        for (i, v) in x.iter().enumerate() {
+            let d = q.d[i / QK];
+            assert!((q.q[i] as f32 * d - v).abs() <= 0.5 * d + 1e-6);
+        }
+        let zeros = quantize_rows(&[0.0; 32], 1, 32).unwrap();
+        assert_eq!((zeros.d[0], zeros.sum[0]), (0.0, 0));
+    }
+
+    #[test]
+    fn vector_and_scalar_quantizers_agree() {
+        if !PackedMatrix::fast_path_available() {
+            eprintln!("no AVX-512 VNNI here: only the scalar quantizer runs");
+            return;
+        }
+        let mut rng = Rng::new(9);
+        for scale in [1e-6f32, 1.0, 300.0] {
+            let xs: Vec<f32> = (0..QK).map(|_| rng.uniform() * scale).collect();
+            let (mut a, mut b) = ([0i8; QK], [0i8; QK]);
+            let fast = unsafe { quantize_block_avx512(&xs, &mut a) };
+            let slow = quantize_block_scalar(&xs, &mut b);
+            assert_eq!((fast, a), (slow, b), "scale {scale}");
+        }
+    }
+
+    /// The fast kernel against the reference, and both against the f32 product of the
+    /// dequantized matrices, for both formats, every tail of the 8-row register tile and
+    /// the chunking of long inputs.
+    #[test]
+    fn matmul_matches_reference_and_dequantized_product() {
+        for format in FORMATS {
+            for &(m, n, k) in &[
+                (1, 16, 32),
+                (3, 32, 64),
+                (8, 48, 96),
+                (13, 16, 576),
+                (131, 32, 64),
+            ] {
+                let (blocks, wdeq) = random_blocks(format, n, k, m as u64);
+                let w = PackedMatrix::from_blocks(format, n, k, &blocks).unwrap();
+                let mut rng = Rng::new(100 + m as u64);
+                let x: Vec<f32> = (0..m * k).map(|_| rng.uniform()).collect();
+                let mut out = vec![0f32; m * n];
+                matmul(&x, m, &w, &mut out).unwrap();
+                let qa = quantize_rows(&x, m, k).unwrap();
+                let reference = matmul_reference(&qa, m, &w);
+                for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{format:?} ({m},{n},{k}) at {i}: {a} vs {b}"
+                    );
+                }
+                // Activation quantization error: at most half a step per value, so the
+                // product moves by at most sum |w| * d_a / 2 per block.
+                for r in 0..m {
+                    for o in 0..n {
+                        let exact: f32 = (0..k).map(|i| x[r * k + i] * wdeq[o * k + i]).sum();
+                        let bound: f32 = (0..k)
+                            .map(|i| wdeq[o * k + i].abs() * qa.d[r * (k / QK) + i / QK] * 0.5)
+                            .sum::<f32>()
+                            + 1e-4;
+                        let got = out[r * n + o];
+                        assert!(
+                            (got - exact).abs() <= bound,
+                            "{format:?} ({r},{o}): {got} vs {exact} (bound {bound})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_checks_lengths() {
+        let (blocks, _) = random_blocks(BlockFormat::Q8_0, 16, 32, 1);
+        let w = PackedMatrix::from_blocks(BlockFormat::Q8_0, 16, 32, &blocks).unwrap();
+        let mut out = vec![0f32; 15];
+        assert!(matmul(&[0.0; 32], 1, &w, &mut out).is_err());
+        let mut out = vec![0f32; 16];
+        assert!(matmul(&[0.0; 31], 1, &w, &mut out).is_err());
+    }
+}
