@@ -19,7 +19,7 @@
 //! candle [`QTensor`]: f32 activations in, f32 out, through candle's quantized matmul
 //! (it quantizes the activations to q8 blocks and runs integer dot products, AVX2/VNNI
 //! where candle has them). See `crate::quant` for which tensors get which format.
-//! Q8_0 and Q4_0 on a CPU with AVX-512 VNNI are instead repacked at load into the
+//! Q8_0, Q4_0 and Q4_1 on a CPU with AVX-512 VNNI are instead repacked at load into the
 //! interleaved layout of `llmem_kernels::packed` (same bytes), whose kernel serves every
 //! row count.
 
@@ -66,7 +66,7 @@ enum Weight {
     /// GGUF blocks along each row, shape (out_features, in_features); shared when a tied
     /// LM head reuses a quantized embedding.
     Quant(Arc<QTensor>),
-    /// Q8_0/Q4_0 in the interleaved layout of `llmem_kernels::packed`, shared like `Quant`.
+    /// Q8_0/Q4_0/Q4_1 in the interleaved layout of `llmem_kernels::packed`, shared like `Quant`.
     Packed(Arc<PackedMatrix>),
 }
 
@@ -152,7 +152,7 @@ impl Linear {
     }
 
     /// True when the weight is held in a GGUF block format.
-    /// Wrap a repacked Q8_0/Q4_0 weight (out_features, in_features); the bias stays dense.
+    /// Wrap a repacked Q8_0/Q4_0/Q4_1 weight (out_features, in_features); the bias stays dense.
     pub fn from_packed(weight: Arc<PackedMatrix>, bias: Option<Tensor>) -> Self {
         Linear {
             weight: Weight::Packed(weight),

@@ -184,7 +184,7 @@ pub fn ggml_dtype(p: Precision) -> Option<GgmlDType> {
     }
 }
 
-/// False when `LLMEM_PACKED=0` or the CPU lacks AVX-512 VNNI: Q8_0 and Q4_0 then stay
+/// False when `LLMEM_PACKED=0` or the CPU lacks AVX-512 VNNI: Q8_0/Q4_0/Q4_1 then stay
 /// in candle's layout and run on its block dots (set it to compare the two).
 pub fn packed_kernel_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -198,7 +198,7 @@ pub fn packed_kernel_enabled() -> bool {
 pub enum StoredMatrix {
     Dense(Tensor),
     Quant(Arc<QTensor>),
-    /// Q8_0 or Q4_0 repacked for the AVX-512 VNNI kernel of `llmem_kernels::packed` (same
+    /// Q8_0, Q4_0 or Q4_1 repacked for the AVX-512 VNNI kernel of `llmem_kernels::packed` (same
     /// bytes as candle's layout); see [`StoredMatrix::from_qtensor`] for when.
     Packed(Arc<PackedMatrix>),
 }
@@ -213,14 +213,15 @@ impl StoredMatrix {
         }
     }
 
-    /// A block-quantized matrix on its device: Q8_0 and Q4_0 on a CPU with AVX-512 VNNI
-    /// are repacked for `llmem_kernels::packed` (several times faster products than
+    /// A block-quantized matrix on its device: Q8_0, Q4_0 and Q4_1 on a CPU with AVX-512
+    /// VNNI are repacked for `llmem_kernels::packed` (several times faster products than
     /// candle's block dots on this project's dev machine; `llmem bench` with
     /// `LLMEM_PACKED=0` runs candle's, to compare); everything else stays candle's.
     pub fn from_qtensor(q: QTensor) -> candle_core::Result<StoredMatrix> {
         let format = match q.dtype() {
             GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
             GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
+            GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
             _ => None,
         };
         if let (Some(format), true, true) = (format, q.device().is_cpu(), packed_kernel_enabled()) {
@@ -512,6 +513,7 @@ mod tests {
         for p in [
             Precision::Q8_0,
             Precision::Q4_0,
+            Precision::Q4_1,
             Precision::Q4K,
             Precision::Q6K,
         ] {

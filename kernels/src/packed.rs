@@ -1,7 +1,8 @@
 //! Block-quantized matrix products on the CPU, for weights in llama.cpp's Q8_0 and Q4_0
 //! block formats (per block of 32 weights along a row: one f16 scale `d` and 32 signed
 //! bytes `q` (Q8_0), or 16 bytes of 4-bit `q + 8` (Q4_0: element `i` in the low nibble of
-//! byte `i`, element `16 + i` in its high nibble); the weight is `d * q`).
+//! byte `i`, element `16 + i` in its high nibble); the weight is `d * q`. Q4_1 adds an f16
+//! minimum `m` per block and stores unsigned `q`: the weight is `d * q + m`).
 //!
 //! Why a kernel of our own: the row-by-row block dot (candle's `vec_dot`, and llama.cpp's
 //! plain-layout path) spends most of its instructions on per-block bookkeeping (scale
@@ -12,15 +13,16 @@
 //! horizontal sums, and one scale step per block for 16 rows at once.
 //!
 //! Layout of [`PackedMatrix`]: rows in groups of [`GROUP`] (16); for each group and each
-//! block of 32 columns, one tile: the 16 rows' f16 scales (32 bytes), then runs of 64
-//! bytes, 4 bytes per row in turn. Q8_0: 8 runs, run `j` holding columns `4j..4j+4`, each
+//! block of 32 columns, one tile: the 16 rows' f16 scales (32 bytes; Q4_1: then their 16
+//! minimums), then runs of 64 bytes, 4 bytes per row in turn. Q8_0: 8 runs, run `j` holding columns `4j..4j+4`, each
 //! stored as `q + 128` (an unsigned byte, the operand `vpdpbusd` multiplies as unsigned).
-//! Q4_0: 4 runs, run `j` holding bytes `4j..4j+4` of the block as stored (columns
-//! `4j..4j+4` in the low nibbles, `16+4j..16+4j+4` in the high ones, unsigned `q + 8`).
+//! Q4_0 and Q4_1: 4 runs, run `j` holding bytes `4j..4j+4` of the block as stored (columns
+//! `4j..4j+4` in the low nibbles, `16+4j..16+4j+4` in the high ones). Q4_1's minimum
+//! contributes `m * d_a * sum(q_a)` per block, one more multiply-add for 16 rows.
 //! The activations, quantized to signed bytes per block of 32 with an f32 scale, carry
 //! their block sums so that the `128 * sum(a)` (or `8 * sum(a)`) the unsigned weights add
-//! is taken off exactly in integers. The bytes held equal the block format's (34 or 18 per
-//! 32 weights): the memory planner's figure does not change.
+//! is taken off exactly in integers. The bytes held equal the block format's (34, 18 or 20
+//! per 32 weights): the memory planner's figure does not change.
 //!
 //! Products use integer arithmetic within a block, so the result equals
 //! `sum_b d_w[b] * d_a[b] * sum_i q_w[i] * q_a[i]` up to f32 rounding of the block sums;
@@ -40,11 +42,17 @@ pub const GROUP: usize = 16;
 /// Bytes of the 16 scales at the head of a tile.
 const SCALES: usize = 2 * GROUP;
 
+/// Kernel variants (a const parameter of the register tile).
+const K_Q8_0: u8 = 0;
+const K_Q4_0: u8 = 1;
+const K_Q4_1: u8 = 2;
+
 /// The block formats the kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockFormat {
     Q8_0,
     Q4_0,
+    Q4_1,
 }
 
 impl BlockFormat {
@@ -53,6 +61,16 @@ impl BlockFormat {
         match self {
             BlockFormat::Q8_0 => 2 + QK,
             BlockFormat::Q4_0 => 2 + QK / 2,
+            BlockFormat::Q4_1 => 4 + QK / 2,
+        }
+    }
+
+    /// Bytes before the weights, in a block (scale, and Q4_1's minimum) and per row in a
+    /// tile.
+    const fn head(self) -> usize {
+        match self {
+            BlockFormat::Q4_1 => 4,
+            _ => 2,
         }
     }
 
@@ -65,18 +83,20 @@ impl BlockFormat {
         match self {
             BlockFormat::Q8_0 => 128,
             BlockFormat::Q4_0 => 8,
+            BlockFormat::Q4_1 => 0,
         }
     }
 
     /// Bytes of weights per row and block (32 or 16): 4 per row in each 64-byte run.
     const fn runs(self) -> usize {
-        (self.block_bytes() - 2) / 4
+        (self.block_bytes() - self.head()) / 4
     }
 
     pub const fn name(self) -> &'static str {
         match self {
             BlockFormat::Q8_0 => "q8_0",
             BlockFormat::Q4_0 => "q4_0",
+            BlockFormat::Q4_1 => "q4_1",
         }
     }
 }
@@ -160,11 +180,16 @@ impl PackedMatrix {
                     let tile = &mut dst[b * tb..(b + 1) * tb];
                     for lane in 0..GROUP {
                         let src = &blocks[((g * GROUP + lane) * kb + b) * bb..][..bb];
+                        let h = format.head();
                         tile[2 * lane..2 * lane + 2].copy_from_slice(&src[..2]);
+                        if h == 4 {
+                            tile[SCALES + 2 * lane..SCALES + 2 * lane + 2]
+                                .copy_from_slice(&src[2..4]);
+                        }
                         for j in 0..format.runs() {
                             for t in 0..4 {
-                                tile[SCALES + j * 4 * GROUP + lane * 4 + t] =
-                                    src[2 + 4 * j + t] ^ flip;
+                                tile[GROUP * h + j * 4 * GROUP + lane * 4 + t] =
+                                    src[h + 4 * j + t] ^ flip;
                             }
                         }
                     }
@@ -192,10 +217,14 @@ impl PackedMatrix {
             for b in 0..kb {
                 let dst = &mut out[(row * kb + b) * bb..][..bb];
                 let (tile, lane) = self.tile(row, b);
+                let h = self.format.head();
                 dst[..2].copy_from_slice(&tile[2 * lane..2 * lane + 2]);
+                if h == 4 {
+                    dst[2..4].copy_from_slice(&tile[SCALES + 2 * lane..SCALES + 2 * lane + 2]);
+                }
                 for j in 0..self.format.runs() {
                     for t in 0..4 {
-                        dst[2 + 4 * j + t] = tile[SCALES + j * 4 * GROUP + lane * 4 + t] ^ flip;
+                        dst[h + 4 * j + t] = tile[GROUP * h + j * 4 * GROUP + lane * 4 + t] ^ flip;
                     }
                 }
             }
@@ -210,10 +239,11 @@ impl PackedMatrix {
             BlockFormat::Q8_0 => {
                 (tile[SCALES + (i / 4) * 4 * GROUP + lane * 4 + i % 4] ^ 0x80) as i8
             }
-            BlockFormat::Q4_0 => {
-                let byte = tile[SCALES + ((i % 16) / 4) * 4 * GROUP + lane * 4 + i % 4];
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                let h = self.format.head();
+                let byte = tile[GROUP * h + ((i % 16) / 4) * 4 * GROUP + lane * 4 + i % 4];
                 let nibble = if i < 16 { byte & 0x0F } else { byte >> 4 };
-                nibble as i8 - 8
+                nibble as i8 - self.format.bias() as i8
             }
         }
     }
@@ -222,6 +252,16 @@ impl PackedMatrix {
     #[inline]
     fn scale(tile: &[u8], lane: usize) -> f32 {
         f16::from_le_bytes([tile[2 * lane], tile[2 * lane + 1]]).to_f32()
+    }
+
+    /// The minimum of `lane` in `tile` (Q4_1; 0 for the others).
+    #[inline]
+    fn min(&self, tile: &[u8], lane: usize) -> f32 {
+        if self.format == BlockFormat::Q4_1 {
+            Self::scale(&tile[SCALES..], lane)
+        } else {
+            0.0
+        }
     }
 
     pub fn format(&self) -> BlockFormat {
@@ -264,9 +304,9 @@ impl PackedMatrix {
         })?;
         for (b, chunk) in out.chunks_exact_mut(QK).enumerate() {
             let (tile, lane) = self.tile(row, b);
-            let d = Self::scale(tile, lane);
+            let (d, m) = (Self::scale(tile, lane), self.min(tile, lane));
             for (i, o) in chunk.iter_mut().enumerate() {
-                *o = d * self.weight(tile, lane, i) as f32;
+                *o = d * self.weight(tile, lane, i) as f32 + m;
             }
         }
         Ok(())
@@ -400,8 +440,15 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedMatrix, out: &mut [f32]) -> Result<
                 // `qa` (m rows of k) and `w` (groups * kb tiles).
                 unsafe {
                     match w.format {
-                        BlockFormat::Q8_0 => group_rows::<false>(w, &qa, g, r0, rows, out_ptr.0, n),
-                        BlockFormat::Q4_0 => group_rows::<true>(w, &qa, g, r0, rows, out_ptr.0, n),
+                        BlockFormat::Q8_0 => {
+                            group_rows::<K_Q8_0>(w, &qa, g, r0, rows, out_ptr.0, n)
+                        }
+                        BlockFormat::Q4_0 => {
+                            group_rows::<K_Q4_0>(w, &qa, g, r0, rows, out_ptr.0, n)
+                        }
+                        BlockFormat::Q4_1 => {
+                            group_rows::<K_Q4_1>(w, &qa, g, r0, rows, out_ptr.0, n)
+                        }
                     }
                 }
             };
@@ -432,6 +479,8 @@ pub fn matmul_reference(qa: &QuantRows, m: usize, w: &PackedMatrix) -> Vec<f32> 
                 for i in 0..QK {
                     s += w.weight(tile, lane, i) as i32 * qa.q[r * k + b * QK + i] as i32;
                 }
+                let da = qa.d[r * kb + b];
+                acc += w.min(tile, lane) * (da * qa.sum[r * kb + b] as f32);
                 acc += s as f32 * (dw * qa.d[r * kb + b]);
             }
             out[r * n + o] = acc;
@@ -449,7 +498,7 @@ unsafe impl Send for OutPtr {}
 /// Rows `r0..r0 + rows` of the output, columns of group `g`, in register tiles of MR rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn group_rows<const Q4: bool>(
+unsafe fn group_rows<const KIND: u8>(
     w: &PackedMatrix,
     qa: &QuantRows,
     g: usize,
@@ -463,26 +512,26 @@ unsafe fn group_rows<const Q4: bool>(
     while r < end {
         let left = end - r;
         match left {
-            8.. => tile::<8, Q4>(w, qa, g, r, out, n),
-            7 => tile::<7, Q4>(w, qa, g, r, out, n),
-            6 => tile::<6, Q4>(w, qa, g, r, out, n),
-            5 => tile::<5, Q4>(w, qa, g, r, out, n),
-            4 => tile::<4, Q4>(w, qa, g, r, out, n),
-            3 => tile::<3, Q4>(w, qa, g, r, out, n),
-            2 => tile::<2, Q4>(w, qa, g, r, out, n),
-            _ => tile::<1, Q4>(w, qa, g, r, out, n),
+            8.. => tile::<8, KIND>(w, qa, g, r, out, n),
+            7 => tile::<7, KIND>(w, qa, g, r, out, n),
+            6 => tile::<6, KIND>(w, qa, g, r, out, n),
+            5 => tile::<5, KIND>(w, qa, g, r, out, n),
+            4 => tile::<4, KIND>(w, qa, g, r, out, n),
+            3 => tile::<3, KIND>(w, qa, g, r, out, n),
+            2 => tile::<2, KIND>(w, qa, g, r, out, n),
+            _ => tile::<1, KIND>(w, qa, g, r, out, n),
         }
         r += left.min(MR);
     }
 }
 
 /// One register tile: R activation rows starting at `r` times the 16 rows of group `g`,
-/// over every block; 16 results per activation row, stored to `out[r.., g*16..]`. `Q4`:
-/// the weights are Q4_0 nibbles (else Q8_0 bytes).
+/// over every block; 16 results per activation row, stored to `out[r.., g*16..]`. `KIND`:
+/// `K_Q8_0`, `K_Q4_0` or `K_Q4_1`, the weights' format.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
-unsafe fn tile<const R: usize, const Q4: bool>(
+unsafe fn tile<const R: usize, const KIND: u8>(
     w: &PackedMatrix,
     qa: &QuantRows,
     g: usize,
@@ -508,9 +557,10 @@ unsafe fn tile<const R: usize, const Q4: bool>(
         let t = wbase.add(b * tb);
         let wd = _mm512_cvtph_ps(_mm256_loadu_si256(t as *const __m256i));
         let mut dots = [_mm512_setzero_si512(); R];
-        if Q4 {
+        let runs = t.add(GROUP * w.format.head());
+        if KIND != K_Q8_0 {
             for j in 0..QK / 8 {
-                let v = _mm512_loadu_si512(t.add(SCALES + j * 4 * GROUP) as *const __m512i);
+                let v = _mm512_loadu_si512(runs.add(j * 4 * GROUP) as *const __m512i);
                 let lo = _mm512_and_si512(v, nibble);
                 let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
                 for (i, dot) in dots.iter_mut().enumerate() {
@@ -520,16 +570,26 @@ unsafe fn tile<const R: usize, const Q4: bool>(
             }
         } else {
             for j in 0..QK / 4 {
-                let wv = _mm512_loadu_si512(t.add(SCALES + j * 4 * GROUP) as *const __m512i);
+                let wv = _mm512_loadu_si512(runs.add(j * 4 * GROUP) as *const __m512i);
                 for (i, dot) in dots.iter_mut().enumerate() {
                     *dot = _mm512_dpbusd_epi32(*dot, wv, act(i, b, 4 * j));
                 }
             }
         }
         for (i, (dot, acc)) in dots.iter().zip(acc.iter_mut()).enumerate() {
-            let s = _mm512_sub_epi32(*dot, _mm512_set1_epi32(bias * *sbase.add(i * kb + b)));
-            let scale = _mm512_mul_ps(wd, _mm512_set1_ps(*dbase.add(i * kb + b)));
+            let sum = *sbase.add(i * kb + b);
+            let da = *dbase.add(i * kb + b);
+            let s = if KIND == K_Q4_1 {
+                *dot
+            } else {
+                _mm512_sub_epi32(*dot, _mm512_set1_epi32(bias * sum))
+            };
+            let scale = _mm512_mul_ps(wd, _mm512_set1_ps(da));
             *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, *acc);
+            if KIND == K_Q4_1 {
+                let wm = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(SCALES) as *const __m256i));
+                *acc = _mm512_fmadd_ps(wm, _mm512_set1_ps(da * sum as f32), *acc);
+            }
         }
     }
     for (i, acc) in acc.iter().enumerate() {
@@ -542,7 +602,7 @@ mod tests {
     use super::*;
     use crate::testutil::Rng;
 
-    const FORMATS: [BlockFormat; 2] = [BlockFormat::Q8_0, BlockFormat::Q4_0];
+    const FORMATS: [BlockFormat; 3] = [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1];
 
     /// Row-major blocks of `format` for random weights, and the weights they decode to.
     fn random_blocks(
@@ -554,13 +614,27 @@ mod tests {
         let mut rng = Rng::new(seed);
         let mut blocks = Vec::new();
         let mut deq = Vec::new();
-        let qmax = if format == BlockFormat::Q8_0 {
-            127.0
-        } else {
-            7.0
-        };
         for _ in 0..rows * cols / QK {
             let xs: Vec<f32> = (0..QK).map(|_| rng.uniform() * 0.5).collect();
+            if format == BlockFormat::Q4_1 {
+                let lo = xs.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let (d, m) = (f16::from_f32((hi - lo) / 15.0), f16::from_f32(lo));
+                blocks.extend_from_slice(&d.to_le_bytes());
+                blocks.extend_from_slice(&m.to_le_bytes());
+                let q: Vec<u8> = xs
+                    .iter()
+                    .map(|v| ((v - m.to_f32()) / d.to_f32()).round().clamp(0.0, 15.0) as u8)
+                    .collect();
+                blocks.extend((0..QK / 2).map(|i| q[i] | (q[i + 16] << 4)));
+                deq.extend(q.iter().map(|&v| v as f32 * d.to_f32() + m.to_f32()));
+                continue;
+            }
+            let qmax = if format == BlockFormat::Q8_0 {
+                127.0
+            } else {
+                7.0
+            };
             let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
             let d = f16::from_f32(amax / qmax);
             blocks.extend_from_slice(&d.to_le_bytes());
@@ -569,10 +643,10 @@ mod tests {
                 .map(|v| (v / d.to_f32()).round().clamp(-qmax - 1.0, qmax) as i8)
                 .collect();
             match format {
-                BlockFormat::Q8_0 => blocks.extend(q.iter().map(|&v| v as u8)),
                 BlockFormat::Q4_0 => blocks.extend(
                     (0..QK / 2).map(|i| ((q[i] + 8) as u8) | (((q[i + 16] + 8) as u8) << 4)),
                 ),
+                _ => blocks.extend(q.iter().map(|&v| v as u8)),
             }
             deq.extend(q.iter().map(|&v| v as f32 * d.to_f32()));
         }
@@ -660,7 +734,7 @@ mod tests {
                 let reference = matmul_reference(&qa, m, &w);
                 for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
                     assert!(
-                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        (a - b).abs() <= 2e-4 * (1.0 + b.abs()),
                         "{format:?} ({m},{n},{k}) at {i}: {a} vs {b}"
                     );
                 }
