@@ -441,13 +441,9 @@ impl Attention {
         meta: &PagedMetadata,
         cache: &mut PagedKvCache,
     ) -> Result<Tensor> {
-        let t = x.dim(0)?;
         let (q, k, v) = self.qkv(x, cos, sin)?;
-        let flat = |a: &Tensor| -> candle_core::Result<Vec<f32>> {
-            a.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
-        };
-        let out = cache.write_and_attend(layer_idx, &flat(&q)?, &flat(&k)?, &flat(&v)?, meta)?;
-        let o = Tensor::from_vec(out, (t, self.num_heads * self.head_dim), x.device())?
+        let o = cache
+            .write_and_attend_tensors(layer_idx, &q, &k, &v, meta)?
             .to_dtype(x.dtype())?;
         Ok(self.project_out(&o)?)
     }
@@ -474,7 +470,8 @@ impl Attention {
                 &v.narrow(0, start, qlen)?,
             )?;
             let q_s = q.narrow(0, start, qlen)?;
-            outs.push(if qlen == 1 {
+            // The direct decode loop reads host memory; a GPU takes the general path.
+            outs.push(if qlen == 1 && q_s.device().is_cpu() {
                 attend_one_query(&q_s, &k_all, &v_all)?
             } else {
                 self.attend(&q_s, &k_all, &v_all, pass.masks[s].as_ref())?

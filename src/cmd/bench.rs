@@ -114,6 +114,8 @@ pub struct BenchArgs {
     pub format: BenchFormat,
     #[command(flatten)]
     pub parallel: super::ParallelArgs,
+    #[command(flatten)]
+    pub runtime: super::RuntimeArgs,
 }
 
 /// What each run's engine is built from: the loaded model, or the parts every rank of
@@ -122,7 +124,9 @@ enum Source {
     Single(Model),
     Parallel {
         shape: llmem_planner::ModelShape,
-        dir: std::path::PathBuf,
+        /// The model directory, or `None` for seeded random weights.
+        dir: Option<std::path::PathBuf>,
+        seed: u64,
         dtype: candle_core::DType,
         spec: ParallelSpec,
     },
@@ -135,10 +139,14 @@ impl Source {
             Source::Parallel {
                 shape,
                 dir,
+                seed,
                 dtype,
                 spec,
             } => {
-                let weights = llmem_engine::loader::WeightFiles::open_dir(dir)?;
+                let weights = match dir {
+                    Some(dir) => llmem_engine::loader::WeightFiles::open_dir(dir)?,
+                    None => llmem_engine::loader::WeightFiles::random(*seed),
+                };
                 Engine::new_parallel(shape, weights, *dtype, *spec, config)?
             }
         })
@@ -244,12 +252,30 @@ fn run_one(
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let kv_dtype = KvDtype::parse(&args.kv_dtype)?;
-    // With --memory-utilization: the fraction and the physical memory it applies to.
-    let utilization = match args.memory_utilization {
-        Some(f) => Some((f, super::physical_memory_bytes()?)),
-        None => None,
-    };
     let parallel = args.parallel.is_parallel();
+    let spec = llmem_engine::device::DeviceSpec::parse(&args.runtime.device)?;
+    if parallel && spec.is_cuda() {
+        anyhow::bail!(
+            "--tp/--pp run on CPU rank threads; on CUDA they are not wired yet \
+             (NcclComm compiles but no runner uses it)"
+        );
+    }
+    let opened = args.runtime.open_device()?;
+    let on_gpu = opened.after.is_some();
+    // With --memory-utilization: the fraction and the memory it applies to, physical
+    // memory on the CPU, the device's total on a GPU (as vLLM's gpu_memory_utilization).
+    let utilization = match (args.memory_utilization, opened.after) {
+        (Some(f), Some(mem)) => Some((f, mem.total_bytes)),
+        (Some(f), None) => Some((f, super::physical_memory_bytes()?)),
+        (None, _) => None,
+    };
+    // On a GPU the runtime overhead defaults to the CUDA context + libraries measured
+    // at start-up.
+    let runtime_overhead = if on_gpu && args.runtime_overhead == 0 {
+        opened.context_bytes()
+    } else {
+        args.runtime_overhead
+    };
     if parallel && (args.memory_budget.is_some() || utilization.is_some()) {
         anyhow::bail!(
             "--memory-budget and --memory-utilization size one model's cache; with --tp/--pp > 1 \
@@ -257,14 +283,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
              heads) or leave it out"
         );
     }
-    let loaded = super::generate::load(&args.model, args.dtype)?;
-    let model = &loaded.model;
+    let (model, label, dir) = load_model(&args, &opened.device)?;
+    let model = &model;
     let source = if parallel {
         let shape = model.shape().clone();
         let spec = args.parallel.spec(&shape)?;
         Source::Parallel {
             shape,
-            dir: loaded.dir.clone(),
+            dir: dir.clone(),
+            seed: args.seed,
             dtype: args.dtype.dense()?,
             spec,
         }
@@ -298,10 +325,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let (num_blocks, report) = sizing
-        .resolve(model, &config, args.runtime_overhead)
+        .resolve(model, &config, runtime_overhead)
         .context("sizing the KV cache")?;
     config.num_blocks = num_blocks;
     let mut startup = startup_text(report.as_ref(), utilization, &config, model);
+    if on_gpu {
+        startup = format!("{}\n{startup}", device_text(&opened));
+    }
     if parallel {
         // One engine just for the report: the per-rank bytes do not depend on the run.
         let engine = source.engine(EngineConfig {
@@ -335,6 +365,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let mut runs = Vec::new();
+    let mut ledgers = Vec::new();
     for &c in &args.concurrency {
         let c = c as usize;
         for &kv_layout in &layouts {
@@ -343,12 +374,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 kv_layout,
                 ..config
             };
-            let run = run_one(&source, run_config, &prompts[..c], gen).with_context(|| {
+            let mut run = run_one(&source, run_config, &prompts[..c], gen).with_context(|| {
                 format!(
                     "benchmark run at concurrency {c}, {} layout",
                     kv_layout.name()
                 )
             })?;
+            if on_gpu {
+                let ledger = gpu_ledger(&opened, model, &run_config, c, prompt_len + gen);
+                run["device_memory"] = ledger.json();
+                ledgers.push((c, ledger));
+            }
             if args.format == BenchFormat::Text {
                 println!(
                     "concurrency {:>3} {:<10}: {:>8.1} tok/s  ttft p50 {:>8.1} ms p99 {:>8.1} ms  \
@@ -382,6 +418,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             runs.push(run);
         }
     }
+    if args.format == BenchFormat::Text {
+        for (c, ledger) in &ledgers {
+            println!(
+                "device memory after the concurrency {c} run:\n{}",
+                ledger.text()
+            );
+        }
+    }
     if args.format == BenchFormat::Json {
         let budget = report.map(|r| {
             json!({
@@ -401,7 +445,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             })
         });
         let out = json!({
-            "model": loaded.dir.display().to_string(),
+            "model": label,
+            "random_weights": args.runtime.random_weights.is_some(),
+            "device": opened.device_label(),
             "dtype": args.dtype.name(),
             "kv_dtype": kv_dtype.name(),
             "block_size": block_size,
@@ -419,6 +465,160 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(())
+}
+
+/// The device line of a GPU run: name, total memory, what others used before us, and
+/// the measured CUDA context + libraries.
+fn device_text(d: &llmem_engine::device::OpenedDevice) -> String {
+    use llmem_planner::human_bytes as h;
+    let (Some(before), Some(after)) = (d.before, d.after) else {
+        return "device: cpu".to_string();
+    };
+    format!(
+        "device: {}, {} total, {} in use before llmem (other processes), CUDA context + \
+         cuBLAS measured at start-up: {} (runtime overhead of the budget)",
+        d.device_label(),
+        h(after.total_bytes),
+        h(before.used_bytes()),
+        h(d.context_bytes()),
+    )
+}
+
+/// Device memory by component after a run: the driver's `used` beside the engine's
+/// own accounting, the rest unaccounted.
+struct GpuLedger {
+    device_used_bytes: u64,
+    device_total_bytes: u64,
+    others_bytes: u64,
+    context_bytes: u64,
+    weights_bytes: u64,
+    kv_cache_bytes: u64,
+    /// The engine's activation estimate of the largest pass (not a measured peak:
+    /// allocations are freed at the end of every step).
+    activation_bytes: u64,
+    planned: Option<llmem_engine::engine::PlannedTerms>,
+}
+
+impl GpuLedger {
+    fn accounted(&self) -> u64 {
+        self.others_bytes + self.context_bytes + self.weights_bytes + self.kv_cache_bytes
+    }
+
+    /// used - (others + context + weights + KV); activations are transient, so they are
+    /// shown but not subtracted from a between-steps reading.
+    fn unaccounted(&self) -> i128 {
+        self.device_used_bytes as i128 - self.accounted() as i128
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "device_used_bytes": self.device_used_bytes,
+            "device_total_bytes": self.device_total_bytes,
+            "other_processes_bytes": self.others_bytes,
+            "cuda_context_bytes": self.context_bytes,
+            "weights_bytes": self.weights_bytes,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "activation_estimate_bytes": self.activation_bytes,
+            "unaccounted_bytes": self.unaccounted(),
+            "planned": self.planned.as_ref().map(|p| json!({
+                "weights_bytes": p.weights_bytes,
+                "activation_bytes": p.activation_bytes,
+                "kv_cache_bytes": p.kv_cache_bytes,
+                "kv_bytes_per_token": p.kv_bytes_per_token,
+            })),
+        })
+    }
+
+    fn text(&self) -> String {
+        use llmem_planner::human_bytes as h;
+        let planned = |v: Option<u64>| v.map_or("-".to_string(), h);
+        let p = self.planned.as_ref();
+        let unaccounted = self.unaccounted();
+        format!(
+            "  component            measured/engine      planner\n\
+             \x20 other processes      {:>12}\n\
+             \x20 CUDA context+libs    {:>12}\n\
+             \x20 weights              {:>12}  {:>12}\n\
+             \x20 KV cache             {:>12}  {:>12} (demand of the run)\n\
+             \x20 activations (est.)   {:>12}  {:>12}\n\
+             \x20 unaccounted          {:>12}\n\
+             \x20 device used/total    {:>12} / {}",
+            h(self.others_bytes),
+            h(self.context_bytes),
+            h(self.weights_bytes),
+            planned(p.map(|p| p.weights_bytes)),
+            h(self.kv_cache_bytes),
+            planned(p.map(|p| p.kv_cache_bytes)),
+            h(self.activation_bytes),
+            planned(p.map(|p| p.activation_bytes)),
+            if unaccounted < 0 {
+                format!("-{}", h(unaccounted.unsigned_abs() as u64))
+            } else {
+                h(unaccounted as u64)
+            },
+            h(self.device_used_bytes),
+            h(self.device_total_bytes),
+        )
+    }
+}
+
+/// Read the driver after a run and set it beside the engine's figures.
+fn gpu_ledger(
+    d: &llmem_engine::device::OpenedDevice,
+    model: &Model,
+    config: &EngineConfig,
+    concurrency: usize,
+    seq_len: usize,
+) -> GpuLedger {
+    let now = llmem_engine::device::device_memory(&d.device);
+    let kv = config.num_blocks as u64
+        * llmem_engine::kv_cache::block_bytes(model.shape(), config.block_size, config.kv_dtype);
+    let pass = config.max_batched_tokens.min(concurrency * seq_len).max(1);
+    let total = now.map_or(0, |m| m.total_bytes);
+    let planned = llmem_engine::engine::planned_terms(model, config, total, d.context_bytes()).ok();
+    GpuLedger {
+        device_used_bytes: now.map_or(0, |m| m.used_bytes()),
+        device_total_bytes: now.map_or(0, |m| m.total_bytes),
+        others_bytes: d.before.map_or(0, |m| m.used_bytes()),
+        context_bytes: d.context_bytes(),
+        weights_bytes: model.weights_bytes(),
+        kv_cache_bytes: kv,
+        activation_bytes: model.paged_activation_peak_bytes(pass, concurrency),
+        planned,
+    }
+}
+
+/// The model of `--model`, or of `--random-weights` (seeded by `--seed`), on `device`;
+/// with its label for the report and its directory (`None` for random weights).
+fn load_model(
+    args: &BenchArgs,
+    device: &candle_core::Device,
+) -> anyhow::Result<(Model, String, Option<std::path::PathBuf>)> {
+    match args.runtime.random_shape()? {
+        Some(shape) => {
+            let start = Instant::now();
+            let fmt = llmem_engine::quant::WeightFormat {
+                precision: args.dtype.precision(),
+                keep_embeddings: false,
+            };
+            let weights = llmem_engine::loader::WeightFiles::random(args.seed);
+            let model = Model::load_with(&shape, &weights, &fmt, device)
+                .with_context(|| format!("building random weights of {}", shape.name))?;
+            eprintln!(
+                "random weights: {} ({} in {:.1} s, seed {})",
+                shape.name,
+                llmem_planner::human_bytes(model.weights_bytes()),
+                start.elapsed().as_secs_f64(),
+                args.seed
+            );
+            Ok((model, format!("random:{}", shape.name), None))
+        }
+        None => {
+            let loaded = super::generate::load_on(&args.model, args.dtype, false, device)?;
+            let label = loaded.dir.display().to_string();
+            Ok((loaded.model, label, Some(loaded.dir)))
+        }
+    }
 }
 
 /// The start-up budget: the planner's terms for a budget, or the block count given.

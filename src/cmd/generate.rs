@@ -126,6 +126,8 @@ pub struct GenerateArgs {
     pub ignore_eos: bool,
     #[command(flatten)]
     pub parallel: super::ParallelArgs,
+    #[command(flatten)]
+    pub runtime: super::RuntimeArgs,
 }
 
 /// What `run` needs loaded: the model, its tokenizer and engine settings.
@@ -145,14 +147,23 @@ pub fn load(model: &str, dtype: DtypeArg) -> anyhow::Result<Loaded> {
 /// [`load`] with the embedding and LM head kept at f16 when `keep_embeddings`. Matrices
 /// that fall back to another format are reported on stderr, one line per kind.
 pub fn load_with(model: &str, dtype: DtypeArg, keep_embeddings: bool) -> anyhow::Result<Loaded> {
+    load_on(model, dtype, keep_embeddings, &candle_core::Device::Cpu)
+}
+
+/// [`load_with`] on `device`.
+pub fn load_on(
+    model: &str,
+    dtype: DtypeArg,
+    keep_embeddings: bool,
+    device: &candle_core::Device,
+) -> anyhow::Result<Loaded> {
     let dir = llmem_engine::hub::resolve_model(model)?;
     let start = Instant::now();
-    let device = candle_core::Device::Cpu;
     let fmt = WeightFormat {
         precision: dtype.precision(),
         keep_embeddings,
     };
-    let model = Model::load_dir_with(&dir, &fmt, &device)
+    let model = Model::load_dir_with(&dir, &fmt, device)
         .with_context(|| format!("loading model {}", dir.display()))?;
     for note in fallback_notes(model.shape(), &fmt) {
         eprintln!("note: {note}");
@@ -169,10 +180,24 @@ pub fn load_with(model: &str, dtype: DtypeArg, keep_embeddings: bool) -> anyhow:
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    if args.runtime.random_weights.is_some() {
+        anyhow::bail!(
+            "--random-weights has no tokenizer, and generate needs one for its text prompt; \
+             use `llmem bench --random-weights ...` (random token ids) instead"
+        );
+    }
+    let spec = llmem_engine::device::DeviceSpec::parse(&args.runtime.device)?;
     if args.parallel.is_parallel() {
+        if spec.is_cuda() {
+            anyhow::bail!(
+                "--tp/--pp run on CPU rank threads; on CUDA they are not wired yet \
+                 (NcclComm compiles but no runner uses it)"
+            );
+        }
         return run_parallel(args);
     }
-    let loaded = load_with(&args.model, args.dtype, args.keep_embeddings)?;
+    let device = args.runtime.open_device()?.device;
+    let loaded = load_on(&args.model, args.dtype, args.keep_embeddings, &device)?;
     let (prompt, add_special) = prompt_text(&args, &loaded.dir, &loaded.config)?;
     let encoding = loaded
         .tokenizer
