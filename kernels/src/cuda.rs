@@ -226,14 +226,189 @@ pub fn paged_attention_cuda<T: CudaCacheElem>(
     Ok(())
 }
 
+/// The comparison the tests and `llmem gpu-check` run: random K/V written into random
+/// slots of a cache on both devices, then decode and causal-prefill queries attended
+/// over it, for f32, f16 and bf16 caches and several head sizes. Cache bytes must match
+/// exactly; outputs within a per-dtype tolerance (both sides compute in f32 on the same
+/// stored values, so only summation order and `exp` differ). One line per case; an error
+/// names the first case out of tolerance.
+pub fn self_test(dev: &CudaDevice) -> Result<Vec<String>, KernelError> {
+    let mut lines = Vec::new();
+    for (head_dim, block_size) in [(64, 16), (128, 16), (80, 32), (256, 8)] {
+        lines.push(compare::<f32>(dev, 2e-5, head_dim, block_size)?);
+        lines.push(compare::<f16>(dev, 5e-5, head_dim, block_size)?);
+        lines.push(compare::<bf16>(dev, 5e-5, head_dim, block_size)?);
+    }
+    Ok(lines)
+}
+
+/// xorshift64*: deterministic inputs for [`self_test`].
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn upload<T: DeviceRepr>(dev: &CudaDevice, v: &[T]) -> Result<CudaSlice<T>, KernelError> {
+    dev.cuda_stream()
+        .clone_htod(v)
+        .map_err(|e| driver_err("copying to the device", e))
+}
+
+fn download<T: DeviceRepr + Default + Clone>(
+    dev: &CudaDevice,
+    s: &CudaSlice<T>,
+) -> Result<Vec<T>, KernelError> {
+    dev.cuda_stream()
+        .clone_dtoh(s)
+        .map_err(|e| driver_err("copying from the device", e))
+}
+
+fn compare<T: CudaCacheElem + PartialEq>(
+    dev: &CudaDevice,
+    tol: f32,
+    head_dim: usize,
+    block_size: usize,
+) -> Result<String, KernelError> {
+    use crate::{paged_attention, reshape_and_cache};
+    let shape = CacheShape {
+        num_blocks: 64,
+        block_size,
+        kv_heads: 2,
+        head_dim,
+    };
+    let num_heads = 6;
+    let mut rng = Rng((head_dim as u64 * 131 + block_size as u64) | 1);
+    // Three sequences: one token, a block and a bit, five blocks less one.
+    let seq_lens = [1, block_size + 3, 5 * block_size - 1];
+    let max_blocks = 5;
+    let mut free: Vec<u32> = (0..shape.num_blocks as u32).collect();
+    for i in (1..free.len()).rev() {
+        free.swap(i, rng.below(i + 1));
+    }
+    let mut tables = vec![0u32; seq_lens.len() * max_blocks];
+    let mut slot_mapping = Vec::new();
+    for (s, &len) in seq_lens.iter().enumerate() {
+        for b in 0..len.div_ceil(block_size) {
+            tables[s * max_blocks + b] = free.pop().unwrap_or(0);
+        }
+        for t in 0..len {
+            let block = tables[s * max_blocks + t / block_size] as usize;
+            slot_mapping.push(Some(block * block_size + t % block_size));
+        }
+    }
+    // A padded token: its slot stays zero in both caches.
+    slot_mapping[2] = None;
+    let tokens = slot_mapping.len();
+    let n = shape.token_elems();
+    let key: Vec<f32> = (0..tokens * n).map(|_| rng.uniform()).collect();
+    let value: Vec<f32> = (0..tokens * n).map(|_| rng.uniform()).collect();
+
+    let mut kc = vec![T::default(); shape.elems()];
+    let mut vc = vec![T::default(); shape.elems()];
+    reshape_and_cache(&key, &value, &mut kc, &mut vc, &slot_mapping, shape)?;
+    let (dk, dv) = (upload(dev, &key)?, upload(dev, &value)?);
+    let mut dkc = upload(dev, &vec![T::default(); shape.elems()])?;
+    let mut dvc = upload(dev, &vec![T::default(); shape.elems()])?;
+    reshape_and_cache_cuda(
+        dev,
+        &dk.slice(..),
+        &dv.slice(..),
+        &mut dkc,
+        &mut dvc,
+        &slot_mapping,
+        shape,
+    )?;
+    let case = format!("{} head_dim {head_dim} block_size {block_size}", T::NAME);
+    if download(dev, &dkc)? != kc || download(dev, &dvc)? != vc {
+        return Err(KernelError::Invalid(format!(
+            "reshape_and_cache {case}: the CUDA cache differs from the CPU cache"
+        )));
+    }
+
+    // Sequence 0 decodes; 1 prefills causally; 2 decodes at its end.
+    let mut query_seq = vec![0u32];
+    let mut context_lens = vec![1u32];
+    for t in 0..seq_lens[1] {
+        query_seq.push(1);
+        context_lens.push(t as u32 + 1);
+    }
+    query_seq.push(2);
+    context_lens.push(seq_lens[2] as u32);
+    let p = AttentionParams {
+        num_heads,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+        cache: shape,
+        max_blocks_per_seq: max_blocks,
+    };
+    let q: Vec<f32> = (0..query_seq.len() * num_heads * head_dim)
+        .map(|_| rng.uniform())
+        .collect();
+    let mut out = vec![0f32; q.len()];
+    paged_attention(
+        &mut out,
+        &q,
+        &kc,
+        &vc,
+        &tables,
+        &query_seq,
+        &context_lens,
+        &p,
+    )?;
+    let dq = upload(dev, &q)?;
+    let mut dout = upload(dev, &vec![0f32; q.len()])?;
+    paged_attention_cuda(
+        dev,
+        &mut dout,
+        &dq.slice(..),
+        &dkc,
+        &dvc,
+        &tables,
+        &query_seq,
+        &context_lens,
+        &p,
+    )?;
+    let got = download(dev, &dout)?;
+    let worst = out
+        .iter()
+        .zip(&got)
+        .map(|(a, b)| (a - b).abs())
+        .fold(
+            0f32,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        );
+    if worst > tol {
+        return Err(KernelError::Invalid(format!(
+            "paged_attention {case}: max |cpu - cuda| = {worst:e} > {tol:e}"
+        )));
+    }
+    Ok(format!(
+        "ok: reshape_and_cache + paged_attention {case}: cache bytes equal, max |cpu - cuda| = {worst:.2e} (tolerance {tol:.0e})"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
-    //! Each CUDA kernel against its CPU twin on random inputs, for f32, f16 and bf16.
-    //! Without a CUDA device the tests print why and pass (they run on the GPU machine,
-    //! scripts/gpu-check.sh); the NVRTC compile needs no device and always runs.
+    //! The CUDA kernels against their CPU twins ([`self_test`]). Without a CUDA device
+    //! the tests print why and pass (they run on the GPU machine: `llmem gpu-check` runs
+    //! the same comparison); the NVRTC compile needs no device and always runs.
     use super::*;
-    use crate::testutil::Rng;
-    use crate::{paged_attention, reshape_and_cache};
 
     fn device() -> Option<CudaDevice> {
         match candle_core::Device::new_cuda(0) {
@@ -260,150 +435,11 @@ mod tests {
         }
     }
 
-    fn upload<T: DeviceRepr>(dev: &CudaDevice, v: &[T]) -> CudaSlice<T> {
-        dev.cuda_stream().clone_htod(v).unwrap()
-    }
-
-    fn download<T: DeviceRepr + Default + Clone>(dev: &CudaDevice, s: &CudaSlice<T>) -> Vec<T> {
-        dev.cuda_stream().clone_dtoh(s).unwrap()
-    }
-
-    /// Write random K/V into random slots of a cache on both devices, then attend a mix
-    /// of decode and prefill queries over it; compare cache bytes exactly and outputs
-    /// within `tol` (relative to the output's scale).
-    fn compare<T: CudaCacheElem + PartialEq + std::fmt::Debug>(
-        dev: &CudaDevice,
-        tol: f32,
-        head_dim: usize,
-        block_size: usize,
-    ) {
-        let shape = CacheShape {
-            num_blocks: 64,
-            block_size,
-            kv_heads: 2,
-            head_dim,
-        };
-        let num_heads = 6;
-        let mut rng = Rng::new((head_dim * 131 + block_size) as u64);
-        // Three sequences of lengths 1, block_size + 3, 5 * block_size - 1.
-        let seq_lens = [1, block_size + 3, 5 * block_size - 1];
-        let max_blocks = seq_lens
-            .iter()
-            .map(|l| l.div_ceil(block_size))
-            .max()
-            .unwrap();
-        let mut free: Vec<u32> = (0..shape.num_blocks as u32).collect();
-        for i in (1..free.len()).rev() {
-            free.swap(i, rng.below(i + 1));
-        }
-        let mut tables = vec![0u32; seq_lens.len() * max_blocks];
-        let mut slot_mapping = Vec::new();
-        for (s, &len) in seq_lens.iter().enumerate() {
-            for b in 0..len.div_ceil(block_size) {
-                tables[s * max_blocks + b] = free.pop().unwrap();
-            }
-            for t in 0..len {
-                let block = tables[s * max_blocks + t / block_size] as usize;
-                slot_mapping.push(Some(block * block_size + t % block_size));
-            }
-        }
-        slot_mapping[2] = None; // a padded token
-        let tokens = slot_mapping.len();
-        let n = shape.token_elems();
-        let key: Vec<f32> = (0..tokens * n).map(|_| rng.uniform()).collect();
-        let value: Vec<f32> = (0..tokens * n).map(|_| rng.uniform()).collect();
-
-        let mut kc = vec![T::default(); shape.elems()];
-        let mut vc = vec![T::default(); shape.elems()];
-        reshape_and_cache(&key, &value, &mut kc, &mut vc, &slot_mapping, shape).unwrap();
-        let (dk, dv) = (upload(dev, &key), upload(dev, &value));
-        let mut dkc = upload(dev, &vec![T::default(); shape.elems()]);
-        let mut dvc = upload(dev, &vec![T::default(); shape.elems()]);
-        reshape_and_cache_cuda(
-            dev,
-            &dk.slice(..),
-            &dv.slice(..),
-            &mut dkc,
-            &mut dvc,
-            &slot_mapping,
-            shape,
-        )
-        .unwrap();
-        assert_eq!(download(dev, &dkc), kc, "{} key cache", T::NAME);
-        assert_eq!(download(dev, &dvc), vc, "{} value cache", T::NAME);
-
-        // Queries: sequence 0 decodes; 1 prefills causally; 2 decodes at its end.
-        let mut query_seq = vec![0u32];
-        let mut context_lens = vec![1u32];
-        for t in 0..seq_lens[1] {
-            query_seq.push(1);
-            context_lens.push(t as u32 + 1);
-        }
-        query_seq.push(2);
-        context_lens.push(seq_lens[2] as u32);
-        // The padded token's slot stays zero in both caches, inside a context alike.
-        let queries = query_seq.len();
-        let p = AttentionParams {
-            num_heads,
-            scale: 1.0 / (head_dim as f32).sqrt(),
-            cache: shape,
-            max_blocks_per_seq: max_blocks,
-        };
-        let q: Vec<f32> = (0..queries * num_heads * head_dim)
-            .map(|_| rng.uniform())
-            .collect();
-        let mut out = vec![0f32; q.len()];
-        paged_attention(
-            &mut out,
-            &q,
-            &kc,
-            &vc,
-            &tables,
-            &query_seq,
-            &context_lens,
-            &p,
-        )
-        .unwrap();
-        let dq = upload(dev, &q);
-        let mut dout = upload(dev, &vec![0f32; q.len()]);
-        paged_attention_cuda(
-            dev,
-            &mut dout,
-            &dq.slice(..),
-            &dkc,
-            &dvc,
-            &tables,
-            &query_seq,
-            &context_lens,
-            &p,
-        )
-        .unwrap();
-        let got = download(dev, &dout);
-        let worst = out
-            .iter()
-            .zip(&got)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(
-            worst <= tol,
-            "{} head_dim {head_dim} block_size {block_size}: max |cpu - cuda| = {worst} > {tol}",
-            T::NAME
-        );
-        eprintln!(
-            "paged_attention {} head_dim {head_dim} block_size {block_size}: max |cpu - cuda| = {worst:.2e} (tolerance {tol:.0e})",
-            T::NAME
-        );
-    }
-
     #[test]
     fn cuda_kernels_match_the_cpu_kernels() {
         let Some(dev) = device() else { return };
-        for (head_dim, block_size) in [(64, 16), (128, 16), (80, 32), (256, 8)] {
-            // The caches hold the same rounded values on both sides, so only summation
-            // order differs: tolerances are f32-sized for every cache dtype.
-            compare::<f32>(&dev, 2e-5, head_dim, block_size);
-            compare::<f16>(&dev, 5e-5, head_dim, block_size);
-            compare::<bf16>(&dev, 5e-5, head_dim, block_size);
+        for line in self_test(&dev).unwrap() {
+            eprintln!("{line}");
         }
     }
 
@@ -416,9 +452,12 @@ mod tests {
             kv_heads: 1,
             head_dim: 2,
         };
-        let (k, v) = (upload(&dev, &[0f32; 2]), upload(&dev, &[0f32; 2]));
-        let mut kc = upload(&dev, &[0f32; 16]);
-        let mut vc = upload(&dev, &[0f32; 16]);
+        let (k, v) = (
+            upload(&dev, &[0f32; 2]).unwrap(),
+            upload(&dev, &[0f32; 2]).unwrap(),
+        );
+        let mut kc = upload(&dev, &[0f32; 16]).unwrap();
+        let mut vc = upload(&dev, &[0f32; 16]).unwrap();
         let err = reshape_and_cache_cuda(
             &dev,
             &k.slice(..),
@@ -436,8 +475,8 @@ mod tests {
             cache: shape,
             max_blocks_per_seq: 1,
         };
-        let q = upload(&dev, &[0f32; 2]);
-        let mut out = upload(&dev, &[0f32; 2]);
+        let q = upload(&dev, &[0f32; 2]).unwrap();
+        let mut out = upload(&dev, &[0f32; 2]).unwrap();
         let err =
             paged_attention_cuda(&dev, &mut out, &q.slice(..), &kc, &vc, &[5], &[0], &[1], &p)
                 .unwrap_err();

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod generate;
+pub mod gpucheck;
 pub mod import;
 pub mod inspect;
 pub mod perplexity;
