@@ -18,6 +18,8 @@
 #    first on LD_LIBRARY_PATH.
 # 4. CUDA_ROOT/CUDA_HOME/CUDA_PATH, PATH and CUDA_COMPUTE_CAP=90 (H100/H200), then the build,
 #    into CARGO_TARGET_DIR (default ~/.cache/llmem/cuda-target, outside the repo).
+# 5. a stripped copy (must stay under 64 MiB), xz-compressed into cuda-bin/llmem.xz
+#    (git-ignored) for the GPU machine.
 #
 # The binary needs at run time: libcuda.so.1 (the driver), libcudart.so.13, libcublas(Lt).so.13,
 # libcurand.so.10, libnvrtc.so.13, libnccl.so.2. A PyTorch cu130 env has them all under
@@ -120,9 +122,18 @@ nvcc --version | tail -n 2
 start=$(date +%s)
 cargo build --release --features cuda "$@"
 bin="$CARGO_TARGET_DIR/release/llmem"
-size=$(stat -c %s "$bin")
-echo "build-cuda: built $bin ($((size / 1024 / 1024)) MiB) in $(($(date +%s) - start)) s" >&2
+echo "build-cuda: built $bin ($(($(stat -c %s "$bin") / 1024 / 1024)) MiB with line tables) in $(($(date +%s) - start)) s" >&2
+# What travels to the GPU machine: the stripped binary (under 64 MiB, the limit of one
+# call's transfer), xz-compressed into the git-ignored cuda-bin/ (scripts/gpu-check.sh
+# unpacks it there).
+stripped="$CARGO_TARGET_DIR/release/llmem-stripped"
+strip -o "$stripped" "$bin"
+size=$(stat -c %s "$stripped")
+echo "build-cuda: stripped: $stripped ($size bytes, $((size / 1024 / 1024)) MiB)" >&2
 if [ "$size" -ge $((64 * 1024 * 1024)) ]; then
-    echo "build-cuda: the binary is over 64 MiB, too large to carry to the GPU machine" >&2
+    echo "build-cuda: the stripped binary is over 64 MiB, too large to carry to the GPU machine" >&2
     exit 1
 fi
+mkdir -p cuda-bin
+xz -T0 -6 -c "$stripped" >cuda-bin/llmem.xz.tmp && mv cuda-bin/llmem.xz.tmp cuda-bin/llmem.xz
+echo "build-cuda: carry cuda-bin/ ($(($(stat -c %s cuda-bin/llmem.xz) / 1024 / 1024)) MiB): see docs/gpu.md" >&2

@@ -4,7 +4,7 @@
 # scripts/build-cuda.sh and carried along; finds the CUDA libraries of the machine's
 # PyTorch (cu130) and the driver under /usr/local/nvidia. Budget: under 8 minutes.
 #
-#   scripts/gpu-check.sh [BINARY]        # default: cuda-bin/llmem
+#   scripts/gpu-check.sh [BINARY]        # default: cuda-bin/llmem (or cuda-bin/llmem.xz)
 #
 # Steps (each prints everything; a failed step does not stop the next):
 #   1. machine, driver, libraries (ls of each directory), ldd of the binary
@@ -28,6 +28,12 @@ step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 step "1. machine"
 uname -a
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv || true
+# scripts/build-cuda.sh leaves the binary xz-compressed (cuda-bin/llmem.xz).
+if [ ! -e "$bin" ] && [ -e "$bin.xz" ]; then
+    mkdir -p /tmp/llmem-gpu
+    xz -dc "$bin.xz" >/tmp/llmem-gpu/llmem && chmod +x /tmp/llmem-gpu/llmem
+    bin=/tmp/llmem-gpu/llmem
+fi
 if [ ! -x "$bin" ]; then
     echo "FAIL: no executable $bin (build it with scripts/build-cuda.sh and carry it)"
     ls -la "$(dirname "$bin")" || true
@@ -37,8 +43,8 @@ ls -la "$bin"
 
 # The driver's libcuda.so.1, then PyTorch's CUDA 13 libraries (cudart, cuBLAS, cuRAND,
 # NVRTC) and NCCL.
-driver_dir=""
-for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64; do
+driver_dir="${LLMEM_CUDA_DRIVER_DIR:-}"   # an override, e.g. to try the script against a stub
+[ -n "$driver_dir" ] || for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64; do
     if [ -e "$d/libcuda.so.1" ]; then driver_dir="$d"; break; fi
 done
 if [ -z "$driver_dir" ]; then

@@ -28,9 +28,9 @@ pub struct AttentionParams {
 
 /// Inputs that do not change per query, checked once.
 pub(crate) struct Checked<'a> {
-    block_tables: &'a [u32],
-    query_seq: &'a [u32],
-    context_lens: &'a [u32],
+    pub block_tables: &'a [u32],
+    pub query_seq: &'a [u32],
+    pub context_lens: &'a [u32],
 }
 
 /// Element counts of the tensors a paged-attention call reads and writes (the CPU kernel

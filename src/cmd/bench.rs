@@ -172,12 +172,15 @@ fn random_prompts(count: usize, len: usize, vocab: u64, seed: u64) -> Vec<Vec<u3
 }
 
 /// One run: `prompts.len()` requests at once through a fresh engine.
+/// Returns the run's JSON and, on a GPU, the driver's memory reading at the end of the
+/// run, while its engine (weights, KV cache) is still alive.
 fn run_one(
     source: &Source,
     config: EngineConfig,
     prompts: &[Vec<u32>],
     gen_tokens: usize,
-) -> anyhow::Result<Value> {
+    device: &candle_core::Device,
+) -> anyhow::Result<(Value, Option<llmem_engine::device::DeviceMemory>)> {
     let mut engine = source.engine(config)?;
     let bar = super::live_bar(
         (prompts.len() * gen_tokens) as u64,
@@ -214,6 +217,7 @@ fn run_one(
         bar.set_message(super::memory_line(&s, engine.block_bytes()));
     }
     bar.finish_and_clear();
+    let at_end = llmem_engine::device::device_memory(device);
     let wall_s = start.elapsed().as_secs_f64();
     let s = engine.stats();
     // The busiest rank's time in collectives (waiting for its peers included), as a
@@ -226,28 +230,31 @@ fn run_one(
         .unwrap_or_default();
     let spec = engine.parallel_spec();
     let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
-    Ok(json!({
-        "concurrency": prompts.len(),
-        "kv_layout": config.kv_layout.name(),
-        "generated_tokens": generated,
-        "wall_s": wall_s,
-        "aggregate_tokens_per_s": if wall_s > 0.0 { generated as f64 / wall_s } else { 0.0 },
-        "ttft_ms": { "p50": percentile(&mut ttft_ms, 50.0), "p99": percentile(&mut ttft_ms, 99.0) },
-        "itl_ms": { "p50": percentile(&mut itl_ms, 50.0), "p99": percentile(&mut itl_ms, 99.0) },
-        "steps": s.steps,
-        "peak_running_sequences": s.peak_running,
-        "peak_kv_blocks_used": s.peak_blocks_used,
-        "kv_blocks_total": s.blocks_total,
-        "kv_waste_fraction": ratio(wasted, allocated),
-        "preemptions": s.preemptions,
-        "prefix_cache_hit_rate": ratio(s.prefix_hit_tokens, s.prefix_query_tokens),
-        "tp": spec.tp,
-        "pp": spec.pp,
-        "all_reduce_count": busiest.all_reduce_count,
-        "all_reduce_s": busiest.all_reduce_nanos as f64 * 1e-9,
-        "all_gather_s": busiest.all_gather_nanos as f64 * 1e-9,
-        "comm_share": if wall_s > 0.0 { busiest.total_seconds() / wall_s } else { 0.0 },
-    }))
+    Ok((
+        json!({
+            "concurrency": prompts.len(),
+            "kv_layout": config.kv_layout.name(),
+            "generated_tokens": generated,
+            "wall_s": wall_s,
+            "aggregate_tokens_per_s": if wall_s > 0.0 { generated as f64 / wall_s } else { 0.0 },
+            "ttft_ms": { "p50": percentile(&mut ttft_ms, 50.0), "p99": percentile(&mut ttft_ms, 99.0) },
+            "itl_ms": { "p50": percentile(&mut itl_ms, 50.0), "p99": percentile(&mut itl_ms, 99.0) },
+            "steps": s.steps,
+            "peak_running_sequences": s.peak_running,
+            "peak_kv_blocks_used": s.peak_blocks_used,
+            "kv_blocks_total": s.blocks_total,
+            "kv_waste_fraction": ratio(wasted, allocated),
+            "preemptions": s.preemptions,
+            "prefix_cache_hit_rate": ratio(s.prefix_hit_tokens, s.prefix_query_tokens),
+            "tp": spec.tp,
+            "pp": spec.pp,
+            "all_reduce_count": busiest.all_reduce_count,
+            "all_reduce_s": busiest.all_reduce_nanos as f64 * 1e-9,
+            "all_gather_s": busiest.all_gather_nanos as f64 * 1e-9,
+            "comm_share": if wall_s > 0.0 { busiest.total_seconds() / wall_s } else { 0.0 },
+        }),
+        at_end,
+    ))
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -374,14 +381,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 kv_layout,
                 ..config
             };
-            let mut run = run_one(&source, run_config, &prompts[..c], gen).with_context(|| {
-                format!(
-                    "benchmark run at concurrency {c}, {} layout",
-                    kv_layout.name()
-                )
-            })?;
+            let device = model.device();
+            let (mut run, at_end) = run_one(&source, run_config, &prompts[..c], gen, device)
+                .with_context(|| {
+                    format!(
+                        "benchmark run at concurrency {c}, {} layout",
+                        kv_layout.name()
+                    )
+                })?;
             if on_gpu {
-                let ledger = gpu_ledger(&opened, model, &run_config, c, prompt_len + gen);
+                let ledger = gpu_ledger(&opened, at_end, model, &run_config, c, prompt_len + gen);
                 run["device_memory"] = ledger.json();
                 ledgers.push((c, ledger));
             }
@@ -562,15 +571,15 @@ impl GpuLedger {
     }
 }
 
-/// Read the driver after a run and set it beside the engine's figures.
+/// The driver's reading at the end of a run (engine alive) beside the engine's figures.
 fn gpu_ledger(
     d: &llmem_engine::device::OpenedDevice,
+    now: Option<llmem_engine::device::DeviceMemory>,
     model: &Model,
     config: &EngineConfig,
     concurrency: usize,
     seq_len: usize,
 ) -> GpuLedger {
-    let now = llmem_engine::device::device_memory(&d.device);
     let kv = config.num_blocks as u64
         * llmem_engine::kv_cache::block_bytes(model.shape(), config.block_size, config.kv_dtype);
     let pass = config.max_batched_tokens.min(concurrency * seq_len).max(1);
