@@ -512,9 +512,13 @@ impl Attention {
             .reshape((nkv, group * qlen, hd))?
             .to_dtype(DType::F32)?;
         let q = (q * scale)?;
-        // (ctx, nkv, hd) -> (nkv, ctx, hd), a strided view (the f32 cast copies).
-        let k = k.transpose(0, 1)?.to_dtype(DType::F32)?;
-        let v = v.transpose(0, 1)?.to_dtype(DType::F32)?;
+        // (ctx, nkv, hd) -> (nkv, ctx, hd), a strided view (the f32 cast copies). cuBLAS
+        // takes only packed matrices: on a GPU the views are made contiguous.
+        let mut k = k.transpose(0, 1)?.to_dtype(DType::F32)?;
+        let mut v = v.transpose(0, 1)?.to_dtype(DType::F32)?;
+        if !k.device().is_cpu() {
+            (k, v) = (k.contiguous()?, v.contiguous()?);
+        }
         let mut scores = q.matmul(&k.t()?)?; // (nkv, group * qlen, ctx)
         if let Some(mask) = mask {
             scores = scores
