@@ -1062,9 +1062,10 @@ impl Model {
                 })?;
         }
         if sample_rows.is_empty() {
-            // A step of prefill chunks only: the K/V are written, nothing is sampled.
+            // A step of prefill chunks only: the K/V are written, nothing is sampled. (On
+            // the host: CUDA refuses zero-byte allocations.)
             let vocab = self.shape.vocab_size as usize;
-            return Ok(Tensor::zeros((0, vocab), DType::F32, &self.device)?);
+            return Ok(Tensor::zeros((0, vocab), DType::F32, &Device::Cpu)?);
         }
         let rows: Vec<u32> = sample_rows.iter().map(|&r| r as u32).collect();
         let rows = Tensor::new(rows.as_slice(), &self.device)?;
