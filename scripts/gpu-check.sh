@@ -2,7 +2,8 @@
 # The GPU checks of the CUDA backend, for a GPU machine with no Rust and no network
 # (docs/gpu.md says how to run it through the device tool). Uses a binary built here by
 # scripts/build-cuda.sh and carried along; finds the CUDA libraries of the machine's
-# PyTorch (cu130) and the driver under /usr/local/nvidia. Budget: under 8 minutes.
+# PyTorch (cu130) and the driver under /usr/local/nvidia. Budget: under 8 minutes (the
+# steps' timeouts add up to 7.5; expected well under 2).
 #
 #   scripts/gpu-check.sh [BINARY]        # default: cuda-bin/llmem (or cuda-bin/llmem.xz)
 #
@@ -79,13 +80,13 @@ fi
 "$bin" --version
 
 step "2. llmem gpu-check (kernels vs CPU; random SmolLM2-135M shape, GPU vs CPU)"
-timeout 240 "$bin" gpu-check --device cuda:0
+timeout 150 "$bin" gpu-check --device cuda:0
 rc=$?
 echo "gpu-check exit code: $rc"
 [ "$rc" = 0 ] || status=1
 
 step "3. llmem bench: random-weights llama-3-8b bf16, concurrency 1,8,32, --memory-utilization 0.9"
-timeout 300 "$bin" bench --random-weights llama-3-8b --seed 0 --device cuda:0 \
+timeout 270 "$bin" bench --random-weights llama-3-8b --seed 0 --device cuda:0 \
     --dtype bf16 --kv-dtype bf16 --concurrency 1,8,32 --prompt-tokens 128 --gen-tokens 64 \
     --memory-utilization 0.9 --format json >"$out/bench-llama-3-8b.json"
 rc=$?
@@ -131,11 +132,12 @@ else
 fi
 
 step "4. no device: CUDA_VISIBLE_DEVICES= (must print 'no CUDA device: ...' and exit 2)"
-CUDA_VISIBLE_DEVICES= timeout 60 "$bin" bench --random-weights smollm2-135m --device cuda:0 \
+CUDA_VISIBLE_DEVICES= timeout 30 "$bin" bench --random-weights smollm2-135m --device cuda:0 \
     --concurrency 1 --prompt-tokens 4 --gen-tokens 2
 rc=$?
 echo "exit code: $rc"
 [ "$rc" = 2 ] || status=1
 
 step "done: status $status"
+sleep 1 # let tee flush the log
 exit "$status"
