@@ -113,8 +113,8 @@ w = b.get("weights_bytes", 0)
 kv_tok = p.get("kv_bytes_per_token", 0)
 ctx = d["prompt_tokens"] + d["gen_tokens"] / 2
 print()
-print("| concurrency | tok/s (all) | decode tok/s (1000 C / ITL p50) | roofline decode tok/s | % of roofline | TTFT p50 ms | ITL p50 ms | KV blocks peak/total | device used GiB | context GiB | weights GiB | KV GiB | unaccounted GiB |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| concurrency | tok/s (all) | decode tok/s (1000 C / ITL p50) | roofline decode tok/s | % of roofline | TTFT p50 ms | ITL p50 ms | KV blocks peak/total | device used GiB | context GiB | weights GiB | KV GiB | activations est. / measured GiB | unaccounted GiB |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in d["runs"]:
     c = r["concurrency"]
     itl = r["itl_ms"]["p50"]
@@ -125,6 +125,7 @@ for r in d["runs"]:
           f"{r['ttft_ms']['p50']:.1f} | {itl:.2f} | {r['peak_kv_blocks_used']}/{r['kv_blocks_total']} | "
           f"{m.get('device_used_bytes', 0) / gib:.2f} | {m.get('cuda_context_bytes', 0) / gib:.2f} | "
           f"{m.get('weights_bytes', 0) / gib:.2f} | {m.get('kv_cache_bytes', 0) / gib:.2f} | "
+          f"{m.get('activation_estimate_bytes', 0) / gib:.2f} / {(m.get('activation_peak_measured_bytes') or 0) / gib:.2f} | "
           f"{m.get('unaccounted_bytes', 0) / gib:.2f} |")
 EOF
 else

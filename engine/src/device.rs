@@ -214,6 +214,82 @@ pub fn device_memory(device: &Device) -> Option<DeviceMemory> {
     None
 }
 
+/// Bytes in use in the device's default memory pool, which candle allocates from
+/// (`cuMemAllocAsync`): now, and the high-water mark since the last
+/// [`reset_pool_high_water`]. The difference across a pass is its measured activation
+/// peak (everything it allocated and freed again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUsage {
+    pub current_bytes: u64,
+    pub high_water_bytes: u64,
+}
+
+/// [`PoolUsage`] of the CUDA device `device` runs on; `None` on the CPU or when the
+/// driver does not answer.
+pub fn pool_usage(device: &Device) -> Option<PoolUsage> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+        let pool = cuda_pool::default_pool(d)?;
+        return Some(PoolUsage {
+            current_bytes: cuda_pool::get(pool, A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+            high_water_bytes: cuda_pool::get(pool, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+        });
+    }
+    let _ = device;
+    None
+}
+
+/// Start a new high-water mark of the pool (CUDA only; false when not done).
+pub fn reset_pool_high_water(device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return cuda_pool::default_pool(d).is_some_and(cuda_pool::reset_high);
+    }
+    let _ = device;
+    false
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_pool {
+    //! The three driver calls behind [`super::pool_usage`], each checked.
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::cuda_backend::CudaDevice;
+
+    pub(super) fn default_pool(d: &CudaDevice) -> Option<sys::CUmemoryPool> {
+        let stream = d.cuda_stream();
+        let ctx = stream.context();
+        ctx.bind_to_thread().ok()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: `pool` is a valid out-pointer; the device handle comes from a live
+        // context bound to this thread.
+        let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+        (r == sys::CUresult::CUDA_SUCCESS && !pool.is_null()).then_some(pool)
+    }
+
+    pub(super) fn get(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute) -> Option<u64> {
+        let mut value: u64 = 0;
+        // SAFETY: both attributes asked for are cuuint64_t, which `value` is.
+        let r = unsafe {
+            sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut std::ffi::c_void)
+        };
+        (r == sys::CUresult::CUDA_SUCCESS).then_some(value)
+    }
+
+    pub(super) fn reset_high(pool: sys::CUmemoryPool) -> bool {
+        let mut zero: u64 = 0;
+        // SAFETY: USED_MEM_HIGH takes a cuuint64_t, and only zero.
+        let r = unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut std::ffi::c_void,
+            )
+        };
+        r == sys::CUresult::CUDA_SUCCESS
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +311,8 @@ mod tests {
         assert!(d.device.is_cpu());
         assert_eq!(d.context_bytes(), 0);
         assert_eq!(device_memory(&d.device), None);
+        assert_eq!(pool_usage(&d.device), None);
+        assert!(!reset_pool_high_water(&d.device));
     }
 
     #[cfg(not(feature = "cuda"))]

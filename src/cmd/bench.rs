@@ -172,16 +172,27 @@ fn random_prompts(count: usize, len: usize, vocab: u64, seed: u64) -> Vec<Vec<u3
 }
 
 /// One run: `prompts.len()` requests at once through a fresh engine.
+/// The driver's reading at the end of a GPU run and its measured activation peak.
+type GpuAtEnd = (llmem_engine::device::DeviceMemory, Option<u64>);
+
 /// Returns the run's JSON and, on a GPU, the driver's memory reading at the end of the
-/// run, while its engine (weights, KV cache) is still alive.
+/// run, while its engine (weights, KV cache) is still alive, with the activation peak
+/// measured from the memory pool's high-water mark.
 fn run_one(
     source: &Source,
     config: EngineConfig,
     prompts: &[Vec<u32>],
     gen_tokens: usize,
     device: &candle_core::Device,
-) -> anyhow::Result<(Value, Option<llmem_engine::device::DeviceMemory>)> {
+) -> anyhow::Result<(Value, Option<GpuAtEnd>)> {
     let mut engine = source.engine(config)?;
+    // On a GPU: the pool's high-water mark from here on, over the weights and KV already
+    // allocated, is the run's measured activation peak.
+    let pool_base = if llmem_engine::device::reset_pool_high_water(device) {
+        llmem_engine::device::pool_usage(device)
+    } else {
+        None
+    };
     let bar = super::live_bar(
         (prompts.len() * gen_tokens) as u64,
         &format!("concurrency {} {}", prompts.len(), config.kv_layout.name()),
@@ -218,6 +229,10 @@ fn run_one(
     }
     bar.finish_and_clear();
     let at_end = llmem_engine::device::device_memory(device);
+    let activation_peak_measured = match (pool_base, llmem_engine::device::pool_usage(device)) {
+        (Some(base), Some(end)) => Some(end.high_water_bytes.saturating_sub(base.current_bytes)),
+        _ => None,
+    };
     let wall_s = start.elapsed().as_secs_f64();
     let s = engine.stats();
     // The busiest rank's time in collectives (waiting for its peers included), as a
@@ -253,7 +268,7 @@ fn run_one(
             "all_gather_s": busiest.all_gather_nanos as f64 * 1e-9,
             "comm_share": if wall_s > 0.0 { busiest.total_seconds() / wall_s } else { 0.0 },
         }),
-        at_end,
+        at_end.map(|m| (m, activation_peak_measured)),
     ))
 }
 
@@ -505,6 +520,9 @@ struct GpuLedger {
     /// The engine's activation estimate of the largest pass (not a measured peak:
     /// allocations are freed at the end of every step).
     activation_bytes: u64,
+    /// The memory pool's high-water mark over the run minus what was in use when it
+    /// started (weights, KV): every transient tensor the passes allocated.
+    activation_peak_measured_bytes: Option<u64>,
     planned: Option<llmem_engine::engine::PlannedTerms>,
 }
 
@@ -528,6 +546,7 @@ impl GpuLedger {
             "weights_bytes": self.weights_bytes,
             "kv_cache_bytes": self.kv_cache_bytes,
             "activation_estimate_bytes": self.activation_bytes,
+            "activation_peak_measured_bytes": self.activation_peak_measured_bytes,
             "unaccounted_bytes": self.unaccounted(),
             "planned": self.planned.as_ref().map(|p| json!({
                 "weights_bytes": p.weights_bytes,
@@ -550,6 +569,7 @@ impl GpuLedger {
              \x20 weights              {:>12}  {:>12}\n\
              \x20 KV cache             {:>12}  {:>12} (demand of the run)\n\
              \x20 activations (est.)   {:>12}  {:>12}\n\
+             \x20 activation peak      {:>12} (measured: memory pool high-water mark)\n\
              \x20 unaccounted          {:>12}\n\
              \x20 device used/total    {:>12} / {}",
             h(self.others_bytes),
@@ -560,6 +580,8 @@ impl GpuLedger {
             planned(p.map(|p| p.kv_cache_bytes)),
             h(self.activation_bytes),
             planned(p.map(|p| p.activation_bytes)),
+            self.activation_peak_measured_bytes
+                .map_or("-".to_string(), h),
             if unaccounted < 0 {
                 format!("-{}", h(unaccounted.unsigned_abs() as u64))
             } else {
@@ -574,12 +596,14 @@ impl GpuLedger {
 /// The driver's reading at the end of a run (engine alive) beside the engine's figures.
 fn gpu_ledger(
     d: &llmem_engine::device::OpenedDevice,
-    now: Option<llmem_engine::device::DeviceMemory>,
+    at_end: Option<GpuAtEnd>,
     model: &Model,
     config: &EngineConfig,
     concurrency: usize,
     seq_len: usize,
 ) -> GpuLedger {
+    let now = at_end.map(|(m, _)| m);
+    let activation_peak_measured_bytes = at_end.and_then(|(_, p)| p);
     let kv = config.num_blocks as u64
         * llmem_engine::kv_cache::block_bytes(model.shape(), config.block_size, config.kv_dtype);
     let pass = config.max_batched_tokens.min(concurrency * seq_len).max(1);
@@ -593,6 +617,7 @@ fn gpu_ledger(
         weights_bytes: model.weights_bytes(),
         kv_cache_bytes: kv,
         activation_bytes: model.paged_activation_peak_bytes(pass, concurrency),
+        activation_peak_measured_bytes,
         planned,
     }
 }
