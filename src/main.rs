@@ -42,6 +42,9 @@ enum Command {
     /// Measure each weight precision: bytes, load time, perplexity, KL and top-1
     /// agreement with the highest precision, prefill and decode speed.
     Sweep(cmd::sweep::SweepArgs),
+    /// Check a GPU without model files: the CUDA kernels against the CPU kernels and a
+    /// random-weights model on the GPU against the same model on the CPU.
+    GpuCheck(cmd::gpucheck::GpuCheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => cmd::bench::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Sweep(args) => cmd::sweep::run(args),
+        Command::GpuCheck(args) => cmd::gpucheck::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

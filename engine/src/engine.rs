@@ -206,11 +206,12 @@ impl Engine {
     /// Allocate the cache (`num_blocks` x `block_size` tokens, every layer) for `model`.
     pub fn new(model: Model, config: EngineConfig) -> Result<Self> {
         config.validate(model.max_context())?;
-        let cache = PagedKvCache::new(
+        let cache = PagedKvCache::new_on(
             model.shape(),
             config.num_blocks,
             config.block_size,
             config.kv_dtype,
+            model.device(),
         )?;
         Ok(Self::with_runner(
             Runner::Single {

@@ -5,6 +5,10 @@
 //! sized by the planner's own `kv_bytes_per_token`, so the bytes the engine reports and
 //! the bytes the plan predicts are the same product. The block manager decides which
 //! slots a sequence owns; this module only writes and reads them through the kernels.
+//!
+//! On a CUDA device (feature `cuda`) the buffers are device allocations of the same
+//! layout and the kernels are `llmem_kernels::cuda`'s twins; q, k, v then stay on the
+//! device ([`PagedKvCache::write_and_attend_tensors`]). The CPU path is unchanged.
 
 use half::{bf16, f16};
 use llmem_kernels::{
@@ -70,6 +74,9 @@ enum Buffer {
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
+    /// Device memory on a CUDA GPU, zeroed at allocation.
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::DeviceBuffer),
 }
 
 impl Buffer {
@@ -99,6 +106,137 @@ impl Buffer {
 struct Layer {
     k: Buffer,
     v: Buffer,
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! The cache on a CUDA device: per layer a K and a V device buffer, written and read
+    //! by `llmem_kernels::cuda`.
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+    use candle_core::op::BackpropOp;
+    use candle_core::{DType, Storage, Tensor};
+    use half::{bf16, f16};
+    use llmem_kernels::cuda::{paged_attention_cuda, reshape_and_cache_cuda, CudaCacheElem};
+    use llmem_kernels::{AttentionParams, CacheShape, KernelError};
+
+    use super::{KvDtype, PagedMetadata};
+    use crate::error::{Error, Result};
+
+    pub(super) enum DeviceBuffer {
+        F32(CudaSlice<f32>),
+        F16(CudaSlice<f16>),
+        Bf16(CudaSlice<bf16>),
+    }
+
+    impl DeviceBuffer {
+        pub(super) fn zeros(dev: &CudaDevice, dtype: KvDtype, n: usize) -> Result<Self> {
+            Ok(match dtype {
+                KvDtype::F32 => DeviceBuffer::F32(dev.alloc_zeros(n)?),
+                KvDtype::F16 => DeviceBuffer::F16(dev.alloc_zeros(n)?),
+                KvDtype::Bf16 => DeviceBuffer::Bf16(dev.alloc_zeros(n)?),
+            })
+        }
+    }
+
+    fn kernel_err(e: KernelError) -> Error {
+        Error::InvalidInput(format!("paged attention (CUDA): {e}"))
+    }
+
+    /// A contiguous f32 copy of `t` on the device, with its element range.
+    fn f32_on_device(t: &Tensor) -> Result<Tensor> {
+        Ok(t.to_dtype(DType::F32)?.contiguous()?)
+    }
+
+    fn view<'a>(
+        storage: &'a Storage,
+        layout: &candle_core::Layout,
+        what: &str,
+    ) -> Result<CudaView<'a, f32>> {
+        let Storage::Cuda(c) = storage else {
+            return Err(Error::InvalidInput(format!(
+                "paged attention (CUDA): {what} is not on the GPU"
+            )));
+        };
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            Error::InvalidInput(format!("paged attention (CUDA): {what} is not contiguous"))
+        })?;
+        Ok(c.as_cuda_slice::<f32>()?.slice(start..end))
+    }
+
+    /// Write k, v into the cache of one layer, then attend q over it; see
+    /// [`super::PagedKvCache::write_and_attend_tensors`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn write_and_attend(
+        dev: &CudaDevice,
+        kc: &mut DeviceBuffer,
+        vc: &mut DeviceBuffer,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        meta: &PagedMetadata,
+        shape: CacheShape,
+        params: &AttentionParams,
+    ) -> Result<Tensor> {
+        let (q, k, v) = (f32_on_device(q)?, f32_on_device(k)?, f32_on_device(v)?);
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (qv, kv, vv) = (
+            view(&qs, ql, "q")?,
+            view(&ks, kl, "k")?,
+            view(&vs, vl, "v")?,
+        );
+        let mut out = dev.alloc_zeros::<f32>(qv.len())?;
+        fn run<T: CudaCacheElem>(
+            dev: &CudaDevice,
+            kc: &mut CudaSlice<T>,
+            vc: &mut CudaSlice<T>,
+            (q, k, v, out): (
+                &CudaView<'_, f32>,
+                &CudaView<'_, f32>,
+                &CudaView<'_, f32>,
+                &mut CudaSlice<f32>,
+            ),
+            meta: &PagedMetadata,
+            shape: CacheShape,
+            params: &AttentionParams,
+        ) -> std::result::Result<(), KernelError> {
+            reshape_and_cache_cuda(dev, k, v, kc, vc, &meta.slot_mapping, shape)?;
+            paged_attention_cuda(
+                dev,
+                out,
+                q,
+                kc,
+                vc,
+                &meta.block_tables,
+                &meta.query_seq,
+                &meta.context_lens,
+                params,
+            )
+        }
+        let io = (&qv, &kv, &vv, &mut out);
+        match (kc, vc) {
+            (DeviceBuffer::F32(kc), DeviceBuffer::F32(vc)) => {
+                run(dev, kc, vc, io, meta, shape, params)
+            }
+            (DeviceBuffer::F16(kc), DeviceBuffer::F16(vc)) => {
+                run(dev, kc, vc, io, meta, shape, params)
+            }
+            (DeviceBuffer::Bf16(kc), DeviceBuffer::Bf16(vc)) => {
+                run(dev, kc, vc, io, meta, shape, params)
+            }
+            _ => return Err(Error::InvalidInput("K and V caches differ in dtype".into())),
+        }
+        .map_err(kernel_err)?;
+        let dims = q.dims().to_vec();
+        drop((qs, ks, vs));
+        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+        Ok(Tensor::from_storage(
+            storage,
+            dims,
+            BackpropOp::none(),
+            false,
+        ))
+    }
 }
 
 /// Attention metadata of one step, built from a [`ScheduledBatch`]: one query row per
@@ -192,6 +330,7 @@ pub struct PagedKvCache {
     num_heads: usize,
     dtype: KvDtype,
     bytes: u64,
+    device: candle_core::Device,
 }
 
 fn kernel_err(e: KernelError) -> Error {
@@ -199,12 +338,31 @@ fn kernel_err(e: KernelError) -> Error {
 }
 
 impl PagedKvCache {
-    /// Allocate `num_blocks` blocks of `block_size` tokens for every layer of `model`.
+    /// Allocate `num_blocks` blocks of `block_size` tokens for every layer of `model`, in
+    /// host memory.
     pub fn new(
         model: &ModelShape,
         num_blocks: usize,
         block_size: usize,
         dtype: KvDtype,
+    ) -> Result<Self> {
+        Self::new_on(
+            model,
+            num_blocks,
+            block_size,
+            dtype,
+            &candle_core::Device::Cpu,
+        )
+    }
+
+    /// [`PagedKvCache::new`] on `device`: host memory for the CPU, device memory on a
+    /// CUDA GPU (a build with the `cuda` feature).
+    pub fn new_on(
+        model: &ModelShape,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: KvDtype,
+        device: &candle_core::Device,
     ) -> Result<Self> {
         let shape = CacheShape {
             num_blocks,
@@ -215,18 +373,36 @@ impl PagedKvCache {
         let bytes = (num_blocks as u64)
             .checked_mul(block_bytes(model, block_size, dtype))
             .ok_or_else(|| Error::InvalidInput("KV cache size overflows".to_string()))?;
+        let alloc = || -> Result<Buffer> {
+            match device {
+                candle_core::Device::Cpu => Ok(Buffer::zeros(dtype, shape.elems())),
+                #[cfg(feature = "cuda")]
+                candle_core::Device::Cuda(dev) => Ok(Buffer::Cuda(cuda::DeviceBuffer::zeros(
+                    dev,
+                    dtype,
+                    shape.elems(),
+                )?)),
+                #[allow(unreachable_patterns)]
+                other => Err(Error::InvalidInput(format!(
+                    "the paged KV cache cannot live on {other:?}"
+                ))),
+            }
+        };
         let layers = (0..model.num_hidden_layers)
-            .map(|_| Layer {
-                k: Buffer::zeros(dtype, shape.elems()),
-                v: Buffer::zeros(dtype, shape.elems()),
+            .map(|_| {
+                Ok(Layer {
+                    k: alloc()?,
+                    v: alloc()?,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         Ok(PagedKvCache {
             layers,
             shape,
             num_heads: model.num_attention_heads as usize,
             dtype,
             bytes,
+            device: device.clone(),
         })
     }
 
@@ -241,6 +417,11 @@ impl PagedKvCache {
 
     pub fn shape(&self) -> CacheShape {
         self.shape
+    }
+
+    /// Where the buffers live.
+    pub fn device(&self) -> &candle_core::Device {
+        &self.device
     }
 
     /// Layers the cache holds K/V for.
@@ -269,8 +450,54 @@ impl PagedKvCache {
         Ok(())
     }
 
+    fn params(&self, meta: &PagedMetadata) -> AttentionParams {
+        AttentionParams {
+            num_heads: self.num_heads,
+            scale: 1.0 / (self.shape.head_dim as f32).sqrt(),
+            cache: self.shape,
+            max_blocks_per_seq: meta.max_blocks_per_seq,
+        }
+    }
+
+    /// [`PagedKvCache::write_and_attend`] on tensors: q `(T, num_heads, head_dim)`, k, v
+    /// `(T, kv_heads, head_dim)`, any float dtype, on the cache's device. Returns
+    /// `(T, num_heads * head_dim)` f32 on that device. On the CPU this copies through
+    /// host vectors; on CUDA nothing leaves the GPU but the small metadata.
+    pub fn write_and_attend_tensors(
+        &mut self,
+        layer: usize,
+        q: &candle_core::Tensor,
+        k: &candle_core::Tensor,
+        v: &candle_core::Tensor,
+        meta: &PagedMetadata,
+    ) -> Result<candle_core::Tensor> {
+        use candle_core::{DType, Tensor};
+        let t = q.dim(0)?;
+        let row = self.num_heads * self.shape.head_dim;
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(dev) = &self.device {
+            let params = self.params(meta);
+            let shape = self.shape;
+            let Some(l) = self.layers.get_mut(layer) else {
+                return Err(Error::InvalidInput(format!("no cache for layer {layer}")));
+            };
+            let (Buffer::Cuda(kc), Buffer::Cuda(vc)) = (&mut l.k, &mut l.v) else {
+                return Err(Error::InvalidInput(
+                    "the cache is on a GPU but its buffers are not".into(),
+                ));
+            };
+            let out = cuda::write_and_attend(dev, kc, vc, (q, k, v), meta, shape, &params)?;
+            return Ok(out.reshape((t, row))?);
+        }
+        let flat = |a: &Tensor| -> candle_core::Result<Vec<f32>> {
+            a.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+        };
+        let out = self.write_and_attend(layer, &flat(q)?, &flat(k)?, &flat(v)?, meta)?;
+        Ok(Tensor::from_vec(out, (t, row), q.device())?)
+    }
+
     /// Write this step's K/V of layer `layer` into its slots, then attend every query
-    /// over its sequence's cached context.
+    /// over its sequence's cached context (host buffers).
     ///
     /// q: `[num_tokens, num_heads, head_dim]`; k, v: `[num_tokens, kv_heads, head_dim]`,
     /// all f32, contiguous. Returns `[num_tokens, num_heads, head_dim]`.
@@ -282,12 +509,7 @@ impl PagedKvCache {
         v: &[f32],
         meta: &PagedMetadata,
     ) -> Result<Vec<f32>> {
-        let params = AttentionParams {
-            num_heads: self.num_heads,
-            scale: 1.0 / (self.shape.head_dim as f32).sqrt(),
-            cache: self.shape,
-            max_blocks_per_seq: meta.max_blocks_per_seq,
-        };
+        let params = self.params(meta);
         let shape = self.shape;
         let Some(l) = self.layers.get_mut(layer) else {
             return Err(Error::InvalidInput(format!("no cache for layer {layer}")));
@@ -318,7 +540,11 @@ impl PagedKvCache {
             (Buffer::F32(kc), Buffer::F32(vc)) => run(kc, vc, io, meta, shape, &params),
             (Buffer::F16(kc), Buffer::F16(vc)) => run(kc, vc, io, meta, shape, &params),
             (Buffer::Bf16(kc), Buffer::Bf16(vc)) => run(kc, vc, io, meta, shape, &params),
-            _ => unreachable!("K and V buffers share a dtype"),
+            _ => {
+                return Err(Error::InvalidInput(
+                    "write_and_attend takes host slices; this cache is on a GPU".into(),
+                ))
+            }
         }
         .map_err(kernel_err)?;
         Ok(out)

@@ -5,6 +5,7 @@ pub mod chat;
 pub mod comm;
 pub mod config;
 pub mod convert;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod generate;

@@ -239,6 +239,10 @@ fn dense_forward(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let rows = x.dim(0)?;
     if rows <= matvec_max_rows(w.dtype()) && w.device().is_cpu() && matvec_enabled() {
         matvec_tensor(x, w)
+    } else if !w.device().is_cpu() {
+        // A GPU multiplies bf16/f16 natively (cuBLAS, f32 accumulation): no f32 copy of
+        // the weight, which would cost its bytes twice over on every pass.
+        x.to_dtype(w.dtype())?.contiguous()?.matmul(&w.t()?)
     } else if w.dtype() != DType::F32 {
         // candle's CPU gemm has no bf16, and its f16 kernel is far slower than f32.
         x.to_dtype(DType::F32)?

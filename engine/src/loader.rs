@@ -8,6 +8,13 @@
 //! truncated or padded file) is rejected when opened, before any tensor is read; every
 //! error names the file and the tensor. A GGUF file can stand in for the safetensors
 //! files ([`WeightFiles::from_gguf`], see `crate::gguf_weights`): `load` then dequantizes.
+//!
+//! [`WeightFiles::random`] stands in for a checkpoint (`--random-weights`): every tensor
+//! asked for is generated on the spot, seeded by the seed and the tensor's name, directly
+//! in the requested dtype (no f32 copy of the model is ever made), with the shape the
+//! model asks for. Norm weights are ones, biases zeros, matrices uniform in
+//! ±1/sqrt(columns). The model built from it has exactly the bytes a real checkpoint of
+//! that shape would give, so memory behaviour can be studied without a download.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,6 +45,8 @@ pub struct WeightFiles {
     index: HashMap<String, usize>,
     /// Set instead of `files` when the weights are a GGUF file.
     gguf: Option<GgufWeights>,
+    /// Seed of generated weights ([`WeightFiles::random`]); `None` for real files.
+    random_seed: Option<u64>,
 }
 
 /// The safetensors dtypes the engine can load.
@@ -124,6 +133,7 @@ impl WeightFiles {
             files,
             index,
             gguf: None,
+            random_seed: None,
         })
     }
 
@@ -134,12 +144,29 @@ impl WeightFiles {
             files: Vec::new(),
             index: HashMap::new(),
             gguf: Some(gguf),
+            random_seed: None,
         }
     }
 
     /// The GGUF behind these weights, if they come from one.
     pub fn gguf(&self) -> Option<&GgufWeights> {
         self.gguf.as_ref()
+    }
+
+    /// Seeded random weights of whatever shape each tensor is asked for (see the module
+    /// documentation).
+    pub fn random(seed: u64) -> Self {
+        WeightFiles {
+            files: Vec::new(),
+            index: HashMap::new(),
+            gguf: None,
+            random_seed: Some(seed),
+        }
+    }
+
+    /// The seed, for generated weights.
+    pub fn random_seed(&self) -> Option<u64> {
+        self.random_seed
     }
 
     /// Whether a tensor of this name exists.
@@ -179,6 +206,12 @@ impl WeightFiles {
     ) -> Result<Tensor> {
         if let Some(g) = &self.gguf {
             return g.load_dense(name, shape, dtype, device);
+        }
+        if let Some(seed) = self.random_seed {
+            return random_tensor(name, shape, dtype, device, seed).map_err(|e| Error::Tensor {
+                context: format!("generating random weight {name}"),
+                message: crate::gguf::candle_message(e),
+            });
         }
         let Some(&file_idx) = self.index.get(name) else {
             let path = if self.files.len() == 1 {
@@ -234,6 +267,68 @@ impl WeightFiles {
 }
 
 /// Load `tokenizer.json` from a model directory.
+/// One generated weight (see [`WeightFiles::random`]): filled in parallel chunks, each
+/// from its own SplitMix64 stream, so the values depend only on (seed, name, index).
+fn random_tensor(
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+) -> candle_core::Result<Tensor> {
+    use half::{bf16, f16};
+    use rayon::prelude::*;
+
+    if shape.len() == 1 && name.ends_with("norm.weight") {
+        return Tensor::ones(shape, dtype, device);
+    }
+    if name.ends_with(".bias") {
+        return Tensor::zeros(shape, dtype, device);
+    }
+    let cols = shape.last().copied().unwrap_or(1).max(1);
+    let bound = 1.0 / (cols as f64).sqrt();
+    // FNV-1a of the name, mixed with the seed: one stream per tensor.
+    let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let base = seed ^ name_hash;
+    let n: usize = shape.iter().product();
+    const CHUNK: usize = 1 << 16;
+    fn fill<T: Copy + Send + Sync>(
+        n: usize,
+        base: u64,
+        bound: f64,
+        conv: fn(f32) -> T,
+        zero: T,
+    ) -> Vec<T> {
+        let mut v = vec![zero; n];
+        v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
+            // One mixed seed per chunk: streams of neighbouring chunks do not overlap.
+            let chunk_seed =
+                crate::sampler::SplitMix64::new(base ^ (i as u64).rotate_left(32)).next_u64();
+            let mut rng = crate::sampler::SplitMix64::new(chunk_seed);
+            for x in chunk {
+                *x = conv(((rng.next_f64() * 2.0 - 1.0) * bound) as f32);
+            }
+        });
+        v
+    }
+    match dtype {
+        DType::F32 => Tensor::from_vec(fill(n, base, bound, |x| x, 0f32), shape, device),
+        DType::BF16 => Tensor::from_vec(
+            fill(n, base, bound, bf16::from_f32, bf16::ZERO),
+            shape,
+            device,
+        ),
+        DType::F16 => Tensor::from_vec(
+            fill(n, base, bound, f16::from_f32, f16::ZERO),
+            shape,
+            device,
+        ),
+        other => candle_core::bail!("random weights in {other:?}: only f32, bf16 and f16"),
+    }
+}
+
 pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
     let path = dir.join("tokenizer.json");
     if !path.exists() {
@@ -246,4 +341,73 @@ pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
         path,
         message: format!("not a usable tokenizer.json: {e}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Model;
+    use crate::quant::WeightFormat;
+
+    #[test]
+    fn random_weights_are_seeded_in_the_asked_dtype() {
+        let w = WeightFiles::random(7);
+        let dev = Device::Cpu;
+        let a = w.load("x.weight", &[3, 70_000], DType::BF16, &dev).unwrap();
+        assert_eq!(a.dtype(), DType::BF16);
+        assert_eq!(a.dims(), &[3, 70_000]);
+        let b = w.load("x.weight", &[3, 70_000], DType::BF16, &dev).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert_eq!(diff(&a, &b), 0.0, "same seed, same name: same values");
+        let other = WeightFiles::random(8)
+            .load("x.weight", &[3, 70_000], DType::BF16, &dev)
+            .unwrap();
+        assert!(diff(&a, &other) > 0.0, "another seed: other values");
+        // Uniform in +-1/sqrt(cols).
+        let bound = 1.0 / (70_000f32).sqrt();
+        let max = a
+            .to_dtype(DType::F32)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(max.to_scalar::<f32>().unwrap() <= bound * 1.01);
+        let norm = w.load("model.norm.weight", &[5], DType::F16, &dev).unwrap();
+        assert_eq!(
+            norm.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
+            vec![1.0; 5]
+        );
+    }
+
+    #[test]
+    fn a_random_model_has_the_planners_weight_bytes() {
+        let shape = llmem_planner::preset("smollm2-135m").unwrap();
+        for dtype in [DType::BF16, DType::F32] {
+            let fmt = WeightFormat::dense(dtype).unwrap();
+            let model =
+                Model::load_with(&shape, &WeightFiles::random(1), &fmt, &Device::Cpu).unwrap();
+            let planned = llmem_planner::model_weights_bytes(&shape, fmt.precision, false).unwrap();
+            assert_eq!(model.weights_bytes(), planned, "{dtype:?}");
+            let mut cache = model.new_cache(8).unwrap();
+            let meta = crate::model::AttnMetadata::single(0, 3);
+            let logits = model
+                .forward_all_logits(&[1, 2, 3], &meta, &mut [&mut cache])
+                .unwrap();
+            let finite = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(
+                finite.iter().all(|x| x.is_finite()),
+                "{dtype:?}: logits finite"
+            );
+        }
+    }
 }

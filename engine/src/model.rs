@@ -445,13 +445,9 @@ impl Attention {
         meta: &PagedMetadata,
         cache: &mut PagedKvCache,
     ) -> Result<Tensor> {
-        let t = x.dim(0)?;
         let (q, k, v) = self.qkv(x, cos, sin)?;
-        let flat = |a: &Tensor| -> candle_core::Result<Vec<f32>> {
-            a.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
-        };
-        let out = cache.write_and_attend(layer_idx, &flat(&q)?, &flat(&k)?, &flat(&v)?, meta)?;
-        let o = Tensor::from_vec(out, (t, self.num_heads * self.head_dim), x.device())?
+        let o = cache
+            .write_and_attend_tensors(layer_idx, &q, &k, &v, meta)?
             .to_dtype(x.dtype())?;
         Ok(self.project_out(&o)?)
     }
@@ -478,7 +474,8 @@ impl Attention {
                 &v.narrow(0, start, qlen)?,
             )?;
             let q_s = q.narrow(0, start, qlen)?;
-            outs.push(if qlen == 1 {
+            // The direct decode loop reads host memory; a GPU takes the general path.
+            outs.push(if qlen == 1 && q_s.device().is_cpu() {
                 attend_one_query(&q_s, &k_all, &v_all)?
             } else {
                 self.attend(&q_s, &k_all, &v_all, pass.masks[s].as_ref())?
@@ -519,9 +516,13 @@ impl Attention {
             .reshape((nkv, group * qlen, hd))?
             .to_dtype(DType::F32)?;
         let q = (q * scale)?;
-        // (ctx, nkv, hd) -> (nkv, ctx, hd), a strided view (the f32 cast copies).
-        let k = k.transpose(0, 1)?.to_dtype(DType::F32)?;
-        let v = v.transpose(0, 1)?.to_dtype(DType::F32)?;
+        // (ctx, nkv, hd) -> (nkv, ctx, hd), a strided view (the f32 cast copies). cuBLAS
+        // takes only packed matrices: on a GPU the views are made contiguous.
+        let mut k = k.transpose(0, 1)?.to_dtype(DType::F32)?;
+        let mut v = v.transpose(0, 1)?.to_dtype(DType::F32)?;
+        if !k.device().is_cpu() {
+            (k, v) = (k.contiguous()?, v.contiguous()?);
+        }
         let mut scores = q.matmul(&k.t()?)?; // (nkv, group * qlen, ctx)
         if let Some(mask) = mask {
             scores = scores
@@ -1108,9 +1109,10 @@ impl Model {
                 })?;
         }
         if sample_rows.is_empty() {
-            // A step of prefill chunks only: the K/V are written, nothing is sampled.
+            // A step of prefill chunks only: the K/V are written, nothing is sampled. (On
+            // the host: CUDA refuses zero-byte allocations.)
             let vocab = self.shape.vocab_size as usize;
-            return Ok(Tensor::zeros((0, vocab), DType::F32, &self.device)?);
+            return Ok(Tensor::zeros((0, vocab), DType::F32, &Device::Cpu)?);
         }
         let rows: Vec<u32> = sample_rows.iter().map(|&r| r as u32).collect();
         let rows = Tensor::new(rows.as_slice(), &self.device)?;

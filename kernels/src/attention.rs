@@ -27,17 +27,25 @@ pub struct AttentionParams {
 }
 
 /// Inputs that do not change per query, checked once.
-struct Checked<'a> {
-    block_tables: &'a [u32],
-    query_seq: &'a [u32],
-    context_lens: &'a [u32],
+pub(crate) struct Checked<'a> {
+    pub block_tables: &'a [u32],
+    pub query_seq: &'a [u32],
+    pub context_lens: &'a [u32],
 }
 
-fn check<T: CacheElem>(
-    out: &[f32],
-    query: &[f32],
-    key_cache: &[T],
-    value_cache: &[T],
+/// Element counts of the tensors a paged-attention call reads and writes (the CPU kernel
+/// passes its slices' lengths, the CUDA kernel its buffers').
+pub(crate) struct Lens {
+    pub out: usize,
+    pub query: usize,
+    pub key_cache: usize,
+    pub value_cache: usize,
+}
+
+/// Check every shape and index of a paged-attention call, so that the kernel (CPU or
+/// CUDA) can index without bounds checks.
+pub(crate) fn check(
+    lens: Lens,
     checked: &Checked<'_>,
     p: &AttentionParams,
 ) -> Result<(), KernelError> {
@@ -55,17 +63,17 @@ fn check<T: CacheElem>(
     }
     let queries = checked.query_seq.len();
     let row = p.num_heads * c.head_dim;
-    check_len("query", query.len(), queries * row, || {
+    check_len("query", lens.query, queries * row, || {
         format!("[{queries}, {}, {}]", p.num_heads, c.head_dim)
     })?;
-    check_len("out", out.len(), queries * row, || {
+    check_len("out", lens.out, queries * row, || {
         format!("[{queries}, {}, {}]", p.num_heads, c.head_dim)
     })?;
     check_len("context_lens", checked.context_lens.len(), queries, || {
         format!("[{queries}]")
     })?;
-    check_len("key_cache", key_cache.len(), c.elems(), || c.describe())?;
-    check_len("value_cache", value_cache.len(), c.elems(), || c.describe())?;
+    check_len("key_cache", lens.key_cache, c.elems(), || c.describe())?;
+    check_len("value_cache", lens.value_cache, c.elems(), || c.describe())?;
     if checked.block_tables.len() % p.max_blocks_per_seq != 0 {
         return Err(KernelError::Invalid(format!(
             "block_tables has {} entries, not a multiple of max_blocks_per_seq {}",
@@ -254,7 +262,13 @@ pub fn paged_attention<T: CacheElem>(
         query_seq,
         context_lens,
     };
-    check(out, query, key_cache, value_cache, &checked, p)?;
+    let lens = Lens {
+        out: out.len(),
+        query: query.len(),
+        key_cache: key_cache.len(),
+        value_cache: value_cache.len(),
+    };
+    check(lens, &checked, p)?;
     let group = p.num_heads / p.cache.kv_heads;
     let hd = p.cache.head_dim;
     let simd = simd_available();

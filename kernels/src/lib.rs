@@ -8,10 +8,13 @@
 //! contiguously. Every fast kernel has a slow reference beside it (`*_reference`) and is
 //! tested against it for f32, f16 and bf16.
 //!
-//! A CUDA implementation will sit behind a `cuda` feature with the same parameters.
+//! The CUDA twins (feature `cuda`, module [`cuda`]) take the same parameters on device
+//! buffers and share these checks; they are tested against the CPU kernels.
 
 mod attention;
 mod cache;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod elem;
 pub mod packed;
 

@@ -115,6 +115,8 @@ pub struct BenchArgs {
     pub format: BenchFormat,
     #[command(flatten)]
     pub parallel: super::ParallelArgs,
+    #[command(flatten)]
+    pub runtime: super::RuntimeArgs,
 }
 
 /// What each run's engine is built from: the loaded model, or the parts every rank of
@@ -123,8 +125,10 @@ enum Source {
     Single(Model),
     Parallel {
         shape: llmem_planner::ModelShape,
-        /// What `--model` said: a directory, built-in name or .gguf file.
-        model: String,
+        /// What `--model` said (a directory, built-in name or .gguf file), or `None`
+        /// for seeded random weights.
+        model: Option<String>,
+        seed: u64,
         dtype: candle_core::DType,
         spec: ParallelSpec,
     },
@@ -137,10 +141,14 @@ impl Source {
             Source::Parallel {
                 shape,
                 model,
+                seed,
                 dtype,
                 spec,
             } => {
-                let weights = super::open_model(model)?.weights;
+                let weights = match model {
+                    Some(m) => super::open_model(m)?.weights,
+                    None => llmem_engine::loader::WeightFiles::random(*seed),
+                };
                 Engine::new_parallel(shape, weights, *dtype, *spec, config)?
             }
         })
@@ -166,13 +174,27 @@ fn random_prompts(count: usize, len: usize, vocab: u64, seed: u64) -> Vec<Vec<u3
 }
 
 /// One run: `prompts.len()` requests at once through a fresh engine.
+/// The driver's reading at the end of a GPU run and its measured activation peak.
+type GpuAtEnd = (llmem_engine::device::DeviceMemory, Option<u64>);
+
+/// Returns the run's JSON and, on a GPU, the driver's memory reading at the end of the
+/// run, while its engine (weights, KV cache) is still alive, with the activation peak
+/// measured from the memory pool's high-water mark.
 fn run_one(
     source: &Source,
     config: EngineConfig,
     prompts: &[Vec<u32>],
     gen_tokens: usize,
-) -> anyhow::Result<Value> {
+    device: &candle_core::Device,
+) -> anyhow::Result<(Value, Option<GpuAtEnd>)> {
     let mut engine = source.engine(config)?;
+    // On a GPU: the pool's high-water mark from here on, over the weights and KV already
+    // allocated, is the run's measured activation peak.
+    let pool_base = if llmem_engine::device::reset_pool_high_water(device) {
+        llmem_engine::device::pool_usage(device)
+    } else {
+        None
+    };
     let bar = super::live_bar(
         (prompts.len() * gen_tokens) as u64,
         &format!("concurrency {} {}", prompts.len(), config.kv_layout.name()),
@@ -208,6 +230,11 @@ fn run_one(
         bar.set_message(super::memory_line(&s, engine.block_bytes()));
     }
     bar.finish_and_clear();
+    let at_end = llmem_engine::device::device_memory(device);
+    let activation_peak_measured = match (pool_base, llmem_engine::device::pool_usage(device)) {
+        (Some(base), Some(end)) => Some(end.high_water_bytes.saturating_sub(base.current_bytes)),
+        _ => None,
+    };
     let wall_s = start.elapsed().as_secs_f64();
     let s = engine.stats();
     // The busiest rank's time in collectives (waiting for its peers included), as a
@@ -220,38 +247,59 @@ fn run_one(
         .unwrap_or_default();
     let spec = engine.parallel_spec();
     let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
-    Ok(json!({
-        "concurrency": prompts.len(),
-        "kv_layout": config.kv_layout.name(),
-        "generated_tokens": generated,
-        "wall_s": wall_s,
-        "aggregate_tokens_per_s": if wall_s > 0.0 { generated as f64 / wall_s } else { 0.0 },
-        "ttft_ms": { "p50": percentile(&mut ttft_ms, 50.0), "p99": percentile(&mut ttft_ms, 99.0) },
-        "itl_ms": { "p50": percentile(&mut itl_ms, 50.0), "p99": percentile(&mut itl_ms, 99.0) },
-        "steps": s.steps,
-        "peak_running_sequences": s.peak_running,
-        "peak_kv_blocks_used": s.peak_blocks_used,
-        "kv_blocks_total": s.blocks_total,
-        "kv_waste_fraction": ratio(wasted, allocated),
-        "preemptions": s.preemptions,
-        "prefix_cache_hit_rate": ratio(s.prefix_hit_tokens, s.prefix_query_tokens),
-        "tp": spec.tp,
-        "pp": spec.pp,
-        "all_reduce_count": busiest.all_reduce_count,
-        "all_reduce_s": busiest.all_reduce_nanos as f64 * 1e-9,
-        "all_gather_s": busiest.all_gather_nanos as f64 * 1e-9,
-        "comm_share": if wall_s > 0.0 { busiest.total_seconds() / wall_s } else { 0.0 },
-    }))
+    Ok((
+        json!({
+            "concurrency": prompts.len(),
+            "kv_layout": config.kv_layout.name(),
+            "generated_tokens": generated,
+            "wall_s": wall_s,
+            "aggregate_tokens_per_s": if wall_s > 0.0 { generated as f64 / wall_s } else { 0.0 },
+            "ttft_ms": { "p50": percentile(&mut ttft_ms, 50.0), "p99": percentile(&mut ttft_ms, 99.0) },
+            "itl_ms": { "p50": percentile(&mut itl_ms, 50.0), "p99": percentile(&mut itl_ms, 99.0) },
+            "steps": s.steps,
+            "peak_running_sequences": s.peak_running,
+            "peak_kv_blocks_used": s.peak_blocks_used,
+            "kv_blocks_total": s.blocks_total,
+            "kv_waste_fraction": ratio(wasted, allocated),
+            "preemptions": s.preemptions,
+            "prefix_cache_hit_rate": ratio(s.prefix_hit_tokens, s.prefix_query_tokens),
+            "tp": spec.tp,
+            "pp": spec.pp,
+            "all_reduce_count": busiest.all_reduce_count,
+            "all_reduce_s": busiest.all_reduce_nanos as f64 * 1e-9,
+            "all_gather_s": busiest.all_gather_nanos as f64 * 1e-9,
+            "comm_share": if wall_s > 0.0 { busiest.total_seconds() / wall_s } else { 0.0 },
+        }),
+        at_end.map(|m| (m, activation_peak_measured)),
+    ))
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let kv_dtype = KvDtype::parse(&args.kv_dtype)?;
-    // With --memory-utilization: the fraction and the physical memory it applies to.
-    let utilization = match args.memory_utilization {
-        Some(f) => Some((f, super::physical_memory_bytes()?)),
-        None => None,
-    };
     let parallel = args.parallel.is_parallel();
+    let spec = llmem_engine::device::DeviceSpec::parse(&args.runtime.device)?;
+    if parallel && spec.is_cuda() {
+        anyhow::bail!(
+            "--tp/--pp run on CPU rank threads; on CUDA they are not wired yet \
+             (NcclComm compiles but no runner uses it)"
+        );
+    }
+    let opened = args.runtime.open_device()?;
+    let on_gpu = opened.after.is_some();
+    // With --memory-utilization: the fraction and the memory it applies to, physical
+    // memory on the CPU, the device's total on a GPU (as vLLM's gpu_memory_utilization).
+    let utilization = match (args.memory_utilization, opened.after) {
+        (Some(f), Some(mem)) => Some((f, mem.total_bytes)),
+        (Some(f), None) => Some((f, super::physical_memory_bytes()?)),
+        (None, _) => None,
+    };
+    // On a GPU the runtime overhead defaults to the CUDA context + libraries measured
+    // at start-up.
+    let runtime_overhead = if on_gpu && args.runtime_overhead == 0 {
+        opened.context_bytes()
+    } else {
+        args.runtime_overhead
+    };
     if parallel && (args.memory_budget.is_some() || utilization.is_some()) {
         anyhow::bail!(
             "--memory-budget and --memory-utilization size one model's cache; with --tp/--pp > 1 \
@@ -259,18 +307,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
              heads) or leave it out"
         );
     }
-    let loaded = super::generate::load(&args.model, args.dtype)?;
-    let model = &loaded.model;
+    let (model, label, dir) = load_model(&args, &opened.device)?;
+    let model = &model;
     let source = if parallel {
         let shape = model.shape().clone();
         let spec = args.parallel.spec(&shape)?;
         Source::Parallel {
             shape,
-            model: args.model.clone(),
-            dtype: super::generate::dense_dtype(
-                args.dtype,
-                &super::open_model(&args.model)?.weights,
-            )?,
+            model: dir.as_ref().map(|_| args.model.clone()),
+            seed: args.seed,
+            dtype: match dir {
+                Some(_) => super::generate::dense_dtype(
+                    args.dtype,
+                    &super::open_model(&args.model)?.weights,
+                )?,
+                None => args.dtype.unwrap_or(DtypeArg::F32).dense()?,
+            },
             spec,
         }
     } else {
@@ -303,10 +355,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let (num_blocks, report) = sizing
-        .resolve(model, &config, args.runtime_overhead)
+        .resolve(model, &config, runtime_overhead)
         .context("sizing the KV cache")?;
     config.num_blocks = num_blocks;
     let mut startup = startup_text(report.as_ref(), utilization, &config, model);
+    if on_gpu {
+        startup = format!("{}\n{startup}", device_text(&opened));
+    }
     if parallel {
         // One engine just for the report: the per-rank bytes do not depend on the run.
         let engine = source.engine(EngineConfig {
@@ -340,6 +395,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let mut runs = Vec::new();
+    let mut ledgers = Vec::new();
     for &c in &args.concurrency {
         let c = c as usize;
         for &kv_layout in &layouts {
@@ -348,12 +404,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 kv_layout,
                 ..config
             };
-            let run = run_one(&source, run_config, &prompts[..c], gen).with_context(|| {
-                format!(
-                    "benchmark run at concurrency {c}, {} layout",
-                    kv_layout.name()
-                )
-            })?;
+            let device = model.device();
+            let (mut run, at_end) = run_one(&source, run_config, &prompts[..c], gen, device)
+                .with_context(|| {
+                    format!(
+                        "benchmark run at concurrency {c}, {} layout",
+                        kv_layout.name()
+                    )
+                })?;
+            if on_gpu {
+                let ledger = gpu_ledger(&opened, at_end, model, &run_config, c, prompt_len + gen);
+                run["device_memory"] = ledger.json();
+                ledgers.push((c, ledger));
+            }
             if args.format == BenchFormat::Text {
                 println!(
                     "concurrency {:>3} {:<10}: {:>8.1} tok/s  ttft p50 {:>8.1} ms p99 {:>8.1} ms  \
@@ -387,6 +450,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             runs.push(run);
         }
     }
+    if args.format == BenchFormat::Text {
+        for (c, ledger) in &ledgers {
+            println!(
+                "device memory after the concurrency {c} run:\n{}",
+                ledger.text()
+            );
+        }
+    }
     if args.format == BenchFormat::Json {
         let budget = report.map(|r| {
             json!({
@@ -406,8 +477,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             })
         });
         let out = json!({
-            "model": loaded.dir.display().to_string(),
-            "dtype": loaded.dtype_name,
+            "model": label,
+            "random_weights": args.runtime.random_weights.is_some(),
+            "device": opened.device_label(),
+            "dtype": super::generate::format_name(model),
             "kv_dtype": kv_dtype.name(),
             "block_size": block_size,
             "max_model_len": max_model_len,
@@ -424,6 +497,171 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(())
+}
+
+/// The device line of a GPU run: name, total memory, what others used before us, and
+/// the measured CUDA context + libraries.
+fn device_text(d: &llmem_engine::device::OpenedDevice) -> String {
+    use llmem_planner::human_bytes as h;
+    let (Some(before), Some(after)) = (d.before, d.after) else {
+        return "device: cpu".to_string();
+    };
+    format!(
+        "device: {}, {} total, {} in use before llmem (other processes), CUDA context + \
+         cuBLAS measured at start-up: {} (runtime overhead of the budget)",
+        d.device_label(),
+        h(after.total_bytes),
+        h(before.used_bytes()),
+        h(d.context_bytes()),
+    )
+}
+
+/// Device memory by component after a run: the driver's `used` beside the engine's
+/// own accounting, the rest unaccounted.
+struct GpuLedger {
+    device_used_bytes: u64,
+    device_total_bytes: u64,
+    others_bytes: u64,
+    context_bytes: u64,
+    weights_bytes: u64,
+    kv_cache_bytes: u64,
+    /// The engine's activation estimate of the largest pass (not a measured peak:
+    /// allocations are freed at the end of every step).
+    activation_bytes: u64,
+    /// The memory pool's high-water mark over the run minus what was in use when it
+    /// started (weights, KV): every transient tensor the passes allocated.
+    activation_peak_measured_bytes: Option<u64>,
+    planned: Option<llmem_engine::engine::PlannedTerms>,
+}
+
+impl GpuLedger {
+    fn accounted(&self) -> u64 {
+        self.others_bytes + self.context_bytes + self.weights_bytes + self.kv_cache_bytes
+    }
+
+    /// used - (others + context + weights + KV); activations are transient, so they are
+    /// shown but not subtracted from a between-steps reading.
+    fn unaccounted(&self) -> i128 {
+        self.device_used_bytes as i128 - self.accounted() as i128
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "device_used_bytes": self.device_used_bytes,
+            "device_total_bytes": self.device_total_bytes,
+            "other_processes_bytes": self.others_bytes,
+            "cuda_context_bytes": self.context_bytes,
+            "weights_bytes": self.weights_bytes,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "activation_estimate_bytes": self.activation_bytes,
+            "activation_peak_measured_bytes": self.activation_peak_measured_bytes,
+            "unaccounted_bytes": self.unaccounted(),
+            "planned": self.planned.as_ref().map(|p| json!({
+                "weights_bytes": p.weights_bytes,
+                "activation_bytes": p.activation_bytes,
+                "kv_cache_bytes": p.kv_cache_bytes,
+                "kv_bytes_per_token": p.kv_bytes_per_token,
+            })),
+        })
+    }
+
+    fn text(&self) -> String {
+        use llmem_planner::human_bytes as h;
+        let planned = |v: Option<u64>| v.map_or("-".to_string(), h);
+        let p = self.planned.as_ref();
+        let unaccounted = self.unaccounted();
+        format!(
+            "  component            measured/engine      planner\n\
+             \x20 other processes      {:>12}\n\
+             \x20 CUDA context+libs    {:>12}\n\
+             \x20 weights              {:>12}  {:>12}\n\
+             \x20 KV cache             {:>12}  {:>12} (demand of the run)\n\
+             \x20 activations (est.)   {:>12}  {:>12}\n\
+             \x20 activation peak      {:>12} (measured: memory pool high-water mark)\n\
+             \x20 unaccounted          {:>12}\n\
+             \x20 device used/total    {:>12} / {}",
+            h(self.others_bytes),
+            h(self.context_bytes),
+            h(self.weights_bytes),
+            planned(p.map(|p| p.weights_bytes)),
+            h(self.kv_cache_bytes),
+            planned(p.map(|p| p.kv_cache_bytes)),
+            h(self.activation_bytes),
+            planned(p.map(|p| p.activation_bytes)),
+            self.activation_peak_measured_bytes
+                .map_or("-".to_string(), h),
+            if unaccounted < 0 {
+                format!("-{}", h(unaccounted.unsigned_abs() as u64))
+            } else {
+                h(unaccounted as u64)
+            },
+            h(self.device_used_bytes),
+            h(self.device_total_bytes),
+        )
+    }
+}
+
+/// The driver's reading at the end of a run (engine alive) beside the engine's figures.
+fn gpu_ledger(
+    d: &llmem_engine::device::OpenedDevice,
+    at_end: Option<GpuAtEnd>,
+    model: &Model,
+    config: &EngineConfig,
+    concurrency: usize,
+    seq_len: usize,
+) -> GpuLedger {
+    let now = at_end.map(|(m, _)| m);
+    let activation_peak_measured_bytes = at_end.and_then(|(_, p)| p);
+    let kv = config.num_blocks as u64
+        * llmem_engine::kv_cache::block_bytes(model.shape(), config.block_size, config.kv_dtype);
+    let pass = config.max_batched_tokens.min(concurrency * seq_len).max(1);
+    let total = now.map_or(0, |m| m.total_bytes);
+    let planned = llmem_engine::engine::planned_terms(model, config, total, d.context_bytes()).ok();
+    GpuLedger {
+        device_used_bytes: now.map_or(0, |m| m.used_bytes()),
+        device_total_bytes: now.map_or(0, |m| m.total_bytes),
+        others_bytes: d.before.map_or(0, |m| m.used_bytes()),
+        context_bytes: d.context_bytes(),
+        weights_bytes: model.weights_bytes(),
+        kv_cache_bytes: kv,
+        activation_bytes: model.paged_activation_peak_bytes(pass, concurrency),
+        activation_peak_measured_bytes,
+        planned,
+    }
+}
+
+/// The model of `--model`, or of `--random-weights` (seeded by `--seed`), on `device`;
+/// with its label for the report and its directory (`None` for random weights).
+fn load_model(
+    args: &BenchArgs,
+    device: &candle_core::Device,
+) -> anyhow::Result<(Model, String, Option<std::path::PathBuf>)> {
+    match args.runtime.random_shape()? {
+        Some(shape) => {
+            let start = Instant::now();
+            let fmt = llmem_engine::quant::WeightFormat {
+                precision: args.dtype.unwrap_or(DtypeArg::F32).precision(),
+                keep_embeddings: false,
+                as_stored: false,
+            };
+            let weights = llmem_engine::loader::WeightFiles::random(args.seed);
+            let model = Model::load_with(&shape, &weights, &fmt, device)
+                .with_context(|| format!("building random weights of {}", shape.name))?;
+            eprintln!(
+                "random weights: {} ({} in {:.1} s, seed {})",
+                shape.name,
+                llmem_planner::human_bytes(model.weights_bytes()),
+                start.elapsed().as_secs_f64(),
+                args.seed
+            );
+            Ok((model, format!("random:{}", shape.name), None))
+        }
+        None => {
+            let loaded = super::generate::load_on(&args.model, args.dtype, false, device)?;
+            let label = loaded.dir.display().to_string();
+            Ok((loaded.model, label, Some(loaded.dir)))
+        }
+    }
 }
 
 /// The start-up budget: the planner's terms for a budget, or the block count given.

@@ -129,6 +129,8 @@ pub struct GenerateArgs {
     pub ignore_eos: bool,
     #[command(flatten)]
     pub parallel: super::ParallelArgs,
+    #[command(flatten)]
+    pub runtime: super::RuntimeArgs,
 }
 
 /// What `run` needs loaded: the model, its tokenizer and engine settings.
@@ -220,9 +222,9 @@ pub fn load_parts(
     weights: &WeightFiles,
     path: &Path,
     fmt: &WeightFormat,
+    device: &candle_core::Device,
 ) -> anyhow::Result<Model> {
-    let device = candle_core::Device::Cpu;
-    let model = Model::load_with(shape, weights, fmt, &device)
+    let model = Model::load_with(shape, weights, fmt, device)
         .with_context(|| format!("loading model {}", path.display()))?;
     if let Some(s) = model.stored_weights() {
         let types: Vec<String> = s
@@ -263,10 +265,20 @@ pub fn load_with(
     dtype: Option<DtypeArg>,
     keep_embeddings: bool,
 ) -> anyhow::Result<Loaded> {
+    load_on(model, dtype, keep_embeddings, &candle_core::Device::Cpu)
+}
+
+/// [`load_with`] on `device`.
+pub fn load_on(
+    model: &str,
+    dtype: Option<DtypeArg>,
+    keep_embeddings: bool,
+    device: &candle_core::Device,
+) -> anyhow::Result<Loaded> {
     let start = Instant::now();
     let parts = super::open_model(model)?;
     let fmt = weight_format(&parts.weights, &parts.path, dtype, keep_embeddings)?;
-    let model = load_parts(&parts.shape, &parts.weights, &parts.path, &fmt)?;
+    let model = load_parts(&parts.shape, &parts.weights, &parts.path, &fmt, device)?;
     let dtype_name = format_name(&model);
     Ok(Loaded {
         dir: parts.path,
@@ -279,10 +291,24 @@ pub fn load_with(
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    if args.runtime.random_weights.is_some() {
+        anyhow::bail!(
+            "--random-weights has no tokenizer, and generate needs one for its text prompt; \
+             use `llmem bench --random-weights ...` (random token ids) instead"
+        );
+    }
+    let spec = llmem_engine::device::DeviceSpec::parse(&args.runtime.device)?;
     if args.parallel.is_parallel() {
+        if spec.is_cuda() {
+            anyhow::bail!(
+                "--tp/--pp run on CPU rank threads; on CUDA they are not wired yet \
+                 (NcclComm compiles but no runner uses it)"
+            );
+        }
         return run_parallel(args);
     }
-    let loaded = load_with(&args.model, args.dtype, args.keep_embeddings)?;
+    let device = args.runtime.open_device()?.device;
+    let loaded = load_on(&args.model, args.dtype, args.keep_embeddings, &device)?;
     let (prompt, add_special) = prompt_text(&args, &loaded.dir, &loaded.config)?;
     let encoding = loaded
         .tokenizer

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod generate;
+pub mod gpucheck;
 pub mod import;
 pub mod inspect;
 pub mod perplexity;
@@ -164,6 +165,46 @@ pub fn open_model(model: &str) -> anyhow::Result<ModelParts> {
         tokenizer,
         config,
     })
+}
+
+/// `--device` and `--random-weights`, shared by `generate`, `bench` and `serve`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RuntimeArgs {
+    /// Where the model, its KV cache and activations live: cpu, cuda or cuda:N (CUDA
+    /// needs a build with the `cuda` feature: scripts/build-cuda.sh).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Instead of loading --model, build a model of this shape with random weights
+    /// seeded by --seed: a planner preset (`llama-3-8b`, `smollm2-135m`, ...) or a
+    /// config.json (or its directory). There is no tokenizer: prompts are token ids.
+    #[arg(long, value_name = "PRESET_OR_CONFIG")]
+    pub random_weights: Option<String>,
+}
+
+impl RuntimeArgs {
+    /// The device asked for, opened (on CUDA: with the context's cost measured).
+    pub fn open_device(&self) -> anyhow::Result<llmem_engine::device::OpenedDevice> {
+        let spec = llmem_engine::device::DeviceSpec::parse(&self.device)?;
+        Ok(llmem_engine::device::open_measured(spec)?)
+    }
+
+    /// The shape of `--random-weights`, if given: a preset name first, then a path.
+    pub fn random_shape(&self) -> anyhow::Result<Option<llmem_planner::ModelShape>> {
+        let Some(name) = &self.random_weights else {
+            return Ok(None);
+        };
+        if let Ok(shape) = llmem_planner::preset(name) {
+            return Ok(Some(shape));
+        }
+        let path = std::path::Path::new(name);
+        if path.exists() {
+            return Ok(Some(llmem_planner::ModelShape::from_path(path)?));
+        }
+        anyhow::bail!(
+            "--random-weights {name:?} is neither a planner preset ({}) nor a config.json path",
+            llmem_planner::preset_names().join(", ")
+        )
+    }
 }
 
 /// The PP split and each rank's weights, KV cache and activation peak, with the

@@ -13,6 +13,13 @@
 //! made part of an allocation resident. Nothing is hidden in it on purpose: it is the
 //! gap between the engine's bookkeeping and the machine's.
 //!
+//! On a CUDA GPU (`serve --device cuda`) the device's numbers come from the driver
+//! (`cuMemGetInfo`): `device_used_bytes` is the whole device's use, the CUDA context +
+//! libraries measured at start-up are the `runtime_overhead`, and `unaccounted` is
+//! `(device used - other processes' use at start-up) - (weights + kv_reserved +
+//! activations_now + runtime_overhead)`: the allocator's pool, cuBLAS workspaces grown
+//! later, rope tables.
+//!
 //! The planner's side (`plan`) comes from `llmem_engine::engine::planned_terms` for the
 //! served model, dtypes and limits in a device of the memory budget; its
 //! `kv_cache_reserved_bytes` is the KV of the most `max_model_len`-token sequences the
@@ -39,10 +46,23 @@ pub struct RankLedger {
     pub planned: Option<PlannedRank>,
 }
 
+/// The GPU's figures fixed at start-up (`serve --device cuda`).
+#[derive(Debug, Clone)]
+pub struct GpuLedger {
+    pub device: candle_core::Device,
+    /// Device memory in use before llmem's context existed (estimated; see
+    /// `llmem_engine::device`).
+    pub other_processes_bytes: u64,
+    /// The CUDA context + cuBLAS measured at start-up.
+    pub cuda_context_bytes: u64,
+}
+
 /// Figures fixed at start-up.
 #[derive(Debug, Clone)]
 pub struct Ledger {
     pub device: String,
+    /// Set when serving on a CUDA GPU: the device's memory then comes from the driver.
+    pub gpu: Option<GpuLedger>,
     /// Stage-major, as `Engine::rank_memory`; one entry unsharded.
     pub ranks: Vec<RankLedger>,
     /// Bytes of one block over all layers and ranks.
@@ -144,13 +164,21 @@ impl Ledger {
             .map(|(r, n)| r.weights_bytes + r.kv_cache_reserved_bytes + n.activation)
             .sum::<u64>()
             + self.runtime_overhead_bytes;
+        let (ours, device_used) = match &self.gpu {
+            Some(g) => {
+                let used =
+                    llmem_engine::device::device_memory(&g.device).map_or(0, |m| m.used_bytes());
+                (used.saturating_sub(g.other_processes_bytes), used)
+            }
+            None => (rss, machine_used_bytes().unwrap_or(0)),
+        };
         if let Some(first) = ranks.first_mut() {
-            first.unaccounted = rss as i64 - accounted as i64;
+            first.unaccounted = ours as i64 - accounted as i64;
         }
         Now {
             ranks,
             rss,
-            device_used: machine_used_bytes().unwrap_or(0),
+            device_used,
         }
     }
 
@@ -225,6 +253,10 @@ impl Ledger {
         json!({
             "model": state.model_id,
             "device": self.device,
+            "gpu": self.gpu.as_ref().map(|g| json!({
+                "other_processes_bytes": g.other_processes_bytes,
+                "cuda_context_bytes": g.cuda_context_bytes,
+            })),
             "uptime_s": state.started.elapsed().as_secs_f64(),
             "ranks": ranks,
             "plan": self.plan_json(),

@@ -104,6 +104,10 @@ pub struct ServeArgs {
     pub max_body_bytes: u64,
     #[command(flatten)]
     pub parallel: crate::cmd::ParallelArgs,
+    /// Where the model, its KV cache and activations live: cpu, cuda or cuda:N (CUDA
+    /// needs a build with the `cuda` feature: scripts/build-cuda.sh).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// A running engine thread and the state the router serves.
@@ -142,12 +146,20 @@ fn build_single(
     model: Model,
     mut config: EngineConfig,
     baseline_rss: u64,
+    opened: &llmem_engine::device::OpenedDevice,
 ) -> anyhow::Result<Built> {
-    let utilization = match args.memory_utilization {
-        Some(f) => Some((f, crate::cmd::physical_memory_bytes()?)),
-        None => None,
+    // On a GPU: a share of the device's total, and the CUDA context measured at start-up
+    // as the overhead; on the CPU: physical memory and the resident set before loading.
+    let utilization = match (args.memory_utilization, opened.after) {
+        (Some(f), Some(mem)) => Some((f, mem.total_bytes)),
+        (Some(f), None) => Some((f, crate::cmd::physical_memory_bytes()?)),
+        (None, _) => None,
     };
-    let overhead = args.runtime_overhead.unwrap_or(baseline_rss);
+    let overhead = match (args.runtime_overhead, opened.after) {
+        (Some(o), _) => o,
+        (None, Some(_)) => opened.context_bytes(),
+        (None, None) => baseline_rss,
+    };
     let budget = match (args.kv_blocks, args.memory_budget, utilization) {
         (Some(_), _, _) => None,
         (None, Some(b), _) => Some(b),
@@ -184,8 +196,13 @@ fn build_single(
     let planned = llmem_engine::engine::planned_terms(&model, &config, planned_budget, overhead);
     let mut startup = String::new();
     if let Some((f, total)) = utilization {
+        let of = if opened.after.is_some() {
+            "the device's total"
+        } else {
+            "physical memory (MemTotal)"
+        };
         startup.push_str(&format!(
-            "--memory-utilization {f} x physical memory {} (MemTotal)\n",
+            "--memory-utilization {f} x {of} {}\n",
             human_bytes(total)
         ));
     }
@@ -207,6 +224,14 @@ fn build_single(
 
 /// Load the model, size and allocate the cache, start the engine thread.
 pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
+    let spec = llmem_engine::device::DeviceSpec::parse(&args.device)?;
+    if spec.is_cuda() && args.parallel.is_parallel() {
+        anyhow::bail!(
+            "--tp/--pp run on CPU rank threads; on CUDA they are not wired yet \
+             (NcclComm compiles but no runner uses it)"
+        );
+    }
+    let opened = llmem_engine::device::open_measured(spec)?;
     let baseline_rss = ledger::process_rss_bytes().unwrap_or(0);
     let kv_dtype = kv_dtype_for(args)?;
     let crate::cmd::ModelParts {
@@ -254,9 +279,9 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         }
     } else {
         let fmt = weight_format(&weights, &dir, args.dtype, args.keep_embeddings)?;
-        let model = load_parts(&shape, &weights, &dir, &fmt)?;
+        let model = load_parts(&shape, &weights, &dir, &fmt, &opened.device)?;
         drop(weights);
-        build_single(args, model, config, baseline_rss)?
+        build_single(args, model, config, baseline_rss, &opened)?
     };
     let Built {
         engine,
@@ -304,13 +329,22 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
             planned: planned_ranks.as_ref().and_then(|p| p.get(i).copied()),
         })
         .collect();
+    let gpu = opened.before.map(|before| ledger::GpuLedger {
+        device: opened.device.clone(),
+        other_processes_bytes: before.used_bytes(),
+        cuda_context_bytes: opened.context_bytes(),
+    });
     let ledger = Ledger {
-        device: "cpu".into(),
+        device: opened.device_label(),
+        device_total_bytes: match opened.after {
+            Some(m) => m.total_bytes,
+            None => crate::cmd::physical_memory_bytes().unwrap_or(0),
+        },
+        gpu,
         ranks,
         block_bytes: engine.block_bytes(),
         block_size: config.block_size,
         runtime_overhead_bytes: overhead,
-        device_total_bytes: crate::cmd::physical_memory_bytes().unwrap_or(0),
         max_model_len,
         plan_error: planned.as_ref().err().cloned(),
         planned: planned.ok(),
