@@ -139,31 +139,54 @@ fn dot<T: CacheElem>(q: &[f32], k: &[T]) -> f32 {
     lanes.iter().sum::<f32>() + sum
 }
 
-/// [`dot`], through AVX2/FMA/F16C intrinsics when `simd` (the caller checked the CPU):
-/// LLVM does not vectorize the generic form well for every element type.
+/// `s[t] = scale * q . k_t` for the `s.len()` keys of one block, key `t` at
+/// `rows[t * stride..][..q.len()]`; through AVX2/FMA/F16C intrinsics when `simd` (the
+/// caller checked the CPU), eight keys at a time.
 #[inline(always)]
-fn dot_dispatch<T: CacheElem>(q: &[f32], k: &[T], simd: bool) -> f32 {
+fn scores_dispatch<T: CacheElem>(
+    q: &[f32],
+    rows: &[T],
+    stride: usize,
+    scale: f32,
+    s: &mut [f32],
+    simd: bool,
+) {
+    let hd = q.len();
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: `simd` is true only when the CPU has AVX2, FMA and F16C.
-        return unsafe { simd::dot(q, k) };
-    }
-    let _ = simd;
-    dot(q, k)
-}
-
-/// `acc += w * v`, through intrinsics when `simd` (as [`dot_dispatch`]).
-#[inline(always)]
-fn axpy_dispatch<T: CacheElem>(acc: &mut [f32], w: f32, v: &[T], simd: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: as in `dot_dispatch`.
-        unsafe { simd::axpy(acc, w, v) };
+        // SAFETY: `simd` is true only when the CPU has AVX2, FMA and F16C; every row read
+        // lies inside `rows` (the caller slices it to the last key's end).
+        unsafe { simd::scores(q, rows, stride, scale, s) };
         return;
     }
     let _ = simd;
-    for (a, v) in acc.iter_mut().zip(v) {
-        *a = w.mul_add(v.to_f32(), *a);
+    for (t, s) in s.iter_mut().enumerate() {
+        *s = dot(q, &rows[t * stride..][..hd]) * scale;
+    }
+}
+
+/// `acc += sum_t w[t] * v_t` over the values of one block, value `t` at
+/// `rows[t * stride..][..acc.len()]` (as [`scores_dispatch`]).
+#[inline(always)]
+fn weighted_sum_dispatch<T: CacheElem>(
+    acc: &mut [f32],
+    w: &[f32],
+    rows: &[T],
+    stride: usize,
+    simd: bool,
+) {
+    let hd = acc.len();
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: as in `scores_dispatch`.
+        unsafe { simd::weighted_sum(acc, w, rows, stride) };
+        return;
+    }
+    let _ = simd;
+    for (t, &wt) in w.iter().enumerate() {
+        for (a, v) in acc.iter_mut().zip(&rows[t * stride..][..hd]) {
+            *a = wt.mul_add(v.to_f32(), *a);
+        }
     }
 }
 
@@ -188,22 +211,49 @@ mod simd {
         }
     }
 
+    /// Eight dots of `q` at once (keys `t0..t0 + 8`), summed across lanes by a
+    /// horizontal-add tree; `q.len()` a multiple of 8.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    pub unsafe fn dot<T: CacheElem>(q: &[f32], k: &[T]) -> f32 {
-        let n = q.len().min(k.len());
-        let (qp, kp) = (q.as_ptr(), k.as_ptr());
+    unsafe fn dot8<T: CacheElem>(q: &[f32], k: *const T, stride: usize) -> __m256 {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut i = 0;
+        while i < q.len() {
+            let qv = _mm256_loadu_ps(q.as_ptr().add(i));
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(qv, load8(k.add(j * stride + i)), *a);
+            }
+            i += 8;
+        }
+        let h01 = _mm256_hadd_ps(acc[0], acc[1]);
+        let h23 = _mm256_hadd_ps(acc[2], acc[3]);
+        let h45 = _mm256_hadd_ps(acc[4], acc[5]);
+        let h67 = _mm256_hadd_ps(acc[6], acc[7]);
+        let h0123 = _mm256_hadd_ps(h01, h23);
+        let h4567 = _mm256_hadd_ps(h45, h67);
+        _mm256_add_ps(
+            _mm256_permute2f128_ps(h0123, h4567, 0x20),
+            _mm256_permute2f128_ps(h0123, h4567, 0x31),
+        )
+    }
+
+    /// One dot, four accumulators.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dot1<T: CacheElem>(q: &[f32], k: *const T) -> f32 {
+        let n = q.len();
+        let qp = q.as_ptr();
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut i = 0;
         while i + 32 <= n {
             for (j, a) in acc.iter_mut().enumerate() {
                 let off = i + 8 * j;
-                *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(off)), load8(kp.add(off)), *a);
+                *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(off)), load8(k.add(off)), *a);
             }
             i += 32;
         }
         while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), load8(kp.add(i)), acc[0]);
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), load8(k.add(i)), acc[0]);
             i += 8;
         }
         let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
@@ -212,7 +262,7 @@ mod simd {
         let h = _mm_add_ss(h, _mm_movehdup_ps(h));
         let mut total = _mm_cvtss_f32(h);
         while i < n {
-            total = q[i].mul_add(k[i].to_f32(), total);
+            total = q[i].mul_add((*k.add(i)).to_f32(), total);
             i += 1;
         }
         total
@@ -220,20 +270,71 @@ mod simd {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    pub unsafe fn axpy<T: CacheElem>(acc: &mut [f32], w: f32, v: &[T]) {
-        let n = acc.len().min(v.len());
-        let (ap, vp) = (acc.as_mut_ptr(), v.as_ptr());
-        let wv = _mm256_set1_ps(w);
+    pub unsafe fn scores<T: CacheElem>(
+        q: &[f32],
+        rows: &[T],
+        stride: usize,
+        scale: f32,
+        s: &mut [f32],
+    ) {
+        let k = rows.as_ptr();
+        let n = s.len();
+        let mut t = 0;
+        if q.len() % 8 == 0 {
+            let sv = _mm256_set1_ps(scale);
+            while t + 8 <= n {
+                let d = dot8(q, k.add(t * stride), stride);
+                _mm256_storeu_ps(s.as_mut_ptr().add(t), _mm256_mul_ps(d, sv));
+                t += 8;
+            }
+        }
+        while t < n {
+            s[t] = dot1(q, k.add(t * stride)) * scale;
+            t += 1;
+        }
+    }
+
+    /// `acc += sum_t w[t] * v_t`, 64 (then 8) columns of `acc` held in registers while
+    /// the block's values stream past.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub unsafe fn weighted_sum<T: CacheElem>(
+        acc: &mut [f32],
+        w: &[f32],
+        rows: &[T],
+        stride: usize,
+    ) {
+        let hd = acc.len();
+        let (ap, vp) = (acc.as_mut_ptr(), rows.as_ptr());
         let mut i = 0;
-        while i + 8 <= n {
-            _mm256_storeu_ps(
-                ap.add(i),
-                _mm256_fmadd_ps(wv, load8(vp.add(i)), _mm256_loadu_ps(ap.add(i))),
-            );
+        while i + 64 <= hd {
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (j, r) in r.iter_mut().enumerate() {
+                *r = _mm256_loadu_ps(ap.add(i + 8 * j));
+            }
+            for (t, &wt) in w.iter().enumerate() {
+                let wv = _mm256_set1_ps(wt);
+                for (j, r) in r.iter_mut().enumerate() {
+                    *r = _mm256_fmadd_ps(wv, load8(vp.add(t * stride + i + 8 * j)), *r);
+                }
+            }
+            for (j, r) in r.iter().enumerate() {
+                _mm256_storeu_ps(ap.add(i + 8 * j), *r);
+            }
+            i += 64;
+        }
+        while i + 8 <= hd {
+            let mut r = _mm256_loadu_ps(ap.add(i));
+            for (t, &wt) in w.iter().enumerate() {
+                r = _mm256_fmadd_ps(_mm256_set1_ps(wt), load8(vp.add(t * stride + i)), r);
+            }
+            _mm256_storeu_ps(ap.add(i), r);
             i += 8;
         }
-        while i < n {
-            acc[i] = w.mul_add(v[i].to_f32(), acc[i]);
+        while i < hd {
+            for (t, &wt) in w.iter().enumerate() {
+                acc[i] = wt.mul_add((*vp.add(t * stride + i)).to_f32(), acc[i]);
+            }
             i += 1;
         }
     }
@@ -368,9 +469,8 @@ fn attend<T: CacheElem>(task: usize, io: TaskIo<'_, '_, T>, p: &AttentionParams,
         for g in 0..group {
             let q = &q_g[g * hd..][..hd];
             let s = &mut scores[..n];
-            for (t, s) in s.iter_mut().enumerate() {
-                *s = dot_dispatch(q, &key_cache[base + t * token_elems..][..hd], simd) * p.scale;
-            }
+            let rows = &key_cache[base..base + (n - 1) * token_elems + hd];
+            scores_dispatch(q, rows, token_elems, p.scale, s, simd);
             // Rescale what was accumulated when the running max grows.
             let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let new_max = max[g].max(block_max);
@@ -383,9 +483,8 @@ fn attend<T: CacheElem>(task: usize, io: TaskIo<'_, '_, T>, p: &AttentionParams,
             s.iter_mut().for_each(|x| *x -= new_max);
             exp_in_place(s);
             denom[g] = denom[g] * correction + s.iter().sum::<f32>();
-            for (t, &w) in s.iter().enumerate() {
-                axpy_dispatch(acc, w, &value_cache[base + t * token_elems..][..hd], simd);
-            }
+            let rows = &value_cache[base..base + (n - 1) * token_elems + hd];
+            weighted_sum_dispatch(acc, s, rows, token_elems, simd);
         }
     }
     for g in 0..group {
@@ -593,6 +692,16 @@ pub(crate) mod tests {
                 head_dim: 12,
                 seq_lens: vec![40, 3, 31],
                 queries_per_seq: 7,
+                scale_up: 1.0,
+            });
+            // 80 = 64 + 8 + 8: every column path of the SIMD weighted sum.
+            v.push(Case {
+                block_size,
+                num_heads: 2,
+                kv_heads: 1,
+                head_dim: 80,
+                seq_lens: vec![9, 26],
+                queries_per_seq: 3,
                 scale_up: 1.0,
             });
         }
