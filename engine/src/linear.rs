@@ -151,7 +151,6 @@ impl Linear {
         }
     }
 
-    /// True when the weight is held in a GGUF block format.
     /// Wrap a repacked Q8_0/Q4_0/Q4_1 weight (out_features, in_features); the bias stays dense.
     pub fn from_packed(weight: Arc<PackedMatrix>, bias: Option<Tensor>) -> Self {
         Linear {
@@ -160,6 +159,7 @@ impl Linear {
         }
     }
 
+    /// True when the weight is held in a GGUF block format (packed or not).
     pub fn is_quantized(&self) -> bool {
         matches!(self.weight, Weight::Quant(_) | Weight::Packed(_))
     }
