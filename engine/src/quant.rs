@@ -524,30 +524,37 @@ mod tests {
             );
             let dense = stored.dequantize().unwrap();
             let lin = stored.into_linear(None);
-            for m in [1, 5] {
-                let x = Tensor::from_vec(random(m, k, 20 + m as u64), (m, k), &Device::Cpu)
-                    .unwrap()
-                    .affine(10.0, 0.0)
-                    .unwrap();
-                let got: Vec<f32> = lin
-                    .forward(&x)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let want: Vec<f32> = x
-                    .matmul(&dense.t().unwrap())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
-                for (g, w) in got.iter().zip(&want) {
-                    // The activations are quantized to 8 bits per block on the way in.
-                    assert!((g - w).abs() <= 0.02 * scale, "{p} m={m}: {g} vs {w}");
-                }
+            assert_matches_dense(&lin, &dense, &[1, 5], 20, &p.to_string());
+        }
+    }
+
+    /// `lin` against the plain product with its dequantized weight `dense`, for inputs of
+    /// `rows` rows (seeded `seed + rows`), within 2% of the largest output: the
+    /// activations are quantized to 8 bits per block on the way in.
+    fn assert_matches_dense(lin: &Linear, dense: &Tensor, rows: &[usize], seed: u64, what: &str) {
+        let k = dense.dim(1).unwrap();
+        for &m in rows {
+            let x = Tensor::from_vec(random(m, k, seed + m as u64), (m, k), &Device::Cpu)
+                .unwrap()
+                .affine(10.0, 0.0)
+                .unwrap();
+            let got: Vec<f32> = lin
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want: Vec<f32> = x
+                .matmul(&dense.t().unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= 0.02 * scale, "{what} m={m}: {a} vs {b}");
             }
         }
     }
@@ -568,31 +575,7 @@ mod tests {
             let q = Arc::new(QTensor::quantize(&w, g).unwrap());
             let dense = q.dequantize(&Device::Cpu).unwrap();
             let lin = Linear::from_qtensor(q, None);
-            for m in [1, 3] {
-                let x = Tensor::from_vec(random(m, k, 30 + m as u64), (m, k), &Device::Cpu)
-                    .unwrap()
-                    .affine(10.0, 0.0)
-                    .unwrap();
-                let got: Vec<f32> = lin
-                    .forward(&x)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let want: Vec<f32> = x
-                    .matmul(&dense.t().unwrap())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
-                for (a, b) in got.iter().zip(&want) {
-                    // Activations are quantized to 8 bits per block on the way in.
-                    assert!((a - b).abs() <= 0.02 * scale, "{g:?} m={m}: {a} vs {b}");
-                }
-            }
+            assert_matches_dense(&lin, &dense, &[1, 3], 30, &format!("{g:?}"));
         }
     }
 

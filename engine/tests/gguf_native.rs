@@ -20,6 +20,8 @@ use llmem_engine::quant::WeightFormat;
 use llmem_engine::Error;
 use llmem_planner::Precision;
 
+mod common;
+
 // 256 columns so every block format (k-quants: 256-value blocks) fits every matrix.
 const HIDDEN: usize = 256;
 const HEADS: usize = 4;
@@ -27,23 +29,6 @@ const KV_HEADS: usize = 2;
 const HEAD_DIM: usize = HIDDEN / HEADS;
 const FFN: usize = 512;
 const LAYERS: usize = 2;
-
-/// GPT-2's byte-to-unicode map (the vocabulary is the 256 bytes plus two specials).
-fn byte_char(b: u8) -> char {
-    let printable = |x: u8| (b'!'..=b'~').contains(&x) || (0xa1..=0xac).contains(&x) || x >= 0xae;
-    if printable(b) {
-        char::from(b)
-    } else {
-        let n = (0..b).filter(|&x| !printable(x)).count() as u32;
-        char::from_u32(256 + n).unwrap()
-    }
-}
-
-fn vocab() -> Vec<String> {
-    let mut tokens = vec!["<|endoftext|>".to_string(), "<|im_start|>".to_string()];
-    tokens.extend((0..=255u8).map(|b| byte_char(b).to_string()));
-    tokens
-}
 
 /// Deterministic pseudo-random values in [-scale, scale] (xorshift).
 fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -60,7 +45,7 @@ fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 
 /// The tensors of a `LAYERS`-layer model: (name, shape, values). Norms near 1.
 fn tensors(untied: bool) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let v = vocab().len();
+    let v = common::byte_vocab().len();
     let (q, kv) = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
     let mut out = vec![
         ("token_embd.weight".to_string(), vec![v, HIDDEN], 0.5),
@@ -101,7 +86,7 @@ fn tensors(untied: bool) -> Vec<(String, Vec<usize>, Vec<f32>)> {
 }
 
 fn metadata(arch: &str) -> Vec<(String, Value)> {
-    let tokens = vocab();
+    let tokens = common::byte_vocab();
     let u = |x: usize| Value::U32(x as u32);
     let mut meta = vec![
         ("general.architecture".into(), Value::String(arch.into())),

@@ -11,30 +11,18 @@ use llmem_engine::convert::{convert_gguf, ConvertOptions, OutDtype};
 use llmem_engine::gguf::unpermute_rows;
 use llmem_engine::Error;
 
+mod common;
+
 const HIDDEN: usize = 32;
 const HEADS: usize = 4;
 const KV_HEADS: usize = 2;
 const HEAD_DIM: usize = HIDDEN / HEADS;
 const FFN: usize = 64;
 
-/// GPT-2's byte-to-unicode map.
-fn byte_char(b: u8) -> char {
-    let printable = |x: u8| (b'!'..=b'~').contains(&x) || (0xa1..=0xac).contains(&x) || x >= 0xae;
-    if printable(b) {
-        char::from(b)
-    } else {
-        let n = (0..b).filter(|&x| !printable(x)).count() as u32;
-        char::from_u32(256 + n).unwrap()
-    }
-}
-
 fn vocab() -> (Vec<String>, Vec<i32>, Vec<String>) {
-    let mut tokens = vec!["<|endoftext|>".to_string(), "<|im_start|>".to_string()];
+    let mut tokens = common::byte_vocab();
     let mut types = vec![3, 3];
-    for b in 0..=255u8 {
-        tokens.push(byte_char(b).to_string());
-        types.push(1);
-    }
+    types.extend([1; 256]);
     let merges = vec!["h e".to_string(), "l l".to_string()];
     tokens.extend(["he".to_string(), "ll".to_string()]);
     types.extend([1, 1]);
