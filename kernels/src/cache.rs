@@ -47,28 +47,17 @@ pub fn reshape_and_cache<T: CacheElem>(
     slot_mapping: &[Option<usize>],
     shape: CacheShape,
 ) -> Result<(), KernelError> {
+    check_cache_write(
+        key.len(),
+        value.len(),
+        key_cache.len(),
+        value_cache.len(),
+        slot_mapping,
+        shape,
+    )?;
     let n = shape.token_elems();
-    let tokens = slot_mapping.len();
-    check_len("key", key.len(), tokens * n, || {
-        format!("[{tokens}, {}, {}]", shape.kv_heads, shape.head_dim)
-    })?;
-    check_len("value", value.len(), tokens * n, || {
-        format!("[{tokens}, {}, {}]", shape.kv_heads, shape.head_dim)
-    })?;
-    check_len("key_cache", key_cache.len(), shape.elems(), || {
-        shape.describe()
-    })?;
-    check_len("value_cache", value_cache.len(), shape.elems(), || {
-        shape.describe()
-    })?;
     for (t, slot) in slot_mapping.iter().enumerate() {
         let Some(slot) = *slot else { continue };
-        if slot >= shape.slots() {
-            return Err(KernelError::Invalid(format!(
-                "slot_mapping[{t}] = {slot} is outside the cache's {} slots",
-                shape.slots()
-            )));
-        }
         let src = t * n..(t + 1) * n;
         let dst = slot * n..(slot + 1) * n;
         for (d, s) in key_cache[dst.clone()].iter_mut().zip(&key[src.clone()]) {
@@ -76,6 +65,39 @@ pub fn reshape_and_cache<T: CacheElem>(
         }
         for (d, s) in value_cache[dst].iter_mut().zip(&value[src]) {
             *d = T::from_f32(*s);
+        }
+    }
+    Ok(())
+}
+
+/// The checks of a cache write, before anything is written (CPU and CUDA kernels):
+/// `key`/`value` hold `[num_tokens, kv_heads, head_dim]`, the caches `shape`, and every
+/// slot lies inside the cache.
+pub(crate) fn check_cache_write(
+    key: usize,
+    value: usize,
+    key_cache: usize,
+    value_cache: usize,
+    slot_mapping: &[Option<usize>],
+    shape: CacheShape,
+) -> Result<(), KernelError> {
+    let n = shape.token_elems();
+    let tokens = slot_mapping.len();
+    let token_shape = || format!("[{tokens}, {}, {}]", shape.kv_heads, shape.head_dim);
+    check_len("key", key, tokens * n, token_shape)?;
+    check_len("value", value, tokens * n, token_shape)?;
+    check_len("key_cache", key_cache, shape.elems(), || shape.describe())?;
+    check_len("value_cache", value_cache, shape.elems(), || {
+        shape.describe()
+    })?;
+    for (t, slot) in slot_mapping.iter().enumerate() {
+        if let Some(slot) = *slot {
+            if slot >= shape.slots() {
+                return Err(KernelError::Invalid(format!(
+                    "slot_mapping[{t}] = {slot} is outside the cache's {} slots",
+                    shape.slots()
+                )));
+            }
         }
     }
     Ok(())

@@ -21,7 +21,7 @@ use candle_core::cuda_backend::CudaDevice;
 use half::{bf16, f16};
 
 use crate::attention::{check, Checked, Lens};
-use crate::{check_len, AttentionParams, CacheElem, CacheShape, KernelError};
+use crate::{AttentionParams, CacheElem, CacheShape, KernelError};
 
 /// The kernels' source, compiled by NVRTC at first use.
 pub const SOURCE: &str = include_str!("paged.cu");
@@ -89,30 +89,20 @@ pub fn reshape_and_cache_cuda<T: CudaCacheElem>(
     slot_mapping: &[Option<usize>],
     shape: CacheShape,
 ) -> Result<(), KernelError> {
+    crate::cache::check_cache_write(
+        key.len(),
+        value.len(),
+        key_cache.len(),
+        value_cache.len(),
+        slot_mapping,
+        shape,
+    )?;
     let n = shape.token_elems();
     let tokens = slot_mapping.len();
-    let token_shape = || format!("[{tokens}, {}, {}]", shape.kv_heads, shape.head_dim);
-    check_len("key", key.len(), tokens * n, token_shape)?;
-    check_len("value", value.len(), tokens * n, token_shape)?;
-    check_len("key_cache", key_cache.len(), shape.elems(), || {
-        shape.describe()
-    })?;
-    check_len("value_cache", value_cache.len(), shape.elems(), || {
-        shape.describe()
-    })?;
-    let mut slots = Vec::with_capacity(tokens);
-    for (t, slot) in slot_mapping.iter().enumerate() {
-        slots.push(match *slot {
-            None => -1i64,
-            Some(s) if s < shape.slots() => s as i64,
-            Some(s) => {
-                return Err(KernelError::Invalid(format!(
-                    "slot_mapping[{t}] = {s} is outside the cache's {} slots",
-                    shape.slots()
-                )))
-            }
-        });
-    }
+    let slots: Vec<i64> = slot_mapping
+        .iter()
+        .map(|s| s.map_or(-1, |s| s as i64))
+        .collect();
     if tokens == 0 {
         return Ok(());
     }
