@@ -87,6 +87,15 @@ impl BlockFormat {
         }
     }
 
+    /// What a stored weight byte is XORed with: Q8_0's signed bytes are kept unsigned
+    /// (`q + 128`); the nibble formats are stored as the file has them.
+    const fn flip(self) -> u8 {
+        match self {
+            BlockFormat::Q8_0 => 0x80,
+            _ => 0,
+        }
+    }
+
     /// Bytes of weights per row and block (32 or 16): 4 per row in each 64-byte run.
     const fn runs(self) -> usize {
         (self.block_bytes() - self.head()) / 4
@@ -170,7 +179,7 @@ impl PackedMatrix {
                 format.name()
             )
         })?;
-        let flip = if format == BlockFormat::Q8_0 { 0x80 } else { 0 };
+        let flip = format.flip();
         let tb = format.tile_bytes();
         let mut data = vec![0u8; blocks.len()];
         data.par_chunks_mut(kb * tb)
@@ -207,11 +216,7 @@ impl PackedMatrix {
     pub fn to_blocks(&self) -> Vec<u8> {
         let kb = self.cols / QK;
         let bb = self.format.block_bytes();
-        let flip = if self.format == BlockFormat::Q8_0 {
-            0x80
-        } else {
-            0
-        };
+        let flip = self.format.flip();
         let mut out = vec![0u8; self.data.len()];
         for row in 0..self.rows {
             for b in 0..kb {
