@@ -11,6 +11,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_weights;
+mod host_ops;
 pub mod hub;
 pub mod kv_cache;
 pub mod linear;

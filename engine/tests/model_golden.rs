@@ -150,6 +150,32 @@ fn matching_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// Teacher-forced agreement: the reference's prompt and greedy continuation are fed in one
+/// pass, and at each of the 32 continuation steps the model's top token is compared with
+/// the reference's. Unlike the greedy prefix, one near-tie does not decide the rest of
+/// the case, so this is the measure the quantized bounds are asserted on.
+fn teacher_forced_top1(model: &Model, case: &Value) -> usize {
+    let prompt = ids(&case["prompt_ids"]);
+    let want = ids(&case["greedy_ids"]);
+    let mut fed = prompt.clone();
+    fed.extend_from_slice(&want[..want.len() - 1]);
+    let mut cache = model.new_cache(fed.len()).unwrap();
+    let logits: Vec<Vec<f32>> = model
+        .forward_all_logits(&fed, &AttnMetadata::single(0, fed.len()), &mut [&mut cache])
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let argmax = |row: &[f32]| {
+        (0..row.len())
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap() as u32
+    };
+    want.iter()
+        .enumerate()
+        .filter(|&(i, &w)| argmax(&logits[prompt.len() - 1 + i]) == w)
+        .count()
+}
+
 #[test]
 fn golden_f32_prompt_ids_greedy_and_logits() {
     let Some(dir) = model_dir() else { return };
@@ -260,9 +286,10 @@ fn golden_native_q4_1_gguf_greedy_agreement() {
         "{:?}",
         stored.by_dtype
     );
-    let mut total = 0;
+    let (mut total, mut forced) = (0, 0);
     for case in reference()["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
+        forced += teacher_forced_top1(&model, case);
         let out = greedy(&model, &dir, ids(&case["prompt_ids"]), 0);
         let matched = matching_prefix(&out.token_ids, &ids(&case["greedy_ids"]));
         let margin = case["top1_top2_logit_margin_per_step"][matched]
@@ -274,12 +301,16 @@ fn golden_native_q4_1_gguf_greedy_agreement() {
         );
         total += matched;
     }
-    println!("native q4_1 GGUF total: {total}/160 greedy tokens match");
-    // Measured 91/160 (two cases all 32, the others part at close calls); the bound is
-    // bf16's, loose on purpose: activation rounding decides near-ties either way.
+    println!(
+        "native q4_1 GGUF total: {total}/160 greedy tokens match; teacher-forced top-1 \
+         {forced}/160"
+    );
+    // Greedy prefixes depend on how activation rounding tips near-ties (measured 91/160,
+    // then 89/160 after the element-wise code changed), so the bound is on the
+    // teacher-forced agreement (measured 155/160), loose on purpose.
     assert!(
-        total >= 80,
-        "native GGUF greedy agreement fell to {total}/160"
+        forced >= 120,
+        "native GGUF teacher-forced top-1 agreement fell to {forced}/160"
     );
 }
 
@@ -472,21 +503,23 @@ fn golden_quantized_weight_bytes_equal_the_planner() {
 }
 
 /// Greedy continuations of the five reference prompts at q8_0, q4_k and q4_0, against
-/// the f32 reference: prints the agreement (matching prefix of the 32 tokens). The
-/// bounds are loose sanity checks, far below what was measured (see the README).
+/// the f32 reference: prints the agreement (matching prefix of the 32 tokens) and the
+/// teacher-forced top-1 agreement, which the loose bounds apply to (see the README).
 #[test]
 fn golden_quantized_greedy_agreement() {
     use llmem_engine::quant::WeightFormat;
     use llmem_planner::Precision;
     let Some(dir) = model_dir() else { return };
     let tok = load_tokenizer(&dir).unwrap();
-    for (p, min_total) in [
-        // Measured: q8_0 137/160 (117/160 through candle's layout, LLMEM_PACKED=0: its
-        // activation scales are f16, ours f32), q4_k 29/160, q4_0 11/160 (4-bit SmolLM2-135M often
-        // picks another first token, then writes its own sensible text).
-        (Precision::Q8_0, 80),
-        (Precision::Q4K, 3),
-        (Precision::Q4_0, 3),
+    for (p, min_forced) in [
+        // Greedy prefixes are chaotic: one near-tie tipped by activation rounding ends a
+        // case's count. q8_0 measured 137/160, then 64/160 after the element-wise ops
+        // changed summation order, with the same teacher-forced agreement and the same KL
+        // to f32 in `llmem sweep`. Teacher-forced top-1 measured: q8_0 153/160, q4_k
+        // 115/160, q4_0 110/160.
+        (Precision::Q8_0, 140),
+        (Precision::Q4K, 90),
+        (Precision::Q4_0, 90),
     ] {
         let fmt = WeightFormat {
             precision: p,
@@ -494,22 +527,28 @@ fn golden_quantized_greedy_agreement() {
             as_stored: false,
         };
         let model = Model::load_dir_with(&dir, &fmt, &Device::Cpu).unwrap();
-        let mut total = 0;
+        let (mut total, mut forced) = (0, 0);
         for case in reference()["cases"].as_array().unwrap() {
             let name = case["name"].as_str().unwrap();
             let out = greedy(&model, &dir, ids(&case["prompt_ids"]), 0);
             let want = ids(&case["greedy_ids"]);
             let matched = matching_prefix(&out.token_ids, &want);
+            let top1 = teacher_forced_top1(&model, case);
             println!(
-                "{p} {name}: {matched}/32 greedy tokens match f32: {:?}",
+                "{p} {name}: {matched}/32 greedy tokens match f32, teacher-forced top-1 \
+                 {top1}/32: {:?}",
                 tok.decode(&out.token_ids, true).unwrap()
             );
             total += matched;
+            forced += top1;
         }
-        println!("{p} total: {total}/160 greedy tokens match the f32 reference");
+        println!(
+            "{p} total: {total}/160 greedy tokens match the f32 reference; teacher-forced \
+             top-1 {forced}/160"
+        );
         assert!(
-            total >= min_total,
-            "{p}: greedy agreement fell to {total}/160"
+            forced >= min_forced,
+            "{p}: teacher-forced top-1 agreement fell to {forced}/160"
         );
     }
 }

@@ -493,28 +493,12 @@ fn attend<T: CacheElem>(task: usize, io: TaskIo<'_, '_, T>, p: &AttentionParams,
     }
 }
 
-/// `x = exp(x)` for `x <= 0` (softmax weights after the maximum is subtracted), written
-/// without branches so the loop vectorizes: `exp(x) = 2^n * exp(r)` with
-/// `n = round(x / ln 2)`, `|r| <= ln 2 / 2`, and a degree-6 polynomial for `exp(r)`
-/// (relative error about 2e-7, checked against `f32::exp` in the tests). Below -87 the
-/// result is 0 (the true value is under f32's smallest normal).
+/// `x = exp(x)` for `x <= 0` (softmax weights after the maximum is subtracted), see
+/// [`crate::ops::exp_nonpos`].
 #[inline(always)]
 fn exp_in_place(xs: &mut [f32]) {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding then subtracting 1.5 * 2^23 rounds to the nearest integer (ties to even).
-    const ROUND: f32 = 12_582_912.0;
     for x in xs.iter_mut() {
-        let v = x.max(-87.0);
-        let n = (v * LOG2E + ROUND) - ROUND;
-        let r = v - n * LN2_HI - n * LN2_LO;
-        let p = 1.0
-            + r * (1.0
-                + r * (0.5
-                    + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-        *x = if *x < -87.0 { 0.0 } else { p * scale };
+        *x = crate::ops::exp_nonpos(*x);
     }
 }
 

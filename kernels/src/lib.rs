@@ -16,6 +16,7 @@ mod cache;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod elem;
+pub mod ops;
 pub mod packed;
 
 pub use attention::{paged_attention, paged_attention_reference, AttentionParams};
