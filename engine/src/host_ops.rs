@@ -105,7 +105,9 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor
     if gate.shape() != up.shape() {
         return gate.silu()? * up;
     }
-    match on_host_f32([gate, up], |[g, u]| fresh(gate, |out| ops::silu_mul(g, u, out)))? {
+    match on_host_f32([gate, up], |[g, u]| {
+        fresh(gate, |out| ops::silu_mul(g, u, out))
+    })? {
         Some(y) => y,
         None => gate.silu()? * up,
     }
@@ -149,7 +151,7 @@ mod tests {
     }
 
     fn values(n: usize, k: f32) -> Vec<f32> {
-        (0..n).map(|i| ((i as f32 * k).sin() * 3.0)).collect()
+        (0..n).map(|i| (i as f32 * k).sin() * 3.0).collect()
     }
 
     /// The host kernels agree with candle's ops (the path f16/bf16 and GPU tensors take),
@@ -175,8 +177,12 @@ mod tests {
         assert!(max_diff(&silu_mul(&x, &y).unwrap(), &want) < 1e-5);
 
         let q = t(&values(rows * heads * d, 0.23), &[rows, heads, d]);
-        let cos = t(&values(rows * d / 2, 0.05), &[rows, d / 2]).cos().unwrap();
-        let sin = t(&values(rows * d / 2, 0.05), &[rows, d / 2]).sin().unwrap();
+        let cos = t(&values(rows * d / 2, 0.05), &[rows, d / 2])
+            .cos()
+            .unwrap();
+        let sin = t(&values(rows * d / 2, 0.05), &[rows, d / 2])
+            .sin()
+            .unwrap();
         let want = candle_nn::rotary_emb::rope_thd(&q.unsqueeze(0).unwrap(), &cos, &sin)
             .unwrap()
             .squeeze(0)
@@ -191,7 +197,10 @@ mod tests {
         // f16 takes candle's path and gives the same answer within f16 precision.
         let x16 = x.to_dtype(DType::F16).unwrap();
         let w16 = w.to_dtype(DType::F16).unwrap();
-        let got = rms_norm(&x16, &w16, eps).unwrap().to_dtype(DType::F32).unwrap();
+        let got = rms_norm(&x16, &w16, eps)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
         let want = rms_norm(&x, &w, eps).unwrap();
         assert!(max_diff(&got, &want) < 1e-2);
     }

@@ -175,6 +175,49 @@ impl Linear {
         w + self.bias.as_ref().map_or(0, b)
     }
 
+    /// Several linears of the same input (a layer's q/k/v, or gate and up): the same
+    /// answers as one [`Linear::forward`] each. When all hold packed block weights and no
+    /// bias, one kernel call quantizes `x` once and covers every matrix.
+    pub fn forward_many<const N: usize>(
+        x: &Tensor,
+        ls: [&Linear; N],
+    ) -> candle_core::Result<[Tensor; N]> {
+        let packed: Vec<&PackedMatrix> = ls
+            .iter()
+            .filter_map(|l| match (&l.weight, &l.bias) {
+                (Weight::Packed(p), None) => Some(&**p),
+                _ => None,
+            })
+            .collect();
+        let (m, k) = x.dims2()?;
+        if N < 2 || packed.len() != N || packed.iter().any(|p| p.cols() != k) {
+            let mut out = Vec::with_capacity(N);
+            for l in ls {
+                out.push(l.forward(x)?);
+            }
+            return out
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("forward_many: count".into()));
+        }
+        let mut outs: Vec<Vec<f32>> = packed.iter().map(|p| vec![0f32; m * p.rows()]).collect();
+        with_f32_rows(x, |xs| {
+            let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            llmem_kernels::packed::matmul_many(xs, m, &packed, &mut slices)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        })?;
+        let mut ys = Vec::with_capacity(N);
+        for (out, p) in outs.into_iter().zip(&packed) {
+            let y = Tensor::from_vec(out, (m, p.rows()), x.device())?;
+            ys.push(if x.dtype() != DType::F32 {
+                y.to_dtype(x.dtype())?
+            } else {
+                y
+            });
+        }
+        ys.try_into()
+            .map_err(|_| candle_core::Error::Msg("forward_many: count".into()))
+    }
+
     /// x: (rows, in_features) -> (rows, out_features). A dense weight answers in its
     /// own dtype, cast to x's when they differ (an f16 fallback matrix in an f32 model);
     /// a quantized weight takes and returns f32.

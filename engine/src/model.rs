@@ -117,7 +117,11 @@ impl RmsNorm {
     }
 
     /// The residual add before the norm, fused: `(x + y, norm(x + y))`.
-    pub(crate) fn add_forward(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    pub(crate) fn add_forward(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         crate::host_ops::add_rms_norm(x, y, &self.weight, self.eps)
     }
 }
@@ -428,9 +432,10 @@ impl Attention {
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let t = x.dim(0)?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((t, nh, hd))?;
-        let k = self.k_proj.forward(x)?.reshape((t, nkv, hd))?;
-        let v = self.v_proj.forward(x)?.reshape((t, nkv, hd))?;
+        let [q, k, v] = Linear::forward_many(x, [&self.q_proj, &self.k_proj, &self.v_proj])?;
+        let q = q.reshape((t, nh, hd))?;
+        let k = k.reshape((t, nkv, hd))?;
+        let v = v.reshape((t, nkv, hd))?;
         let q = crate::host_ops::rope(&q, cos, sin)?;
         let k = crate::host_ops::rope(&k, cos, sin)?;
         Ok((q, k, v))
@@ -669,9 +674,10 @@ impl Mlp {
 
     /// x: (T, hidden) -> (T, hidden).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
-        let up = self.up_proj.forward(x)?;
-        let y = self.down_proj.forward(&crate::host_ops::silu_mul(&gate, &up)?)?;
+        let [gate, up] = Linear::forward_many(x, [&self.gate_proj, &self.up_proj])?;
+        let y = self
+            .down_proj
+            .forward(&crate::host_ops::silu_mul(&gate, &up)?)?;
         match &self.tp {
             Some(r) => r.apply(y),
             None => Ok(y),

@@ -528,6 +528,42 @@ mod tests {
         }
     }
 
+    /// `Linear::forward_many` gives each linear exactly its own `forward`'s answer: through
+    /// the shared packed call (q8_0/q4_0/q4_1 matrices together) and through the one-by-one
+    /// fallback (a mix with a k-quant and a dense matrix).
+    #[test]
+    fn forward_many_equals_forward_each() {
+        let k = 256;
+        let lin = |n: usize, p: Precision, seed: u64| {
+            let w = Tensor::from_vec(random(n, k, seed), (n, k), &Device::Cpu).unwrap();
+            store_matrix(&w, p, "w").unwrap().into_linear(None)
+        };
+        let packed = [
+            lin(48, Precision::Q8_0, 1),
+            lin(16, Precision::Q4_0, 2),
+            lin(32, Precision::Q4_1, 3),
+        ];
+        let mixed = [
+            lin(48, Precision::Q8_0, 4),
+            lin(32, Precision::Q4K, 5),
+            lin(16, Precision::Fp32, 6),
+        ];
+        for set in [&packed, &mixed] {
+            for m in [1, 7] {
+                let x =
+                    Tensor::from_vec(random(m, k, 30 + m as u64), (m, k), &Device::Cpu).unwrap();
+                let many = Linear::forward_many(&x, [&set[0], &set[1], &set[2]]).unwrap();
+                for (l, got) in set.iter().zip(&many) {
+                    let want = l.forward(&x).unwrap();
+                    assert_eq!(
+                        got.to_vec2::<f32>().unwrap(),
+                        want.to_vec2::<f32>().unwrap()
+                    );
+                }
+            }
+        }
+    }
+
     /// `lin` against the plain product with its dequantized weight `dense`, for inputs of
     /// `rows` rows (seeded `seed + rows`), within 2% of the largest output: the
     /// activations are quantized to 8 bits per block on the way in.

@@ -424,43 +424,77 @@ unsafe fn quantize_block_avx512(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
 /// `out = x w^T`: `x` is (m, cols) f32, `w` (rows, cols) packed, `out` (m, rows). The
 /// activations are quantized per block of 32 first, as llama.cpp does for Q8_0 and Q4_0.
 pub fn matmul(x: &[f32], m: usize, w: &PackedMatrix, out: &mut [f32]) -> Result<(), KernelError> {
-    let (n, k) = (w.rows, w.cols);
-    crate::check_len("output", out.len(), m * n, || format!("({m}, {n})"))?;
+    matmul_many(x, m, &[w], &mut [out])
+}
+
+/// Several products of the same activations, `outs[i] = x ws[i]^T` (each (m, rows_i)):
+/// the activations are quantized once and one parallel loop covers the row groups of
+/// every matrix (a layer's q/k/v projections, or gate and up), so a decode step forks
+/// and joins once instead of once per matrix.
+pub fn matmul_many(
+    x: &[f32],
+    m: usize,
+    ws: &[&PackedMatrix],
+    outs: &mut [&mut [f32]],
+) -> Result<(), KernelError> {
+    let Some(first) = ws.first() else {
+        return Ok(());
+    };
+    let k = first.cols;
+    crate::check_len("outputs", outs.len(), ws.len(), || {
+        format!("one per matrix, {}", ws.len())
+    })?;
+    for (w, out) in ws.iter().zip(outs.iter()) {
+        if w.cols != k {
+            return Err(KernelError::Invalid(format!(
+                "matrices of one product must have the same columns: {} and {k}",
+                w.cols
+            )));
+        }
+        crate::check_len("output", out.len(), m * w.rows, || {
+            format!("({m}, {})", w.rows)
+        })?;
+    }
     let qa = quantize_rows(x, m, k)?;
     if !PackedMatrix::fast_path_available() {
-        out.copy_from_slice(&matmul_reference(&qa, m, w));
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            out.copy_from_slice(&matmul_reference(&qa, m, w));
+        }
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let groups = n / GROUP;
-        let out_ptr = OutPtr(out.as_mut_ptr());
+        // Task `t` is group `t - starts[i]` of matrix `i`, for the last `starts[i] <= t`.
+        let mut starts = Vec::with_capacity(ws.len());
+        let mut total = 0;
+        for w in ws {
+            starts.push(total);
+            total += w.rows / GROUP;
+        }
+        let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+        let work: usize = ws.iter().map(|w| w.rows).sum::<usize>() * k;
         for r0 in (0..m).step_by(M_CHUNK) {
             let rows = M_CHUNK.min(m - r0);
-            let run = |g: usize| {
-                let out_ptr = &out_ptr;
-                // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked above); task `g` writes
-                // only columns g*16..g*16+16 of rows r0..r0+rows, which no other task
-                // touches, and every index stays inside `out` (m * n, checked above),
-                // `qa` (m rows of k) and `w` (groups * kb tiles).
+            let run = |t: usize| {
+                let i = starts.partition_point(|&s| s <= t) - 1;
+                let (w, g, n) = (ws[i], t - starts[i], ws[i].rows);
+                let out = ptrs[i].0;
+                // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked above); task `t` writes
+                // only columns g*16..g*16+16 of rows r0..r0+rows of output `i`, which no
+                // other task touches, and every index stays inside that output (m * n,
+                // checked above), `qa` (m rows of k) and `w` (groups * kb tiles).
                 unsafe {
                     match w.format {
-                        BlockFormat::Q8_0 => {
-                            group_rows::<K_Q8_0>(w, &qa, g, r0, rows, out_ptr.0, n)
-                        }
-                        BlockFormat::Q4_0 => {
-                            group_rows::<K_Q4_0>(w, &qa, g, r0, rows, out_ptr.0, n)
-                        }
-                        BlockFormat::Q4_1 => {
-                            group_rows::<K_Q4_1>(w, &qa, g, r0, rows, out_ptr.0, n)
-                        }
+                        BlockFormat::Q8_0 => group_rows::<K_Q8_0>(w, &qa, g, r0, rows, out, n),
+                        BlockFormat::Q4_0 => group_rows::<K_Q4_0>(w, &qa, g, r0, rows, out, n),
+                        BlockFormat::Q4_1 => group_rows::<K_Q4_1>(w, &qa, g, r0, rows, out, n),
                     }
                 }
             };
-            if rows * n * k >= 1 << 18 {
-                (0..groups).into_par_iter().with_min_len(2).for_each(run);
+            if rows * work >= 1 << 18 {
+                (0..total).into_par_iter().with_min_len(2).for_each(run);
             } else {
-                (0..groups).for_each(run);
+                (0..total).for_each(run);
             }
         }
     }
@@ -761,6 +795,46 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// One call over several matrices (of mixed formats and row counts) gives each the
+    /// same numbers as its own call, at decode and at prefill row counts.
+    #[test]
+    fn matmul_many_equals_one_call_per_matrix() {
+        let k = 96;
+        let shapes = [
+            (BlockFormat::Q8_0, 48),
+            (BlockFormat::Q4_0, 16),
+            (BlockFormat::Q4_1, 32),
+        ];
+        let ws: Vec<PackedMatrix> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(f, n))| {
+                let (blocks, _) = random_blocks(f, n, k, 40 + i as u64);
+                PackedMatrix::from_blocks(f, n, k, &blocks).unwrap()
+            })
+            .collect();
+        let refs: Vec<&PackedMatrix> = ws.iter().collect();
+        for m in [1, 9, 300] {
+            let mut rng = Rng::new(m as u64);
+            let x: Vec<f32> = (0..m * k).map(|_| rng.uniform() - 0.5).collect();
+            let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows()]).collect();
+            let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            matmul_many(&x, m, &refs, &mut slices).unwrap();
+            for (w, got) in ws.iter().zip(&outs) {
+                let mut want = vec![0f32; m * w.rows()];
+                matmul(&x, m, w, &mut want).unwrap();
+                assert_eq!(got, &want, "{:?} m={m}", w.format());
+            }
+        }
+        // Matrices of different widths cannot share the quantized activations.
+        let (blocks, _) = random_blocks(BlockFormat::Q8_0, 16, 32, 1);
+        let narrow = PackedMatrix::from_blocks(BlockFormat::Q8_0, 16, 32, &blocks).unwrap();
+        let (mut a, mut b) = (vec![0f32; 48], vec![0f32; 16]);
+        let err =
+            matmul_many(&[0.0; 96], 1, &[&ws[0], &narrow], &mut [&mut a, &mut b]).unwrap_err();
+        assert!(err.to_string().contains("32 and 96"), "{err}");
     }
 
     #[test]
