@@ -17,6 +17,7 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
+use crate::kv_cache::KvDtype;
 use crate::model::{AttnMetadata, Model};
 use crate::sampler::{top_logprobs, IncrementalDecoder, Sampler, SamplingParams, StopStrings};
 
@@ -89,8 +90,8 @@ impl KvCache {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let n = k_new.dim(0)?;
         let (k, v) = (&self.k[layer], &self.v[layer]);
-        k.slice_set(k_new, 0, offset)?;
-        v.slice_set(v_new, 0, offset)?;
+        k.slice_set(&k_new.to_dtype(k.dtype())?, 0, offset)?;
+        v.slice_set(&v_new.to_dtype(v.dtype())?, 0, offset)?;
         Ok((k.narrow(0, 0, offset + n)?, v.narrow(0, 0, offset + n)?))
     }
 
@@ -132,6 +133,8 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// Record the top K log-probabilities at every generated position (0: none).
     pub top_logprobs: usize,
+    /// KV cache element type; `None`: the model's dtype.
+    pub kv_dtype: Option<KvDtype>,
 }
 
 /// Wall-clock time per phase.
@@ -210,7 +213,10 @@ pub fn generate(
     // but the last generated token, which is never fed back.
     let capacity =
         (prompt_len + req.max_tokens.saturating_sub(1)).clamp(prompt_len, max_context - 1);
-    let mut cache = model.new_cache(capacity)?;
+    let mut cache = match req.kv_dtype {
+        Some(kv) => KvCache::new(model.shape(), capacity, kv.dtype(), model.device())?,
+        None => model.new_cache(capacity)?,
+    };
 
     let prefill_meta = AttnMetadata::single(0, prompt_len);
     let start = Instant::now();

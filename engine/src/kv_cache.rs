@@ -43,6 +43,15 @@ impl KvDtype {
         }
     }
 
+    /// The candle dtype of the same element type.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            KvDtype::F32 => candle_core::DType::F32,
+            KvDtype::F16 => candle_core::DType::F16,
+            KvDtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "f32" | "fp32" | "float32" => Ok(KvDtype::F32),

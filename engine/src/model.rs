@@ -38,7 +38,7 @@ use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::generate::KvCache;
 use crate::kv_cache::{check_paged_pass, PagedKvCache, PagedMetadata};
-use crate::linear::{Linear, WeightElem};
+use crate::linear::Linear;
 use crate::loader::WeightFiles;
 use crate::quant::{self, StoredMatrix, WeightFormat};
 
@@ -550,7 +550,8 @@ impl Attention {
     }
 }
 
-/// Decode attention of one query token, straight over the cache rows, f32 accumulation.
+/// Decode attention of one query token over the contiguous cache, by the paged decode
+/// kernel (SIMD, f32 accumulation, K/V read in the cache's dtype).
 ///
 /// q: (1, heads, head_dim); k, v: (ctx, kv_heads, head_dim) contiguous views of the cache.
 /// Returns (1, heads * head_dim) in q's dtype. Same math as [`Attention::attend`] without
@@ -559,42 +560,35 @@ impl Attention {
 /// general path by the prefill-then-decode tests.
 fn attend_one_query(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
     use candle_core::{CpuStorage, Storage};
-    use rayon::prelude::*;
+    use llmem_kernels::{AttentionParams, CacheElem, CacheShape};
 
     let (_, nh, hd) = q.dims3()?;
     let (ctx, nkv, _) = k.dims3()?;
-    let group = nh / nkv;
-    let scale = 1.0 / (hd as f32).sqrt();
     let q32: Vec<f32> = q.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-
-    fn heads<T: WeightElem>(
+    // The cache rows 0..ctx are one block of `ctx` tokens in the paged kernel's layout
+    // (token, kv head, dim), so the paged decode kernel runs over them as they are.
+    let params = AttentionParams {
+        num_heads: nh,
+        scale: 1.0 / (hd as f32).sqrt(),
+        cache: CacheShape {
+            num_blocks: 1,
+            block_size: ctx,
+            kv_heads: nkv,
+            head_dim: hd,
+        },
+        max_blocks_per_seq: 1,
+    };
+    fn heads<T: CacheElem>(
         q: &[f32],
         k: &[T],
         v: &[T],
-        (ctx, nh, nkv, hd, group, scale): (usize, usize, usize, usize, usize, f32),
-    ) -> Vec<f32> {
-        let mut out = vec![0f32; nh * hd];
-        out.par_chunks_mut(hd).enumerate().for_each(|(h, o)| {
-            let kvh = h / group;
-            let qh = &q[h * hd..(h + 1) * hd];
-            let row = |j: usize| (j * nkv + kvh) * hd;
-            let mut scores: Vec<f32> = (0..ctx)
-                .map(|j| T::dot(qh, &k[row(j)..row(j) + hd]) * scale)
-                .collect();
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let mut total = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                total += *s;
-            }
-            for (j, p) in scores.iter().enumerate() {
-                let p = p / total;
-                for (o, x) in o.iter_mut().zip(&v[row(j)..row(j) + hd]) {
-                    *o += p * x.widen();
-                }
-            }
-        });
-        out
+        p: &AttentionParams,
+    ) -> candle_core::Result<Vec<f32>> {
+        let mut out = vec![0f32; q.len()];
+        let ctx = p.cache.block_size as u32;
+        llmem_kernels::paged_attention(&mut out, q, k, v, &[0], &[0], &[ctx], p)
+            .map_err(|e| candle_core::Error::Msg(format!("decode attention: {e}")))?;
+        Ok(out)
     }
 
     let (ks, kl) = k.storage_and_layout();
@@ -606,13 +600,12 @@ fn attend_one_query(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<T
     else {
         candle_core::bail!("decode attention: cache views must be contiguous")
     };
-    let dims = (ctx, nh, nkv, hd, group, scale);
     let out = match (kc, vc) {
-        (CpuStorage::F32(k), CpuStorage::F32(v)) => heads(&q32, &k[k0..k1], &v[v0..v1], dims),
-        (CpuStorage::BF16(k), CpuStorage::BF16(v)) => heads(&q32, &k[k0..k1], &v[v0..v1], dims),
-        (CpuStorage::F16(k), CpuStorage::F16(v)) => heads(&q32, &k[k0..k1], &v[v0..v1], dims),
+        (CpuStorage::F32(k), CpuStorage::F32(v)) => heads(&q32, &k[k0..k1], &v[v0..v1], &params),
+        (CpuStorage::BF16(k), CpuStorage::BF16(v)) => heads(&q32, &k[k0..k1], &v[v0..v1], &params),
+        (CpuStorage::F16(k), CpuStorage::F16(v)) => heads(&q32, &k[k0..k1], &v[v0..v1], &params),
         _ => candle_core::bail!("decode attention: unsupported cache dtype {:?}", k.dtype()),
-    };
+    }?;
     Tensor::from_vec(out, (1, nh * hd), q.device())?.to_dtype(q.dtype())
 }
 

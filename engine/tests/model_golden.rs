@@ -133,6 +133,7 @@ fn greedy(
         stop_strings: vec![],
         ignore_eos: true,
         top_logprobs: top,
+        kv_dtype: None,
     };
     generate(model, &tok, &req, |_| {}).unwrap()
 }
@@ -367,6 +368,7 @@ fn golden_streaming_never_splits_characters() {
         stop_strings: vec![],
         ignore_eos: true,
         top_logprobs: 0,
+        kv_dtype: None,
     };
     let mut pieces = Vec::new();
     let out = generate(model, &tok, &req, |p| pieces.push(p.to_string())).unwrap();

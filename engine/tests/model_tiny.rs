@@ -863,6 +863,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         stop_strings: vec![],
         ignore_eos: false,
         top_logprobs: 0,
+        kv_dtype: None,
     }
 }
 
@@ -892,6 +893,58 @@ fn greedy_generation_follows_the_full_pass_argmax() {
         seq.push(t);
     }
     assert!(out.memory.kv_cache_bytes > 0 && out.memory.activation_peak_bytes > 0);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `kv_dtype` picks the cache's element type apart from the model's: half the bytes in
+/// f16 and bf16, and the same log-probabilities as the f32 cache within the rounding of
+/// K/V to 16 bits (compared on the f32 run's tokens, teacher-forced via the prompt).
+#[test]
+fn generation_with_a_16_bit_kv_cache() {
+    use llmem_engine::kv_cache::KvDtype;
+    let (dir, _) = Spec::default().write("kvdtype");
+    let model = load(&dir, DType::F32);
+    let tok = llmem_engine::loader::load_tokenizer(&dir).unwrap();
+    let mut req = request(vec![5, 17, 2, 9, 30, 4], 1);
+    req.top_logprobs = 4;
+    let full = generate(&model, &tok, &req, |_| {}).unwrap();
+    for kv in [KvDtype::F16, KvDtype::Bf16] {
+        req.kv_dtype = Some(kv);
+        let out = generate(&model, &tok, &req, |_| {}).unwrap();
+        assert_eq!(
+            out.memory.kv_cache_bytes * 2,
+            full.memory.kv_cache_bytes,
+            "{kv:?}"
+        );
+        let tol = if kv == KvDtype::F16 { 2e-2 } else { 1e-1 };
+        for ((id, lp), (want_id, want)) in out.top_logprobs[0].iter().zip(&full.top_logprobs[0]) {
+            assert_eq!(id, want_id, "{kv:?}");
+            assert!((lp - want).abs() < tol, "{kv:?}: {lp} vs {want}");
+        }
+    }
+    // A longer run decodes from the 16-bit cache (the single-query kernel path): each
+    // step's top log-probabilities match the f32 cache's while the tokens agree.
+    req.max_tokens = 8;
+    req.kv_dtype = None;
+    let full = generate(&model, &tok, &req, |_| {}).unwrap();
+    req.kv_dtype = Some(KvDtype::F16);
+    let out = generate(&model, &tok, &req, |_| {}).unwrap();
+    assert_eq!(out.token_ids.len(), 8);
+    let same = out
+        .token_ids
+        .iter()
+        .zip(&full.token_ids)
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(same >= 1, "{:?} vs {:?}", out.token_ids, full.token_ids);
+    for step in 0..same {
+        let (got, want) = (&out.top_logprobs[step][0], &full.top_logprobs[step][0]);
+        assert_eq!(got.0, want.0, "step {step}");
+        assert!(
+            (got.1 - want.1).abs() < 2e-2,
+            "step {step}: {got:?} vs {want:?}"
+        );
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -11,6 +11,7 @@ use anyhow::Context;
 use llmem_engine::chat::{render_chat, ChatMessage};
 use llmem_engine::config::EngineConfig;
 use llmem_engine::generate::{generate, GenerateRequest};
+use llmem_engine::kv_cache::KvDtype;
 use llmem_engine::loader::WeightFiles;
 use llmem_engine::model::Model;
 use llmem_engine::quant::{fallback_notes, WeightFormat};
@@ -127,6 +128,10 @@ pub struct GenerateArgs {
     /// Do not stop at the model's EOS tokens.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// KV cache element type: f32, f16 or bf16 (default: the model's dtype; f32 for
+    /// quantized weights).
+    #[arg(long)]
+    pub kv_dtype: Option<String>,
     #[command(flatten)]
     pub parallel: super::ParallelArgs,
     #[command(flatten)]
@@ -328,6 +333,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         stop_strings: args.stop.clone(),
         ignore_eos: args.ignore_eos,
         top_logprobs: args.top_logprobs.unwrap_or(0),
+        kv_dtype: args.kv_dtype.as_deref().map(KvDtype::parse).transpose()?,
     };
     let stream = args.format == OutputFormat::Text;
     // With JSON output nothing shows until the end: a live line on a terminal meanwhile.
@@ -439,7 +445,6 @@ fn prompt_text(
 /// per-rank memory beside the planner's prediction go to stderr.
 fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
     use llmem_engine::engine::{Engine, EngineConfig as PagedConfig, DEFAULT_BLOCK_SIZE};
-    use llmem_engine::kv_cache::KvDtype;
     use llmem_engine::scheduler::StopConditions;
 
     if args.top_logprobs.is_some() {
@@ -468,7 +473,10 @@ fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
     let paged = PagedConfig {
         block_size,
         num_blocks: max_model_len.div_ceil(block_size),
-        kv_dtype: KvDtype::F32,
+        kv_dtype: match args.kv_dtype.as_deref() {
+            Some(kv) => KvDtype::parse(kv)?,
+            None => KvDtype::F32,
+        },
         max_num_seqs: 1,
         max_batched_tokens: max_model_len,
         max_model_len,
