@@ -213,7 +213,7 @@ impl StoredMatrix {
         }
     }
 
-    /// A block-quantized matrix on its device: Q8_0, Q4_0 and Q4_1 on a CPU with AVX-512
+    /// A block-quantized matrix on its device: Q8_0, Q4_0, Q4_1 and Q5_0 on a CPU with AVX-512
     /// VNNI are repacked for `llmem_kernels::packed` (several times faster products than
     /// candle's block dots on this project's dev machine; `llmem bench` with
     /// `LLMEM_PACKED=0` runs candle's, to compare); everything else stays candle's.
@@ -222,6 +222,7 @@ impl StoredMatrix {
             GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
             GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
             GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
+            GgmlDType::Q5_0 => Some(BlockFormat::Q5_0),
             _ => None,
         };
         if let (Some(format), true, true) = (format, q.device().is_cpu(), packed_kernel_enabled()) {
@@ -526,6 +527,32 @@ mod tests {
             let lin = stored.into_linear(None);
             assert_matches_dense(&lin, &dense, &[1, 5], 20, &p.to_string());
         }
+    }
+
+    /// A GGUF's Q5_0 matrix (what llama.cpp's Q4_K_M keeps for 576-wide rows) goes to the
+    /// packed kernel when the CPU has it, and its products match its own dequantization.
+    #[test]
+    fn q5_0_matrices_are_packed_and_match_their_dequantized_weight() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let (n, k) = (32, 128);
+        let w = Tensor::from_vec(random(n, k, 12), (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q5_0).unwrap();
+        let dense = q.dequantize(&Device::Cpu).unwrap();
+        let stored = StoredMatrix::from_qtensor(q).unwrap();
+        if PackedMatrix::fast_path_available() && packed_kernel_enabled() {
+            assert!(matches!(stored, StoredMatrix::Packed(_)), "{stored:?}");
+        }
+        let unpacked = stored.dequantize().unwrap();
+        let diff: f32 = (&unpacked - &dense)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(diff, 0.0, "packing must keep the file's weights exactly");
+        assert_matches_dense(&stored.into_linear(None), &dense, &[1, 5, 40], 21, "q5_0");
     }
 
     /// `Linear::forward_many` gives each linear exactly its own `forward`'s answer: through

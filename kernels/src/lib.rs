@@ -1,5 +1,6 @@
-//! Kernels for llmem: KV cache writes and paged attention, and the block-quantized
-//! (Q8_0, Q4_0) matrix product ([`packed`]), on the CPU.
+//! Kernels for llmem: KV cache writes and paged attention, the block-quantized (Q8_0,
+//! Q4_0, Q4_1, Q5_0) matrix product ([`packed`]) and the layer's element-wise steps
+//! ([`ops`]), on the CPU.
 //!
 //! Kernels are free functions over slices: they know nothing of requests, sequences or
 //! schedulers, only of block tables, slot mappings and context lengths (vLLM's

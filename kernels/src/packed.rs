@@ -1,5 +1,5 @@
-//! Block-quantized matrix products on the CPU, for weights in llama.cpp's Q8_0 and Q4_0
-//! block formats (per block of 32 weights along a row: one f16 scale `d` and 32 signed
+//! Block-quantized matrix products on the CPU, for weights in llama.cpp's Q8_0, Q4_0, Q4_1
+//! and Q5_0 block formats (per block of 32 weights along a row: one f16 scale `d` and 32 signed
 //! bytes `q` (Q8_0), or 16 bytes of 4-bit `q + 8` (Q4_0: element `i` in the low nibble of
 //! byte `i`, element `16 + i` in its high nibble); the weight is `d * q`. Q4_1 adds an f16
 //! minimum `m` per block and stores unsigned `q`: the weight is `d * q + m`).
@@ -19,6 +19,12 @@
 //! Q4_0 and Q4_1: 4 runs, run `j` holding bytes `4j..4j+4` of the block as stored (columns
 //! `4j..4j+4` in the low nibbles, `16+4j..16+4j+4` in the high ones). Q4_1's minimum
 //! contributes `m * d_a * sum(q_a)` per block, one more multiply-add for 16 rows.
+//! Q5_0 (the file's block: f16 `d`, 4 bytes `qh` with weight `i`'s fifth bit at bit `i`,
+//! then Q4_0's 16 nibble bytes; the weight is `d * (q - 16)`) is laid out like Q4_0 with
+//! the 16 rows' high bits between the scales and the runs, 4 bytes per row, reordered
+//! so that one shift per run brings each weight's fifth bit beside its nibble
+//! (`spread_high_bits`). Q5_0 is what llama.cpp's Q4_K_M and Q5_K_M files fall back to
+//! for rows whose length is not a multiple of 256 (all of SmolLM2's 576-wide matrices).
 //! The activations, quantized to signed bytes per block of 32 with an f32 scale, carry
 //! their block sums so that the `128 * sum(a)` (or `8 * sum(a)`) the unsigned weights add
 //! is taken off exactly in integers. The bytes held equal the block format's (34, 18 or 20
@@ -46,6 +52,7 @@ const SCALES: usize = 2 * GROUP;
 const K_Q8_0: u8 = 0;
 const K_Q4_0: u8 = 1;
 const K_Q4_1: u8 = 2;
+const K_Q5_0: u8 = 3;
 
 /// The block formats the kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +60,7 @@ pub enum BlockFormat {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
 }
 
 impl BlockFormat {
@@ -62,6 +70,7 @@ impl BlockFormat {
             BlockFormat::Q8_0 => 2 + QK,
             BlockFormat::Q4_0 => 2 + QK / 2,
             BlockFormat::Q4_1 => 4 + QK / 2,
+            BlockFormat::Q5_0 => 6 + QK / 2,
         }
     }
 
@@ -70,6 +79,7 @@ impl BlockFormat {
     const fn head(self) -> usize {
         match self {
             BlockFormat::Q4_1 => 4,
+            BlockFormat::Q5_0 => 6,
             _ => 2,
         }
     }
@@ -84,6 +94,7 @@ impl BlockFormat {
             BlockFormat::Q8_0 => 128,
             BlockFormat::Q4_0 => 8,
             BlockFormat::Q4_1 => 0,
+            BlockFormat::Q5_0 => 16,
         }
     }
 
@@ -106,6 +117,7 @@ impl BlockFormat {
             BlockFormat::Q8_0 => "q8_0",
             BlockFormat::Q4_0 => "q4_0",
             BlockFormat::Q4_1 => "q4_1",
+            BlockFormat::Q5_0 => "q5_0",
         }
     }
 }
@@ -195,6 +207,11 @@ impl PackedMatrix {
                             tile[SCALES + 2 * lane..SCALES + 2 * lane + 2]
                                 .copy_from_slice(&src[2..4]);
                         }
+                        if format == BlockFormat::Q5_0 {
+                            let qh = u32::from_le_bytes([src[2], src[3], src[4], src[5]]);
+                            tile[SCALES + 4 * lane..SCALES + 4 * lane + 4]
+                                .copy_from_slice(&spread_high_bits(qh));
+                        }
                         for j in 0..format.runs() {
                             for t in 0..4 {
                                 tile[GROUP * h + j * 4 * GROUP + lane * 4 + t] =
@@ -227,6 +244,11 @@ impl PackedMatrix {
                 if h == 4 {
                     dst[2..4].copy_from_slice(&tile[SCALES + 2 * lane..SCALES + 2 * lane + 2]);
                 }
+                if self.format == BlockFormat::Q5_0 {
+                    let spread = &tile[SCALES + 4 * lane..SCALES + 4 * lane + 4];
+                    let qh = gather_high_bits([spread[0], spread[1], spread[2], spread[3]]);
+                    dst[2..6].copy_from_slice(&qh.to_le_bytes());
+                }
                 for j in 0..self.format.runs() {
                     for t in 0..4 {
                         dst[h + 4 * j + t] = tile[GROUP * h + j * 4 * GROUP + lane * 4 + t] ^ flip;
@@ -244,11 +266,18 @@ impl PackedMatrix {
             BlockFormat::Q8_0 => {
                 (tile[SCALES + (i / 4) * 4 * GROUP + lane * 4 + i % 4] ^ 0x80) as i8
             }
-            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q5_0 => {
                 let h = self.format.head();
                 let byte = tile[GROUP * h + ((i % 16) / 4) * 4 * GROUP + lane * 4 + i % 4];
-                let nibble = if i < 16 { byte & 0x0F } else { byte >> 4 };
-                nibble as i8 - self.format.bias() as i8
+                let mut q = if i < 16 { byte & 0x0F } else { byte >> 4 };
+                if self.format == BlockFormat::Q5_0 {
+                    // Bit 2j (low half) or 2j + 1 (high half) of byte i % 4 of the lane's
+                    // spread high bits, j = (i % 16) / 4.
+                    let spread = tile[SCALES + 4 * lane + i % 4];
+                    let bit = 2 * ((i % 16) / 4) + usize::from(i >= 16);
+                    q |= ((spread >> bit) & 1) << 4;
+                }
+                q as i8 - self.format.bias() as i8
             }
         }
     }
@@ -316,6 +345,34 @@ impl PackedMatrix {
         }
         Ok(())
     }
+}
+
+/// Q5_0's 32 high bits (`qh`, bit `i` for weight `i`) in the packed order: byte `b` of the
+/// lane holds, at bit `2j`, weight `4j + b`'s and, at bit `2j + 1`, weight `16 + 4j + b`'s
+/// (j = 0..4). Byte `b` is the byte of the 4-byte run slot the weight's nibble sits in, so
+/// for run `j` one shift of the whole lane brings every needed bit to bit 4 of its own
+/// byte, without crossing into a neighbour (see `tile`). Same 4 bytes as the file's.
+fn spread_high_bits(qh: u32) -> [u8; 4] {
+    let mut out = [0u8; 4];
+    for (b, byte) in out.iter_mut().enumerate() {
+        for j in 0..4 {
+            *byte |= (((qh >> (4 * j + b)) & 1) as u8) << (2 * j);
+            *byte |= (((qh >> (16 + 4 * j + b)) & 1) as u8) << (2 * j + 1);
+        }
+    }
+    out
+}
+
+/// The inverse of [`spread_high_bits`].
+fn gather_high_bits(spread: [u8; 4]) -> u32 {
+    let mut qh = 0u32;
+    for (b, byte) in spread.iter().enumerate() {
+        for j in 0..4 {
+            qh |= u32::from((byte >> (2 * j)) & 1) << (4 * j + b);
+            qh |= u32::from((byte >> (2 * j + 1)) & 1) << (16 + 4 * j + b);
+        }
+    }
+    qh
 }
 
 /// Activation rows quantized per block of 32: signed bytes, an f32 scale and the sum of
@@ -488,6 +545,7 @@ pub fn matmul_many(
                         BlockFormat::Q8_0 => group_rows::<K_Q8_0>(w, &qa, g, r0, rows, out, n),
                         BlockFormat::Q4_0 => group_rows::<K_Q4_0>(w, &qa, g, r0, rows, out, n),
                         BlockFormat::Q4_1 => group_rows::<K_Q4_1>(w, &qa, g, r0, rows, out, n),
+                        BlockFormat::Q5_0 => group_rows::<K_Q5_0>(w, &qa, g, r0, rows, out, n),
                     }
                 }
             };
@@ -564,6 +622,19 @@ unsafe fn group_rows<const KIND: u8>(
     }
 }
 
+/// Each 32-bit lane shifted left by `s` bits (right by `-s` when negative).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn shift_lanes(x: std::arch::x86_64::__m512i, s: i32) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    if s >= 0 {
+        _mm512_sll_epi32(x, _mm_cvtsi32_si128(s))
+    } else {
+        _mm512_srl_epi32(x, _mm_cvtsi32_si128(-s))
+    }
+}
+
 /// One register tile: R activation rows starting at `r` times the 16 rows of group `g`,
 /// over every block; 16 results per activation row, stored to `out[r.., g*16..]`. `KIND`:
 /// `K_Q8_0`, `K_Q4_0` or `K_Q4_1`, the weights' format.
@@ -598,10 +669,25 @@ unsafe fn tile<const R: usize, const KIND: u8>(
         let mut dots = [_mm512_setzero_si512(); R];
         let runs = t.add(GROUP * w.format.head());
         if KIND != K_Q8_0 {
+            // Q5_0: the 16 rows' spread high bits, one 32-bit lane per row.
+            let qh = if KIND == K_Q5_0 {
+                _mm512_loadu_si512(t.add(SCALES) as *const __m512i)
+            } else {
+                _mm512_setzero_si512()
+            };
             for j in 0..QK / 8 {
                 let v = _mm512_loadu_si512(runs.add(j * 4 * GROUP) as *const __m512i);
-                let lo = _mm512_and_si512(v, nibble);
-                let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+                let mut lo = _mm512_and_si512(v, nibble);
+                let mut hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+                if KIND == K_Q5_0 {
+                    // Bit 2j (low nibbles) and 2j + 1 (high) of each byte moved to bit 4
+                    // of the same byte, then OR-ed in: `x | (shifted & 0x10)`.
+                    let five = _mm512_set1_epi8(0x10);
+                    let lo_bits = shift_lanes(qh, 4 - 2 * j as i32);
+                    let hi_bits = shift_lanes(qh, 3 - 2 * j as i32);
+                    lo = _mm512_ternarylogic_epi32::<0xF8>(lo, lo_bits, five);
+                    hi = _mm512_ternarylogic_epi32::<0xF8>(hi, hi_bits, five);
+                }
                 for (i, dot) in dots.iter_mut().enumerate() {
                     *dot = _mm512_dpbusd_epi32(*dot, lo, act(i, b, 4 * j));
                     *dot = _mm512_dpbusd_epi32(*dot, hi, act(i, b, 16 + 4 * j));
@@ -641,7 +727,12 @@ mod tests {
     use super::*;
     use crate::testutil::Rng;
 
-    const FORMATS: [BlockFormat; 3] = [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1];
+    const FORMATS: [BlockFormat; 4] = [
+        BlockFormat::Q8_0,
+        BlockFormat::Q4_0,
+        BlockFormat::Q4_1,
+        BlockFormat::Q5_0,
+    ];
 
     /// Row-major blocks of `format` for random weights, and the weights they decode to.
     fn random_blocks(
@@ -667,6 +758,22 @@ mod tests {
                     .collect();
                 blocks.extend((0..QK / 2).map(|i| q[i] | (q[i + 16] << 4)));
                 deq.extend(q.iter().map(|&v| v as f32 * d.to_f32() + m.to_f32()));
+                continue;
+            }
+            if format == BlockFormat::Q5_0 {
+                // Signed weights in -16..=15 around zero, so every high bit is exercised.
+                let xs: Vec<f32> = xs.iter().map(|v| v * 4.0 - 1.0).collect();
+                let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = f16::from_f32(amax / 15.0);
+                let q: Vec<u8> = xs
+                    .iter()
+                    .map(|v| ((v / d.to_f32()).round().clamp(-16.0, 15.0) + 16.0) as u8)
+                    .collect();
+                let qh = (0..QK).fold(0u32, |h, i| h | (u32::from(q[i] >> 4) << i));
+                blocks.extend_from_slice(&d.to_le_bytes());
+                blocks.extend_from_slice(&qh.to_le_bytes());
+                blocks.extend((0..QK / 2).map(|i| (q[i] & 0x0F) | ((q[i + 16] & 0x0F) << 4)));
+                deq.extend(q.iter().map(|&v| (v as f32 - 16.0) * d.to_f32()));
                 continue;
             }
             let qmax = if format == BlockFormat::Q8_0 {
