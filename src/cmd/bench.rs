@@ -73,6 +73,11 @@ pub struct BenchArgs {
     /// Tokens generated per request (EOS is ignored).
     #[arg(long, default_value_t = 64, value_parser = super::positive_arg)]
     pub gen_tokens: u64,
+    /// Mixed lengths: each request's prompt length is drawn uniformly from
+    /// 1..=2*P-1 and its generated length from 1..=2*G-1 (P, G: --prompt-tokens,
+    /// --gen-tokens, which stay the means; seeded by --seed), instead of all at P and G.
+    #[arg(long)]
+    pub mixed_lengths: bool,
     /// KV cache size in blocks (default: enough that the largest run never preempts).
     #[arg(long, conflicts_with_all = ["memory_budget", "memory_utilization"],
           value_parser = super::positive_arg)]
@@ -165,15 +170,44 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
     values[rank.clamp(1, values.len()) - 1]
 }
 
-/// Seeded random prompts of `len` ids drawn uniformly from the vocabulary.
-fn random_prompts(count: usize, len: usize, vocab: u64, seed: u64) -> Vec<Vec<u32>> {
+/// One benchmark request: random prompt token ids and the tokens it generates.
+struct BenchRequest {
+    prompt: Vec<u32>,
+    gen: usize,
+}
+
+/// `count` seeded requests of `prompt_len` + `gen` tokens, or with `mixed`, of lengths
+/// drawn uniformly from `1..=2 * prompt_len - 1` and `1..=2 * gen - 1`. Prompt ids are
+/// drawn uniformly from the vocabulary; the same seed gives the same requests.
+fn random_requests(
+    count: usize,
+    (prompt_len, gen): (usize, usize),
+    mixed: bool,
+    vocab: u64,
+    seed: u64,
+) -> Vec<BenchRequest> {
+    let mut rng = SplitMix64::new(seed ^ 0x6c65_6e67_7468_7321);
+    let mut draw = |mean: usize| 1 + (rng.next_u64() % (2 * mean as u64 - 1)) as usize;
+    let lengths: Vec<(usize, usize)> = (0..count)
+        .map(|_| {
+            if mixed {
+                (draw(prompt_len), draw(gen))
+            } else {
+                (prompt_len, gen)
+            }
+        })
+        .collect();
     let mut rng = SplitMix64::new(seed);
-    (0..count)
-        .map(|_| (0..len).map(|_| (rng.next_u64() % vocab) as u32).collect())
+    lengths
+        .into_iter()
+        .map(|(p, g)| BenchRequest {
+            prompt: (0..p).map(|_| (rng.next_u64() % vocab) as u32).collect(),
+            gen: g,
+        })
         .collect()
 }
 
-/// One run: `prompts.len()` requests at once through a fresh engine.
+/// One run: `requests.len()` requests at once through a fresh engine.
 /// The driver's reading at the end of a GPU run and its measured activation peak.
 type GpuAtEnd = (llmem_engine::device::DeviceMemory, Option<u64>);
 
@@ -183,8 +217,7 @@ type GpuAtEnd = (llmem_engine::device::DeviceMemory, Option<u64>);
 fn run_one(
     source: &Source,
     config: EngineConfig,
-    prompts: &[Vec<u32>],
-    gen_tokens: usize,
+    requests: &[BenchRequest],
     device: &candle_core::Device,
 ) -> anyhow::Result<(Value, Option<GpuAtEnd>)> {
     let mut engine = source.engine(config)?;
@@ -196,17 +229,17 @@ fn run_one(
         None
     };
     let bar = super::live_bar(
-        (prompts.len() * gen_tokens) as u64,
-        &format!("concurrency {} {}", prompts.len(), config.kv_layout.name()),
+        requests.iter().map(|r| r.gen as u64).sum(),
+        &format!("concurrency {} {}", requests.len(), config.kv_layout.name()),
     );
-    let stop = StopConditions {
-        max_tokens: gen_tokens,
-        stop_token_ids: Vec::new(),
-        ignore_eos: true,
-    };
     let start = Instant::now();
-    for p in prompts {
-        engine.add_request(p.clone(), SamplingParams::default(), stop.clone())?;
+    for r in requests {
+        let stop = StopConditions {
+            max_tokens: r.gen,
+            stop_token_ids: Vec::new(),
+            ignore_eos: true,
+        };
+        engine.add_request(r.prompt.clone(), SamplingParams::default(), stop)?;
     }
     let mut last_token_at: HashMap<RequestId, f64> = HashMap::new();
     let mut ttft_ms = Vec::new();
@@ -249,7 +282,7 @@ fn run_one(
     let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
     Ok((
         json!({
-            "concurrency": prompts.len(),
+            "concurrency": requests.len(),
             "kv_layout": config.kv_layout.name(),
             "generated_tokens": generated,
             "wall_s": wall_s,
@@ -333,6 +366,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let block_size = args.block_size as usize;
     let max_model_len = match args.max_model_len {
         Some(l) => l as usize,
+        None if args.mixed_lengths => (2 * prompt_len + 2 * gen - 2).min(model.max_context()),
         None => (prompt_len + gen).min(model.max_context()),
     };
     let mut config = EngineConfig {
@@ -374,9 +408,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchFormat::Text => println!("{startup}"),
         BenchFormat::Json => eprintln!("{startup}"),
     }
-    let prompts = random_prompts(
+    let requests = random_requests(
         max_concurrency,
-        prompt_len,
+        (prompt_len, gen),
+        args.mixed_lengths,
         model.shape().vocab_size,
         args.seed,
     );
@@ -405,7 +440,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 ..config
             };
             let device = model.device();
-            let (mut run, at_end) = run_one(&source, run_config, &prompts[..c], gen, device)
+            let (mut run, at_end) = run_one(&source, run_config, &requests[..c], device)
                 .with_context(|| {
                     format!(
                         "benchmark run at concurrency {c}, {} layout",
@@ -487,6 +522,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "max_batched_tokens": args.max_batched_tokens,
             "prompt_tokens": prompt_len,
             "gen_tokens": gen,
+            "mixed_lengths": args.mixed_lengths,
             "seed": args.seed,
             "memory_utilization": args.memory_utilization,
             "kv_cache_bytes": num_blocks as u64
@@ -716,7 +752,24 @@ mod tests {
 
     #[test]
     fn prompts_are_seeded() {
-        assert_eq!(random_prompts(2, 4, 100, 1), random_prompts(2, 4, 100, 1));
-        assert_ne!(random_prompts(1, 4, 100, 1), random_prompts(1, 4, 100, 2));
+        let ids = |n, mixed, seed| -> Vec<(Vec<u32>, usize)> {
+            random_requests(n, (4, 3), mixed, 100, seed)
+                .into_iter()
+                .map(|r| (r.prompt, r.gen))
+                .collect()
+        };
+        assert_eq!(ids(2, false, 1), ids(2, false, 1));
+        assert_ne!(ids(1, false, 1), ids(1, false, 2));
+        assert!(ids(3, false, 1)
+            .iter()
+            .all(|(p, g)| p.len() == 4 && *g == 3));
+        // Mixed: lengths within 1..=2P-1 and 1..=2G-1, not all equal, reproducible.
+        let mixed = ids(64, true, 5);
+        assert_eq!(mixed, ids(64, true, 5));
+        assert!(mixed
+            .iter()
+            .all(|(p, g)| (1..=7).contains(&p.len()) && (1..=5).contains(g)));
+        assert!(mixed.iter().any(|(p, _)| p.len() != mixed[0].0.len()));
+        assert!(mixed.iter().any(|(_, g)| g != &mixed[0].1));
     }
 }
