@@ -55,6 +55,9 @@ fn fresh(
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
 pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    if x.dims().last() != Some(&weight.elem_count()) {
+        return candle_nn::ops::rms_norm(x, weight, eps); // candle's error names the shapes
+    }
     match on_host_f32([x, weight], |[xs, w]| {
         fresh(x, |out| ops::rms_norm(xs, w, eps, out))
     })? {
@@ -70,6 +73,11 @@ pub(crate) fn add_rms_norm(
     weight: &Tensor,
     eps: f32,
 ) -> candle_core::Result<(Tensor, Tensor)> {
+    if x.shape() != y.shape() || x.dims().last() != Some(&weight.elem_count()) {
+        let sum = (x + y)?;
+        let normed = candle_nn::ops::rms_norm(&sum, weight, eps)?;
+        return Ok((sum, normed));
+    }
     let fast = on_host_f32([x, y, weight], |[xs, ys, w]| {
         let mut sum = vec![0f32; xs.len()];
         let mut normed = vec![0f32; xs.len()];
@@ -193,6 +201,11 @@ mod tests {
         let xt = t(&values(rows * h, 0.37), &[h, rows]).t().unwrap();
         let want = candle_nn::ops::rms_norm(&xt.contiguous().unwrap(), &w, eps).unwrap();
         assert!(max_diff(&rms_norm(&xt, &w, eps).unwrap(), &want) < 1e-5);
+
+        // A weight that does not match the last dimension is an error, as in candle.
+        let wide = t(&values(2 * h, 0.7), &[2 * h]);
+        assert!(rms_norm(&x, &wide, eps).is_err());
+        assert!(add_rms_norm(&x, &y, &wide, eps).is_err());
 
         // f16 takes candle's path and gives the same answer within f16 precision.
         let x16 = x.to_dtype(DType::F16).unwrap();

@@ -19,7 +19,7 @@
 //! candle [`QTensor`]: f32 activations in, f32 out, through candle's quantized matmul
 //! (it quantizes the activations to q8 blocks and runs integer dot products, AVX2/VNNI
 //! where candle has them). See `crate::quant` for which tensors get which format.
-//! Q8_0, Q4_0 and Q4_1 on a CPU with AVX-512 VNNI are instead repacked at load into the
+//! Q8_0, Q4_0, Q4_1 and Q5_0 on a CPU with AVX-512 VNNI are instead repacked at load into the
 //! interleaved layout of `llmem_kernels::packed` (same bytes), whose kernel serves every
 //! row count.
 
@@ -66,7 +66,7 @@ enum Weight {
     /// GGUF blocks along each row, shape (out_features, in_features); shared when a tied
     /// LM head reuses a quantized embedding.
     Quant(Arc<QTensor>),
-    /// Q8_0/Q4_0/Q4_1 in the interleaved layout of `llmem_kernels::packed`, shared like `Quant`.
+    /// Q8_0/Q4_0/Q4_1/Q5_0 in the interleaved layout of `llmem_kernels::packed`, shared like `Quant`.
     Packed(Arc<PackedMatrix>),
 }
 
@@ -151,7 +151,7 @@ impl Linear {
         }
     }
 
-    /// Wrap a repacked Q8_0/Q4_0/Q4_1 weight (out_features, in_features); the bias stays dense.
+    /// Wrap a repacked Q8_0/Q4_0/Q4_1/Q5_0 weight (out_features, in_features); the bias stays dense.
     pub fn from_packed(weight: Arc<PackedMatrix>, bias: Option<Tensor>) -> Self {
         Linear {
             weight: Weight::Packed(weight),
@@ -189,7 +189,7 @@ impl Linear {
                 _ => None,
             })
             .collect();
-        let (m, k) = x.dims2()?;
+        let k = x.dim(1)?;
         if N < 2 || packed.len() != N || packed.iter().any(|p| p.cols() != k) {
             let mut out = Vec::with_capacity(N);
             for l in ls {
@@ -199,22 +199,8 @@ impl Linear {
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg("forward_many: count".into()));
         }
-        let mut outs: Vec<Vec<f32>> = packed.iter().map(|p| vec![0f32; m * p.rows()]).collect();
-        with_f32_rows(x, |xs| {
-            let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-            llmem_kernels::packed::matmul_many(xs, m, &packed, &mut slices)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))
-        })?;
-        let mut ys = Vec::with_capacity(N);
-        for (out, p) in outs.into_iter().zip(&packed) {
-            let y = Tensor::from_vec(out, (m, p.rows()), x.device())?;
-            ys.push(if x.dtype() != DType::F32 {
-                y.to_dtype(x.dtype())?
-            } else {
-                y
-            });
-        }
-        ys.try_into()
+        packed_products(x, &packed)?
+            .try_into()
             .map_err(|_| candle_core::Error::Msg("forward_many: count".into()))
     }
 
@@ -247,27 +233,7 @@ impl Linear {
                     y
                 }
             }
-            Weight::Packed(p) => {
-                let (m, k) = x.dims2()?;
-                if k != p.cols() {
-                    candle_core::bail!(
-                        "packed matmul: input has {k} features, weight expects {}",
-                        p.cols()
-                    )
-                }
-                let out = with_f32_rows(x, |xs| {
-                    let mut out = vec![0f32; m * p.rows()];
-                    llmem_kernels::packed::matmul(xs, m, p, &mut out)
-                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                    Ok(out)
-                })?;
-                let y = Tensor::from_vec(out, (m, p.rows()), x.device())?;
-                if x.dtype() != DType::F32 {
-                    y.to_dtype(x.dtype())?
-                } else {
-                    y
-                }
-            }
+            Weight::Packed(p) => packed_products(x, &[&**p])?.remove(0),
         };
         match &self.bias {
             Some(b) if b.dtype() != y.dtype() => y.broadcast_add(&b.to_dtype(y.dtype())?),
@@ -390,6 +356,35 @@ unsafe fn dot_f16_f16c(x: &[f32], w: &[f16]) -> f32 {
 }
 
 /// Contiguous f32 copy of a CPU tensor's data (a view when it is f32 already).
+/// `x @ w^T` for each packed `w` (all with x's width), through one kernel call; each
+/// answer in x's dtype.
+fn packed_products(x: &Tensor, ws: &[&PackedMatrix]) -> candle_core::Result<Vec<Tensor>> {
+    let (m, k) = x.dims2()?;
+    if let Some(w) = ws.iter().find(|w| w.cols() != k) {
+        candle_core::bail!(
+            "packed matmul: input has {k} features, weight expects {}",
+            w.cols()
+        )
+    }
+    let mut outs: Vec<Vec<f32>> = ws.iter().map(|p| vec![0f32; m * p.rows()]).collect();
+    with_f32_rows(x, |xs| {
+        let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        llmem_kernels::packed::matmul_many(xs, m, ws, &mut slices)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    })?;
+    outs.into_iter()
+        .zip(ws)
+        .map(|(out, p)| {
+            let y = Tensor::from_vec(out, (m, p.rows()), x.device())?;
+            if x.dtype() != DType::F32 {
+                y.to_dtype(x.dtype())
+            } else {
+                Ok(y)
+            }
+        })
+        .collect()
+}
+
 fn with_f32_rows<R>(
     x: &Tensor,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,

@@ -1007,7 +1007,9 @@ impl Model {
         meta: &AttnMetadata,
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor> {
-        on_worker(|| self.forward_hidden_here(input_ids, positions, meta, caches))
+        on_worker(&self.device, || {
+            self.forward_hidden_here(input_ids, positions, meta, caches)
+        })
     }
 
     fn forward_hidden_here(
@@ -1093,7 +1095,9 @@ impl Model {
         cache: &mut PagedKvCache,
         sample_rows: &[usize],
     ) -> Result<Tensor> {
-        on_worker(|| self.forward_paged_here(ids, positions, meta, cache, sample_rows))
+        on_worker(&self.device, || {
+            self.forward_paged_here(ids, positions, meta, cache, sample_rows)
+        })
     }
 
     fn forward_paged_here(
@@ -1225,8 +1229,6 @@ impl Model {
     }
 }
 
-/// Additive causal mask of one sequence: (query_len, cached_len + query_len) f32, with
-/// -inf where key position > query position; `None` for a single query token.
 /// Runs `f` on a worker of rayon's global pool (directly when already on one).
 ///
 /// A pass calls the kernels' parallel loops hundreds of times. Called from outside the
@@ -1235,15 +1237,18 @@ impl Model {
 /// a plain join that this thread takes part in. Measured on SmolLM2-135M Q8_0 with 32
 /// sequences: inter-token latency 69 -> 46..60 ms (`llmem bench`, interleaved runs).
 /// Not for the tensor-parallel ranks, which block on each other inside a pass and could
-/// wait forever for a worker held by another rank.
-fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    if rayon::current_thread_index().is_some() {
+/// wait forever for a worker held by another rank. On a GPU the pass stays on the calling
+/// thread (nothing to gain, and the CUDA context is bound there).
+fn on_worker<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
+    if !device.is_cpu() || rayon::current_thread_index().is_some() {
         f()
     } else {
         rayon::scope(|_| f())
     }
 }
 
+/// Additive causal mask of one sequence: (query_len, cached_len + query_len) f32, with
+/// -inf where key position > query position; `None` for a single query token.
 fn causal_mask(
     cached_len: usize,
     query_len: usize,

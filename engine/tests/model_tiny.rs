@@ -927,23 +927,30 @@ fn generation_with_a_16_bit_kv_cache() {
     req.max_tokens = 8;
     req.kv_dtype = None;
     let full = generate(&model, &tok, &req, |_| {}).unwrap();
-    req.kv_dtype = Some(KvDtype::F16);
-    let out = generate(&model, &tok, &req, |_| {}).unwrap();
-    assert_eq!(out.token_ids.len(), 8);
-    let same = out
-        .token_ids
-        .iter()
-        .zip(&full.token_ids)
-        .take_while(|(a, b)| a == b)
-        .count();
-    assert!(same >= 1, "{:?} vs {:?}", out.token_ids, full.token_ids);
-    for step in 0..same {
-        let (got, want) = (&out.top_logprobs[step][0], &full.top_logprobs[step][0]);
-        assert_eq!(got.0, want.0, "step {step}");
+    for (kv, tol) in [(KvDtype::F16, 2e-2), (KvDtype::Bf16, 1e-1)] {
+        req.kv_dtype = Some(kv);
+        let out = generate(&model, &tok, &req, |_| {}).unwrap();
+        assert_eq!(out.token_ids.len(), 8);
+        let same = out
+            .token_ids
+            .iter()
+            .zip(&full.token_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
         assert!(
-            (got.1 - want.1).abs() < 2e-2,
-            "step {step}: {got:?} vs {want:?}"
+            same >= 1,
+            "{kv:?}: {:?} vs {:?}",
+            out.token_ids,
+            full.token_ids
         );
+        for step in 0..same {
+            let (got, want) = (&out.top_logprobs[step][0], &full.top_logprobs[step][0]);
+            assert_eq!(got.0, want.0, "{kv:?} step {step}");
+            assert!(
+                (got.1 - want.1).abs() < tol,
+                "{kv:?} step {step}: {got:?} vs {want:?}"
+            );
+        }
     }
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -27,8 +27,8 @@
 //! for rows whose length is not a multiple of 256 (all of SmolLM2's 576-wide matrices).
 //! The activations, quantized to signed bytes per block of 32 with an f32 scale, carry
 //! their block sums so that the `128 * sum(a)` (or `8 * sum(a)`) the unsigned weights add
-//! is taken off exactly in integers. The bytes held equal the block format's (34, 18 or 20
-//! per 32 weights): the memory planner's figure does not change.
+//! is taken off exactly in integers. The bytes held equal the block format's (34, 18, 20 or
+//! 22 per 32 weights): the memory planner's figure does not change.
 //!
 //! Products use integer arithmetic within a block, so the result equals
 //! `sum_b d_w[b] * d_a[b] * sum_i q_w[i] * q_a[i]` up to f32 rounding of the block sums;
@@ -319,7 +319,7 @@ impl PackedMatrix {
         self.cols
     }
 
-    /// Bytes held: exactly the block format's size (34 or 18 bytes per 32 weights).
+    /// Bytes held: exactly the block format's size (34, 18, 20 or 22 bytes per 32 weights).
     pub fn bytes(&self) -> usize {
         self.data.len()
     }
@@ -494,13 +494,13 @@ pub fn matmul_many(
     ws: &[&PackedMatrix],
     outs: &mut [&mut [f32]],
 ) -> Result<(), KernelError> {
+    crate::check_len("outputs", outs.len(), ws.len(), || {
+        format!("one per matrix, {}", ws.len())
+    })?;
     let Some(first) = ws.first() else {
         return Ok(());
     };
     let k = first.cols;
-    crate::check_len("outputs", outs.len(), ws.len(), || {
-        format!("one per matrix, {}", ws.len())
-    })?;
     for (w, out) in ws.iter().zip(outs.iter()) {
         if w.cols != k {
             return Err(KernelError::Invalid(format!(
@@ -637,7 +637,7 @@ unsafe fn shift_lanes(x: std::arch::x86_64::__m512i, s: i32) -> std::arch::x86_6
 
 /// One register tile: R activation rows starting at `r` times the 16 rows of group `g`,
 /// over every block; 16 results per activation row, stored to `out[r.., g*16..]`. `KIND`:
-/// `K_Q8_0`, `K_Q4_0` or `K_Q4_1`, the weights' format.
+/// `K_Q8_0`, `K_Q4_0`, `K_Q4_1` or `K_Q5_0`, the weights' format.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
@@ -913,6 +913,7 @@ mod tests {
             (BlockFormat::Q8_0, 48),
             (BlockFormat::Q4_0, 16),
             (BlockFormat::Q4_1, 32),
+            (BlockFormat::Q5_0, 16),
         ];
         let ws: Vec<PackedMatrix> = shapes
             .iter()

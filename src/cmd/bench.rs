@@ -177,12 +177,14 @@ struct BenchRequest {
 }
 
 /// `count` seeded requests of `prompt_len` + `gen` tokens, or with `mixed`, of lengths
-/// drawn uniformly from `1..=2 * prompt_len - 1` and `1..=2 * gen - 1`. Prompt ids are
-/// drawn uniformly from the vocabulary; the same seed gives the same requests.
+/// drawn uniformly from `1..=2 * prompt_len - 1` and `1..=2 * gen - 1`, each request cut
+/// to `max_len` tokens in all (prompt first, at least one token generated). Prompt ids
+/// are drawn uniformly from the vocabulary; the same seed gives the same requests.
 fn random_requests(
     count: usize,
     (prompt_len, gen): (usize, usize),
     mixed: bool,
+    max_len: usize,
     vocab: u64,
     seed: u64,
 ) -> Vec<BenchRequest> {
@@ -191,7 +193,9 @@ fn random_requests(
     let lengths: Vec<(usize, usize)> = (0..count)
         .map(|_| {
             if mixed {
-                (draw(prompt_len), draw(gen))
+                let p = draw(prompt_len).min(max_len.saturating_sub(1).max(1));
+                let g = draw(gen).min(max_len.saturating_sub(p).max(1));
+                (p, g)
             } else {
                 (prompt_len, gen)
             }
@@ -412,6 +416,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         max_concurrency,
         (prompt_len, gen),
         args.mixed_lengths,
+        max_model_len,
         model.shape().vocab_size,
         args.seed,
     );
@@ -753,7 +758,7 @@ mod tests {
     #[test]
     fn prompts_are_seeded() {
         let ids = |n, mixed, seed| -> Vec<(Vec<u32>, usize)> {
-            random_requests(n, (4, 3), mixed, 100, seed)
+            random_requests(n, (4, 3), mixed, 64, 100, seed)
                 .into_iter()
                 .map(|r| (r.prompt, r.gen))
                 .collect()
@@ -771,5 +776,10 @@ mod tests {
             .all(|(p, g)| (1..=7).contains(&p.len()) && (1..=5).contains(g)));
         assert!(mixed.iter().any(|(p, _)| p.len() != mixed[0].0.len()));
         assert!(mixed.iter().any(|(_, g)| g != &mixed[0].1));
+        // Cut to max_len in all: the prompt first, one generated token at least.
+        let cut = random_requests(64, (4, 3), true, 6, 100, 5);
+        assert!(cut
+            .iter()
+            .all(|r| r.prompt.len() + r.gen <= 6 && r.gen >= 1));
     }
 }

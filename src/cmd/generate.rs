@@ -128,10 +128,10 @@ pub struct GenerateArgs {
     /// Do not stop at the model's EOS tokens.
     #[arg(long)]
     pub ignore_eos: bool,
-    /// KV cache element type: f32, f16 or bf16 (default: the model's dtype; f32 for
-    /// quantized weights).
-    #[arg(long)]
-    pub kv_dtype: Option<String>,
+    /// KV cache element type: f32, f16 or bf16 (default: the model's activation dtype;
+    /// f32 for quantized weights).
+    #[arg(long, value_parser = parse_kv_dtype)]
+    pub kv_dtype: Option<KvDtype>,
     #[command(flatten)]
     pub parallel: super::ParallelArgs,
     #[command(flatten)]
@@ -333,7 +333,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         stop_strings: args.stop.clone(),
         ignore_eos: args.ignore_eos,
         top_logprobs: args.top_logprobs.unwrap_or(0),
-        kv_dtype: args.kv_dtype.as_deref().map(KvDtype::parse).transpose()?,
+        kv_dtype: args.kv_dtype,
     };
     let stream = args.format == OutputFormat::Text;
     // With JSON output nothing shows until the end: a live line on a terminal meanwhile.
@@ -438,6 +438,11 @@ fn prompt_text(
     Ok((text, false))
 }
 
+/// `--kv-dtype`, checked before anything loads.
+fn parse_kv_dtype(s: &str) -> Result<KvDtype, String> {
+    KvDtype::parse(s).map_err(|e| e.to_string())
+}
+
 /// `--tp/--pp > 1`: the same request through the paged [`Engine`] over rank threads.
 ///
 /// The text is decoded once at the end (no streaming) and cut before the first stop
@@ -470,19 +475,20 @@ fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
         .min(max_context)
         .max(2);
     let block_size = DEFAULT_BLOCK_SIZE;
+    let dtype = dense_dtype(args.dtype, &weights)?;
     let paged = PagedConfig {
         block_size,
         num_blocks: max_model_len.div_ceil(block_size),
-        kv_dtype: match args.kv_dtype.as_deref() {
-            Some(kv) => KvDtype::parse(kv)?,
-            None => KvDtype::F32,
-        },
+        kv_dtype: args.kv_dtype.unwrap_or(match dtype {
+            candle_core::DType::F16 => KvDtype::F16,
+            candle_core::DType::BF16 => KvDtype::Bf16,
+            _ => KvDtype::F32,
+        }),
         max_num_seqs: 1,
         max_batched_tokens: max_model_len,
         max_model_len,
         kv_layout: llmem_engine::block_manager::KvLayout::Paged,
     };
-    let dtype = dense_dtype(args.dtype, &weights)?;
     let mut engine =
         Engine::new_parallel(&shape, weights, dtype, spec, paged).with_context(|| {
             format!(
