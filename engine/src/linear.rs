@@ -355,7 +355,6 @@ unsafe fn dot_f16_f16c(x: &[f32], w: &[f16]) -> f32 {
     total
 }
 
-/// Contiguous f32 copy of a CPU tensor's data (a view when it is f32 already).
 /// `x @ w^T` for each packed `w` (all with x's width), through one kernel call; each
 /// answer in x's dtype.
 fn packed_products(x: &Tensor, ws: &[&PackedMatrix]) -> candle_core::Result<Vec<Tensor>> {
@@ -385,6 +384,7 @@ fn packed_products(x: &Tensor, ws: &[&PackedMatrix]) -> candle_core::Result<Vec<
         .collect()
 }
 
+/// Contiguous f32 copy of a CPU tensor's data (a view when it is f32 already).
 fn with_f32_rows<R>(
     x: &Tensor,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
