@@ -144,6 +144,7 @@ fn bench_packed(c: &mut Criterion) {
     for (format, ggml) in [
         (BlockFormat::Q8_0, GgmlDType::Q8_0),
         (BlockFormat::Q4_1, GgmlDType::Q4_1),
+        (BlockFormat::Q5_0, GgmlDType::Q5_0),
     ] {
         let q = QTensor::quantize(&w, ggml).unwrap();
         let packed = PackedMatrix::from_blocks(format, n, k, &q.data().unwrap()).unwrap();
