@@ -11,7 +11,7 @@ use llmem_kernels::{ops, KernelError};
 
 /// Calls `f` on the f32 elements of `ts` when all are f32 tensors in host memory (made
 /// contiguous first when they are strided views); `None` when any is not.
-fn on_host_f32<const N: usize, R>(
+pub(crate) fn on_host_f32<const N: usize, R>(
     ts: [&Tensor; N],
     f: impl FnOnce([&[f32]; N]) -> R,
 ) -> candle_core::Result<Option<R>> {
@@ -43,7 +43,7 @@ fn kernel_error(e: KernelError) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
-/// A fresh f32 buffer of `n` elements filled by `fill`, as a tensor shaped like `like`.
+/// A fresh f32 buffer of `like`'s element count filled by `fill`, shaped like `like`.
 fn fresh(
     like: &Tensor,
     fill: impl FnOnce(&mut [f32]) -> Result<(), KernelError>,

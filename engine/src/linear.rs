@@ -189,8 +189,7 @@ impl Linear {
                 _ => None,
             })
             .collect();
-        let k = x.dim(1)?;
-        if N < 2 || packed.len() != N || packed.iter().any(|p| p.cols() != k) {
+        if N < 2 || packed.len() != N {
             let mut out = Vec::with_capacity(N);
             for l in ls {
                 out.push(l.forward(x)?);
@@ -384,20 +383,16 @@ fn packed_products(x: &Tensor, ws: &[&PackedMatrix]) -> candle_core::Result<Vec<
         .collect()
 }
 
-/// Contiguous f32 copy of a CPU tensor's data (a view when it is f32 already).
+/// `f` over a CPU tensor's data as contiguous f32 (a view when it is f32 already).
 fn with_f32_rows<R>(
     x: &Tensor,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
-    let x = x.contiguous()?.to_dtype(DType::F32)?;
-    let (storage, layout) = x.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("matvec: input is not on the CPU")
-    };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("matvec: input is not contiguous".into()))?;
-    f(&cpu.as_slice::<f32>()?[start..end])
+    let x = x.to_dtype(DType::F32)?;
+    match crate::host_ops::on_host_f32([&x], |[xs]| f(xs))? {
+        Some(r) => r,
+        None => candle_core::bail!("matvec: input is not on the CPU"),
+    }
 }
 
 /// `x @ w^T` for a CPU weight `w` (n, k) and few rows `x` (m, k), via [`matvec`].
