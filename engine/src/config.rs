@@ -3,8 +3,8 @@
 //! (`generation_config.json`, then `config.json`), the special-token strings and the chat
 //! template (`tokenizer_config.json` or `chat_template.jinja`).
 //!
-//! Raw files are parsed with every field optional; [`EngineConfig::from_dir`] (or
-//! [`EngineConfig::from_values`], for a GGUF's metadata) resolves
+//! Raw files are parsed with every field optional; [`GenerationConfig::from_dir`] (or
+//! [`GenerationConfig::from_values`], for a GGUF's metadata) resolves
 //! them into values with nothing left to guess. A file that is absent is not an error
 //! (the field falls back); a file that is present but malformed is, and names the file.
 
@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 
 /// What the engine needs beyond the model shape.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct EngineConfig {
+pub struct GenerationConfig {
     /// Token ids that end a sequence (from `generation_config.json`, else `config.json`).
     pub eos_token_ids: Vec<u32>,
     /// The BOS token id, if any file gives it (SmolLM2 adds none to prompts).
@@ -106,7 +106,7 @@ fn read_optional_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Optio
         })
 }
 
-impl EngineConfig {
+impl GenerationConfig {
     /// Read the engine settings of a model directory.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let generation: Option<RawTokenIds> =
@@ -175,7 +175,7 @@ impl EngineConfig {
             }
             None => None,
         };
-        EngineConfig {
+        GenerationConfig {
             eos_token_ids,
             bos_token_id,
             bos_token: tokenizer.bos_token.map(RawSpecialToken::into_string),
@@ -213,7 +213,7 @@ mod tests {
             "generation_config.json",
             r#"{"eos_token_id": [2, 0]}"#,
         );
-        let cfg = EngineConfig::from_dir(&dir).unwrap();
+        let cfg = GenerationConfig::from_dir(&dir).unwrap();
         assert_eq!(cfg.eos_token_ids, vec![2, 0]);
         assert_eq!(cfg.bos_token_id, Some(1));
         std::fs::remove_dir_all(dir).unwrap();
@@ -228,7 +228,7 @@ mod tests {
             r#"{"eos_token": {"content": "<|im_end|>"}, "bos_token": "<s>"}"#,
         );
         write(&dir, "chat_template.jinja", "{{ messages[0]['content'] }}");
-        let cfg = EngineConfig::from_dir(&dir).unwrap();
+        let cfg = GenerationConfig::from_dir(&dir).unwrap();
         assert_eq!(cfg.eos_token.as_deref(), Some("<|im_end|>"));
         assert_eq!(cfg.bos_token.as_deref(), Some("<s>"));
         assert_eq!(
@@ -243,7 +243,7 @@ mod tests {
     fn malformed_file_is_an_error_naming_it() {
         let dir = temp_dir("bad");
         write(&dir, "generation_config.json", "{ not json");
-        let err = EngineConfig::from_dir(&dir).unwrap_err().to_string();
+        let err = GenerationConfig::from_dir(&dir).unwrap_err().to_string();
         assert!(err.contains("generation_config.json"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::gguf::{unpermute_rows, GgufFile, LlamaParams};
-use crate::tokenizer_gguf::{load_tokenizer, GgufVocab};
+use crate::tokenizer_gguf::{tokenizer_from_json, GgufVocab};
 
 /// The dtype of the written weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -424,7 +424,7 @@ pub fn convert_gguf(
         });
     }
     let tokenizer = vocab.tokenizer_json()?;
-    load_tokenizer(&tokenizer, gguf_path)?;
+    tokenizer_from_json(&tokenizer, gguf_path)?;
     let plans = plan_tensors(&g, &params)?;
 
     let created_out_dir = !out_dir.exists();

@@ -47,7 +47,7 @@ use crate::model::Model;
 use crate::parallel::{ParallelRunner, RankMemory, Runner};
 use crate::sampler::{log_softmax, top_of_logprobs, Sampler, SamplingParams};
 use crate::scheduler::{FinishReason, ScheduledBatch, Scheduler, SchedulerConfig, StopConditions};
-use crate::shard::ParallelSpec;
+use crate::spec::ParallelSpec;
 
 /// A request known to the engine (the scheduler's sequence id).
 pub type RequestId = SeqId;
@@ -196,10 +196,13 @@ pub struct Engine {
     top_logprobs: HashMap<RequestId, usize>,
     next_id: u64,
     steps: u64,
-    /// (tokens, sampled rows) of the last forward pass ((0, 0) once idle), and of the
-    /// pass with the largest activation estimate so far.
+    /// (tokens, sampled rows) of the last forward pass ((0, 0) once idle).
     last_pass: (usize, usize),
-    peak_pass: (usize, usize),
+    /// The pass shapes seen so far that no other seen shape dominates (as many tokens
+    /// and as many rows, or more). The activation estimate grows with both, so the
+    /// largest estimate is one of these; a step only compares integers, and the
+    /// estimate is computed when someone asks ([`Engine::activation_bytes`]).
+    frontier: Vec<(usize, usize)>,
 }
 
 impl Engine {
@@ -277,7 +280,7 @@ impl Engine {
             next_id: 0,
             steps: 0,
             last_pass: (0, 0),
-            peak_pass: (0, 0),
+            frontier: Vec::new(),
         }
     }
 
@@ -355,17 +358,7 @@ impl Engine {
         top_logprobs: usize,
     ) -> Result<RequestId> {
         let len = prompt_ids.len();
-        if len == 0 {
-            return Err(Error::InvalidInput(
-                "the prompt is empty: it encodes to no tokens".into(),
-            ));
-        }
-        let vocab = self.runner.shape().vocab_size;
-        if let Some(bad) = prompt_ids.iter().find(|&&t| u64::from(t) >= vocab) {
-            return Err(Error::InvalidInput(format!(
-                "prompt token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
+        crate::request::check_prompt(&prompt_ids, self.runner.shape().vocab_size)?;
         let max_len = self.config.max_model_len;
         if len >= max_len {
             return Err(Error::InvalidInput(format!(
@@ -414,10 +407,7 @@ impl Engine {
         }
         let rows = batch.seqs.iter().filter(|e| e.sample).count();
         self.last_pass = (batch.num_tokens(), rows);
-        let peak = self.pass_activation(self.peak_pass);
-        if self.pass_activation(self.last_pass) > peak {
-            self.peak_pass = self.last_pass;
-        }
+        self.note_pass(self.last_pass);
         let sampled = match self.run(&batch) {
             Ok(sampled) => sampled,
             Err(e) => {
@@ -460,7 +450,7 @@ impl Engine {
     /// The forward pass and sampling of one batch: the sampled token (and, if asked,
     /// its log-probabilities) of each entry whose `sample` is true, in batch order.
     fn run(&mut self, batch: &ScheduledBatch) -> Result<Vec<(u32, Option<TokenLogprobs>)>> {
-        let meta = PagedMetadata::from_batch(batch);
+        let meta = paged_metadata(batch);
         let n = batch.num_tokens();
         let mut ids = Vec::with_capacity(n);
         let mut positions = Vec::with_capacity(n);
@@ -520,15 +510,34 @@ impl Engine {
     pub fn activation_bytes(&self) -> (u64, u64) {
         (
             self.pass_activation(self.last_pass),
-            self.pass_activation(self.peak_pass),
+            self.pass_activation(self.peak_pass()),
         )
+    }
+
+    /// Keep `pass` in the frontier unless a seen pass dominates it.
+    fn note_pass(&mut self, (t, r): (usize, usize)) {
+        if self.frontier.iter().any(|&(ft, fr)| ft >= t && fr >= r) {
+            return;
+        }
+        self.frontier.retain(|&(ft, fr)| !(t >= ft && r >= fr));
+        self.frontier.push((t, r));
+    }
+
+    /// The seen pass with the largest activation estimate ((0, 0) before any).
+    fn peak_pass(&self) -> (usize, usize) {
+        self.frontier
+            .iter()
+            .copied()
+            .max_by_key(|&p| self.pass_activation(p))
+            .unwrap_or((0, 0))
     }
 
     /// Per rank (stage-major, as [`Engine::rank_memory`]): the activation estimate of the
     /// last pass (0 when idle) and of the largest so far.
     pub fn rank_activation_bytes(&self) -> Vec<(u64, u64)> {
+        let peak_pass = self.peak_pass();
         let now = self.runner.rank_memory(self.last_pass.0, self.last_pass.1);
-        let peak = self.runner.rank_memory(self.peak_pass.0, self.peak_pass.1);
+        let peak = self.runner.rank_memory(peak_pass.0, peak_pass.1);
         let bytes = |r: &RankMemory, pass: (usize, usize)| {
             if pass.0 == 0 {
                 0
@@ -538,7 +547,7 @@ impl Engine {
         };
         now.iter()
             .zip(&peak)
-            .map(|(n, p)| (bytes(n, self.last_pass), bytes(p, self.peak_pass)))
+            .map(|(n, p)| (bytes(n, self.last_pass), bytes(p, peak_pass)))
             .collect()
     }
 
@@ -660,14 +669,6 @@ impl KvSizing {
     }
 }
 
-fn planner_kv_dtype(d: KvDtype) -> llmem_planner::KvDtype {
-    match d {
-        KvDtype::F32 => llmem_planner::KvDtype::Fp32,
-        KvDtype::F16 => llmem_planner::KvDtype::Fp16,
-        KvDtype::Bf16 => llmem_planner::KvDtype::Bf16,
-    }
-}
-
 /// The planner's figures for `model` under `config` in a device of `budget_bytes`.
 pub fn planned_terms(
     model: &Model,
@@ -685,7 +686,7 @@ pub fn planned_terms(
     };
     let mut deployment = Deployment::new(format.precision, llmem_planner::custom_gpu(budget_bytes));
     deployment.keep_embeddings = format.keep_embeddings && format.precision.is_quantized();
-    deployment.kv_dtype = planner_kv_dtype(config.kv_dtype);
+    deployment.kv_dtype = config.kv_dtype.planner();
     deployment.runtime_overhead_bytes = Some(overhead);
     // A GGUF kept as stored (possibly mixed types): the planner's sum of its tensor table.
     deployment.stored_weights_bytes = model.stored_weights().map(|s| s.bytes);
@@ -836,4 +837,31 @@ impl fmt::Display for BudgetReport {
             Err(e) => write!(f, "planner: no prediction ({e})"),
         }
     }
+}
+
+/// The attention metadata of one scheduled step: one query row per fed token, in batch
+/// order, each with the slot its K/V goes to and the context it attends over.
+pub fn paged_metadata(batch: &ScheduledBatch) -> PagedMetadata {
+    let max_blocks = batch
+        .seqs
+        .iter()
+        .map(|s| s.block_table.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut m = PagedMetadata {
+        max_blocks_per_seq: max_blocks,
+        ..Default::default()
+    };
+    for (row, s) in batch.seqs.iter().enumerate() {
+        let mut table = s.block_table.clone();
+        table.resize(max_blocks, 0);
+        m.block_tables.extend(table);
+        for (i, slot) in s.slots.iter().enumerate() {
+            m.slot_mapping.push(Some(*slot));
+            m.query_seq.push(row as u32);
+            m.context_lens.push((s.start_pos + i + 1) as u32);
+        }
+    }
+    m
 }

@@ -109,7 +109,7 @@ impl From<candle_core::Error> for Error {
     fn from(source: candle_core::Error) -> Self {
         Error::Tensor {
             context: "tensor operation".to_string(),
-            message: crate::gguf::candle_message(source),
+            message: candle_message(source),
         }
     }
 }
@@ -124,5 +124,13 @@ impl Error {
             path: path.into(),
             error,
         }
+    }
+}
+
+/// candle's message without the backtrace it attaches when `RUST_BACKTRACE` is set.
+pub(crate) fn candle_message(e: candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(*inner),
+        other => other.to_string(),
     }
 }

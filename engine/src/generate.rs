@@ -19,6 +19,8 @@ use tokenizers::Tokenizer;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvDtype;
 use crate::model::{AttnMetadata, Model};
+use crate::request::check_prompt;
+pub use crate::request::FinishReason;
 use crate::sampler::{top_logprobs, IncrementalDecoder, Sampler, SamplingParams, StopStrings};
 
 /// A contiguous per-sequence KV cache.
@@ -107,16 +109,6 @@ impl KvCache {
     }
 }
 
-/// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FinishReason {
-    /// An EOS or stop token, or a stop string.
-    Stop,
-    /// `max_tokens` reached, or the context is full.
-    Length,
-}
-
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -190,22 +182,12 @@ pub fn generate(
     mut on_text: impl FnMut(&str),
 ) -> Result<GenerateOutput> {
     let prompt_len = req.prompt_ids.len();
-    if prompt_len == 0 {
-        return Err(Error::InvalidInput(
-            "the prompt is empty: it encodes to no tokens".into(),
-        ));
-    }
+    check_prompt(&req.prompt_ids, model.shape().vocab_size)?;
     let max_context = model.max_context();
     if prompt_len >= max_context {
         return Err(Error::InvalidInput(format!(
             "the prompt is {prompt_len} tokens but the model's context \
              (max_position_embeddings) is {max_context} tokens; shorten the prompt"
-        )));
-    }
-    let vocab = model.shape().vocab_size as usize;
-    if let Some(bad) = req.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::InvalidInput(format!(
-            "prompt token id {bad} is outside the vocabulary of {vocab}"
         )));
     }
     let mut sampler = Sampler::new(req.sampling.clone())?;

@@ -5,7 +5,7 @@
 //! hands out each matrix either in its stored ggml type ([`GgufWeights::load_stored`]:
 //! block formats stay `QTensor`s, f32/f16/bf16 become dense tensors) or dequantized
 //! ([`GgufWeights::load_dense`], for `--dtype` requantization and for sharding); and
-//! [`GgufModel::open`], which adds the [`ModelShape`], tokenizer and [`EngineConfig`] read
+//! [`GgufModel::open`], which adds the [`ModelShape`], tokenizer and [`GenerationConfig`] read
 //! from the file's metadata through the same code `llmem import` uses.
 //!
 //! Invariants: the table is checked once at open (every required tensor present with the
@@ -26,13 +26,14 @@ use candle_core::{DType, Device, Tensor};
 use llmem_planner::checkpoint::CheckpointSummary;
 use llmem_planner::{GgmlType, ModelShape, Precision};
 
-use crate::config::EngineConfig;
+use crate::config::GenerationConfig;
 use crate::convert::{config_json, generation_config_json, plan_tensors, OutDtype, TensorPlan};
+use crate::error::candle_message;
 use crate::error::{Error, Result};
-use crate::gguf::{candle_message, unpermute_rows, GgufFile, LlamaParams};
+use crate::gguf::{unpermute_rows, GgufFile, LlamaParams};
 use crate::loader::WeightFiles;
 use crate::quant::StoredMatrix;
-use crate::tokenizer_gguf::{load_tokenizer, GgufVocab};
+use crate::tokenizer_gguf::{tokenizer_from_json, GgufVocab};
 
 /// The planner's name for a candle ggml type (the two enums list the same types).
 pub fn ggml_type(d: GgmlDType) -> GgmlType {
@@ -267,13 +268,13 @@ pub struct GgufModel {
     pub shape: ModelShape,
     pub weights: WeightFiles,
     pub tokenizer: tokenizers::Tokenizer,
-    pub config: EngineConfig,
+    pub config: GenerationConfig,
 }
 
 impl GgufModel {
     /// Open a llama GGUF: the hyper-parameters become a [`ModelShape`] (through the
     /// config.json `llmem import` would write), the vocabulary a tokenizer, the special
-    /// tokens and chat template an [`EngineConfig`].
+    /// tokens and chat template an [`GenerationConfig`].
     pub fn open(path: &Path) -> Result<Self> {
         if !path.is_file() {
             return Err(Error::io(
@@ -294,7 +295,7 @@ impl GgufModel {
                 ),
             });
         }
-        let tokenizer = load_tokenizer(&vocab.tokenizer_json()?, path)?;
+        let tokenizer = tokenizer_from_json(&vocab.tokenizer_json()?, path)?;
         let source = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -311,7 +312,7 @@ impl GgufModel {
             .file_stem()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or(source);
-        let engine_config = EngineConfig::from_values(
+        let generation = GenerationConfig::from_values(
             Some(generation_config_json(&vocab)),
             Some(config),
             Some(vocab.tokenizer_config_json(params.max_position_embeddings)),
@@ -325,7 +326,7 @@ impl GgufModel {
             shape,
             weights: WeightFiles::from_gguf(weights),
             tokenizer,
-            config: engine_config,
+            config: generation,
         })
     }
 }

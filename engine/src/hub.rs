@@ -428,4 +428,37 @@ mod tests {
         extract_gguf(&wheel, &dest).unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"GGUF-bytes");
     }
+
+    /// On the real SmolLM2 GGUF (when cached): candle's dequantization of a Q8_0 and a Q4_1
+    /// tensor equals the independent decoder bit for bit.
+    #[test]
+    fn real_gguf_dequantizes_exactly_when_cached() {
+        let Some(path) = cache_root()
+            .ok()
+            .map(|r| default_gguf_path(&r))
+            .filter(|p| p.is_file())
+        else {
+            eprintln!("skipped: no cached SmolLM2 GGUF");
+            return;
+        };
+        let g = crate::gguf::GgufFile::open(&path).unwrap();
+        for name in [
+            "token_embd.weight",
+            "blk.7.attn_q.weight",
+            "blk.29.ffn_down.weight",
+        ] {
+            let q = g.read_tensor(name).unwrap();
+            let raw = q.data().unwrap();
+            let want = crate::gguf::tests::reference_dequant(q.dtype(), &raw);
+            let got = g.dequantize_f32(name).unwrap();
+            assert_eq!(got.len(), want.len(), "{name}");
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name} ({:?}) differs",
+                q.dtype()
+            );
+        }
+    }
 }

@@ -17,7 +17,6 @@ use llmem_kernels::{
 use llmem_planner::ModelShape;
 
 use crate::error::{Error, Result};
-use crate::scheduler::ScheduledBatch;
 
 /// Element type of the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +27,15 @@ pub enum KvDtype {
 }
 
 impl KvDtype {
+    /// The planner's name for the same element type.
+    pub fn planner(self) -> llmem_planner::KvDtype {
+        match self {
+            KvDtype::F32 => llmem_planner::KvDtype::Fp32,
+            KvDtype::F16 => llmem_planner::KvDtype::Fp16,
+            KvDtype::Bf16 => llmem_planner::KvDtype::Bf16,
+        }
+    }
+
     pub fn bytes(self) -> u64 {
         match self {
             KvDtype::F32 => 4,
@@ -248,8 +256,8 @@ mod cuda {
     }
 }
 
-/// Attention metadata of one step, built from a [`ScheduledBatch`]: one query row per
-/// fed token, in batch order.
+/// Attention metadata of one step, built by the engine from the scheduler's batch
+/// (`crate::engine::paged_metadata`): one query row per fed token, in batch order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PagedMetadata {
     /// `[num_tokens]`: the cache slot each fed token's K/V is written to.
@@ -261,33 +269,6 @@ pub struct PagedMetadata {
     pub query_seq: Vec<u32>,
     /// `[num_tokens]`: tokens each query attends to (its position + 1: causal).
     pub context_lens: Vec<u32>,
-}
-
-impl PagedMetadata {
-    pub fn from_batch(batch: &ScheduledBatch) -> Self {
-        let max_blocks = batch
-            .seqs
-            .iter()
-            .map(|s| s.block_table.len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let mut m = PagedMetadata {
-            max_blocks_per_seq: max_blocks,
-            ..Default::default()
-        };
-        for (row, s) in batch.seqs.iter().enumerate() {
-            let mut table = s.block_table.clone();
-            table.resize(max_blocks, 0);
-            m.block_tables.extend(table);
-            for (i, slot) in s.slots.iter().enumerate() {
-                m.slot_mapping.push(Some(*slot));
-                m.query_seq.push(row as u32);
-                m.context_lens.push((s.start_pos + i + 1) as u32);
-            }
-        }
-        m
-    }
 }
 
 /// Check a paged pass's inputs against each other, the model's context and the cache:

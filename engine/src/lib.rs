@@ -20,9 +20,11 @@ pub mod model;
 pub mod parallel;
 pub mod perplexity;
 pub mod quant;
+pub mod request;
+pub mod rng;
 pub mod sampler;
 pub mod scheduler;
-pub mod shard;
+pub mod spec;
 pub mod sweep;
 pub mod tokenizer_gguf;
 

@@ -23,8 +23,6 @@
 //! interleaved layout of `llmem_kernels::packed` (same bytes), whose kernel serves every
 //! row count.
 
-use std::sync::Arc;
-
 use candle_core::quantized::k_quants::GgmlType;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
@@ -35,6 +33,7 @@ use llmem_kernels::packed::PackedMatrix;
 
 use crate::error::Result;
 use crate::loader::WeightFiles;
+use crate::quant::{StoredMatrix, WeightFormat};
 
 /// Rows up to which [`Linear::forward`] uses [`matvec`] instead of gemm, by weight
 /// dtype. Measured with `llmem bench` at 1-32 sequences (2 threads): for f32 weights gemm
@@ -51,67 +50,63 @@ pub fn matvec_max_rows(dtype: DType) -> usize {
 /// The largest threshold of [`matvec_max_rows`] (tests cover both sides of it).
 pub const MATVEC_MAX_ROWS: usize = 32;
 
-/// A projection. `weight`: (out_features, in_features); `bias`: (out_features,).
+/// A projection. `weight`: (out_features, in_features), dense or block-quantized;
+/// `bias`: (out_features,), dense.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Weight,
+    weight: StoredMatrix,
     bias: Option<Tensor>,
 }
 
-/// How a projection's weight is stored.
-#[derive(Debug, Clone)]
-enum Weight {
-    /// A plain f32/bf16/f16 tensor (out_features, in_features).
-    Dense(Tensor),
-    /// GGUF blocks along each row, shape (out_features, in_features); shared when a tied
-    /// LM head reuses a quantized embedding.
-    Quant(Arc<QTensor>),
-    /// Q8_0/Q4_0/Q4_1/Q5_0 in the interleaved layout of `llmem_kernels::packed`, shared like `Quant`.
-    Packed(Arc<PackedMatrix>),
-}
-
 impl Linear {
-    /// Load `{prefix}.weight` (and `{prefix}.bias` when `bias`), checking shapes.
+    /// Load `{prefix}.weight` (and `{prefix}.bias` when `bias`) as a projection stored
+    /// as `fmt` says, checking shapes.
     pub fn load(
         w: &WeightFiles,
         prefix: &str,
         out_features: usize,
         in_features: usize,
         bias: bool,
-        dtype: DType,
+        fmt: &WeightFormat,
         device: &Device,
     ) -> Result<Self> {
-        let weight = w.load(
+        let weight = w.load_matrix(
             &format!("{prefix}.weight"),
-            &[out_features, in_features],
-            dtype,
+            out_features,
+            in_features,
+            fmt.precision,
+            fmt.as_stored,
             device,
         )?;
         let bias = if bias {
-            Some(w.load(&format!("{prefix}.bias"), &[out_features], dtype, device)?)
+            Some(w.load(
+                &format!("{prefix}.bias"),
+                &[out_features],
+                fmt.vector_dtype(),
+                device,
+            )?)
         } else {
             None
         };
-        Ok(Linear {
-            weight: Weight::Dense(weight),
-            bias,
-        })
+        Ok(Linear::new(weight, bias))
+    }
+
+    /// A projection over a stored matrix (a tied LM head shares the embedding's storage).
+    pub fn new(weight: StoredMatrix, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
     }
 
     /// Wrap an existing weight (a tied LM head shares the embedding's storage).
     pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear {
-            weight: Weight::Dense(weight),
-            bias,
-        }
+        Linear::new(StoredMatrix::Dense(weight), bias)
     }
 
     /// The dense weight, for tensor parallelism to slice into shards; an error for a
     /// block-quantized weight (its shards would have to be re-blocked).
     fn dense_weight(&self) -> candle_core::Result<&Tensor> {
         match &self.weight {
-            Weight::Dense(w) => Ok(w),
-            Weight::Quant(_) | Weight::Packed(_) => Err(candle_core::Error::Msg(
+            StoredMatrix::Dense(w) => Ok(w),
+            StoredMatrix::Quant(_) | StoredMatrix::Packed(_) => Err(candle_core::Error::Msg(
                 "tensor parallelism shards dense weights only; block-quantized weights \
                  (q8_0, q4_0, ...) cannot be split yet"
                     .into(),
@@ -143,36 +138,18 @@ impl Linear {
         Ok((Linear::from_weight(weight, None), self.bias.clone()))
     }
 
-    /// Wrap a block-quantized weight (out_features, in_features); the bias stays dense.
-    pub fn from_qtensor(weight: Arc<QTensor>, bias: Option<Tensor>) -> Self {
-        Linear {
-            weight: Weight::Quant(weight),
-            bias,
-        }
-    }
-
-    /// Wrap a repacked Q8_0/Q4_0/Q4_1/Q5_0 weight (out_features, in_features); the bias stays dense.
-    pub fn from_packed(weight: Arc<PackedMatrix>, bias: Option<Tensor>) -> Self {
-        Linear {
-            weight: Weight::Packed(weight),
-            bias,
-        }
-    }
-
     /// True when the weight is held in a GGUF block format (packed or not).
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, Weight::Quant(_) | Weight::Packed(_))
+        matches!(
+            self.weight,
+            StoredMatrix::Quant(_) | StoredMatrix::Packed(_)
+        )
     }
 
     /// Bytes held by the weight and bias (block formats: blocks with their scales).
     pub fn bytes(&self) -> u64 {
         let b = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-        let w = match &self.weight {
-            Weight::Dense(t) => b(t),
-            Weight::Quant(q) => q.storage_size_in_bytes() as u64,
-            Weight::Packed(p) => p.bytes() as u64,
-        };
-        w + self.bias.as_ref().map_or(0, b)
+        self.weight.bytes() + self.bias.as_ref().map_or(0, b)
     }
 
     /// Several linears of the same input (a layer's q/k/v, or gate and up): the same
@@ -185,7 +162,7 @@ impl Linear {
         let packed: Vec<&PackedMatrix> = ls
             .iter()
             .filter_map(|l| match (&l.weight, &l.bias) {
-                (Weight::Packed(p), None) => Some(&**p),
+                (StoredMatrix::Packed(p), None) => Some(&**p),
                 _ => None,
             })
             .collect();
@@ -208,7 +185,7 @@ impl Linear {
     /// a quantized weight takes and returns f32.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
-            Weight::Dense(w) => {
+            StoredMatrix::Dense(w) => {
                 let y = dense_forward(x, w)?;
                 if y.dtype() != x.dtype() {
                     y.to_dtype(x.dtype())?
@@ -216,7 +193,7 @@ impl Linear {
                     y
                 }
             }
-            Weight::Quant(q) => {
+            StoredMatrix::Quant(q) => {
                 let x32 = x.to_dtype(DType::F32)?.contiguous()?;
                 let y = if x32.dim(0)? <= MATVEC_MAX_ROWS && matvec_enabled() {
                     match qmatvec_tensor(&x32, q)? {
@@ -232,7 +209,7 @@ impl Linear {
                     y
                 }
             }
-            Weight::Packed(p) => packed_products(x, &[&**p])?.remove(0),
+            StoredMatrix::Packed(p) => packed_products(x, &[&**p])?.remove(0),
         };
         match &self.bias {
             Some(b) if b.dtype() != y.dtype() => y.broadcast_add(&b.to_dtype(y.dtype())?),
@@ -647,7 +624,12 @@ pub fn matvec_slow<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampler::SplitMix64;
+    use crate::quant::tests::random;
+    use crate::quant::{packed_kernel_enabled, store_matrix};
+    use crate::rng::SplitMix64;
+    use candle_core::quantized::GgmlDType;
+    use llmem_planner::Precision;
+    use std::sync::Arc;
 
     fn data(len: usize, seed: u64) -> Vec<f32> {
         let mut rng = SplitMix64::new(seed);
@@ -751,6 +733,141 @@ mod tests {
             for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
                 assert!((g - w).abs() < 1e-4, "rows {m}: {g} vs {w}");
             }
+        }
+    }
+
+    #[test]
+    fn quantized_linear_matches_its_dequantized_weight() {
+        let (n, k) = (64, 256);
+        let w = Tensor::from_vec(random(n, k, 11), (n, k), &Device::Cpu).unwrap();
+        for p in [
+            Precision::Q8_0,
+            Precision::Q4_0,
+            Precision::Q4_1,
+            Precision::Q4K,
+            Precision::Q6K,
+        ] {
+            let stored = store_matrix(&w, p, "w").unwrap();
+            assert!(
+                !matches!(stored, StoredMatrix::Dense(_)),
+                "{p} should be quantized at 256 columns"
+            );
+            let dense = stored.dequantize().unwrap();
+            let lin = Linear::new(stored, None);
+            assert_matches_dense(&lin, &dense, &[1, 5], 20, &p.to_string());
+        }
+    }
+
+    /// A GGUF's Q5_0 matrix (what llama.cpp's Q4_K_M keeps for 576-wide rows) goes to the
+    /// packed kernel when the CPU has it, and its products match its own dequantization.
+    #[test]
+    fn q5_0_matrices_are_packed_and_match_their_dequantized_weight() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let (n, k) = (32, 128);
+        let w = Tensor::from_vec(random(n, k, 12), (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q5_0).unwrap();
+        let dense = q.dequantize(&Device::Cpu).unwrap();
+        let stored = StoredMatrix::from_qtensor(q).unwrap();
+        if PackedMatrix::fast_path_available() && packed_kernel_enabled() {
+            assert!(matches!(stored, StoredMatrix::Packed(_)), "{stored:?}");
+        }
+        let unpacked = stored.dequantize().unwrap();
+        let diff: f32 = (&unpacked - &dense)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(diff, 0.0, "packing must keep the file's weights exactly");
+        assert_matches_dense(&Linear::new(stored, None), &dense, &[1, 5, 40], 21, "q5_0");
+    }
+
+    /// `Linear::forward_many` gives each linear exactly its own `forward`'s answer: through
+    /// the shared packed call (q8_0/q4_0/q4_1 matrices together) and through the one-by-one
+    /// fallback (a mix with a k-quant and a dense matrix).
+    #[test]
+    fn forward_many_equals_forward_each() {
+        let k = 256;
+        let lin = |n: usize, p: Precision, seed: u64| {
+            let w = Tensor::from_vec(random(n, k, seed), (n, k), &Device::Cpu).unwrap();
+            Linear::new(store_matrix(&w, p, "w").unwrap(), None)
+        };
+        let packed = [
+            lin(48, Precision::Q8_0, 1),
+            lin(16, Precision::Q4_0, 2),
+            lin(32, Precision::Q4_1, 3),
+        ];
+        let mixed = [
+            lin(48, Precision::Q8_0, 4),
+            lin(32, Precision::Q4K, 5),
+            lin(16, Precision::Fp32, 6),
+        ];
+        for set in [&packed, &mixed] {
+            for m in [1, 7] {
+                let x =
+                    Tensor::from_vec(random(m, k, 30 + m as u64), (m, k), &Device::Cpu).unwrap();
+                let many = Linear::forward_many(&x, [&set[0], &set[1], &set[2]]).unwrap();
+                for (l, got) in set.iter().zip(&many) {
+                    let want = l.forward(&x).unwrap();
+                    assert_eq!(
+                        got.to_vec2::<f32>().unwrap(),
+                        want.to_vec2::<f32>().unwrap()
+                    );
+                }
+            }
+        }
+    }
+
+    /// `lin` against the plain product with its dequantized weight `dense`, for inputs of
+    /// `rows` rows (seeded `seed + rows`), within 2% of the largest output: the
+    /// activations are quantized to 8 bits per block on the way in.
+    fn assert_matches_dense(lin: &Linear, dense: &Tensor, rows: &[usize], seed: u64, what: &str) {
+        let k = dense.dim(1).unwrap();
+        for &m in rows {
+            let x = Tensor::from_vec(random(m, k, seed + m as u64), (m, k), &Device::Cpu)
+                .unwrap()
+                .affine(10.0, 0.0)
+                .unwrap();
+            let got: Vec<f32> = lin
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want: Vec<f32> = x
+                .matmul(&dense.t().unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= 0.02 * scale, "{what} m={m}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// The ggml types only a GGUF loaded as stored brings (no `--dtype` makes them) go
+    /// through the same quantized matvec; checked against the dequantized weight.
+    #[test]
+    fn gguf_only_block_types_match_their_dequantized_weight() {
+        let (n, k) = (40, 512);
+        let w = Tensor::from_vec(random(n, k, 5), (n, k), &Device::Cpu).unwrap();
+        for g in [
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q5K,
+        ] {
+            let q = Arc::new(QTensor::quantize(&w, g).unwrap());
+            let dense = q.dequantize(&Device::Cpu).unwrap();
+            let lin = Linear::new(StoredMatrix::Quant(q), None);
+            assert_matches_dense(&lin, &dense, &[1, 3], 30, &format!("{g:?}"));
         }
     }
 }

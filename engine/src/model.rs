@@ -40,7 +40,8 @@ use crate::generate::KvCache;
 use crate::kv_cache::{check_paged_pass, PagedKvCache, PagedMetadata};
 use crate::linear::Linear;
 use crate::loader::WeightFiles;
-use crate::quant::{self, StoredMatrix, WeightFormat};
+use crate::quant::{StoredMatrix, WeightFormat};
+use crate::spec::{ShardSpec, TpShard};
 
 /// Attention bookkeeping for one forward pass, passed explicitly (no global context).
 ///
@@ -277,26 +278,6 @@ impl TpReduce {
     }
 }
 
-/// Where one tensor-parallel rank sits and how its shard is cut.
-#[derive(Clone)]
-pub(crate) struct TpShard {
-    pub rank: usize,
-    pub tp: usize,
-    pub comm: Arc<dyn Communicator>,
-}
-
-impl TpShard {
-    /// Rank `rank`'s slice `(start, len)` of `n` rows split over `tp`: the first `n % tp`
-    /// ranks get one more (the planner's split, so both count the same bytes).
-    pub fn share(n: usize, tp: usize, rank: usize) -> (usize, usize) {
-        let (base, extra) = (n / tp, n % tp);
-        (
-            rank * base + rank.min(extra),
-            base + usize::from(rank < extra),
-        )
-    }
-}
-
 /// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
@@ -316,19 +297,55 @@ struct PassInputs<'a> {
     meta: &'a AttnMetadata,
 }
 
-/// A loaded Llama-family model.
+/// A loaded Llama-family model: the whole model, or one rank's shard of it under
+/// tensor/pipeline parallelism (the whole model is the TP = PP = 1 shard). One struct,
+/// one set of loaders, one paged forward loop for both.
+///
+/// The split is Megatron's, the one the planner counts (`llmem_planner::plan::layer_bytes`
+/// and `rank_weights`), so the engine's per-rank bytes and the plan's per-GPU bytes are
+/// one computation done twice:
+/// - q/k/v and gate/up are column-parallel (each rank holds some output rows), o_proj
+///   and down_proj row-parallel (the matching input columns), each followed by one
+///   all-reduce, so a layer costs two all-reduces of (tokens x hidden);
+/// - the heads split evenly (TP must divide them); KV heads split too, or, once TP
+///   exceeds them, every rank holds the one KV head its query heads read (replicated);
+/// - the intermediate size splits as evenly as possible (first ranks one row more);
+/// - norms, the o/down biases and rotary tables are replicated; the o/down biases are
+///   added once, after the all-reduce;
+/// - the embedding and LM head are replicated, or split by vocabulary rows
+///   (`vocab_parallel`): the lookup zeroes ids outside the rank's rows and one
+///   all-reduce completes it; the head's partial logits are all-gathered;
+/// - PP stage `s` holds the consecutive layers `llmem_planner::plan::stage_layers`
+///   gives it; stage 0 the embedding, the last stage the final norm and LM head (its
+///   own copy when tied and PP > 1).
+///
+/// With a replicated head only TP rank 0 computes logits (the others would compute the
+/// same numbers), so the other ranks' head is memory the plan counts but never reads.
+/// Shards run float weights only (block-quantized shards are not implemented).
 #[derive(Debug, Clone)]
 pub struct Model {
     shape: ModelShape,
+    /// The model as this rank's KV cache sees it: this stage's layers, this rank's
+    /// heads (the whole shape when unsharded).
+    local_shape: ModelShape,
     dtype: DType,
     device: Device,
-    /// (vocab, hidden), dense or block-quantized (rows dequantized on lookup).
-    embed_tokens: StoredMatrix,
+    spec: ShardSpec,
+    /// (vocab, hidden), dense or block-quantized (rows dequantized on lookup), or this
+    /// rank's vocabulary rows; stage 0 only.
+    embed_tokens: Option<StoredMatrix>,
+    /// First vocabulary row this rank holds (0 unless vocab-parallel).
+    vocab_start: usize,
     layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    /// (vocab, hidden); shares `embed_tokens`' storage when tied.
-    lm_head: Linear,
+    /// Index of `layers[0]` in the whole model.
+    first_layer: usize,
+    /// Final norm and LM head (vocab, hidden): the last stage only. The head shares
+    /// `embed_tokens`' storage when tied (and this rank holds the embedding).
+    norm: Option<RmsNorm>,
+    lm_head: Option<Linear>,
     rope: Rope,
+    /// This rank's place in its TP group; `None` without tensor parallelism.
+    tp: Option<TpShard>,
     weights_bytes: u64,
     format: WeightFormat,
     /// For a GGUF loaded as stored: its tensor table summed per ggml type (the planner's
@@ -354,7 +371,7 @@ impl Attention {
             shape.kv_dim() as usize,
         );
         let lin = |name: &str, out_dim: usize, in_dim: usize, bias: bool| {
-            quant::load_linear(
+            Linear::load(
                 w,
                 &format!("{prefix}.{name}"),
                 out_dim,
@@ -623,7 +640,7 @@ impl Mlp {
             shape.mlp_bias,
         );
         let lin = |name: &str, out_dim: usize, in_dim: usize| {
-            quant::load_linear(
+            Linear::load(
                 w,
                 &format!("{prefix}.{name}"),
                 out_dim,
@@ -835,57 +852,165 @@ impl Model {
         fmt: &WeightFormat,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_part(shape, w, fmt, device, ShardSpec::single(), None)
+    }
+
+    /// Load rank `spec`'s shard in `dtype` (f32, bf16 or f16), its TP group meeting
+    /// through `comm`. Every tensor is read whole, checked, and sliced.
+    pub fn load_shard(
+        shape: &ModelShape,
+        w: &WeightFiles,
+        dtype: DType,
+        device: &Device,
+        spec: ShardSpec,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::InvalidInput(format!(
+                "dtype {dtype:?} is not supported for the model; use f32, bf16 or f16"
+            )));
+        }
+        if comm.world_size() != spec.parallel.tp || comm.rank() != spec.tp_rank {
+            return Err(Error::InvalidInput(format!(
+                "shard of TP rank {} of {} given communicator rank {} of {}",
+                spec.tp_rank,
+                spec.parallel.tp,
+                comm.rank(),
+                comm.world_size()
+            )));
+        }
+        Self::load_part(
+            shape,
+            w,
+            &WeightFormat::dense(dtype)?,
+            device,
+            spec,
+            Some(comm),
+        )
+    }
+
+    /// The one loader: the part of the model `spec` puts on this rank.
+    fn load_part(
+        shape: &ModelShape,
+        w: &WeightFiles,
+        fmt: &WeightFormat,
+        device: &Device,
+        spec: ShardSpec,
+        comm: Option<Arc<dyn Communicator>>,
+    ) -> Result<Self> {
         // Checks the precision is one the engine runs.
         WeightFormat::new(fmt.precision)?;
+        let p = spec.parallel;
+        p.validate(shape)?;
         let dtype = fmt.activation_dtype();
-        let (vocab, h) = (shape.vocab_size as usize, shape.hidden_size as usize);
-        let ep = fmt.embedding_precision();
-        let embed_tokens = quant::load_matrix(
-            w,
-            "model.embed_tokens.weight",
-            vocab,
-            h,
-            ep,
-            fmt.as_stored,
-            device,
-        )?;
-        let layers = (0..shape.num_hidden_layers as usize)
-            .map(|i| DecoderLayer::load(w, i, shape, fmt, device))
+        let split = p.stage_layers(shape);
+        let first_layer: usize = split[..spec.pp_stage].iter().sum();
+        let num_layers = split[spec.pp_stage];
+        let (holds_embedding, holds_head) = (spec.pp_stage == 0, spec.pp_stage == p.pp - 1);
+        let shard = comm.filter(|_| p.tp > 1).map(|comm| TpShard {
+            rank: spec.tp_rank,
+            tp: p.tp,
+            comm,
+        });
+        let layers = (first_layer..first_layer + num_layers)
+            .map(|i| match &shard {
+                None => DecoderLayer::load(w, i, shape, fmt, device),
+                Some(s) => DecoderLayer::load_shard(w, i, shape, dtype, device, s),
+            })
             .collect::<Result<Vec<_>>>()?;
-        let norm = load_norm(w, "model.norm.weight", shape, fmt, device)?;
-        // Some tied checkpoints still ship an lm_head.weight copy; tied means we use the
-        // embedding, as transformers does.
-        let lm_head = if shape.tie_word_embeddings {
-            embed_tokens.clone().into_linear(None)
+
+        let (vocab, h) = (shape.vocab_size as usize, shape.hidden_size as usize);
+        let (vocab_start, vocab_len) = if p.vocab_parallel && p.tp > 1 {
+            TpShard::share(vocab, p.tp, spec.tp_rank)
         } else {
-            quant::load_matrix(w, "lm_head.weight", vocab, h, ep, fmt.as_stored, device)?
-                .into_linear(None)
+            (0, vocab)
         };
-        let rope = Rope::new(shape, shape.max_position_embeddings as usize, dtype, device)?;
-        let mut weights_bytes = embed_tokens.bytes()
-            + layers.iter().map(DecoderLayer::weights_bytes).sum::<u64>()
-            + tensor_bytes(&norm.weight);
-        if !shape.tie_word_embeddings {
-            weights_bytes += lm_head.bytes();
+        let ep = fmt.embedding_precision();
+        // This rank's vocabulary rows of a (vocab, hidden) matrix: a deep copy of the
+        // rows, so the whole table is freed (vocab-parallel shards are dense).
+        let load_rows = |name: &str| -> Result<StoredMatrix> {
+            if vocab_len == vocab {
+                return w.load_matrix(name, vocab, h, ep, fmt.as_stored, device);
+            }
+            let t = w.load(name, &[vocab, h], dtype, device)?;
+            Ok(StoredMatrix::Dense(
+                t.narrow(0, vocab_start, vocab_len)?.copy()?,
+            ))
+        };
+        let embed_tokens = if holds_embedding || (holds_head && shape.tie_word_embeddings) {
+            Some(load_rows("model.embed_tokens.weight")?)
+        } else {
+            None
+        };
+        let (norm, lm_head) = if holds_head {
+            // Some tied checkpoints still ship an lm_head.weight copy; tied means we use
+            // the embedding, as transformers does (its storage on stage 0, this stage's
+            // own copy on a later one).
+            let head = if shape.tie_word_embeddings {
+                embed_tokens.clone().map(|e| Linear::new(e, None))
+            } else {
+                Some(Linear::new(load_rows("lm_head.weight")?, None))
+            };
+            (
+                Some(load_norm(w, "model.norm.weight", shape, fmt, device)?),
+                head,
+            )
+        } else {
+            (None, None)
+        };
+        let embed_tokens = if holds_embedding { embed_tokens } else { None };
+
+        // Bytes as the planner counts them: a tied head shared with the embedding once.
+        let mut weights_bytes = layers.iter().map(DecoderLayer::weights_bytes).sum::<u64>();
+        weights_bytes += embed_tokens.as_ref().map_or(0, StoredMatrix::bytes);
+        if let Some(n) = &norm {
+            weights_bytes += tensor_bytes(n.weight());
+        }
+        if let Some(head) = &lm_head {
+            if !(shape.tie_word_embeddings && holds_embedding) {
+                weights_bytes += head.bytes();
+            }
         }
         // A GGUF kept as stored: the planner's figure is the file's own tensor table.
         let stored = match (fmt.as_stored, w.gguf()) {
             (true, Some(g)) => Some(g.summary()?),
             _ => None,
         };
+
+        let mut local_shape = shape.clone();
+        local_shape.num_hidden_layers = num_layers as u64;
+        local_shape.num_attention_heads = shape.num_attention_heads / p.tp as u64;
+        local_shape.num_key_value_heads =
+            llmem_planner::plan::kv_heads_per_rank(shape, p.tp as u64);
+        let rope = Rope::new(shape, shape.max_position_embeddings as usize, dtype, device)?;
         Ok(Model {
             shape: shape.clone(),
+            local_shape,
             dtype,
             device: device.clone(),
+            spec,
             embed_tokens,
+            vocab_start,
             layers,
+            first_layer,
             norm,
             lm_head,
             rope,
+            tp: shard,
             weights_bytes,
             format: *fmt,
             stored,
         })
+    }
+
+    /// Where this model sits in the TP x PP grid ([`ShardSpec::single`] unsharded).
+    pub fn spec(&self) -> ShardSpec {
+        self.spec
+    }
+
+    /// The shape of this rank's KV cache: this stage's layers, this rank's KV heads.
+    pub fn local_shape(&self) -> &ModelShape {
+        &self.local_shape
     }
 
     /// How the weights are stored (precision, embeddings kept or not).
@@ -1020,6 +1145,7 @@ impl Model {
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor> {
         let num_tokens = input_ids.dim(0)?;
+        let (embed_tokens, norm) = self.whole()?;
         self.check_pass(num_tokens, meta, caches)?;
         let cos = self.rope.cos.index_select(positions, 0)?;
         let sin = self.rope.sin.index_select(positions, 0)?;
@@ -1032,24 +1158,44 @@ impl Model {
             masks,
             meta,
         };
-        let mut x = self.embed_tokens.rows(input_ids, self.dtype)?;
+        let mut x = embed_tokens.rows(input_ids, self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer
                 .forward(&x, |attn, h| attn.forward(h, &pass, i, caches))
                 .map_err(|source| Error::Tensor {
                     context: format!("forward pass, layer {i}"),
-                    message: crate::gguf::candle_message(source),
+                    message: crate::error::candle_message(source),
                 })?;
         }
         for (s, cache) in caches.iter_mut().enumerate() {
             cache.advance(meta.query_lens[s]);
         }
-        Ok(self.norm.forward(&x)?)
+        Ok(norm.forward(&x)?)
     }
 
-    /// LM head: hidden (rows, hidden) -> logits (rows, vocab) in f32.
+    /// The embedding and final norm of a whole model; an error for a shard (the
+    /// contiguous-cache path runs TP = PP = 1 only).
+    fn whole(&self) -> Result<(&StoredMatrix, &RmsNorm)> {
+        match (&self.embed_tokens, &self.norm, self.spec.is_single()) {
+            (Some(e), Some(n), true) => Ok((e, n)),
+            _ => Err(Error::InvalidInput(format!(
+                "the per-sequence cache runs a whole model; this is a shard ({}): use the \
+                 paged cache",
+                self.spec.parallel.describe_split(&self.shape)
+            ))),
+        }
+    }
+
+    /// LM head: hidden (rows, hidden) -> logits (rows, vocab, or this rank's vocabulary
+    /// rows when vocab-parallel) in f32.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+        let head = self.lm_head.as_ref().ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "pipeline stage {} holds no LM head; only the last stage computes logits",
+                self.spec.pp_stage
+            ))
+        })?;
+        Ok(head.forward(hidden)?.to_dtype(DType::F32)?)
     }
 
     /// One pass, returning the logits of each sequence's last token: (num_seqs, vocab) f32.
@@ -1108,21 +1254,59 @@ impl Model {
         cache: &mut PagedKvCache,
         sample_rows: &[usize],
     ) -> Result<Tensor> {
-        check_paged_pass(
-            ids,
-            positions,
-            meta,
-            sample_rows,
-            self.shape.max_position_embeddings,
-            cache,
-            &self.shape,
-            "the model",
-        )?;
-        let ids = self.token_tensor(ids)?;
+        self.check_paged(ids, positions, meta, cache, sample_rows)?;
+        match self.forward_stage_checked(ids, positions, None, meta, cache, sample_rows)? {
+            Some(logits) => Ok(logits),
+            None => Err(Error::InvalidInput(format!(
+                "paged forward pass: this rank ({}) returns no logits; run the whole grid",
+                self.spec.parallel.describe_split(&self.shape)
+            ))),
+        }
+    }
+
+    /// This rank's part of one paged pass.
+    ///
+    /// Stage 0 starts from `ids`; a later stage from `hidden`, the (num_tokens, hidden)
+    /// output of the stage before. Returns the hidden states for the next stage, or on
+    /// the last stage the logits of `sample_rows` (rows x vocab, f32) on TP rank 0 (on
+    /// every rank when vocab-parallel) and `None` on the other ranks. The whole model is
+    /// the one stage whose TP rank 0 returns logits.
+    pub fn forward_stage(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        hidden: Option<&Tensor>,
+        meta: &PagedMetadata,
+        cache: &mut PagedKvCache,
+        sample_rows: &[usize],
+    ) -> Result<Option<Tensor>> {
+        self.check_paged(ids, positions, meta, cache, sample_rows)?;
+        self.forward_stage_checked(ids, positions, hidden, meta, cache, sample_rows)
+    }
+
+    /// [`Model::forward_stage`] after [`Model::check_paged`] passed: the one paged loop.
+    pub(crate) fn forward_stage_checked(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        hidden: Option<&Tensor>,
+        meta: &PagedMetadata,
+        cache: &mut PagedKvCache,
+        sample_rows: &[usize],
+    ) -> Result<Option<Tensor>> {
+        let mut x = match (&self.embed_tokens, hidden) {
+            (Some(table), _) => self.embed(table, ids)?,
+            (None, Some(h)) => h.clone(),
+            (None, None) => {
+                return Err(Error::InvalidInput(format!(
+                    "pipeline stage {} got no hidden states from the stage before",
+                    self.spec.pp_stage
+                )))
+            }
+        };
         let positions = Tensor::new(positions, &self.device)?;
         let cos = self.rope.cos.index_select(&positions, 0)?;
         let sin = self.rope.sin.index_select(&positions, 0)?;
-        let mut x = self.embed_tokens.rows(&ids, self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer
                 .forward(&x, |attn, h| {
@@ -1130,38 +1314,124 @@ impl Model {
                 })
                 .map_err(|e| match e {
                     Error::Tensor { message, .. } => Error::Tensor {
-                        context: format!("paged forward pass, layer {i}"),
+                        context: self.layer_context(i),
                         message,
                     },
                     other => other,
                 })?;
         }
+        let (Some(norm), Some(_)) = (&self.norm, &self.lm_head) else {
+            return Ok(Some(x));
+        };
+        let vocab_parallel = self.spec.parallel.vocab_parallel && self.spec.parallel.tp > 1;
+        if !vocab_parallel && self.spec.tp_rank != 0 {
+            return Ok(None);
+        }
         if sample_rows.is_empty() {
             // A step of prefill chunks only: the K/V are written, nothing is sampled. (On
             // the host: CUDA refuses zero-byte allocations.)
             let vocab = self.shape.vocab_size as usize;
-            return Ok(Tensor::zeros((0, vocab), DType::F32, &Device::Cpu)?);
+            return Ok(Some(Tensor::zeros((0, vocab), DType::F32, &Device::Cpu)?));
         }
         let rows: Vec<u32> = sample_rows.iter().map(|&r| r as u32).collect();
         let rows = Tensor::new(rows.as_slice(), &self.device)?;
-        let hidden = self.norm.forward(&x.index_select(&rows, 0)?)?;
-        self.logits(&hidden)
+        let logits = self.logits(&norm.forward(&x.index_select(&rows, 0)?)?)?;
+        match (&self.tp, vocab_parallel) {
+            (Some(tp), true) => Ok(Some(tp.comm.all_gather(&logits, 1)?)),
+            _ => Ok(Some(logits)),
+        }
+    }
+
+    /// "paged forward pass, layer 3", with the stage and TP rank for a shard.
+    fn layer_context(&self, i: usize) -> String {
+        if self.spec.is_single() {
+            format!("paged forward pass, layer {i}")
+        } else {
+            format!(
+                "paged forward pass, layer {} (stage {}, TP rank {})",
+                self.first_layer + i,
+                self.spec.pp_stage,
+                self.spec.tp_rank
+            )
+        }
+    }
+
+    /// The embedding lookup; under vocab-parallel, ids outside this rank's rows give
+    /// zero rows and one all-reduce assembles the full embedding on every rank.
+    fn embed(&self, table: &StoredMatrix, ids: &[u32]) -> Result<Tensor> {
+        let vocab_parallel = self.spec.parallel.vocab_parallel && self.spec.parallel.tp > 1;
+        let (true, Some(tp), StoredMatrix::Dense(table)) = (vocab_parallel, &self.tp, table) else {
+            return Ok(table.rows(&Tensor::new(ids, &self.device)?, self.dtype)?);
+        };
+        let rows = table.dim(0)?;
+        let start = self.vocab_start as u32;
+        let (local, mask): (Vec<u32>, Vec<f32>) = ids
+            .iter()
+            .map(|&id| match id.checked_sub(start) {
+                Some(i) if (i as usize) < rows => (i, 1.0),
+                _ => (0, 0.0),
+            })
+            .unzip();
+        let n = ids.len();
+        let x = table.index_select(&Tensor::new(local.as_slice(), &self.device)?, 0)?;
+        let mask = Tensor::from_vec(mask, (n, 1), &self.device)?.to_dtype(self.dtype)?;
+        tp.comm.all_reduce_sum(&x.broadcast_mul(&mask)?)
+    }
+
+    /// Input checks of a paged pass that fail the same way on every rank (so before any
+    /// collective): the metadata against the tokens, the context and this rank's cache,
+    /// and every id inside the vocabulary.
+    pub(crate) fn check_paged(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        meta: &PagedMetadata,
+        cache: &PagedKvCache,
+        sample_rows: &[usize],
+    ) -> Result<()> {
+        let who = if self.spec.is_single() {
+            "the model"
+        } else {
+            "this shard"
+        };
+        check_paged_pass(
+            ids,
+            positions,
+            meta,
+            sample_rows,
+            self.shape.max_position_embeddings,
+            cache,
+            &self.local_shape,
+            who,
+        )?;
+        crate::request::check_token_ids("paged forward pass: token", ids, self.shape.vocab_size)
     }
 
     /// Token ids as a tensor, after checking each lies inside the vocabulary.
     fn token_tensor(&self, input_ids: &[u32]) -> Result<Tensor> {
-        let vocab = self.shape.vocab_size;
-        if let Some(bad) = input_ids.iter().find(|&&t| u64::from(t) >= vocab) {
-            return Err(Error::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
+        crate::request::check_token_ids("token", input_ids, self.shape.vocab_size)?;
         Ok(Tensor::new(input_ids, &self.device)?)
     }
 
     /// A fresh KV cache for one sequence of up to `capacity_tokens` tokens.
     pub fn new_cache(&self, capacity_tokens: usize) -> Result<KvCache> {
         KvCache::new(&self.shape, capacity_tokens, self.dtype, &self.device)
+    }
+
+    /// A paged KV cache of `num_blocks` blocks for this rank's layers and KV heads.
+    pub fn new_paged_cache(
+        &self,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: crate::kv_cache::KvDtype,
+    ) -> Result<PagedKvCache> {
+        PagedKvCache::new_on(
+            &self.local_shape,
+            num_blocks,
+            block_size,
+            dtype,
+            &self.device,
+        )
     }
 
     /// Estimated peak bytes of activations alive at once in one pass of `meta` that
@@ -1210,23 +1480,45 @@ impl Model {
     /// model dtype, their f32 copies handed to the kernel, the f32 output and its cast
     /// back. The MLP and LM-head phases are unchanged.
     pub fn paged_activation_peak_bytes(&self, num_tokens: usize, logits_rows: usize) -> u64 {
-        let s = &self.shape;
-        let e = self.dtype.size_in_bytes() as u64;
-        let t = num_tokens as u64;
-        let (h, q, kv, i, v) = (
-            s.hidden_size,
-            s.q_dim(),
-            s.kv_dim(),
-            s.intermediate_size,
-            s.vocab_size,
-        );
-        let resident = 2 * t * h * e;
-        let attention = 2 * t * (q + 2 * kv) * e + 4 * t * (q + 2 * kv) + 4 * t * q + t * q * e;
-        let mlp = t * (4 * i + h) * e;
-        let rows = logits_rows as u64;
-        let logits = rows * h * e + rows * v * (e + 4);
-        resident + attention.max(mlp).max(logits)
+        rank_activation_peak_bytes(&self.shape, self.dtype, self.spec, num_tokens, logits_rows)
     }
+}
+
+/// Estimated peak activation bytes of one rank in a paged pass of `num_tokens` tokens
+/// computing `logits_rows` rows: [`crate::model::Model::paged_activation_peak_bytes`]
+/// with this rank's widths (its heads, KV heads and intermediate share), the logits
+/// phase on the last stage only (this rank's vocabulary rows in the model dtype plus
+/// the gathered f32 logits over the whole vocabulary).
+pub fn rank_activation_peak_bytes(
+    shape: &ModelShape,
+    dtype: DType,
+    spec: ShardSpec,
+    num_tokens: usize,
+    logits_rows: usize,
+) -> u64 {
+    let p = spec.parallel;
+    let tp = p.tp as u64;
+    let e = dtype.size_in_bytes() as u64;
+    let t = num_tokens as u64;
+    let h = shape.hidden_size;
+    let q = shape.num_attention_heads / tp * shape.head_dim;
+    let kv = llmem_planner::plan::kv_heads_per_rank(shape, tp) * shape.head_dim;
+    let i = TpShard::share(shape.intermediate_size as usize, p.tp, spec.tp_rank).1 as u64;
+    let resident = 2 * t * h * e;
+    let attention = 2 * t * (q + 2 * kv) * e + 4 * t * (q + 2 * kv) + 4 * t * q + t * q * e;
+    let mlp = t * (4 * i + h) * e;
+    let logits = if spec.pp_stage == p.pp - 1 {
+        let rows = logits_rows as u64;
+        let local = if p.vocab_parallel {
+            TpShard::share(shape.vocab_size as usize, p.tp, spec.tp_rank).1 as u64
+        } else {
+            shape.vocab_size
+        };
+        rows * h * e + rows * local * e + rows * shape.vocab_size * 4
+    } else {
+        0
+    };
+    resident + attention.max(mlp).max(logits)
 }
 
 /// Runs `f` on a worker of rayon's global pool (directly when already on one).
@@ -1270,4 +1562,31 @@ fn causal_mask(
         })
         .collect();
     Tensor::from_vec(data, (query_len, ctx), device).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_random_model_has_the_planners_weight_bytes() {
+        let shape = llmem_planner::preset("smollm2-135m").unwrap();
+        for dtype in [DType::BF16, DType::F32] {
+            let fmt = WeightFormat::dense(dtype).unwrap();
+            let model =
+                Model::load_with(&shape, &WeightFiles::random(1), &fmt, &Device::Cpu).unwrap();
+            let planned = llmem_planner::model_weights_bytes(&shape, fmt.precision, false).unwrap();
+            assert_eq!(model.weights_bytes(), planned, "{dtype:?}");
+            let mut cache = model.new_cache(8).unwrap();
+            let meta = AttnMetadata::single(0, 3);
+            let logits = model
+                .forward_all_logits(&[1, 2, 3], &meta, &mut [&mut cache])
+                .unwrap();
+            let finite = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(
+                finite.iter().all(|x| x.is_finite()),
+                "{dtype:?}: logits finite"
+            );
+        }
+    }
 }

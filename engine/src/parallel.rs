@@ -2,7 +2,7 @@
 //! grid of ranks, each a thread owning its weight shard and its own paged KV cache.
 //!
 //! [`ParallelRunner`] spawns `tp x pp` threads. Stage `s`, TP rank `r` holds the shard
-//! [`ShardedModel`] describes and a [`PagedKvCache`] of its layers and KV heads (the
+//! [`Model::load_shard`] loads and a [`PagedKvCache`] of its layers and KV heads (the
 //! block tables are the scheduler's and identical on every rank: a block index means
 //! the same tokens everywhere, only the heads stored in it differ). A pass is a
 //! sequential hand-off: the batch (ids, positions, metadata, sample rows) goes to every
@@ -30,8 +30,9 @@ use crate::comm::{CommStats, Communicator, ThreadComm};
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvDtype, PagedKvCache, PagedMetadata};
 use crate::loader::WeightFiles;
+use crate::model::rank_activation_peak_bytes;
 use crate::model::Model;
-use crate::shard::{rank_activation_peak_bytes, ParallelSpec, ShardSpec, ShardedModel};
+use crate::spec::{ParallelSpec, ShardSpec};
 
 /// Memory one rank holds, as the engine counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,14 +67,6 @@ pub fn planner_precision(dtype: DType) -> Result<Precision> {
     }
 }
 
-fn planner_kv_dtype(d: KvDtype) -> llmem_planner::KvDtype {
-    match d {
-        KvDtype::F32 => llmem_planner::KvDtype::Fp32,
-        KvDtype::F16 => llmem_planner::KvDtype::Fp16,
-        KvDtype::Bf16 => llmem_planner::KvDtype::Bf16,
-    }
-}
-
 /// The planner's prediction for every rank (stage-major, like
 /// [`ParallelRunner::rank_memory`]): a cache of `kv_tokens` tokens (one sequence of
 /// that context, the same bytes as `num_blocks x block_size` slots) and passes of
@@ -99,7 +92,7 @@ pub fn planned_rank_memory(
     d.tp = spec.tp as u64;
     d.pp = spec.pp as u64;
     d.vocab_parallel = spec.vocab_parallel;
-    d.kv_dtype = planner_kv_dtype(kv_dtype);
+    d.kv_dtype = kv_dtype.planner();
     d.runtime_overhead_bytes = Some(0);
     d.headroom_fraction = 0.0;
     let plan = llmem_planner::plan(shape, &workload, &d)
@@ -189,7 +182,7 @@ impl ParallelRunner {
                 let handle = std::thread::Builder::new()
                     .name(format!("llmem-pp{stage}-tp{rank}"))
                     .spawn(move || {
-                        let loaded = ShardedModel::load(
+                        let loaded = Model::load_shard(
                             &shape,
                             &weights,
                             dtype,
@@ -198,7 +191,7 @@ impl ParallelRunner {
                             thread_comm.clone(),
                         )
                         .and_then(|m| {
-                            let cache = m.new_cache(num_blocks, block_size, kv_dtype)?;
+                            let cache = m.new_paged_cache(num_blocks, block_size, kv_dtype)?;
                             Ok((m, cache))
                         });
                         drop(weights);
@@ -382,7 +375,7 @@ impl ParallelRunner {
 
 /// A rank's service loop: run each job, reply, until the runner hangs up.
 fn rank_loop(
-    model: &ShardedModel,
+    model: &Model,
     cache: &mut PagedKvCache,
     comm: &dyn Communicator,
     jobs: mpsc::Receiver<Job>,
@@ -392,13 +385,13 @@ fn rank_loop(
         let b = &job.batch;
         // Input checks fail identically on every rank, before any collective: the
         // group stays usable.
-        if let Err(e) = model.check(&b.ids, &b.positions, &b.meta, cache, &b.sample_rows) {
+        if let Err(e) = model.check_paged(&b.ids, &b.positions, &b.meta, cache, &b.sample_rows) {
             if replies.send((Err(e), false)).is_err() {
                 return;
             }
             continue;
         }
-        let out = model.forward_checked(
+        let out = model.forward_stage_checked(
             &b.ids,
             &b.positions,
             job.hidden.as_ref(),

@@ -59,23 +59,7 @@ pub fn perplexity(
     let mut window_nll = Vec::with_capacity(windows);
     for w in 0..windows {
         let chunk = &ids[w * window..(w + 1) * window];
-        let mut cache = model.new_cache(window)?;
-        let logits =
-            model.forward_all_logits(chunk, &AttnMetadata::single(0, window), &mut [&mut cache])?;
-        let vocab = logits.dim(1)?;
-        let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-        let mut nll = 0.0f64;
-        for pos in 0..window - 1 {
-            let row = &flat[pos * vocab..(pos + 1) * vocab];
-            let target = chunk[pos + 1] as usize;
-            let lp = log_softmax(row);
-            let p = lp.get(target).ok_or_else(|| {
-                Error::InvalidInput(format!(
-                    "token id {target} is outside the vocabulary of {vocab}"
-                ))
-            })?;
-            nll -= p;
-        }
+        let nll = window_nll_of(model, chunk, |_| {})?;
         on_window(w, nll);
         window_nll.push(nll);
     }
@@ -89,4 +73,31 @@ pub fn perplexity(
         window_nll,
         perplexity: (total / predictions as f64).exp(),
     })
+}
+
+/// One window scored from an empty cache: the summed negative log-likelihood of tokens
+/// `1..W` given the ones before, in f64. `on_position` sees each predicting position's
+/// log-softmax row (vocab entries), in order. Shared by perplexity and `llmem sweep`.
+pub fn window_nll_of(
+    model: &Model,
+    chunk: &[u32],
+    mut on_position: impl FnMut(&[f64]),
+) -> Result<f64> {
+    let w = chunk.len();
+    let mut cache = model.new_cache(w)?;
+    let logits = model.forward_all_logits(chunk, &AttnMetadata::single(0, w), &mut [&mut cache])?;
+    let vocab = logits.dim(1)?;
+    let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+    let mut nll = 0.0f64;
+    for pos in 0..w.saturating_sub(1) {
+        let lp = log_softmax(&flat[pos * vocab..(pos + 1) * vocab]);
+        let target = chunk[pos + 1] as usize;
+        nll -= lp.get(target).copied().ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "token id {target} is outside the vocabulary of {vocab}"
+            ))
+        })?;
+        on_position(&lp);
+    }
+    Ok(nll)
 }

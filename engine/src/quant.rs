@@ -27,8 +27,6 @@ use llmem_kernels::packed::{BlockFormat, PackedMatrix};
 use llmem_planner::{ModelShape, Precision};
 
 use crate::error::{Error, Result};
-use crate::linear::Linear;
-use crate::loader::WeightFiles;
 
 /// The weight precisions the engine can load, in the order `--help` lists them.
 pub const ENGINE_PRECISIONS: [Precision; 8] = [
@@ -253,15 +251,6 @@ impl StoredMatrix {
         }
     }
 
-    /// As a projection with an optional (dense) bias.
-    pub fn into_linear(self, bias: Option<Tensor>) -> Linear {
-        match self {
-            StoredMatrix::Dense(t) => Linear::from_weight(t, bias),
-            StoredMatrix::Quant(q) => Linear::from_qtensor(q, bias),
-            StoredMatrix::Packed(p) => Linear::from_packed(p, bias),
-        }
-    }
-
     /// Rows `ids` as a dense (ids.len(), cols) tensor in `dtype` (embedding lookup):
     /// a quantized matrix dequantizes only those rows.
     pub fn rows(&self, ids: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
@@ -292,12 +281,12 @@ impl StoredMatrix {
 pub fn store_matrix(w: &Tensor, precision: Precision, name: &str) -> Result<StoredMatrix> {
     let (_, cols) = w.dims2().map_err(|e| Error::Tensor {
         context: format!("storing {name}"),
-        message: crate::gguf::candle_message(e),
+        message: crate::error::candle_message(e),
     })?;
     let p = precision.for_row_len(cols as u64);
     let wrap = |e: candle_core::Error| Error::Tensor {
         context: format!("quantizing {name} to {p}"),
-        message: crate::gguf::candle_message(e),
+        message: crate::error::candle_message(e),
     };
     if let Some(dtype) = dense_dtype(p) {
         return Ok(StoredMatrix::Dense(w.to_dtype(dtype).map_err(wrap)?));
@@ -311,61 +300,6 @@ pub fn store_matrix(w: &Tensor, precision: Precision, name: &str) -> Result<Stor
     let w32 = w.to_dtype(DType::F32).map_err(wrap)?;
     let q = QTensor::quantize(&w32, g).map_err(wrap)?;
     StoredMatrix::from_qtensor(q).map_err(wrap)
-}
-
-/// Load `name` (rows, cols) and store it at `precision`; with `as_stored` and GGUF
-/// weights, in the type the file stores instead.
-pub fn load_matrix(
-    w: &WeightFiles,
-    name: &str,
-    rows: usize,
-    cols: usize,
-    precision: Precision,
-    as_stored: bool,
-    device: &Device,
-) -> Result<StoredMatrix> {
-    if let (true, Some(g)) = (as_stored, w.gguf()) {
-        return g.load_stored(name, rows, cols, device);
-    }
-    // Float targets load straight into their dtype; block formats quantize from f32.
-    let load_dtype = dense_dtype(precision.for_row_len(cols as u64)).unwrap_or(DType::F32);
-    let t = w.load(name, &[rows, cols], load_dtype, device)?;
-    if dense_dtype(precision.for_row_len(cols as u64)).is_some() {
-        return Ok(StoredMatrix::Dense(t));
-    }
-    store_matrix(&t, precision, name)
-}
-
-/// Load `{prefix}.weight` (and `{prefix}.bias`) as a projection in `fmt`.
-pub fn load_linear(
-    w: &WeightFiles,
-    prefix: &str,
-    out_features: usize,
-    in_features: usize,
-    bias: bool,
-    fmt: &WeightFormat,
-    device: &Device,
-) -> Result<Linear> {
-    let m = load_matrix(
-        w,
-        &format!("{prefix}.weight"),
-        out_features,
-        in_features,
-        fmt.precision,
-        fmt.as_stored,
-        device,
-    )?;
-    let bias = if bias {
-        Some(w.load(
-            &format!("{prefix}.bias"),
-            &[out_features],
-            fmt.vector_dtype(),
-            device,
-        )?)
-    } else {
-        None
-    };
-    Ok(m.into_linear(bias))
 }
 
 /// One line per kind of fallback the format causes on this model's matrices, e.g.
@@ -425,11 +359,11 @@ pub fn fallback_notes(shape: &ModelShape, fmt: &WeightFormat) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::sampler::SplitMix64;
+    use crate::rng::SplitMix64;
 
-    fn random(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn random(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
         let mut rng = SplitMix64::new(seed);
         (0..rows * cols)
             .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * 0.1)
@@ -504,141 +438,6 @@ mod tests {
                 stored.bytes(),
                 llmem_planner::matrix_bytes(p, 4, 96).unwrap()
             );
-        }
-    }
-
-    #[test]
-    fn quantized_linear_matches_its_dequantized_weight() {
-        let (n, k) = (64, 256);
-        let w = Tensor::from_vec(random(n, k, 11), (n, k), &Device::Cpu).unwrap();
-        for p in [
-            Precision::Q8_0,
-            Precision::Q4_0,
-            Precision::Q4_1,
-            Precision::Q4K,
-            Precision::Q6K,
-        ] {
-            let stored = store_matrix(&w, p, "w").unwrap();
-            assert!(
-                !matches!(stored, StoredMatrix::Dense(_)),
-                "{p} should be quantized at 256 columns"
-            );
-            let dense = stored.dequantize().unwrap();
-            let lin = stored.into_linear(None);
-            assert_matches_dense(&lin, &dense, &[1, 5], 20, &p.to_string());
-        }
-    }
-
-    /// A GGUF's Q5_0 matrix (what llama.cpp's Q4_K_M keeps for 576-wide rows) goes to the
-    /// packed kernel when the CPU has it, and its products match its own dequantization.
-    #[test]
-    fn q5_0_matrices_are_packed_and_match_their_dequantized_weight() {
-        use candle_core::quantized::{GgmlDType, QTensor};
-        let (n, k) = (32, 128);
-        let w = Tensor::from_vec(random(n, k, 12), (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q5_0).unwrap();
-        let dense = q.dequantize(&Device::Cpu).unwrap();
-        let stored = StoredMatrix::from_qtensor(q).unwrap();
-        if PackedMatrix::fast_path_available() && packed_kernel_enabled() {
-            assert!(matches!(stored, StoredMatrix::Packed(_)), "{stored:?}");
-        }
-        let unpacked = stored.dequantize().unwrap();
-        let diff: f32 = (&unpacked - &dense)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert_eq!(diff, 0.0, "packing must keep the file's weights exactly");
-        assert_matches_dense(&stored.into_linear(None), &dense, &[1, 5, 40], 21, "q5_0");
-    }
-
-    /// `Linear::forward_many` gives each linear exactly its own `forward`'s answer: through
-    /// the shared packed call (q8_0/q4_0/q4_1 matrices together) and through the one-by-one
-    /// fallback (a mix with a k-quant and a dense matrix).
-    #[test]
-    fn forward_many_equals_forward_each() {
-        let k = 256;
-        let lin = |n: usize, p: Precision, seed: u64| {
-            let w = Tensor::from_vec(random(n, k, seed), (n, k), &Device::Cpu).unwrap();
-            store_matrix(&w, p, "w").unwrap().into_linear(None)
-        };
-        let packed = [
-            lin(48, Precision::Q8_0, 1),
-            lin(16, Precision::Q4_0, 2),
-            lin(32, Precision::Q4_1, 3),
-        ];
-        let mixed = [
-            lin(48, Precision::Q8_0, 4),
-            lin(32, Precision::Q4K, 5),
-            lin(16, Precision::Fp32, 6),
-        ];
-        for set in [&packed, &mixed] {
-            for m in [1, 7] {
-                let x =
-                    Tensor::from_vec(random(m, k, 30 + m as u64), (m, k), &Device::Cpu).unwrap();
-                let many = Linear::forward_many(&x, [&set[0], &set[1], &set[2]]).unwrap();
-                for (l, got) in set.iter().zip(&many) {
-                    let want = l.forward(&x).unwrap();
-                    assert_eq!(
-                        got.to_vec2::<f32>().unwrap(),
-                        want.to_vec2::<f32>().unwrap()
-                    );
-                }
-            }
-        }
-    }
-
-    /// `lin` against the plain product with its dequantized weight `dense`, for inputs of
-    /// `rows` rows (seeded `seed + rows`), within 2% of the largest output: the
-    /// activations are quantized to 8 bits per block on the way in.
-    fn assert_matches_dense(lin: &Linear, dense: &Tensor, rows: &[usize], seed: u64, what: &str) {
-        let k = dense.dim(1).unwrap();
-        for &m in rows {
-            let x = Tensor::from_vec(random(m, k, seed + m as u64), (m, k), &Device::Cpu)
-                .unwrap()
-                .affine(10.0, 0.0)
-                .unwrap();
-            let got: Vec<f32> = lin
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let want: Vec<f32> = x
-                .matmul(&dense.t().unwrap())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
-            for (a, b) in got.iter().zip(&want) {
-                assert!((a - b).abs() <= 0.02 * scale, "{what} m={m}: {a} vs {b}");
-            }
-        }
-    }
-
-    /// The ggml types only a GGUF loaded as stored brings (no `--dtype` makes them) go
-    /// through the same quantized matvec; checked against the dequantized weight.
-    #[test]
-    fn gguf_only_block_types_match_their_dequantized_weight() {
-        let (n, k) = (40, 512);
-        let w = Tensor::from_vec(random(n, k, 5), (n, k), &Device::Cpu).unwrap();
-        for g in [
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q2K,
-            GgmlDType::Q3K,
-            GgmlDType::Q5K,
-        ] {
-            let q = Arc::new(QTensor::quantize(&w, g).unwrap());
-            let dense = q.dequantize(&Device::Cpu).unwrap();
-            let lin = Linear::from_qtensor(q, None);
-            assert_matches_dense(&lin, &dense, &[1, 3], 30, &format!("{g:?}"));
         }
     }
 

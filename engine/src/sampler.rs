@@ -10,73 +10,8 @@
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
-
-/// How to pick the next token.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SamplingParams {
-    /// 0 means greedy; otherwise logits are divided by it before the softmax.
-    pub temperature: f32,
-    /// Keep only the k most likely tokens (None or 0: all).
-    pub top_k: Option<usize>,
-    /// Keep the smallest set of most likely tokens whose probability reaches p (None: 1).
-    pub top_p: Option<f32>,
-    /// Seed of the random generator.
-    pub seed: u64,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_k: None,
-            top_p: None,
-            seed: 0,
-        }
-    }
-}
-
-impl SamplingParams {
-    /// Reject values that make no distribution.
-    pub fn validate(&self) -> Result<()> {
-        if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(Error::InvalidInput(format!(
-                "temperature = {} must be a finite number >= 0",
-                self.temperature
-            )));
-        }
-        if let Some(p) = self.top_p {
-            if !(p > 0.0 && p <= 1.0) {
-                return Err(Error::InvalidInput(format!(
-                    "top_p = {p} must be in (0, 1]"
-                )));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// SplitMix64: a tiny, well-mixed, seedable generator (Steele, Lea, Flood 2014).
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+pub use crate::request::SamplingParams;
+pub use crate::rng::SplitMix64;
 
 /// Picks tokens from logits according to [`SamplingParams`].
 #[derive(Debug, Clone)]
@@ -85,8 +20,8 @@ pub struct Sampler {
     rng: SplitMix64,
 }
 
-/// Index of the first maximal value.
-fn argmax(logits: &[f32]) -> u32 {
+/// Index of the first maximal value (the first of equal maxima).
+pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0usize;
     for (i, &x) in logits.iter().enumerate() {
         if x > logits[best] {

@@ -20,27 +20,7 @@
 use std::collections::VecDeque;
 
 use crate::block_manager::{BlockManager, SeqId};
-
-/// Why a sequence stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// An end-of-sequence or stop token (or a stop string, decided by the caller).
-    Stop,
-    /// `max_tokens` generated, or the context is full.
-    Length,
-    /// The caller aborted it (a client went away).
-    Abort,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::Abort => "abort",
-        }
-    }
-}
+pub use crate::request::{FinishReason, StopConditions};
 
 /// Limits of one step and of the whole run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,16 +31,6 @@ pub struct SchedulerConfig {
     pub max_batched_tokens: usize,
     /// Tokens a sequence may hold (prompt + generated).
     pub max_model_len: usize,
-}
-
-/// What the scheduler needs to know about a request to finish it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StopConditions {
-    pub max_tokens: usize,
-    /// Token ids that end generation (EOS ids and explicit stop ids).
-    pub stop_token_ids: Vec<u32>,
-    /// Keep going past stop tokens (benchmarks).
-    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,9 +24,11 @@ use crate::error::{Error, Result};
 use crate::kv_cache::KvDtype;
 use crate::loader::WeightFiles;
 use crate::model::{AttnMetadata, Model};
+use crate::perplexity::window_nll_of;
 use crate::quant::{cli_name, fallback_notes, WeightFormat};
-use crate::sampler::{log_softmax, SamplingParams};
-use crate::scheduler::StopConditions;
+use crate::request::SamplingParams;
+use crate::request::StopConditions;
+use crate::sampler::argmax;
 
 /// Sequences in the batched decode measurement.
 pub const BATCH: usize = 16;
@@ -129,26 +131,15 @@ struct WindowScores {
 }
 
 fn score_window(model: &Model, chunk: &[u32]) -> Result<(WindowScores, f64)> {
-    let w = chunk.len();
-    let mut cache = model.new_cache(w)?;
+    let mut log_probs = Vec::with_capacity(chunk.len().saturating_sub(1));
     let start = Instant::now();
-    let logits = model.forward_all_logits(chunk, &AttnMetadata::single(0, w), &mut [&mut cache])?;
-    let elapsed = start.elapsed().as_secs_f64();
-    let vocab = logits.dim(1)?;
-    let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-    let mut log_probs = Vec::with_capacity(w - 1);
-    let mut nll = 0.0;
-    for pos in 0..w - 1 {
-        let lp = log_softmax(&flat[pos * vocab..(pos + 1) * vocab]);
-        let target = chunk[pos + 1] as usize;
-        nll -= lp.get(target).copied().ok_or_else(|| {
-            Error::InvalidInput(format!(
-                "token id {target} is outside the vocabulary of {vocab}"
-            ))
-        })?;
-        log_probs.push(lp.iter().map(|&x| x as f32).collect());
-    }
-    Ok((WindowScores { log_probs, nll }, elapsed))
+    let nll = window_nll_of(model, chunk, |lp| {
+        log_probs.push(lp.iter().map(|&x| x as f32).collect())
+    })?;
+    Ok((
+        WindowScores { log_probs, nll },
+        start.elapsed().as_secs_f64(),
+    ))
 }
 
 /// KL(p || q) for log-probabilities, in nats.
@@ -167,16 +158,6 @@ pub fn kl_divergence(log_p: &[f32], log_q: &[f32]) -> f64 {
         .sum()
 }
 
-fn argmax(xs: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
-        }
-    }
-    best
-}
-
 /// Greedy decode of `n` tokens after `prompt` at batch 1; decode tokens per second.
 fn decode_batch1(model: &Model, prompt: &[u32], n: usize) -> Result<f64> {
     let mut cache = model.new_cache(prompt.len() + n)?;
@@ -185,7 +166,7 @@ fn decode_batch1(model: &Model, prompt: &[u32], n: usize) -> Result<f64> {
         &AttnMetadata::single(0, prompt.len()),
         &mut [&mut cache],
     )?;
-    let mut next = argmax(&logits.flatten_all()?.to_vec1::<f32>()?) as u32;
+    let mut next = argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
     let start = Instant::now();
     for i in 0..n {
         let logits = model.forward(
@@ -193,7 +174,7 @@ fn decode_batch1(model: &Model, prompt: &[u32], n: usize) -> Result<f64> {
             &AttnMetadata::single(prompt.len() + i, 1),
             &mut [&mut cache],
         )?;
-        next = argmax(&logits.flatten_all()?.to_vec1::<f32>()?) as u32;
+        next = argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
     }
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
@@ -395,6 +376,7 @@ pub fn sweep(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampler::log_softmax;
 
     #[test]
     fn reference_is_the_most_bits_per_weight() {

@@ -16,7 +16,7 @@
 //! text before pre-tokenization, so `<|im_start|>` is always one token.
 //!
 //! The output is plain JSON built here and checked by loading it with the `tokenizers`
-//! crate ([`load_tokenizer`]); nothing is written unless it loads.
+//! crate ([`tokenizer_from_json`]); nothing is written unless it loads.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -445,7 +445,7 @@ impl GgufVocab {
 }
 
 /// Load a `tokenizer.json` document with the `tokenizers` crate, as a check that it is valid.
-pub fn load_tokenizer(doc: &Value, source: &Path) -> Result<tokenizers::Tokenizer> {
+pub fn tokenizer_from_json(doc: &Value, source: &Path) -> Result<tokenizers::Tokenizer> {
     let text = serde_json::to_string(doc).map_err(|e| Error::Tokenizer {
         path: source.to_path_buf(),
         message: e.to_string(),
@@ -523,7 +523,7 @@ mod tests {
     #[test]
     fn tiny_gpt2_vocab_builds_and_round_trips() {
         let v = tiny_gpt2("default");
-        let tok = load_tokenizer(&v.tokenizer_json().unwrap(), &v.source).unwrap();
+        let tok = tokenizer_from_json(&v.tokenizer_json().unwrap(), &v.source).unwrap();
         let id = |s: &str| v.tokens.iter().position(|t| t == s).unwrap() as u32;
         let sp = byte_char(b' ');
         // " he" merges fully; special tokens are single tokens; "12" merges (no digit split).
@@ -539,7 +539,7 @@ mod tests {
     #[test]
     fn smollm_pre_tokenizer_isolates_every_digit() {
         let v = tiny_gpt2("smollm");
-        let tok = load_tokenizer(&v.tokenizer_json().unwrap(), &v.source).unwrap();
+        let tok = tokenizer_from_json(&v.tokenizer_json().unwrap(), &v.source).unwrap();
         let id = |s: &str| v.tokens.iter().position(|t| t == s).unwrap() as u32;
         assert_eq!(ids(&tok, "12"), vec![id("1"), id("2")]);
         // ½ is \p{N} (No): isolated, so the space before it stays a token of its own.
@@ -601,7 +601,7 @@ mod tests {
             add_space_prefix: true,
             chat_template: None,
         };
-        let tok = load_tokenizer(&v.tokenizer_json().unwrap(), &v.source).unwrap();
+        let tok = tokenizer_from_json(&v.tokenizer_json().unwrap(), &v.source).unwrap();
         let id = |s: &str| v.tokens.iter().position(|t| t == s).unwrap() as u32;
         let enc = tok.encode("hello", true).unwrap();
         assert_eq!(enc.get_ids(), &[1, id("▁hello")]);

@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device};
 use llmem_engine::chat::{render_chat, ChatMessage};
-use llmem_engine::config::EngineConfig;
+use llmem_engine::config::GenerationConfig;
 use llmem_engine::generate::{generate, GenerateRequest};
 use llmem_engine::loader::load_tokenizer;
 use llmem_engine::model::{AttnMetadata, Model};
@@ -85,7 +85,7 @@ fn ids(v: &Value) -> Vec<u32> {
 fn prompt_ids(dir: &Path, case: &Value) -> Vec<u32> {
     let tok = load_tokenizer(dir).unwrap();
     let text = if case["kind"] == "chat" {
-        let cfg = EngineConfig::from_dir(dir).unwrap();
+        let cfg = GenerationConfig::from_dir(dir).unwrap();
         let messages: Vec<ChatMessage> = case["messages"]
             .as_array()
             .unwrap()

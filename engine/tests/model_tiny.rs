@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use llmem_engine::block_manager::{KvLayout, SeqId};
 use llmem_engine::engine::{Engine, EngineConfig, EngineStats, KvSizing};
 use llmem_engine::generate::{generate, FinishReason, GenerateRequest};
-use llmem_engine::kv_cache::{KvDtype, PagedKvCache, PagedMetadata};
+use llmem_engine::kv_cache::{KvDtype, PagedKvCache};
 use llmem_engine::model::{rope_inv_freq, AttnMetadata, Model};
 use llmem_engine::sampler::{SamplingParams, SplitMix64};
 use llmem_engine::scheduler::{
@@ -1054,7 +1054,7 @@ fn paged_logits(
             });
             cached[s] += n;
         }
-        let meta = PagedMetadata::from_batch(&batch);
+        let meta = llmem_engine::engine::paged_metadata(&batch);
         let ids: Vec<u32> = batch.seqs.iter().flat_map(|e| e.tokens.clone()).collect();
         let positions: Vec<u32> = batch
             .seqs
@@ -1135,7 +1135,7 @@ fn paged_forward_rejects_inconsistent_inputs_without_panicking() {
             sample: true,
         }],
     };
-    let meta = PagedMetadata::from_batch(&batch);
+    let meta = llmem_engine::engine::paged_metadata(&batch);
     let err = |r: llmem_engine::Result<Tensor>| r.unwrap_err().to_string();
     let mut fwd = |ids: &[u32], pos: &[u32], rows: &[usize]| {
         err(model.forward_paged(ids, pos, &meta, &mut cache, rows))

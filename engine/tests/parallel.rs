@@ -18,13 +18,13 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use llmem_engine::block_manager::{KvLayout, SeqId};
 use llmem_engine::engine::{Engine, EngineConfig};
-use llmem_engine::kv_cache::{KvDtype, PagedKvCache, PagedMetadata};
+use llmem_engine::kv_cache::{KvDtype, PagedKvCache};
 use llmem_engine::loader::WeightFiles;
 use llmem_engine::model::Model;
 use llmem_engine::parallel::{ParallelRunner, Runner};
 use llmem_engine::sampler::{SamplingParams, SplitMix64};
 use llmem_engine::scheduler::{ScheduledBatch, ScheduledSeq, StopConditions};
-use llmem_engine::shard::ParallelSpec;
+use llmem_engine::spec::ParallelSpec;
 use llmem_planner::ModelShape;
 use serde_json::json;
 
@@ -147,7 +147,7 @@ fn greedy_logits(
                 sample: true,
             }],
         };
-        let meta = PagedMetadata::from_batch(&batch);
+        let meta = llmem_engine::engine::paged_metadata(&batch);
         let positions: Vec<u32> = (cached..end).map(|p| p as u32).collect();
         let rows: Vec<usize> = if step == 0 {
             (0..feed.len()).collect()
@@ -480,7 +480,7 @@ fn a_bad_pass_is_an_error_and_the_ranks_keep_serving() {
                 sample: true,
             }],
         };
-        PagedMetadata::from_batch(&b)
+        llmem_engine::engine::paged_metadata(&b)
     };
     // A token outside the vocabulary, then a sample row outside the batch.
     let meta = batch(vec![1, 2, 99]);

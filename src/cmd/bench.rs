@@ -31,7 +31,7 @@ use llmem_engine::kv_cache::KvDtype;
 use llmem_engine::model::Model;
 use llmem_engine::sampler::{SamplingParams, SplitMix64};
 use llmem_engine::scheduler::StopConditions;
-use llmem_engine::shard::ParallelSpec;
+use llmem_engine::spec::ParallelSpec;
 use serde_json::{json, Value};
 
 use super::generate::DtypeArg;

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use llmem_engine::chat::{render_chat, ChatMessage};
-use llmem_engine::config::EngineConfig;
+use llmem_engine::config::GenerationConfig;
 use llmem_engine::generate::{generate, GenerateRequest};
 use llmem_engine::kv_cache::KvDtype;
 use llmem_engine::loader::WeightFiles;
@@ -144,7 +144,7 @@ pub struct Loaded {
     pub dir: PathBuf,
     pub model: Model,
     pub tokenizer: tokenizers::Tokenizer,
-    pub config: EngineConfig,
+    pub config: GenerationConfig,
     pub load_ms: f64,
     /// How the weights were loaded, for reports: `--dtype`'s name, or `as-stored:<type>`
     /// for a GGUF kept in its own types (`<type>` the one holding most bytes).
@@ -415,7 +415,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 fn prompt_text(
     args: &GenerateArgs,
     dir: &std::path::Path,
-    config: &EngineConfig,
+    config: &GenerationConfig,
 ) -> anyhow::Result<(String, bool)> {
     if !args.chat {
         return Ok((args.prompt.clone(), true));
@@ -449,7 +449,7 @@ fn parse_kv_dtype(s: &str) -> Result<KvDtype, String> {
 /// string; `--top-logprobs` is not available on this path. The PP split and the
 /// per-rank memory beside the planner's prediction go to stderr.
 fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
-    use llmem_engine::engine::{Engine, EngineConfig as PagedConfig, DEFAULT_BLOCK_SIZE};
+    use llmem_engine::engine::{Engine, EngineConfig, DEFAULT_BLOCK_SIZE};
     use llmem_engine::scheduler::StopConditions;
 
     if args.top_logprobs.is_some() {
@@ -476,7 +476,7 @@ fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
         .max(2);
     let block_size = DEFAULT_BLOCK_SIZE;
     let dtype = dense_dtype(args.dtype, &weights)?;
-    let paged = PagedConfig {
+    let paged = EngineConfig {
         block_size,
         num_blocks: max_model_len.div_ceil(block_size),
         kv_dtype: args.kv_dtype.unwrap_or(match dtype {

@@ -11,7 +11,7 @@ pub mod plan;
 pub mod sweep;
 
 use llmem_engine::engine::Engine;
-use llmem_engine::shard::ParallelSpec;
+use llmem_engine::spec::ParallelSpec;
 
 /// A progress bar on stderr for `total` tokens with a live message, drawn only when stdout
 /// and stderr are terminals (hidden when output goes to a file or a pipe).
@@ -49,7 +49,7 @@ pub fn memory_line(s: &llmem_engine::engine::EngineStats, block_bytes: u64) -> S
 
 /// The process's resident set, human-readable ("?" where /proc cannot tell).
 pub fn rss_text() -> String {
-    crate::serve::ledger::process_rss_bytes()
+    crate::procfs::process_rss_bytes()
         .map(llmem_planner::human_bytes)
         .unwrap_or_else(|| "?".into())
 }
@@ -107,7 +107,7 @@ pub struct ModelParts {
     pub shape: llmem_planner::ModelShape,
     pub weights: llmem_engine::loader::WeightFiles,
     pub tokenizer: tokenizers::Tokenizer,
-    pub config: llmem_engine::config::EngineConfig,
+    pub config: llmem_engine::config::GenerationConfig,
 }
 
 /// A GGUF's shape and its tensor table summed per ggml type by the planner, when `model`
@@ -157,7 +157,7 @@ pub fn open_model(model: &str) -> anyhow::Result<ModelParts> {
     let shape = llmem_planner::ModelShape::from_path(&dir)?;
     let weights = llmem_engine::loader::WeightFiles::open_dir(&dir)?;
     let tokenizer = llmem_engine::loader::load_tokenizer(&dir)?;
-    let config = llmem_engine::config::EngineConfig::from_dir(&dir)?;
+    let config = llmem_engine::config::GenerationConfig::from_dir(&dir)?;
     Ok(ModelParts {
         path: dir,
         shape,
@@ -286,7 +286,7 @@ pub fn utilization_arg(s: &str) -> Result<f64, String> {
 
 /// `MemTotal` of a `/proc/meminfo` text, in bytes.
 pub fn parse_mem_total(meminfo: &str) -> Option<u64> {
-    crate::serve::ledger::proc_kib_field(meminfo, "MemTotal")
+    crate::procfs::proc_kib_field(meminfo, "MemTotal")
 }
 
 /// Physical memory of this machine (`MemTotal` of `/proc/meminfo`), in bytes.

@@ -37,7 +37,8 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::ledger::Ledger;
-use super::worker::{Command, Event, NewRequest, Shared, TokenEvent};
+use super::metrics::Shared;
+use super::worker::{Command, Event, NewRequest, TokenEvent};
 
 /// Most alternatives per token OpenAI allows (and we compute).
 pub const MAX_LOGPROBS: u32 = 20;
@@ -205,7 +206,11 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
 }
 
 async fn memory(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(state.ledger.memory_json(&state))
+    Json(state.ledger.memory_json(
+        &state.shared,
+        &state.model_id,
+        state.started.elapsed().as_secs_f64(),
+    ))
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
@@ -214,7 +219,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.ledger.prometheus(&state),
+        state.ledger.prometheus(&state.shared),
     )
 }
 
@@ -413,24 +418,8 @@ impl AppState {
                 ),
             ));
         }
-        if prompt_ids.is_empty() {
-            return Err(ApiError::bad_param(
-                "prompt",
-                "the prompt is empty: it encodes to no tokens",
-            ));
-        }
-        if let Some(bad) = prompt_ids
-            .iter()
-            .find(|&&t| u64::from(t) >= self.vocab_size)
-        {
-            return Err(ApiError::bad_param(
-                "prompt",
-                format!(
-                    "prompt token id {bad} is outside the vocabulary of {}",
-                    self.vocab_size
-                ),
-            ));
-        }
+        llmem_engine::request::check_prompt(&prompt_ids, self.vocab_size)
+            .map_err(|e| ApiError::bad_param("prompt", e.to_string()))?;
         let p = prompt_ids.len();
         let limit = self.max_model_len;
         let max_tokens = match c

@@ -32,8 +32,8 @@ use llmem_engine::engine::PlannedTerms;
 use llmem_engine::parallel::PlannedRank;
 use serde_json::{json, Value};
 
-use super::api::AppState;
-use super::worker::Histogram;
+use super::metrics::{Histogram, Shared};
+use crate::procfs::{machine_used_bytes, process_rss_bytes};
 
 /// One rank's figures fixed at start-up, with the planner's per-GPU terms for it.
 #[derive(Debug, Clone)]
@@ -78,34 +78,6 @@ pub struct Ledger {
     pub plan_error: Option<String>,
 }
 
-/// A `key:   1234 kB` field of a /proc file, in bytes.
-pub fn proc_kib_field(text: &str, key: &str) -> Option<u64> {
-    let line = text.lines().find(|l| {
-        l.strip_prefix(key)
-            .is_some_and(|rest| rest.starts_with(':'))
-    })?;
-    let mut words = line[key.len() + 1..].split_whitespace();
-    let kib: u64 = words.next()?.parse().ok()?;
-    match words.next() {
-        Some("kB") | None => kib.checked_mul(1024),
-        Some(_) => None,
-    }
-}
-
-/// This process's resident set, if /proc says.
-pub fn process_rss_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    proc_kib_field(&text, "VmRSS")
-}
-
-/// Machine memory in use (`MemTotal - MemAvailable`), if /proc says.
-fn machine_used_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let total = proc_kib_field(&text, "MemTotal")?;
-    let avail = proc_kib_field(&text, "MemAvailable")?;
-    Some(total.saturating_sub(avail))
-}
-
 /// One rank's live figures.
 struct RankNow {
     kv_used: u64,
@@ -134,8 +106,8 @@ impl Ledger {
         })
     }
 
-    fn now(&self, state: &AppState) -> Now {
-        let snap = state.shared.snapshot();
+    fn now(&self, shared: &Shared) -> Now {
+        let snap = shared.snapshot();
         let rss = process_rss_bytes().unwrap_or(0);
         let (used, total) = (
             snap.stats.blocks_used as u64,
@@ -216,9 +188,10 @@ impl Ledger {
     }
 
     /// The `/v1/memory` document.
-    pub fn memory_json(&self, state: &AppState) -> Value {
-        let snap = state.shared.snapshot();
-        let n = self.now(state);
+    /// `/v1/memory` of the model served as `model_id`, up `uptime_s` seconds.
+    pub fn memory_json(&self, shared: &Shared, model_id: &str, uptime_s: f64) -> Value {
+        let snap = shared.snapshot();
+        let n = self.now(shared);
         let ranks: Vec<Value> = self
             .ranks
             .iter()
@@ -251,13 +224,13 @@ impl Ledger {
             })
             .collect();
         json!({
-            "model": state.model_id,
+            "model": model_id,
             "device": self.device,
             "gpu": self.gpu.as_ref().map(|g| json!({
                 "other_processes_bytes": g.other_processes_bytes,
                 "cuda_context_bytes": g.cuda_context_bytes,
             })),
-            "uptime_s": state.started.elapsed().as_secs_f64(),
+            "uptime_s": uptime_s,
             "ranks": ranks,
             "plan": self.plan_json(),
             "kv_blocks": {
@@ -270,7 +243,7 @@ impl Ledger {
             },
             "requests": {
                 "running": snap.stats.running,
-                "waiting": state.shared.waiting(),
+                "waiting": shared.waiting(),
             },
             "tokens": {
                 "prompt_total": snap.prompt_tokens_total,
@@ -281,9 +254,9 @@ impl Ledger {
     }
 
     /// The `/metrics` page in Prometheus' text format.
-    pub fn prometheus(&self, state: &AppState) -> String {
-        let snap = state.shared.snapshot();
-        let n = self.now(state);
+    pub fn prometheus(&self, shared: &Shared) -> String {
+        let snap = shared.snapshot();
+        let n = self.now(shared);
         let mut out = String::new();
         let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
             let _ = writeln!(out, "# HELP {name} {help}");
@@ -377,7 +350,7 @@ impl Ledger {
             "Requests in the engine.",
             &[
                 ("{state=\"running\"}".into(), s.running as f64),
-                ("{state=\"waiting\"}".into(), state.shared.waiting() as f64),
+                ("{state=\"waiting\"}".into(), shared.waiting() as f64),
             ],
         );
         family(
@@ -448,15 +421,6 @@ fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn proc_fields_are_read_in_bytes() {
-        let status = "Name:\tllmem\nVmPeak:\t  200 kB\nVmRSS:\t   1234 kB\nVmRSSx: 9 kB\n";
-        assert_eq!(proc_kib_field(status, "VmRSS"), Some(1234 * 1024));
-        assert_eq!(proc_kib_field(status, "VmSwap"), None);
-        assert_eq!(proc_kib_field("VmRSS: many kB\n", "VmRSS"), None);
-        assert_eq!(proc_kib_field("VmRSS: 5 MB\n", "VmRSS"), None);
-    }
 
     #[test]
     fn histogram_buckets_are_cumulative() {

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod ledger;
+pub mod metrics;
 pub mod worker;
 
 use std::io::IsTerminal;
@@ -30,7 +31,7 @@ use crate::cmd::generate::{dense_dtype, load_parts, weight_format, DtypeArg};
 use api::AppState;
 use ledger::Ledger;
 use llmem_engine::model::Model;
-use worker::{Shared, Snapshot};
+use metrics::{Shared, Snapshot};
 
 /// Default memory budget when none of --memory-budget, --memory-utilization and
 /// --kv-blocks is given: room for the default model in f32 and a few thousand tokens of
@@ -232,7 +233,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         );
     }
     let opened = llmem_engine::device::open_measured(spec)?;
-    let baseline_rss = ledger::process_rss_bytes().unwrap_or(0);
+    let baseline_rss = crate::procfs::process_rss_bytes().unwrap_or(0);
     let kv_dtype = kv_dtype_for(args)?;
     let crate::cmd::ModelParts {
         path: dir,
@@ -476,7 +477,7 @@ async fn status_line(state: Arc<AppState>) {
         let rate = (snap.generated_tokens_total - last.1) as f64
             / now.duration_since(last.0).as_secs_f64().max(1e-9);
         last = (now, snap.generated_tokens_total);
-        let rss = ledger::process_rss_bytes().unwrap_or(0);
+        let rss = crate::procfs::process_rss_bytes().unwrap_or(0);
         eprint!(
             "\r\x1b[2Krunning {} | waiting {} | KV {}/{} blocks ({} cached) | rss {} | {:.1} tok/s | {} tokens",
             s.running,
