@@ -14,7 +14,7 @@ use llmem_engine::model::{AttnMetadata, Model};
 fn model_dir() -> Option<PathBuf> {
     match std::env::var_os("LLMEM_MODEL_DIR").filter(|d| !d.is_empty()) {
         Some(dir) => Some(PathBuf::from(dir)),
-        None => llmem_engine::hub::cached_default_model_dir(None),
+        None => llmem_engine::weights::hub::cached_default_model_dir(None),
     }
 }
 

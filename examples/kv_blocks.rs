@@ -9,8 +9,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use llmem_engine::block_manager::{BlockManager, SeqId};
-use llmem_engine::scheduler::{Scheduler, SchedulerConfig, StopConditions};
+use llmem_engine::cache::block_manager::{BlockManager, SeqId};
+use llmem_engine::engine::scheduler::{Scheduler, SchedulerConfig, StopConditions};
 
 const BLOCK_SIZE: usize = 4;
 const NUM_BLOCKS: u32 = 16;

@@ -233,14 +233,14 @@ fn bench_rejects_bad_arguments_before_loading_a_model() {
 /// The default model is cached, or fetched into the cache now (as `llmem` does on first
 /// use); false only when it is missing and `LLMEM_SKIP_GOLDEN=1` asks to skip such tests.
 fn default_model_available() -> bool {
-    if llmem_engine::hub::cached_default_model_dir(None).is_some() {
+    if llmem_engine::weights::hub::cached_default_model_dir(None).is_some() {
         return true;
     }
     if std::env::var("LLMEM_SKIP_GOLDEN").as_deref() == Ok("1") {
         eprintln!("skipped: LLMEM_SKIP_GOLDEN=1 and smollm2-135m is not cached");
         return false;
     }
-    if let Err(e) = llmem_engine::hub::default_model_dir(None) {
+    if let Err(e) = llmem_engine::weights::hub::default_model_dir(None) {
         panic!("smollm2-135m is not cached and could not be fetched: {e}");
     }
     true
@@ -552,8 +552,8 @@ fn default_gguf() -> Option<String> {
     if !default_model_available() {
         return None;
     }
-    let root = llmem_engine::hub::cache_root().ok()?;
-    let path = llmem_engine::hub::default_gguf_path(&root);
+    let root = llmem_engine::weights::hub::cache_root().ok()?;
+    let path = llmem_engine::weights::hub::default_gguf_path(&root);
     if !path.is_file() {
         eprintln!("skipped: {} is not cached", path.display());
         return None;

@@ -23,7 +23,7 @@ fn repo() -> &'static Path {
 
 fn model_available() -> bool {
     if std::env::var("LLMEM_SKIP_GOLDEN").as_deref() == Ok("1")
-        && llmem_engine::hub::cached_default_model_dir(None).is_none()
+        && llmem_engine::weights::hub::cached_default_model_dir(None).is_none()
     {
         eprintln!("skipped: LLMEM_SKIP_GOLDEN=1 and no cached model");
         return false;

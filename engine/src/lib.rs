@@ -1,31 +1,32 @@
-//! llmem's runtime half: model loading, the Llama forward pass and generation.
+//! llmem's runtime half: model loading, the Llama forward pass, the paged KV cache, the
+//! serving engine and evaluation.
+//!
+//! Layers, bottom to top; a module imports only from its own layer or those below
+//! (`scripts/check-layers` fails on an import cycle):
+//!
+//! - `error`, `request`, `rng`, `device`, `chat`, `config`: the vocabulary every layer shares;
+//! - `weights`: files, formats, tokenizers, the default model;
+//! - `cache`: block bookkeeping, the paged and the contiguous KV cache;
+//! - `parallel`: collectives and how a model is split over ranks;
+//! - `layers`: linear, attention, MLP, norm, rope, the decoder layer;
+//! - `model`: the Llama model (whole, or one rank's shard) and its activation estimates;
+//! - `sample`: sampling and detokenizing;
+//! - `engine`: the serving engine, scheduler, rank runner, KV sizing, single-sequence generation;
+//! - `eval`: perplexity and `llmem sweep`.
 
-pub mod block_manager;
+pub mod cache;
 pub mod chat;
-pub mod comm;
 pub mod config;
-pub mod convert;
 pub mod device;
 pub mod engine;
 pub mod error;
-pub mod generate;
-pub mod gguf;
-pub mod gguf_weights;
-mod host_ops;
-pub mod hub;
-pub mod kv_cache;
-pub mod linear;
-pub mod loader;
+pub mod eval;
+pub mod layers;
 pub mod model;
 pub mod parallel;
-pub mod perplexity;
-pub mod quant;
 pub mod request;
 pub mod rng;
-pub mod sampler;
-pub mod scheduler;
-pub mod spec;
-pub mod sweep;
-pub mod tokenizer_gguf;
+pub mod sample;
+pub mod weights;
 
 pub use error::{Error, Result};

@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use llmem_engine::convert::{convert_gguf, ConvertOptions};
-use llmem_engine::gguf_weights::GgufModel;
 use llmem_engine::model::{AttnMetadata, Model};
-use llmem_engine::quant::WeightFormat;
+use llmem_engine::weights::gguf::convert::{convert_gguf, ConvertOptions};
+use llmem_engine::weights::quant::WeightFormat;
+use llmem_engine::weights::source::GgufModel;
 use llmem_engine::Error;
 use llmem_planner::Precision;
 

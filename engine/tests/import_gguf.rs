@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use llmem_engine::convert::{convert_gguf, ConvertOptions, OutDtype};
-use llmem_engine::gguf::unpermute_rows;
+use llmem_engine::weights::gguf::convert::{convert_gguf, ConvertOptions, OutDtype};
+use llmem_engine::weights::gguf::file::unpermute_rows;
 use llmem_engine::Error;
 
 mod common;

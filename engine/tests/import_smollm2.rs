@@ -1,12 +1,12 @@
 //! The converted default model against the reference: tokenizer ids, chat template, config.
 //!
 //! Runs only when a converted SmolLM2-135M-Instruct directory is available: `$LLMEM_MODEL_DIR`,
-//! or the cache (`$LLMEM_HOME` / `~/.cache/llmem`, see `llmem_engine::hub`). Otherwise each
+//! or the cache (`$LLMEM_HOME` / `~/.cache/llmem`, see `llmem_engine::weights::hub`). Otherwise each
 //! test prints a note and passes. `downloads_and_converts_default_model` (ignored) fetches it.
 
 use std::path::PathBuf;
 
-use llmem_engine::hub;
+use llmem_engine::weights::hub;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 

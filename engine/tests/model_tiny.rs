@@ -13,15 +13,16 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use llmem_engine::block_manager::{KvLayout, SeqId};
-use llmem_engine::engine::{Engine, EngineConfig, EngineStats, KvSizing};
-use llmem_engine::generate::{generate, FinishReason, GenerateRequest};
-use llmem_engine::kv_cache::{KvDtype, PagedKvCache};
-use llmem_engine::model::{rope_inv_freq, AttnMetadata, Model};
-use llmem_engine::sampler::{SamplingParams, SplitMix64};
-use llmem_engine::scheduler::{
+use llmem_engine::cache::block_manager::{KvLayout, SeqId};
+use llmem_engine::cache::paged::{KvDtype, PagedKvCache};
+use llmem_engine::engine::generate::{generate, FinishReason, GenerateRequest};
+use llmem_engine::engine::scheduler::{
     FinishReason as EngineFinish, ScheduledBatch, ScheduledSeq, StopConditions,
 };
+use llmem_engine::engine::{Engine, EngineConfig, EngineStats, KvSizing};
+use llmem_engine::layers::rope::rope_inv_freq;
+use llmem_engine::model::{AttnMetadata, Model};
+use llmem_engine::sample::sampler::{SamplingParams, SplitMix64};
 use llmem_planner::ModelShape;
 use serde_json::json;
 
@@ -871,7 +872,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
 fn greedy_generation_follows_the_full_pass_argmax() {
     let (dir, _) = Spec::default().write("gen");
     let model = load(&dir, DType::F32);
-    let tok = llmem_engine::loader::load_tokenizer(&dir).unwrap();
+    let tok = llmem_engine::weights::tokenizer::load_tokenizer(&dir).unwrap();
     let mut req = request(vec![5, 17, 2], 6);
     req.top_logprobs = 3;
     let mut streamed = String::new();
@@ -901,10 +902,10 @@ fn greedy_generation_follows_the_full_pass_argmax() {
 /// K/V to 16 bits (compared on the f32 run's tokens, teacher-forced via the prompt).
 #[test]
 fn generation_with_a_16_bit_kv_cache() {
-    use llmem_engine::kv_cache::KvDtype;
+    use llmem_engine::cache::paged::KvDtype;
     let (dir, _) = Spec::default().write("kvdtype");
     let model = load(&dir, DType::F32);
-    let tok = llmem_engine::loader::load_tokenizer(&dir).unwrap();
+    let tok = llmem_engine::weights::tokenizer::load_tokenizer(&dir).unwrap();
     let mut req = request(vec![5, 17, 2, 9, 30, 4], 1);
     req.top_logprobs = 4;
     let full = generate(&model, &tok, &req, |_| {}).unwrap();
@@ -959,7 +960,7 @@ fn generation_with_a_16_bit_kv_cache() {
 fn eos_stop_tokens_and_seeds() {
     let (dir, _) = Spec::default().write("stop");
     let model = load(&dir, DType::F32);
-    let tok = llmem_engine::loader::load_tokenizer(&dir).unwrap();
+    let tok = llmem_engine::weights::tokenizer::load_tokenizer(&dir).unwrap();
     let free = generate(&model, &tok, &request(vec![5, 17], 8), |_| {}).unwrap();
     let first = free.token_ids[0];
     // Declaring the first greedy token EOS stops at once (and keeps it in token_ids).
@@ -1286,7 +1287,7 @@ fn engine_batches_preempts_and_matches_each_sequence_run_alone() {
         })
         .collect();
     // The paged engine alone generates what the contiguous `generate` does.
-    let tok = llmem_engine::loader::load_tokenizer(&dir).unwrap();
+    let tok = llmem_engine::weights::tokenizer::load_tokenizer(&dir).unwrap();
     for (p, want) in prompts.iter().zip(&alone).take(4) {
         let mut req = request(p.clone(), max_tokens);
         req.ignore_eos = true;
@@ -1454,7 +1455,7 @@ fn budget_sizing_subtracts_weights_activations_and_overhead() {
     let (dir, _) = Spec::default().write("budget");
     let model = load(&dir, DType::F32);
     let config = engine_config(&model, 0, 4, 8, 32);
-    let per_block = llmem_engine::kv_cache::block_bytes(model.shape(), 4, KvDtype::F32);
+    let per_block = llmem_engine::cache::paged::block_bytes(model.shape(), 4, KvDtype::F32);
     let fixed = model.weights_bytes() + model.paged_activation_peak_bytes(32, 8) + 1000;
     let budget = fixed + 100 * per_block + 7;
     let (blocks, report) = KvSizing::Budget(budget)
@@ -1641,7 +1642,7 @@ mod engine_properties {
 /// and `down_proj` (rows of 48) fall back to f16, so the fallback rule is covered too.
 #[test]
 fn quantized_weight_bytes_equal_the_planner() {
-    use llmem_engine::quant::{WeightFormat, ENGINE_PRECISIONS};
+    use llmem_engine::weights::quant::{WeightFormat, ENGINE_PRECISIONS};
     for (tag, spec) in [
         ("qbytes-tied", Spec::default()),
         (
@@ -1684,7 +1685,7 @@ fn quantized_weight_bytes_equal_the_planner() {
 /// error grows as the bits shrink (q8_0 closer than q4_0).
 #[test]
 fn quantized_models_stay_close_to_f32_and_decode_like_prefill() {
-    use llmem_engine::quant::WeightFormat;
+    use llmem_engine::weights::quant::WeightFormat;
     use llmem_planner::Precision;
     let spec = Spec {
         hidden: 64,

@@ -16,15 +16,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use llmem_engine::block_manager::{KvLayout, SeqId};
+use llmem_engine::cache::block_manager::{KvLayout, SeqId};
+use llmem_engine::cache::paged::{KvDtype, PagedKvCache};
+use llmem_engine::engine::runner::{ParallelRunner, Runner};
+use llmem_engine::engine::scheduler::{ScheduledBatch, ScheduledSeq, StopConditions};
 use llmem_engine::engine::{Engine, EngineConfig};
-use llmem_engine::kv_cache::{KvDtype, PagedKvCache};
-use llmem_engine::loader::WeightFiles;
 use llmem_engine::model::Model;
-use llmem_engine::parallel::{ParallelRunner, Runner};
-use llmem_engine::sampler::{SamplingParams, SplitMix64};
-use llmem_engine::scheduler::{ScheduledBatch, ScheduledSeq, StopConditions};
-use llmem_engine::spec::ParallelSpec;
+use llmem_engine::parallel::spec::ParallelSpec;
+use llmem_engine::sample::sampler::{SamplingParams, SplitMix64};
+use llmem_engine::weights::files::WeightFiles;
 use llmem_planner::ModelShape;
 use serde_json::json;
 
@@ -507,7 +507,7 @@ fn smol_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("LLMEM_MODEL_DIR").filter(|d| !d.is_empty()) {
         return Some(PathBuf::from(dir));
     }
-    if let Some(dir) = llmem_engine::hub::cached_default_model_dir(None) {
+    if let Some(dir) = llmem_engine::weights::hub::cached_default_model_dir(None) {
         return Some(dir);
     }
     if std::env::var("LLMEM_SKIP_GOLDEN").as_deref() == Ok("1") {
@@ -515,7 +515,7 @@ fn smol_dir() -> Option<PathBuf> {
         return None;
     }
     Some(
-        llmem_engine::hub::default_model_dir(None).unwrap_or_else(|e| {
+        llmem_engine::weights::hub::default_model_dir(None).unwrap_or_else(|e| {
             panic!("these tests need SmolLM2-135M-Instruct (or LLMEM_SKIP_GOLDEN=1): {e}")
         }),
     )

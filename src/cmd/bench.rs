@@ -23,15 +23,15 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::Context;
-use llmem_engine::block_manager::KvLayout;
+use llmem_engine::cache::block_manager::KvLayout;
+use llmem_engine::cache::paged::KvDtype;
+use llmem_engine::engine::scheduler::StopConditions;
 use llmem_engine::engine::{
     BudgetReport, Engine, EngineConfig, KvSizing, RequestId, DEFAULT_BLOCK_SIZE,
 };
-use llmem_engine::kv_cache::KvDtype;
 use llmem_engine::model::Model;
-use llmem_engine::sampler::{SamplingParams, SplitMix64};
-use llmem_engine::scheduler::StopConditions;
-use llmem_engine::spec::ParallelSpec;
+use llmem_engine::parallel::spec::ParallelSpec;
+use llmem_engine::sample::sampler::{SamplingParams, SplitMix64};
 use serde_json::{json, Value};
 
 use super::generate::DtypeArg;
@@ -152,7 +152,7 @@ impl Source {
             } => {
                 let weights = match model {
                     Some(m) => super::open_model(m)?.weights,
-                    None => llmem_engine::loader::WeightFiles::random(*seed),
+                    None => llmem_engine::weights::files::WeightFiles::random(*seed),
                 };
                 Engine::new_parallel(shape, weights, *dtype, *spec, config)?
             }
@@ -531,7 +531,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "seed": args.seed,
             "memory_utilization": args.memory_utilization,
             "kv_cache_bytes": num_blocks as u64
-                * llmem_engine::kv_cache::block_bytes(model.shape(), block_size, kv_dtype),
+                * llmem_engine::cache::paged::block_bytes(model.shape(), block_size, kv_dtype),
             "budget": budget,
             "runs": runs,
         });
@@ -654,7 +654,11 @@ fn gpu_ledger(
     let now = at_end.map(|(m, _)| m);
     let activation_peak_measured_bytes = at_end.and_then(|(_, p)| p);
     let kv = config.num_blocks as u64
-        * llmem_engine::kv_cache::block_bytes(model.shape(), config.block_size, config.kv_dtype);
+        * llmem_engine::cache::paged::block_bytes(
+            model.shape(),
+            config.block_size,
+            config.kv_dtype,
+        );
     let pass = config.max_batched_tokens.min(concurrency * seq_len).max(1);
     let total = now.map_or(0, |m| m.total_bytes);
     let planned = llmem_engine::engine::planned_terms(model, config, total, d.context_bytes()).ok();
@@ -680,12 +684,12 @@ fn load_model(
     match args.runtime.random_shape()? {
         Some(shape) => {
             let start = Instant::now();
-            let fmt = llmem_engine::quant::WeightFormat {
+            let fmt = llmem_engine::weights::quant::WeightFormat {
                 precision: args.dtype.unwrap_or(DtypeArg::F32).precision(),
                 keep_embeddings: false,
                 as_stored: false,
             };
-            let weights = llmem_engine::loader::WeightFiles::random(args.seed);
+            let weights = llmem_engine::weights::files::WeightFiles::random(args.seed);
             let model = Model::load_with(&shape, &weights, &fmt, device)
                 .with_context(|| format!("building random weights of {}", shape.name))?;
             eprintln!(
@@ -721,7 +725,7 @@ fn startup_text(
             None => r.to_string(),
         },
         None => {
-            let per_block = llmem_engine::kv_cache::block_bytes(
+            let per_block = llmem_engine::cache::paged::block_bytes(
                 model.shape(),
                 config.block_size,
                 config.kv_dtype,

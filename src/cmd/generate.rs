@@ -8,19 +8,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
+use llmem_engine::cache::paged::KvDtype;
 use llmem_engine::chat::{render_chat, ChatMessage};
 use llmem_engine::config::GenerationConfig;
-use llmem_engine::generate::{generate, GenerateRequest};
-use llmem_engine::kv_cache::KvDtype;
-use llmem_engine::loader::WeightFiles;
+use llmem_engine::engine::generate::{generate, GenerateRequest};
 use llmem_engine::model::Model;
-use llmem_engine::quant::{fallback_notes, WeightFormat};
-use llmem_engine::sampler::SamplingParams;
+use llmem_engine::sample::sampler::SamplingParams;
+use llmem_engine::weights::files::WeightFiles;
+use llmem_engine::weights::quant::{fallback_notes, WeightFormat};
 use llmem_planner::{ModelShape, Precision};
 
 /// The precision weights are stored in. f32/bf16/f16 keep every tensor (and the
 /// activations) in that dtype; the GGUF block formats quantize the matrices at load and
-/// keep norms, biases and activations in f32 (see `llmem_engine::quant`).
+/// keep norms, biases and activations in f32 (see `llmem_engine::weights::quant`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DtypeArg {
     F32,
@@ -53,13 +53,13 @@ impl DtypeArg {
     }
 
     pub fn name(self) -> &'static str {
-        llmem_engine::quant::cli_name(self.precision())
+        llmem_engine::weights::quant::cli_name(self.precision())
     }
 
     /// The candle dtype of a float level; an error naming the option for block formats,
     /// which tensor and pipeline parallelism cannot shard yet.
     pub fn dense(self) -> anyhow::Result<candle_core::DType> {
-        llmem_engine::quant::dense_dtype(self.precision()).ok_or_else(|| {
+        llmem_engine::weights::quant::dense_dtype(self.precision()).ok_or_else(|| {
             anyhow::anyhow!(
                 "--dtype {} with --tp/--pp: sharding runs float weights only (f32, bf16, f16); \
                  block-quantized weights cannot be split across ranks yet",
@@ -216,7 +216,7 @@ pub fn format_name(model: &Model) -> String {
                 .map_or("?", |(ty, _)| ty.as_str());
             format!("as-stored:{main}")
         }
-        None => llmem_engine::quant::cli_name(model.weight_format().precision).to_string(),
+        None => llmem_engine::weights::quant::cli_name(model.weight_format().precision).to_string(),
     }
 }
 
@@ -253,7 +253,7 @@ pub fn load_parts(
             eprintln!(
                 "note: {}: dequantized and stored as {} (--dtype)",
                 path.display(),
-                llmem_engine::quant::cli_name(fmt.precision)
+                llmem_engine::weights::quant::cli_name(fmt.precision)
             );
         }
         for note in fallback_notes(model.shape(), fmt) {
@@ -449,8 +449,8 @@ fn parse_kv_dtype(s: &str) -> Result<KvDtype, String> {
 /// string; `--top-logprobs` is not available on this path. The PP split and the
 /// per-rank memory beside the planner's prediction go to stderr.
 fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
+    use llmem_engine::engine::scheduler::StopConditions;
     use llmem_engine::engine::{Engine, EngineConfig, DEFAULT_BLOCK_SIZE};
-    use llmem_engine::scheduler::StopConditions;
 
     if args.top_logprobs.is_some() {
         anyhow::bail!("--top-logprobs is not available with --tp/--pp > 1");
@@ -487,7 +487,7 @@ fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
         max_num_seqs: 1,
         max_batched_tokens: max_model_len,
         max_model_len,
-        kv_layout: llmem_engine::block_manager::KvLayout::Paged,
+        kv_layout: llmem_engine::cache::block_manager::KvLayout::Paged,
     };
     let mut engine =
         Engine::new_parallel(&shape, weights, dtype, spec, paged).with_context(|| {
@@ -535,7 +535,7 @@ fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
         .decode(&token_ids, true)
         .map_err(|e| anyhow::anyhow!("decoding the output: {e}"))?;
     let mut finish_reason = match finish {
-        Some(llmem_engine::scheduler::FinishReason::Length) | None => "length",
+        Some(llmem_engine::engine::scheduler::FinishReason::Length) | None => "length",
         Some(_) => "stop",
     };
     if let Some(cut) = args.stop.iter().filter_map(|s| text.find(s.as_str())).min() {

@@ -15,11 +15,11 @@
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
-use llmem_engine::kv_cache::{KvDtype, PagedKvCache, PagedMetadata};
-use llmem_engine::loader::WeightFiles;
+use llmem_engine::cache::paged::{KvDtype, PagedKvCache, PagedMetadata};
 use llmem_engine::model::{AttnMetadata, Model};
-use llmem_engine::quant::WeightFormat;
-use llmem_engine::sampler::SplitMix64;
+use llmem_engine::sample::sampler::SplitMix64;
+use llmem_engine::weights::files::WeightFiles;
+use llmem_engine::weights::quant::WeightFormat;
 
 #[derive(clap::Args, Debug)]
 pub struct GpuCheckArgs {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use llmem_engine::convert::{convert_gguf, ConvertOptions, OutDtype};
+use llmem_engine::weights::gguf::convert::{convert_gguf, ConvertOptions, OutDtype};
 
 #[derive(clap::Args)]
 pub struct ImportArgs {

@@ -11,7 +11,7 @@ pub mod plan;
 pub mod sweep;
 
 use llmem_engine::engine::Engine;
-use llmem_engine::spec::ParallelSpec;
+use llmem_engine::parallel::spec::ParallelSpec;
 
 /// A progress bar on stderr for `total` tokens with a live message, drawn only when stdout
 /// and stderr are terminals (hidden when output goes to a file or a pipe).
@@ -105,7 +105,7 @@ pub struct ModelParts {
     /// The directory or the .gguf file.
     pub path: std::path::PathBuf,
     pub shape: llmem_planner::ModelShape,
-    pub weights: llmem_engine::loader::WeightFiles,
+    pub weights: llmem_engine::weights::files::WeightFiles,
     pub tokenizer: tokenizers::Tokenizer,
     pub config: llmem_engine::config::GenerationConfig,
 }
@@ -124,10 +124,10 @@ pub fn gguf_shape(
 > {
     let path = std::path::Path::new(model);
     let is_config = path.extension().is_some_and(|e| e == "json");
-    if is_config || !(path.is_file() || llmem_engine::gguf_weights::is_gguf_path(path)) {
+    if is_config || !(path.is_file() || llmem_engine::weights::source::is_gguf_path(path)) {
         return Ok(None);
     }
-    let g = llmem_engine::gguf_weights::GgufModel::open(path)?;
+    let g = llmem_engine::weights::source::GgufModel::open(path)?;
     let weights = g
         .weights
         .gguf()
@@ -143,8 +143,8 @@ pub fn gguf_shape(
 /// as a GGUF; a directory as a Hugging Face model; else the built-in name.
 pub fn open_model(model: &str) -> anyhow::Result<ModelParts> {
     let path = std::path::Path::new(model);
-    if path.is_file() || llmem_engine::gguf_weights::is_gguf_path(path) {
-        let g = llmem_engine::gguf_weights::GgufModel::open(path)?;
+    if path.is_file() || llmem_engine::weights::source::is_gguf_path(path) {
+        let g = llmem_engine::weights::source::GgufModel::open(path)?;
         return Ok(ModelParts {
             path: g.path,
             shape: g.shape,
@@ -153,10 +153,10 @@ pub fn open_model(model: &str) -> anyhow::Result<ModelParts> {
             config: g.config,
         });
     }
-    let dir = llmem_engine::hub::resolve_model(model)?;
+    let dir = llmem_engine::weights::hub::resolve_model(model)?;
     let shape = llmem_planner::ModelShape::from_path(&dir)?;
-    let weights = llmem_engine::loader::WeightFiles::open_dir(&dir)?;
-    let tokenizer = llmem_engine::loader::load_tokenizer(&dir)?;
+    let weights = llmem_engine::weights::files::WeightFiles::open_dir(&dir)?;
+    let tokenizer = llmem_engine::weights::tokenizer::load_tokenizer(&dir)?;
     let config = llmem_engine::config::GenerationConfig::from_dir(&dir)?;
     Ok(ModelParts {
         path: dir,

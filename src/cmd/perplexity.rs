@@ -1,10 +1,10 @@
 //! `llmem perplexity`: perplexity of a model on a text file over non-overlapping windows
-//! (the method of `llmem_engine::perplexity`).
+//! (the method of `llmem_engine::eval::perplexity`).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use llmem_engine::perplexity::{perplexity, METHOD};
+use llmem_engine::eval::perplexity::{perplexity, METHOD};
 
 use super::generate::{load, DtypeArg, OutputFormat};
 

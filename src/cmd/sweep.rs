@@ -1,6 +1,6 @@
 //! `llmem sweep`: load one model at several weight precisions in one process and show
 //! what each costs (bytes, speed) and buys (perplexity, agreement with the reference).
-//! The measuring is `llmem_engine::sweep`; this file parses, draws progress bars and
+//! The measuring is `llmem_engine::eval::sweep`; this file parses, draws progress bars and
 //! writes the text table, JSON, markdown and the SVG chart.
 //!
 //! JSON contract: `levels[]` with `dtype`, `weights_bytes_planned`,
@@ -12,8 +12,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use llmem_engine::quant::parse_weight_dtype;
-use llmem_engine::sweep::{sweep, Level, Progress, Quiet, SweepOptions, SweepReport};
+use llmem_engine::eval::sweep::{sweep, Level, Progress, Quiet, SweepOptions, SweepReport};
+use llmem_engine::weights::quant::parse_weight_dtype;
 use llmem_planner::human_bytes;
 
 use super::Format;

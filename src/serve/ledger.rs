@@ -28,8 +28,8 @@
 
 use std::fmt::Write as _;
 
+use llmem_engine::engine::runner::PlannedRank;
 use llmem_engine::engine::PlannedTerms;
-use llmem_engine::parallel::PlannedRank;
 use serde_json::{json, Value};
 
 use super::metrics::{Histogram, Shared};

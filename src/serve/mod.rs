@@ -22,9 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use llmem_engine::block_manager::KvLayout;
+use llmem_engine::cache::block_manager::KvLayout;
+use llmem_engine::cache::paged::KvDtype;
 use llmem_engine::engine::{Engine, EngineConfig, KvSizing, DEFAULT_BLOCK_SIZE};
-use llmem_engine::kv_cache::KvDtype;
 use llmem_planner::human_bytes;
 
 use crate::cmd::generate::{dense_dtype, load_parts, weight_format, DtypeArg};
@@ -183,7 +183,7 @@ fn build_single(
     let planned_budget = match budget {
         Some(b) => b,
         None => {
-            let per_block = llmem_engine::kv_cache::block_bytes(
+            let per_block = llmem_engine::cache::paged::block_bytes(
                 model.shape(),
                 config.block_size,
                 config.kv_dtype,

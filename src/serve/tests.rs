@@ -25,7 +25,7 @@ struct Wrap {
 /// A server on the default model with a small cache; `extra` are more serve flags.
 fn server(extra: &[&str]) -> Option<(Arc<AppState>, axum::Router)> {
     if std::env::var("LLMEM_SKIP_GOLDEN").as_deref() == Ok("1")
-        && llmem_engine::hub::cached_default_model_dir(None).is_none()
+        && llmem_engine::weights::hub::cached_default_model_dir(None).is_none()
     {
         eprintln!("serve tests skipped: LLMEM_SKIP_GOLDEN=1 and no cached model");
         return None;

@@ -20,9 +20,10 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use llmem_engine::engine::scheduler::{FinishReason, StopConditions};
 use llmem_engine::engine::{Engine, RequestId, TokenLogprobs};
-use llmem_engine::sampler::{IncrementalDecoder, SamplingParams, StopStrings};
-use llmem_engine::scheduler::{FinishReason, StopConditions};
+use llmem_engine::request::SamplingParams;
+use llmem_engine::sample::detok::{IncrementalDecoder, StopStrings};
 use tokio::sync::{mpsc, oneshot};
 
 use super::metrics::{Shared, Snapshot};

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use llmem_planner::ModelShape;
 
-use crate::comm::Communicator;
 use crate::error::{Error, Result};
+use crate::parallel::comm::Communicator;
 
 /// How a model is split: TP degree, PP stages and the embedding layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

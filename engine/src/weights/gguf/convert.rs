@@ -2,7 +2,7 @@
 //! `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`, `generation_config.json`.
 //!
 //! Owns: the tensor-name map from llama.cpp to Hugging Face names, the shape checks, the
-//! un-permutation of `attn_q`/`attn_k` rows ([`crate::gguf::unpermute_rows`]), the output
+//! un-permutation of `attn_q`/`attn_k` rows ([`crate::weights::gguf::file::unpermute_rows`]), the output
 //! dtype, and the JSON files. Everything that can be validated (architecture, hyper-parameters,
 //! tensor table, vocabulary) is validated before the first byte is written; weights are then
 //! dequantized and written one tensor at a time, so peak memory is about one f32 tensor,
@@ -24,8 +24,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::gguf::{unpermute_rows, GgufFile, LlamaParams};
-use crate::tokenizer_gguf::{tokenizer_from_json, GgufVocab};
+use crate::weights::gguf::file::{unpermute_rows, GgufFile, LlamaParams};
+use crate::weights::gguf::vocab::{tokenizer_from_json, GgufVocab};
 
 /// The dtype of the written weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

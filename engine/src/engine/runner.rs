@@ -8,7 +8,7 @@
 //! sequential hand-off: the batch (ids, positions, metadata, sample rows) goes to every
 //! rank of stage 0; the hidden states of its rank 0 go to every rank of stage 1; and so
 //! on; the last stage's rank 0 returns the logits. The TP ranks of a stage meet in the
-//! all-reduces of [`crate::comm::ThreadComm`]. No micro-batching: while one stage works
+//! all-reduces of [`crate::parallel::comm::ThreadComm`]. No micro-batching: while one stage works
 //! the others wait (correctness first; on a 2-core machine overlap would buy nothing).
 //!
 //! Failure: a rank whose pass fails after its input checks aborts its communicator, so
@@ -26,13 +26,13 @@ use std::thread::JoinHandle;
 use candle_core::{DType, Device, Tensor};
 use llmem_planner::{AttentionImpl, Deployment, ModelShape, Precision, Workload};
 
-use crate::comm::{CommStats, Communicator, ThreadComm};
+use crate::cache::paged::{KvDtype, PagedKvCache, PagedMetadata};
 use crate::error::{Error, Result};
-use crate::kv_cache::{KvDtype, PagedKvCache, PagedMetadata};
-use crate::loader::WeightFiles;
 use crate::model::rank_activation_peak_bytes;
 use crate::model::Model;
-use crate::spec::{ParallelSpec, ShardSpec};
+use crate::parallel::comm::{CommStats, Communicator, ThreadComm};
+use crate::parallel::spec::{ParallelSpec, ShardSpec};
+use crate::weights::files::WeightFiles;
 
 /// Memory one rank holds, as the engine counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,29 +11,26 @@
 //! Invariants: the table is checked once at open (every required tensor present with the
 //! shape the `llama.*` metadata implies, no unknown tensor: `convert::plan_tensors`);
 //! `attn_q`/`attn_k` rows are returned in Hugging Face order. llama.cpp's converter
-//! permutes those rows within each head ([`crate::gguf::unpermute_rows`]); a row of a
+//! permutes those rows within each head ([`crate::weights::gguf::file::unpermute_rows`]); a row of a
 //! block format is a whole number of blocks, an independent byte range, so un-permuting
 //! the rows' bytes is exact for every type. Loaded as stored, the model's weight bytes are
 //! the file's tensor bytes, which [`GgufWeights::summary`] computes with the planner's
 //! [`llmem_planner::gguf_weights`].
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use llmem_planner::checkpoint::CheckpointSummary;
-use llmem_planner::{GgmlType, ModelShape, Precision};
+use llmem_planner::{GgmlType, Precision};
 
-use crate::config::GenerationConfig;
-use crate::convert::{config_json, generation_config_json, plan_tensors, OutDtype, TensorPlan};
 use crate::error::candle_message;
 use crate::error::{Error, Result};
-use crate::gguf::{unpermute_rows, GgufFile, LlamaParams};
-use crate::loader::WeightFiles;
-use crate::quant::StoredMatrix;
-use crate::tokenizer_gguf::{tokenizer_from_json, GgufVocab};
+use crate::weights::gguf::convert::{plan_tensors, TensorPlan};
+use crate::weights::gguf::file::{unpermute_rows, GgufFile, LlamaParams};
+use crate::weights::quant::StoredMatrix;
 
 /// The planner's name for a candle ggml type (the two enums list the same types).
 pub fn ggml_type(d: GgmlDType) -> GgmlType {
@@ -260,79 +257,4 @@ impl GgufWeights {
             .and_then(|(ty, _)| ty.precision())
             .unwrap_or(Precision::Fp32)
     }
-}
-
-/// Everything a GGUF carries to run it: shape, weights, tokenizer and generation settings.
-pub struct GgufModel {
-    pub path: PathBuf,
-    pub shape: ModelShape,
-    pub weights: WeightFiles,
-    pub tokenizer: tokenizers::Tokenizer,
-    pub config: GenerationConfig,
-}
-
-impl GgufModel {
-    /// Open a llama GGUF: the hyper-parameters become a [`ModelShape`] (through the
-    /// config.json `llmem import` would write), the vocabulary a tokenizer, the special
-    /// tokens and chat template an [`GenerationConfig`].
-    pub fn open(path: &Path) -> Result<Self> {
-        if !path.is_file() {
-            return Err(Error::io(
-                path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such GGUF file"),
-            ));
-        }
-        let weights = GgufWeights::open(path)?;
-        let params = weights.params().clone();
-        let vocab = GgufVocab::from_gguf(weights.file())?;
-        if vocab.tokens.len() > params.vocab_size {
-            return Err(Error::Tokenizer {
-                path: path.to_path_buf(),
-                message: format!(
-                    "{} tokens but token_embd.weight has only {} rows",
-                    vocab.tokens.len(),
-                    params.vocab_size
-                ),
-            });
-        }
-        let tokenizer = tokenizer_from_json(&vocab.tokenizer_json()?, path)?;
-        let source = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let config = config_json(&params, &vocab, OutDtype::F32, &source);
-        let mut shape =
-            ModelShape::from_config_str(&path.display().to_string(), &config.to_string()).map_err(
-                |e| Error::Config {
-                    path: path.to_path_buf(),
-                    message: e.to_string(),
-                },
-            )?;
-        shape.name = path
-            .file_stem()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or(source);
-        let generation = GenerationConfig::from_values(
-            Some(generation_config_json(&vocab)),
-            Some(config),
-            Some(vocab.tokenizer_config_json(params.max_position_embeddings)),
-        )
-        .map_err(|message| Error::Config {
-            path: path.to_path_buf(),
-            message,
-        })?;
-        Ok(GgufModel {
-            path: path.to_path_buf(),
-            shape,
-            weights: WeightFiles::from_gguf(weights),
-            tokenizer,
-            config: generation,
-        })
-    }
-}
-
-/// True when `path` names a GGUF file by extension (`.gguf`, any case).
-pub fn is_gguf_path(path: &Path) -> bool {
-    path.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }

@@ -7,7 +7,7 @@
 //! in. Invariants: a file whose header does not describe exactly its own length (a
 //! truncated or padded file) is rejected when opened, before any tensor is read; every
 //! error names the file and the tensor. A GGUF file can stand in for the safetensors
-//! files ([`WeightFiles::from_gguf`], see `crate::gguf_weights`): `load` then dequantizes.
+//! files ([`WeightFiles::from_gguf`], see `crate::weights::gguf::tensors`): `load` then dequantizes.
 //!
 //! [`WeightFiles::random`] stands in for a checkpoint (`--random-weights`): every tensor
 //! asked for is generated on the spot, seeded by the seed and the tensor's name, directly
@@ -25,8 +25,9 @@ use safetensors::tensor::{Dtype as StDtype, Metadata};
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
-use crate::gguf_weights::GgufWeights;
-use crate::quant::{dense_dtype, store_matrix, StoredMatrix};
+use crate::weights::gguf::tensors::GgufWeights;
+use crate::weights::quant::{dense_dtype, store_matrix, StoredMatrix};
+use crate::weights::random::random_tensor;
 use llmem_planner::Precision;
 
 /// One memory-mapped safetensors file with its parsed header.
@@ -289,83 +290,6 @@ impl WeightFiles {
                 .map_err(|e| bad(format!("converting {stored:?} to {dtype:?}: {e}")))
         }
     }
-}
-
-/// Load `tokenizer.json` from a model directory.
-/// One generated weight (see [`WeightFiles::random`]): filled in parallel chunks, each
-/// from its own SplitMix64 stream, so the values depend only on (seed, name, index).
-fn random_tensor(
-    name: &str,
-    shape: &[usize],
-    dtype: DType,
-    device: &Device,
-    seed: u64,
-) -> candle_core::Result<Tensor> {
-    use half::{bf16, f16};
-    use rayon::prelude::*;
-
-    if shape.len() == 1 && name.ends_with("norm.weight") {
-        return Tensor::ones(shape, dtype, device);
-    }
-    if name.ends_with(".bias") {
-        return Tensor::zeros(shape, dtype, device);
-    }
-    let cols = shape.last().copied().unwrap_or(1).max(1);
-    let bound = 1.0 / (cols as f64).sqrt();
-    // FNV-1a of the name, mixed with the seed: one stream per tensor.
-    let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    let base = seed ^ name_hash;
-    let n: usize = shape.iter().product();
-    const CHUNK: usize = 1 << 16;
-    fn fill<T: Copy + Send + Sync>(
-        n: usize,
-        base: u64,
-        bound: f64,
-        conv: fn(f32) -> T,
-        zero: T,
-    ) -> Vec<T> {
-        let mut v = vec![zero; n];
-        v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
-            // One mixed seed per chunk: streams of neighbouring chunks do not overlap.
-            let chunk_seed =
-                crate::rng::SplitMix64::new(base ^ (i as u64).rotate_left(32)).next_u64();
-            let mut rng = crate::rng::SplitMix64::new(chunk_seed);
-            for x in chunk {
-                *x = conv(((rng.next_f64() * 2.0 - 1.0) * bound) as f32);
-            }
-        });
-        v
-    }
-    match dtype {
-        DType::F32 => Tensor::from_vec(fill(n, base, bound, |x| x, 0f32), shape, device),
-        DType::BF16 => Tensor::from_vec(
-            fill(n, base, bound, bf16::from_f32, bf16::ZERO),
-            shape,
-            device,
-        ),
-        DType::F16 => Tensor::from_vec(
-            fill(n, base, bound, f16::from_f32, f16::ZERO),
-            shape,
-            device,
-        ),
-        other => candle_core::bail!("random weights in {other:?}: only f32, bf16 and f16"),
-    }
-}
-
-pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
-    let path = dir.join("tokenizer.json");
-    if !path.exists() {
-        return Err(Error::Config {
-            path,
-            message: "tokenizer.json is missing; a model directory needs one".to_string(),
-        });
-    }
-    tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Config {
-        path,
-        message: format!("not a usable tokenizer.json: {e}"),
-    })
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! (prefix caching usually makes that cheap). Finished and aborted sequences free their
 //! blocks at once. A full block becomes shareable through the prefix cache only once a
 //! step that computes it is scheduled (`BlockManager::seal_computed`). Under the
-//! contiguous [`KvLayout`](crate::block_manager::KvLayout) the block manager reserves
+//! contiguous [`KvLayout`](crate::cache::block_manager::KvLayout) the block manager reserves
 //! `max_model_len` slots at admission, so the same loop admits fewer sequences and never
 //! has to preempt; nothing else changes.
 //!
@@ -19,7 +19,7 @@
 
 use std::collections::VecDeque;
 
-use crate::block_manager::{BlockManager, SeqId};
+use crate::cache::block_manager::{BlockManager, SeqId};
 pub use crate::request::{FinishReason, StopConditions};
 
 /// Limits of one step and of the whole run.
@@ -439,7 +439,7 @@ mod tests {
 
     #[test]
     fn contiguous_reservations_admit_fewer_sequences_without_preemption() {
-        use crate::block_manager::KvLayout;
+        use crate::cache::block_manager::KvLayout;
         // 12 blocks of 4, max_model_len 16: contiguous reserves 4 blocks a sequence.
         let peak = |layout| {
             let mut s = Scheduler::new(

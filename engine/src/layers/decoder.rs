@@ -1,0 +1,119 @@
+//! One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
+
+use candle_core::{DType, Device, Tensor};
+use llmem_planner::ModelShape;
+
+use crate::error::Result;
+use crate::layers::attention::Attention;
+use crate::layers::linear::tensor_bytes;
+use crate::layers::mlp::Mlp;
+use crate::layers::norm::{load_norm, RmsNorm};
+use crate::parallel::spec::TpShard;
+use crate::parallel::tp::TpReduce;
+use crate::weights::files::WeightFiles;
+use crate::weights::quant::WeightFormat;
+
+/// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub(crate) input_layernorm: RmsNorm,
+    pub(crate) self_attn: Attention,
+    pub(crate) post_attention_layernorm: RmsNorm,
+    pub(crate) mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub(crate) fn load(
+        w: &WeightFiles,
+        idx: usize,
+        shape: &ModelShape,
+        fmt: &WeightFormat,
+        device: &Device,
+    ) -> Result<Self> {
+        let p = format!("model.layers.{idx}");
+        Ok(DecoderLayer {
+            input_layernorm: load_norm(
+                w,
+                &format!("{p}.input_layernorm.weight"),
+                shape,
+                fmt,
+                device,
+            )?,
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), shape, fmt, device)?,
+            post_attention_layernorm: load_norm(
+                w,
+                &format!("{p}.post_attention_layernorm.weight"),
+                shape,
+                fmt,
+                device,
+            )?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), shape, fmt, device)?,
+        })
+    }
+
+    /// Layer `idx` as TP rank `shard.rank` holds it: attention and MLP sharded, the two
+    /// norms replicated. With TP = 1 it is the plain layer (no all-reduce at all).
+    pub(crate) fn load_shard(
+        w: &WeightFiles,
+        idx: usize,
+        shape: &ModelShape,
+        dtype: DType,
+        device: &Device,
+        shard: &TpShard,
+    ) -> Result<Self> {
+        if shard.tp == 1 {
+            return Self::load(w, idx, shape, &WeightFormat::dense(dtype)?, device);
+        }
+        let p = format!("model.layers.{idx}");
+        let dense = WeightFormat::dense(dtype)?;
+        let norm = |name: &str| load_norm(w, &format!("{p}.{name}.weight"), shape, &dense, device);
+        Ok(DecoderLayer {
+            input_layernorm: norm("input_layernorm")?,
+            self_attn: Attention::load_shard(
+                w,
+                &format!("{p}.self_attn"),
+                shape,
+                dtype,
+                device,
+                shard,
+            )?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            mlp: Mlp::load_shard(w, &format!("{p}.mlp"), shape, dtype, device, shard)?,
+        })
+    }
+
+    /// x: (T, hidden) -> (T, hidden). `attend` runs `self_attn` on the normed input,
+    /// (T, hidden) -> (T, hidden), over whichever cache the pass uses.
+    pub(crate) fn forward<E: From<candle_core::Error>>(
+        &self,
+        x: &Tensor,
+        attend: impl FnOnce(&Attention, &Tensor) -> std::result::Result<Tensor, E>,
+    ) -> std::result::Result<Tensor, E> {
+        let h = self.input_layernorm.forward(x)?;
+        let h = attend(&self.self_attn, &h)?;
+        let (x, h) = self.post_attention_layernorm.add_forward(x, &h)?;
+        let h = self.mlp.forward(&h)?;
+        Ok(crate::layers::host_ops::add(&x, &h)?)
+    }
+
+    pub(crate) fn weights_bytes(&self) -> u64 {
+        let a = &self.self_attn;
+        let m = &self.mlp;
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+        .iter()
+        .map(|l| l.bytes())
+        .sum::<u64>()
+            + tensor_bytes(&self.input_layernorm.weight)
+            + tensor_bytes(&self.post_attention_layernorm.weight)
+            + a.tp.as_ref().map_or(0, TpReduce::bytes)
+            + m.tp.as_ref().map_or(0, TpReduce::bytes)
+    }
+}

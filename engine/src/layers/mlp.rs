@@ -1,0 +1,91 @@
+//! `mlp`: the SwiGLU block, whole or as one tensor-parallel rank's shard.
+
+use candle_core::{DType, Device, Tensor};
+use llmem_planner::ModelShape;
+
+use crate::error::Result;
+use crate::layers::linear::Linear;
+use crate::parallel::spec::TpShard;
+use crate::parallel::tp::TpReduce;
+use crate::weights::files::WeightFiles;
+use crate::weights::quant::WeightFormat;
+
+/// `mlp`: SwiGLU, `down_proj(silu(gate_proj(x)) * up_proj(x))`. Under tensor
+/// parallelism gate/up hold a slice of the intermediate rows and down the matching
+/// columns, followed by one all-reduce.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub(crate) gate_proj: Linear,
+    pub(crate) up_proj: Linear,
+    pub(crate) down_proj: Linear,
+    pub(crate) tp: Option<TpReduce>,
+}
+
+impl Mlp {
+    pub(crate) fn load(
+        w: &WeightFiles,
+        prefix: &str,
+        shape: &ModelShape,
+        fmt: &WeightFormat,
+        device: &Device,
+    ) -> Result<Self> {
+        let (h, i, b) = (
+            shape.hidden_size as usize,
+            shape.intermediate_size as usize,
+            shape.mlp_bias,
+        );
+        let lin = |name: &str, out_dim: usize, in_dim: usize| {
+            Linear::load(
+                w,
+                &format!("{prefix}.{name}"),
+                out_dim,
+                in_dim,
+                b,
+                fmt,
+                device,
+            )
+        };
+        Ok(Mlp {
+            gate_proj: lin("gate_proj", i, h)?,
+            up_proj: lin("up_proj", i, h)?,
+            down_proj: lin("down_proj", h, i)?,
+            tp: None,
+        })
+    }
+
+    /// One TP rank's shard: its share of the intermediate rows of gate/up and the same
+    /// columns of down (an uneven intermediate size gives the first ranks one more row).
+    pub(crate) fn load_shard(
+        w: &WeightFiles,
+        prefix: &str,
+        shape: &ModelShape,
+        dtype: DType,
+        device: &Device,
+        shard: &TpShard,
+    ) -> Result<Self> {
+        let full = Self::load(w, prefix, shape, &WeightFormat::dense(dtype)?, device)?;
+        let (start, len) = TpShard::share(shape.intermediate_size as usize, shard.tp, shard.rank);
+        let (down_proj, d_bias) = full.down_proj.input_shard(start, len)?;
+        Ok(Mlp {
+            gate_proj: full.gate_proj.output_shard(start, len)?,
+            up_proj: full.up_proj.output_shard(start, len)?,
+            down_proj,
+            tp: Some(TpReduce {
+                comm: shard.comm.clone(),
+                bias: d_bias,
+            }),
+        })
+    }
+
+    /// x: (T, hidden) -> (T, hidden).
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let [gate, up] = Linear::forward_many(x, [&self.gate_proj, &self.up_proj])?;
+        let y = self
+            .down_proj
+            .forward(&crate::layers::host_ops::silu_mul(&gate, &up)?)?;
+        match &self.tp {
+            Some(r) => r.apply(y),
+            None => Ok(y),
+        }
+    }
+}
