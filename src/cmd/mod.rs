@@ -127,16 +127,8 @@ pub fn gguf_shape(
     if is_config || !(path.is_file() || llmem_engine::weights::source::is_gguf_path(path)) {
         return Ok(None);
     }
-    let g = llmem_engine::weights::source::GgufModel::open(path)?;
-    let weights = g
-        .weights
-        .gguf()
-        .ok_or_else(|| anyhow::anyhow!("{}: not opened as a GGUF", path.display()))?;
-    Ok(Some((
-        g.shape,
-        weights.summary()?,
-        weights.main_precision(),
-    )))
+    let (shape, weights) = llmem_engine::weights::source::GgufModel::shape_and_tensors(path)?;
+    Ok(Some((shape, weights.summary()?, weights.main_precision())))
 }
 
 /// Open what `--model` names. A path to a file (or any path ending in `.gguf`) is read

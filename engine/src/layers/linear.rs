@@ -7,9 +7,8 @@
 //! Few rows (decode, up to [`MATVEC_MAX_ROWS`]) go through [`matvec`], which streams each
 //! weight row once across the rayon pool and dots it with every input row, accumulating
 //! in f32 (AVX2 when the CPU has it, chosen at run time). Batch-1 decode is bound by
-//! weight bytes per token, and this path reads each byte once with no packing (on the
-//! 2-core dev machine, f32 decode went from ~38 to ~44 tok/s against gemm's m=1 path, and
-//! it is the only bf16 path at all). `LLMEM_MATVEC=0` sends every call to gemm, to
+//! weight bytes per token, and this path reads each byte once with no packing (it is also
+//! the only bf16 path at all). `LLMEM_MATVEC=0` sends every call to gemm, to
 //! compare. [`matvec_slow`] is the plain reference the fast path is tested against.
 //! Half-precision results are rounded to the weight dtype, as a bf16/f16 matmul with f32
 //! accumulation does.
@@ -36,10 +35,9 @@ use crate::weights::files::WeightFiles;
 use crate::weights::quant::{StoredMatrix, WeightFormat};
 
 /// Rows up to which [`Linear::forward`] uses [`matvec`] instead of gemm, by weight
-/// dtype. Measured with `llmem bench` at 1-32 sequences (2 threads): for f32 weights gemm
-/// overtakes the matvec from 3-4 rows on (at 8 rows gemm was 1.5x faster); for bf16/f16
-/// weights gemm first widens the whole matrix to f32, so the matvec stays ahead up to at
-/// least 32 rows.
+/// dtype, chosen from `llmem bench` runs at 1-32 sequences: for f32 weights gemm
+/// overtakes the matvec after a few rows; for bf16/f16 weights gemm first widens the
+/// whole matrix to f32, so the matvec stays ahead up to at least 32 rows.
 pub fn matvec_max_rows(dtype: DType) -> usize {
     match dtype {
         DType::F32 => 2,

@@ -740,9 +740,8 @@ impl Model {
 /// A pass calls the kernels' parallel loops hundreds of times. Called from outside the
 /// pool, each call wakes the workers and parks this thread on a latch until they finish:
 /// two context switches per call on a 2-core machine. From a worker, a parallel loop is
-/// a plain join that this thread takes part in. Measured on SmolLM2-135M Q8_0 with 32
-/// sequences: inter-token latency 69 -> 46..60 ms (`llmem bench`, interleaved runs).
-/// Not for the tensor-parallel ranks, which block on each other inside a pass and could
+/// a plain join that this thread takes part in (its effect on `llmem bench` is in
+/// docs/results.md). Not for the tensor-parallel ranks, which block on each other inside a pass and could
 /// wait forever for a worker held by another rank. On a GPU the pass stays on the calling
 /// thread (nothing to gain, and the CUDA context is bound there).
 fn on_worker<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {

@@ -212,9 +212,8 @@ impl StoredMatrix {
     }
 
     /// A block-quantized matrix on its device: Q8_0, Q4_0, Q4_1 and Q5_0 on a CPU with AVX-512
-    /// VNNI are repacked for `llmem_kernels::packed` (several times faster products than
-    /// candle's block dots on this project's dev machine; `llmem bench` with
-    /// `LLMEM_PACKED=0` runs candle's, to compare); everything else stays candle's.
+    /// VNNI are repacked for `llmem_kernels::packed` (`llmem bench` with `LLMEM_PACKED=0`
+    /// runs candle's block dots instead, to compare); everything else stays candle's.
     pub fn from_qtensor(q: QTensor) -> candle_core::Result<StoredMatrix> {
         let format = match q.dtype() {
             GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),

@@ -24,8 +24,45 @@ pub struct GgufModel {
 impl GgufModel {
     /// Open a llama GGUF: the hyper-parameters become a [`ModelShape`] (through the
     /// config.json `llmem import` would write), the vocabulary a tokenizer, the special
-    /// tokens and chat template an [`GenerationConfig`].
+    /// tokens and chat template a [`GenerationConfig`].
     pub fn open(path: &Path) -> Result<Self> {
+        let (shape, weights, vocab) = Self::read(path)?;
+        let params = weights.params().clone();
+        let tokenizer = tokenizer_from_json(&vocab.tokenizer_json()?, path)?;
+        let source = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let config = config_json(&params, &vocab, OutDtype::F32, &source);
+        let generation = GenerationConfig::from_values(
+            Some(generation_config_json(&vocab)),
+            Some(config),
+            Some(vocab.tokenizer_config_json(params.max_position_embeddings)),
+        )
+        .map_err(|message| Error::Config {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(GgufModel {
+            path: path.to_path_buf(),
+            shape,
+            weights: WeightFiles::from_gguf(weights),
+            tokenizer,
+            config: generation,
+        })
+    }
+}
+
+impl GgufModel {
+    /// The shape and tensor table of a llama GGUF, without building its tokenizer
+    /// (`llmem plan` and `llmem inspect` need nothing else).
+    pub fn shape_and_tensors(path: &Path) -> Result<(ModelShape, GgufWeights)> {
+        let (shape, weights, _) = Self::read(path)?;
+        Ok((shape, weights))
+    }
+
+    /// Header, tensor table and vocabulary read and checked; the shape from them.
+    fn read(path: &Path) -> Result<(ModelShape, GgufWeights, GgufVocab)> {
         if !path.is_file() {
             return Err(Error::io(
                 path,
@@ -45,7 +82,6 @@ impl GgufModel {
                 ),
             });
         }
-        let tokenizer = tokenizer_from_json(&vocab.tokenizer_json()?, path)?;
         let source = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -62,22 +98,7 @@ impl GgufModel {
             .file_stem()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or(source);
-        let generation = GenerationConfig::from_values(
-            Some(generation_config_json(&vocab)),
-            Some(config),
-            Some(vocab.tokenizer_config_json(params.max_position_embeddings)),
-        )
-        .map_err(|message| Error::Config {
-            path: path.to_path_buf(),
-            message,
-        })?;
-        Ok(GgufModel {
-            path: path.to_path_buf(),
-            shape,
-            weights: WeightFiles::from_gguf(weights),
-            tokenizer,
-            config: generation,
-        })
+        Ok((shape, weights, vocab))
     }
 }
 
