@@ -126,6 +126,8 @@ pub struct BenchArgs {
 
 /// What each run's engine is built from: the loaded model, or the parts every rank of
 /// a TP/PP grid loads its shard from.
+// One per `llmem bench` run: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Source {
     Single(Model),
     Parallel {
