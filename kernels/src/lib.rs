@@ -1,6 +1,6 @@
 //! Kernels for llmem: KV cache writes and paged attention, the block-quantized (Q8_0,
-//! Q4_0, Q4_1, Q5_0) matrix product ([`packed`]) and the layer's element-wise steps
-//! ([`ops`]), on the CPU.
+//! Q4_0, Q4_1, Q5_0) matrix product ([`packed`]), the dense matvec of decode
+//! ([`matvec`]) and the layer's element-wise steps ([`ops`]), on the CPU.
 //!
 //! Kernels are free functions over slices: they know nothing of requests, sequences or
 //! schedulers, only of block tables, slot mappings and context lengths (vLLM's
@@ -17,6 +17,7 @@ mod cache;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod elem;
+pub mod matvec;
 pub mod ops;
 pub mod packed;
 

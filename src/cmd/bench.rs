@@ -24,17 +24,14 @@ use std::time::Instant;
 
 use anyhow::Context;
 use llmem_engine::cache::block_manager::KvLayout;
-use llmem_engine::cache::paged::KvDtype;
 use llmem_engine::engine::scheduler::StopConditions;
-use llmem_engine::engine::{
-    BudgetReport, Engine, EngineConfig, KvSizing, RequestId, DEFAULT_BLOCK_SIZE,
-};
+use llmem_engine::engine::{BudgetReport, Engine, EngineConfig, KvSizing, RequestId};
 use llmem_engine::model::Model;
 use llmem_engine::parallel::spec::ParallelSpec;
 use llmem_engine::sample::sampler::{SamplingParams, SplitMix64};
 use serde_json::{json, Value};
 
-use super::generate::DtypeArg;
+use super::load::DtypeArg;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BenchFormat {
@@ -78,37 +75,12 @@ pub struct BenchArgs {
     /// --gen-tokens, which stay the means; seeded by --seed), instead of all at P and G.
     #[arg(long)]
     pub mixed_lengths: bool,
-    /// KV cache size in blocks (default: enough that the largest run never preempts).
-    #[arg(long, conflicts_with_all = ["memory_budget", "memory_utilization"],
-          value_parser = super::positive_arg)]
-    pub kv_blocks: Option<u64>,
-    /// Size the KV cache from a memory budget (e.g. 2GiB): weights, activations and the
-    /// runtime overhead are subtracted first.
-    #[arg(long, conflicts_with = "memory_utilization", value_parser = super::bytes_arg)]
-    pub memory_budget: Option<u64>,
-    /// Size the KV cache from this share (0 < F <= 1) of physical memory (MemTotal of
-    /// /proc/meminfo), then as --memory-budget.
-    #[arg(long, value_parser = super::utilization_arg, allow_hyphen_values = true)]
-    pub memory_utilization: Option<f64>,
+    #[command(flatten)]
+    pub kv: super::kv::KvArgs,
     /// KV cache layout(s), comma-separated: every concurrency runs under each.
     /// `contiguous` reserves --max-model-len slots per sequence and shares nothing.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "paged")]
     pub kv_layout: Vec<KvLayoutArg>,
-    /// Runtime overhead subtracted from the memory budget (0 on the CPU unless given).
-    #[arg(long, default_value = "0", value_parser = super::bytes_arg)]
-    pub runtime_overhead: u64,
-    /// Tokens per KV block.
-    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE as u64, value_parser = super::positive_arg)]
-    pub block_size: u64,
-    /// Tokens per sequence at most (default: prompt + generated, capped by the model).
-    #[arg(long, value_parser = super::positive_arg)]
-    pub max_model_len: Option<u64>,
-    /// Tokens in one forward pass at most (prefill chunks plus decodes).
-    #[arg(long, default_value_t = 2048, value_parser = super::positive_arg)]
-    pub max_batched_tokens: u64,
-    /// KV cache element type: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    pub kv_dtype: String,
     /// Weight dtype (see `llmem generate --help`). Default: f32 for a model directory,
     /// each tensor as stored for a .gguf file.
     #[arg(long, value_enum)]
@@ -153,7 +125,7 @@ impl Source {
                 spec,
             } => {
                 let weights = match model {
-                    Some(m) => super::open_model(m)?.weights,
+                    Some(m) => super::load::open_model(m)?.weights,
                     None => llmem_engine::weights::files::WeightFiles::random(*seed),
                 };
                 Engine::new_parallel(shape, weights, *dtype, *spec, config)?
@@ -314,7 +286,7 @@ fn run_one(
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let kv_dtype = KvDtype::parse(&args.kv_dtype)?;
+    let kv_dtype = args.kv.kv_dtype_for(args.dtype);
     let parallel = args.parallel.is_parallel();
     let spec = llmem_engine::device::DeviceSpec::parse(&args.runtime.device)?;
     if parallel && spec.is_cuda() {
@@ -327,19 +299,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let on_gpu = opened.after.is_some();
     // With --memory-utilization: the fraction and the memory it applies to, physical
     // memory on the CPU, the device's total on a GPU (as vLLM's gpu_memory_utilization).
-    let utilization = match (args.memory_utilization, opened.after) {
-        (Some(f), Some(mem)) => Some((f, mem.total_bytes)),
-        (Some(f), None) => Some((f, super::physical_memory_bytes()?)),
-        (None, _) => None,
-    };
+    let utilization = args.kv.utilization(&opened)?;
     // On a GPU the runtime overhead defaults to the CUDA context + libraries measured
-    // at start-up.
-    let runtime_overhead = if on_gpu && args.runtime_overhead == 0 {
-        opened.context_bytes()
-    } else {
-        args.runtime_overhead
-    };
-    if parallel && (args.memory_budget.is_some() || utilization.is_some()) {
+    // at start-up; on the CPU to 0.
+    let runtime_overhead = args.kv.overhead(&opened, 0);
+    if parallel && (args.kv.memory_budget.is_some() || utilization.is_some()) {
         anyhow::bail!(
             "--memory-budget and --memory-utilization size one model's cache; with --tp/--pp > 1 \
              give --kv-blocks (each rank allocates that many blocks of its own layers and KV \
@@ -356,9 +320,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             model: dir.as_ref().map(|_| args.model.clone()),
             seed: args.seed,
             dtype: match dir {
-                Some(_) => super::generate::dense_dtype(
+                Some(_) => super::load::dense_dtype(
                     args.dtype,
-                    &super::open_model(&args.model)?.weights,
+                    &super::load::open_model(&args.model)?.weights,
                 )?,
                 None => args.dtype.unwrap_or(DtypeArg::F32).dense()?,
             },
@@ -369,8 +333,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let (prompt_len, gen) = (args.prompt_tokens as usize, args.gen_tokens as usize);
     let max_concurrency = args.concurrency.iter().copied().max().unwrap_or(1) as usize;
-    let block_size = args.block_size as usize;
-    let max_model_len = match args.max_model_len {
+    let block_size = args.kv.block_size as usize;
+    let max_model_len = match args.kv.max_model_len {
         Some(l) => l as usize,
         None if args.mixed_lengths => (2 * prompt_len + 2 * gen - 2).min(model.max_context()),
         None => (prompt_len + gen).min(model.max_context()),
@@ -380,20 +344,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         num_blocks: 0,
         kv_dtype,
         max_num_seqs: max_concurrency,
-        max_batched_tokens: args.max_batched_tokens as usize,
+        max_batched_tokens: args.kv.max_batched_tokens as usize,
         max_model_len,
         kv_layout: KvLayout::Paged,
     };
-    let sizing = match (args.kv_blocks, args.memory_budget, utilization) {
-        (Some(n), _, _) => KvSizing::Blocks(n as usize),
-        (None, Some(bytes), _) => KvSizing::Budget(bytes),
-        // f is in (0, 1]: the product fits u64.
-        (None, None, Some((f, total))) => KvSizing::Budget((total as f64 * f) as u64),
-        // Every sequence of the largest run at full length: no preemption.
-        (None, None, None) => {
-            KvSizing::Blocks(max_concurrency * max_model_len.div_ceil(block_size))
-        }
-    };
+    // Without a size: every sequence of the largest run at full length, no preemption.
+    let sizing = args.kv.sizing(
+        utilization,
+        KvSizing::Blocks(max_concurrency * max_model_len.div_ceil(block_size)),
+    );
     let (num_blocks, report) = sizing
         .resolve(model, &config, runtime_overhead)
         .context("sizing the KV cache")?;
@@ -522,16 +481,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "model": label,
             "random_weights": args.runtime.random_weights.is_some(),
             "device": opened.device_label(),
-            "dtype": super::generate::format_name(model),
+            "dtype": super::load::format_name(model),
             "kv_dtype": kv_dtype.name(),
             "block_size": block_size,
             "max_model_len": max_model_len,
-            "max_batched_tokens": args.max_batched_tokens,
+            "max_batched_tokens": args.kv.max_batched_tokens,
             "prompt_tokens": prompt_len,
             "gen_tokens": gen,
             "mixed_lengths": args.mixed_lengths,
             "seed": args.seed,
-            "memory_utilization": args.memory_utilization,
+            "memory_utilization": args.kv.memory_utilization,
             "kv_cache_bytes": num_blocks as u64
                 * llmem_engine::cache::paged::block_bytes(model.shape(), block_size, kv_dtype),
             "budget": budget,
@@ -704,7 +663,7 @@ fn load_model(
             Ok((model, format!("random:{}", shape.name), None))
         }
         None => {
-            let loaded = super::generate::load_on(&args.model, args.dtype, false, device)?;
+            let loaded = super::load::load_on(&args.model, args.dtype, false, device)?;
             let label = loaded.dir.display().to_string();
             Ok((loaded.model, label, Some(loaded.dir)))
         }

@@ -40,7 +40,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
         return Ok(());
     }
     let precision: Precision = args.precision.parse()?;
-    let (shape, stored) = match super::gguf_shape(&args.model)? {
+    let (shape, stored) = match super::load::gguf_shape(&args.model)? {
         // A GGUF: its own tensor table, summed per ggml type by the planner.
         Some((shape, summary, _)) => (shape, Some(summary)),
         None => {

@@ -6,6 +6,8 @@ pub mod generate;
 pub mod gpucheck;
 pub mod import;
 pub mod inspect;
+pub mod kv;
+pub mod load;
 pub mod perplexity;
 pub mod plan;
 pub mod sweep;
@@ -96,67 +98,6 @@ impl ParallelArgs {
         spec.validate(shape)?;
         Ok(spec)
     }
-}
-
-/// A model as `--model` names it, opened but not loaded: a Hugging Face directory (or the
-/// built-in name) or a GGUF file, whose metadata supplies the shape, tokenizer and chat
-/// template.
-pub struct ModelParts {
-    /// The directory or the .gguf file.
-    pub path: std::path::PathBuf,
-    pub shape: llmem_planner::ModelShape,
-    pub weights: llmem_engine::weights::files::WeightFiles,
-    pub tokenizer: tokenizers::Tokenizer,
-    pub config: llmem_engine::config::GenerationConfig,
-}
-
-/// A GGUF's shape and its tensor table summed per ggml type by the planner, when `model`
-/// names a file (`llmem plan` / `llmem inspect`); `None` for presets, config.json files
-/// and directories, which the planner resolves itself.
-pub fn gguf_shape(
-    model: &str,
-) -> anyhow::Result<
-    Option<(
-        llmem_planner::ModelShape,
-        llmem_planner::checkpoint::CheckpointSummary,
-        llmem_planner::Precision,
-    )>,
-> {
-    let path = std::path::Path::new(model);
-    let is_config = path.extension().is_some_and(|e| e == "json");
-    if is_config || !(path.is_file() || llmem_engine::weights::source::is_gguf_path(path)) {
-        return Ok(None);
-    }
-    let (shape, weights) = llmem_engine::weights::source::GgufModel::shape_and_tensors(path)?;
-    Ok(Some((shape, weights.summary()?, weights.main_precision())))
-}
-
-/// Open what `--model` names. A path to a file (or any path ending in `.gguf`) is read
-/// as a GGUF; a directory as a Hugging Face model; else the built-in name.
-pub fn open_model(model: &str) -> anyhow::Result<ModelParts> {
-    let path = std::path::Path::new(model);
-    if path.is_file() || llmem_engine::weights::source::is_gguf_path(path) {
-        let g = llmem_engine::weights::source::GgufModel::open(path)?;
-        return Ok(ModelParts {
-            path: g.path,
-            shape: g.shape,
-            weights: g.weights,
-            tokenizer: g.tokenizer,
-            config: g.config,
-        });
-    }
-    let dir = llmem_engine::weights::hub::resolve_model(model)?;
-    let shape = llmem_planner::ModelShape::from_path(&dir)?;
-    let weights = llmem_engine::weights::files::WeightFiles::open_dir(&dir)?;
-    let tokenizer = llmem_engine::weights::tokenizer::load_tokenizer(&dir)?;
-    let config = llmem_engine::config::GenerationConfig::from_dir(&dir)?;
-    Ok(ModelParts {
-        path: dir,
-        shape,
-        weights,
-        tokenizer,
-        config,
-    })
 }
 
 /// `--device` and `--random-weights`, shared by `generate`, `bench` and `serve`.

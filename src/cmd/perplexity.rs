@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use llmem_engine::eval::perplexity::{perplexity, METHOD};
 
-use super::generate::{load, DtypeArg, OutputFormat};
+use super::generate::OutputFormat;
+use super::load::{load, DtypeArg};
 
 #[derive(clap::Args, Debug)]
 pub struct PerplexityArgs {

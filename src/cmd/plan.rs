@@ -109,7 +109,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     }
     // A GGUF planned as stored: its own bytes, at the precision of its main type (which
     // sets the KV and activation defaults), unless --precision asks for another.
-    let (shape, stored) = match super::gguf_shape(&args.model)? {
+    let (shape, stored) = match super::load::gguf_shape(&args.model)? {
         Some((shape, summary, main)) => (shape, Some((summary, main))),
         None => (llmem_planner::resolve_shape(&args.model)?, None),
     };

@@ -111,13 +111,13 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         }
         None => DEFAULT_TEXT.to_string(),
     };
-    let super::ModelParts {
+    let super::load::ModelParts {
         path: dir,
         shape,
         weights,
         tokenizer,
         ..
-    } = super::open_model(&args.model)?;
+    } = super::load::open_model(&args.model)?;
     let ids = tokenizer
         .encode(text.as_str(), false)
         .map_err(|e| anyhow::anyhow!("tokenizing the text: {e}"))?

@@ -23,11 +23,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use llmem_engine::cache::block_manager::KvLayout;
-use llmem_engine::cache::paged::KvDtype;
-use llmem_engine::engine::{Engine, EngineConfig, KvSizing, DEFAULT_BLOCK_SIZE};
+use llmem_engine::engine::{Engine, EngineConfig, KvSizing};
 use llmem_planner::human_bytes;
 
-use crate::cmd::generate::{dense_dtype, load_parts, weight_format, DtypeArg};
+use crate::cmd::load::{dense_dtype, load_parts, weight_format, DtypeArg};
 use api::AppState;
 use ledger::Ledger;
 use llmem_engine::model::Model;
@@ -55,38 +54,11 @@ pub struct ServeArgs {
     /// With a block format, keep the embedding and LM head at f16.
     #[arg(long)]
     pub keep_embeddings: bool,
-    /// KV cache element type: f32, f16 or bf16 (default: the weights' dtype; f32 under a
-    /// block format).
-    #[arg(long)]
-    pub kv_dtype: Option<String>,
-    /// Size everything from this memory budget (weights, activations, runtime overhead,
-    /// then KV blocks). Default 2GiB unless --memory-utilization or --kv-blocks is given.
-    #[arg(long, conflicts_with_all = ["memory_utilization", "kv_blocks"],
-          value_parser = crate::cmd::bytes_arg)]
-    pub memory_budget: Option<u64>,
-    /// Size the budget as this share (0 < F <= 1) of physical memory (MemTotal).
-    #[arg(long, conflicts_with = "kv_blocks", value_parser = crate::cmd::utilization_arg,
-          allow_hyphen_values = true)]
-    pub memory_utilization: Option<f64>,
-    /// KV cache size in blocks (no budget arithmetic).
-    #[arg(long, value_parser = crate::cmd::positive_arg)]
-    pub kv_blocks: Option<u64>,
-    /// Runtime overhead subtracted from the budget (default: measured, the resident set
-    /// before the model loads).
-    #[arg(long, value_parser = crate::cmd::bytes_arg)]
-    pub runtime_overhead: Option<u64>,
-    /// Tokens per KV block.
-    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE as u64, value_parser = crate::cmd::positive_arg)]
-    pub block_size: u64,
-    /// Tokens per sequence at most, prompt included (default: the model's context).
-    #[arg(long, value_parser = crate::cmd::positive_arg)]
-    pub max_model_len: Option<u64>,
+    #[command(flatten)]
+    pub kv: crate::cmd::kv::KvArgs,
     /// Sequences in one step at most.
     #[arg(long, default_value_t = 32, value_parser = crate::cmd::positive_arg)]
     pub max_num_seqs: u64,
-    /// Tokens in one forward pass at most (prefill chunks plus decodes).
-    #[arg(long, default_value_t = 2048, value_parser = crate::cmd::positive_arg)]
-    pub max_batched_tokens: u64,
     /// Requests allowed to wait for a sequence slot; more get 503 with Retry-After (0: a
     /// request is served only if a slot is free now).
     #[arg(long, default_value_t = 256)]
@@ -119,19 +91,6 @@ pub struct Server {
     pub startup: String,
 }
 
-/// The KV dtype: as given, else the weights' dtype.
-fn kv_dtype_for(args: &ServeArgs) -> anyhow::Result<KvDtype> {
-    Ok(match &args.kv_dtype {
-        Some(s) => KvDtype::parse(s)?,
-        // Block formats compute in f32.
-        None => match args.dtype {
-            Some(DtypeArg::Bf16) => KvDtype::Bf16,
-            Some(DtypeArg::F16) => KvDtype::F16,
-            _ => KvDtype::F32,
-        },
-    })
-}
-
 /// What start-up decided: the engine, its sizing text and the plan beside it.
 struct Built {
     engine: Engine,
@@ -151,30 +110,17 @@ fn build_single(
 ) -> anyhow::Result<Built> {
     // On a GPU: a share of the device's total, and the CUDA context measured at start-up
     // as the overhead; on the CPU: physical memory and the resident set before loading.
-    let utilization = match (args.memory_utilization, opened.after) {
-        (Some(f), Some(mem)) => Some((f, mem.total_bytes)),
-        (Some(f), None) => Some((f, crate::cmd::physical_memory_bytes()?)),
-        (None, _) => None,
+    let utilization = args.kv.utilization(opened)?;
+    let overhead = args.kv.overhead(opened, baseline_rss);
+    let default_budget =
+        llmem_planner::parse_bytes(DEFAULT_MEMORY_BUDGET).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let budget = match args.kv.kv_blocks {
+        Some(_) => None,
+        None => Some(args.kv.budget(utilization).unwrap_or(default_budget)),
     };
-    let overhead = match (args.runtime_overhead, opened.after) {
-        (Some(o), _) => o,
-        (None, Some(_)) => opened.context_bytes(),
-        (None, None) => baseline_rss,
-    };
-    let budget = match (args.kv_blocks, args.memory_budget, utilization) {
-        (Some(_), _, _) => None,
-        (None, Some(b), _) => Some(b),
-        (None, None, Some((f, total))) => Some((total as f64 * f) as u64),
-        (None, None, None) => Some(
-            llmem_planner::parse_bytes(DEFAULT_MEMORY_BUDGET)
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
-        ),
-    };
-    let sizing = match (args.kv_blocks, budget) {
-        (Some(n), _) => KvSizing::Blocks(n as usize),
-        (None, Some(b)) => KvSizing::Budget(b),
-        (None, None) => unreachable!("a budget is always set without --kv-blocks"),
-    };
+    let sizing = args
+        .kv
+        .sizing(utilization, KvSizing::Budget(default_budget));
     let (num_blocks, report) = sizing
         .resolve(&model, &config, overhead)
         .context("sizing the KV cache")?;
@@ -234,31 +180,31 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
     }
     let opened = llmem_engine::device::open_measured(spec)?;
     let baseline_rss = crate::procfs::process_rss_bytes().unwrap_or(0);
-    let kv_dtype = kv_dtype_for(args)?;
-    let crate::cmd::ModelParts {
+    let kv_dtype = args.kv.kv_dtype_for(args.dtype);
+    let crate::cmd::load::ModelParts {
         path: dir,
         shape,
         weights,
         tokenizer,
         config: settings,
-    } = crate::cmd::open_model(&args.model)?;
+    } = crate::cmd::load::open_model(&args.model)?;
     let is_gguf = weights.gguf().is_some();
-    let max_model_len = match args.max_model_len {
+    let max_model_len = match args.kv.max_model_len {
         Some(l) => l as usize,
         None => shape.max_position_embeddings as usize,
     };
     let config = EngineConfig {
-        block_size: args.block_size as usize,
+        block_size: args.kv.block_size as usize,
         num_blocks: 0,
         kv_dtype,
         max_num_seqs: args.max_num_seqs as usize,
-        max_batched_tokens: args.max_batched_tokens as usize,
+        max_batched_tokens: args.kv.max_batched_tokens as usize,
         max_model_len,
         kv_layout: KvLayout::Paged,
     };
     let built = if args.parallel.is_parallel() {
         let spec = args.parallel.spec(&shape)?;
-        let Some(blocks) = args.kv_blocks else {
+        let Some(blocks) = args.kv.kv_blocks else {
             anyhow::bail!(
                 "--tp/--pp above 1 sizes the KV cache with --kv-blocks N (blocks shared by \
                  every rank); sizing each rank from a memory budget is not implemented yet"
@@ -275,7 +221,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         Built {
             engine,
             startup,
-            overhead: args.runtime_overhead.unwrap_or(baseline_rss),
+            overhead: args.kv.runtime_overhead.unwrap_or(baseline_rss),
             planned: Err("per-rank plans are beside each rank".into()),
         }
     } else {
@@ -293,7 +239,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
     startup.push_str(&format!(
         "\nruntime overhead: {} ({})",
         human_bytes(overhead),
-        if args.runtime_overhead.is_some() {
+        if args.kv.runtime_overhead.is_some() {
             "given"
         } else {
             "measured: resident set before the model loaded"

@@ -4,13 +4,10 @@
 //! Two paths. Many rows (prefill) go through candle's matmul (the `gemm` crate); candle
 //! 0.11's CPU matmul rejects bf16 and its f16 kernel is slow, so a half-precision weight
 //! is widened to f32 for that call (the cost is amortised over the rows).
-//! Few rows (decode, up to [`MATVEC_MAX_ROWS`]) go through [`matvec`], which streams each
-//! weight row once across the rayon pool and dots it with every input row, accumulating
-//! in f32 (AVX2 when the CPU has it, chosen at run time). Batch-1 decode is bound by
-//! weight bytes per token, and this path reads each byte once with no packing (it is also
-//! the only bf16 path at all). `LLMEM_MATVEC=0` sends every call to gemm, to
-//! compare. [`matvec_slow`] is the plain reference the fast path is tested against.
-//! Half-precision results are rounded to the weight dtype, as a bf16/f16 matmul with f32
+//! Few rows (decode, up to [`MATVEC_MAX_ROWS`]) go through `llmem_kernels::matvec`, which
+//! streams each weight row once across the rayon pool and dots it with every input row,
+//! accumulating in f32 (it is also the only bf16 path at all). `LLMEM_MATVEC=0` sends
+//! every call to gemm, to compare. Half-precision results are rounded to the weight dtype, as a bf16/f16 matmul with f32
 //! accumulation does.
 //!
 //! A third kind of weight is a GGUF block format (q8_0, q4_0, q4_1, q4_k, q6_k; and
@@ -25,16 +22,15 @@
 use candle_core::quantized::k_quants::GgmlType;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
-use half::{bf16, f16};
-use rayon::prelude::*;
 
+use llmem_kernels::matvec::{matvec, par_weight_rows};
 use llmem_kernels::packed::PackedMatrix;
 
 use crate::error::Result;
 use crate::weights::files::WeightFiles;
 use crate::weights::quant::{StoredMatrix, WeightFormat};
 
-/// Rows up to which [`Linear::forward`] uses [`matvec`] instead of gemm, by weight
+/// Rows up to which [`Linear::forward`] uses `llmem_kernels::matvec` instead of gemm, by weight
 /// dtype, chosen from `llmem bench` runs at 1-32 sequences: for f32 weights gemm
 /// overtakes the matvec after a few rows; for bf16/f16 weights gemm first widens the
 /// whole matrix to f32, so the matvec stays ahead up to at least 32 rows.
@@ -253,82 +249,6 @@ fn matvec_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("LLMEM_MATVEC").as_deref() != Ok("0"))
 }
 
-/// A weight element the matvec kernel can widen to f32.
-pub trait WeightElem: Copy + Send + Sync {
-    fn widen(self) -> f32;
-
-    /// Dot product of an f32 row with a weight row, accumulating in f32.
-    #[inline]
-    fn dot(x: &[f32], w: &[Self]) -> f32 {
-        dot(x, w)
-    }
-}
-
-impl WeightElem for f32 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self
-    }
-}
-
-impl WeightElem for bf16 {
-    /// bf16 is the top half of an f32: a shift, which vectorises.
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        f32::from_bits((self.to_bits() as u32) << 16)
-    }
-}
-
-impl WeightElem for f16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-
-    /// half's per-element conversion does not vectorise; use F16C when present.
-    #[inline]
-    fn dot(x: &[f32], w: &[Self]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-            {
-                // Safety: the CPU features were checked just above.
-                return unsafe { dot_f16_f16c(x, w) };
-            }
-        }
-        dot_body(x, w)
-    }
-}
-
-/// f16 weights: `vcvtph2ps` widens 8 halves at once, four accumulators hide FMA latency.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f16_f16c(x: &[f32], w: &[f16]) -> f32 {
-    use std::arch::x86_64::*;
-    let k = x.len().min(w.len());
-    let (xp, wp) = (x.as_ptr(), w.as_ptr() as *const u16);
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 32 <= k {
-        for (j, a) in acc.iter_mut().enumerate() {
-            let off = i + 8 * j;
-            let wv = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(off) as *const __m128i));
-            *a = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(off)), wv, *a);
-        }
-        i += 32;
-    }
-    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-    let mut total: f32 = lanes.iter().sum();
-    for j in i..k {
-        total += x[j] * w[j].to_f32();
-    }
-    total
-}
-
 /// `x @ w^T` for each packed `w` (all with x's width), through one kernel call; each
 /// answer in x's dtype.
 fn packed_products(x: &Tensor, ws: &[&PackedMatrix]) -> candle_core::Result<Vec<Tensor>> {
@@ -472,7 +392,7 @@ fn qmatvec_bytes<T: GgmlType>(
 /// `out[r * n + o] = dot(x row r, w row o)` for a block-quantized `w`: (n, k / block)
 /// blocks, row-major. Each input row is quantized once to the format's dot-product type
 /// (q8 blocks, as candle and llama.cpp do), then weight rows are split across the rayon
-/// pool in tasks of [`ROWS_PER_TASK`], four rows at a time through candle's SIMD
+/// pool in tasks of `llmem_kernels::matvec::ROWS_PER_TASK`, four rows at a time through candle's SIMD
 /// `vec_dot_4`. Same arithmetic as candle's quantized matmul, on the rayon pool the rest
 /// of the forward pass uses: candle's own spinning barrier pool fought rayon for the two
 /// cores of the dev machine and made batch-1 decode 10x slower under load.
@@ -507,118 +427,6 @@ pub fn qmatvec<T: GgmlType>(x: &[f32], m: usize, w: &[T], n: usize, k: usize, ou
     });
 }
 
-/// Split the `n` weight rows into rayon tasks of [`ROWS_PER_TASK`]; `task(first, dst)`
-/// fills `dst`, the (rows, m) results of weight rows `first..` (weight-row major, so
-/// tasks own disjoint chunks), which are then laid out as `out`: (m, n). For m == 1 the
-/// two layouts are the same and the tasks write into `out` directly.
-fn par_weight_rows(
-    out: &mut [f32],
-    m: usize,
-    n: usize,
-    task: impl Fn(usize, &mut [f32]) + Sync + Send,
-) {
-    let mut scratch = Vec::new();
-    let t: &mut [f32] = if m == 1 {
-        &mut out[..n]
-    } else {
-        scratch.resize(n * m, 0f32);
-        &mut scratch
-    };
-    t.par_chunks_mut(ROWS_PER_TASK * m)
-        .enumerate()
-        .for_each(|(i, dst)| task(i * ROWS_PER_TASK, dst));
-    if m > 1 {
-        for o in 0..n {
-            for r in 0..m {
-                out[r * n + o] = scratch[o * m + r];
-            }
-        }
-    }
-}
-
-/// Weight rows per rayon task: enough work to amortise scheduling, enough tasks to
-/// balance two to sixteen threads.
-const ROWS_PER_TASK: usize = 32;
-
-/// `out[r * n + o] = sum_i x[r * k + i] * w[o * k + i]` for `r < m`, `o < n`.
-///
-/// x: (m, k) f32 row-major; w: (n, k) row-major; out: (m, n). Each weight row is read
-/// once from memory and dotted with all `m` input rows while it is in L1.
-pub fn matvec<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize, out: &mut [f32]) {
-    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
-    par_weight_rows(out, m, n, |first, dst| {
-        for (j, ys) in dst.chunks_mut(m).enumerate() {
-            let o = first + j;
-            let row = &w[o * k..(o + 1) * k];
-            for (r, y) in ys.iter_mut().enumerate() {
-                *y = W::dot(&x[r * k..(r + 1) * k], row);
-            }
-        }
-    });
-}
-
-/// Dot product with f32 accumulation; AVX2 code when the CPU supports it.
-#[inline]
-fn dot<W: WeightElem>(x: &[f32], w: &[W]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // Safety: the CPU supports AVX2, checked just above.
-            return unsafe { dot_avx2(x, w) };
-        }
-    }
-    dot_body(x, w)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_avx2<W: WeightElem>(x: &[f32], w: &[W]) -> f32 {
-    dot_body(x, w)
-}
-
-/// 32 independent lanes, which the compiler turns into four 8-wide vector accumulators.
-#[inline(always)]
-fn dot_body<W: WeightElem>(x: &[f32], w: &[W]) -> f32 {
-    const LANES: usize = 32;
-    let k = x.len().min(w.len());
-    let mut acc = [0f32; LANES];
-    let (xc, xt) = x[..k].split_at(k - k % LANES);
-    let (wc, wt) = w[..k].split_at(k - k % LANES);
-    for (xs, ws) in xc.chunks_exact(LANES).zip(wc.chunks_exact(LANES)) {
-        for l in 0..LANES {
-            acc[l] += xs[l] * ws[l].widen();
-        }
-    }
-    let mut tail = 0f32;
-    for (a, b) in xt.iter().zip(wt) {
-        tail += a * b.widen();
-    }
-    // Pairwise reduction of the lanes.
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for l in 0..width {
-            acc[l] += acc[l + width];
-        }
-    }
-    acc[0] + tail
-}
-
-/// Reference for [`matvec`]: one f64 dot per output, no threads, no tricks.
-pub fn matvec_slow<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize) -> Vec<f32> {
-    let mut out = vec![0f32; m * n];
-    for r in 0..m {
-        for o in 0..n {
-            let mut s = 0f64;
-            for i in 0..k {
-                s += x[r * k + i] as f64 * w[o * k + i].widen() as f64;
-            }
-            out[r * n + o] = s as f32;
-        }
-    }
-    out
-}
-
 /// Bytes of a dense tensor's elements.
 pub fn tensor_bytes(t: &Tensor) -> u64 {
     (t.elem_count() * t.dtype().size_in_bytes()) as u64
@@ -639,41 +447,6 @@ mod tests {
         (0..len)
             .map(|_| rng.next_f64() as f32 * 2.0 - 1.0)
             .collect()
-    }
-
-    #[test]
-    fn matvec_matches_slow_reference_for_all_dtypes_and_ragged_sizes() {
-        for &(m, n, k) in &[
-            (1, 1, 1),
-            (1, 70, 33),
-            (3, 65, 96),
-            (8, 200, 577),
-            (2, 31, 5),
-        ] {
-            let x = data(m * k, 1);
-            let w = data(n * k, 2);
-            let mut out = vec![0f32; m * n];
-            matvec(&x, m, &w, n, k, &mut out);
-            let want = matvec_slow(&x, m, &w, n, k);
-            for (a, b) in out.iter().zip(&want) {
-                assert!(
-                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                    "f32 {m}x{n}x{k}: {a} vs {b}"
-                );
-            }
-            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-            matvec(&x, m, &wb, n, k, &mut out);
-            let want = matvec_slow(&x, m, &wb, n, k);
-            for (a, b) in out.iter().zip(&want) {
-                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "bf16: {a} vs {b}");
-            }
-            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-            matvec(&x, m, &wh, n, k, &mut out);
-            let want = matvec_slow(&x, m, &wh, n, k);
-            for (a, b) in out.iter().zip(&want) {
-                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "f16: {a} vs {b}");
-            }
-        }
     }
 
     #[test]
