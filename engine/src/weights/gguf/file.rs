@@ -23,11 +23,16 @@ use candle_core::Device;
 
 use crate::error::{candle_message, Error, Result};
 
-/// An open GGUF file: its parsed header (metadata and tensor table) and a handle to read
-/// tensor data on demand.
+/// An open GGUF file: its parsed header (metadata and tensor table) and the file mapped
+/// into memory, from which tensor data is read on demand.
+///
+/// Reads go through their own cursor over the mapping, never through a shared file
+/// position: the ranks of a tensor-parallel load read tensors of one file from several
+/// threads at once, and a shared `seek` + `read` let one thread's seek move another's
+/// read (weights silently taken from the wrong offset, or "failed to fill whole buffer").
 pub struct GgufFile {
     path: PathBuf,
-    file: File,
+    map: memmap2::Mmap,
     content: Content,
 }
 
@@ -99,11 +104,10 @@ impl GgufFile {
                 }
             }
         };
-        Ok(GgufFile {
-            path,
-            file,
-            content,
-        })
+        // Safety: the mapping is read-only and private to this process; as with every
+        // mmap-ed model file, truncating it while it is open is not supported.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        Ok(GgufFile { path, map, content })
     }
 
     /// The file this was read from.
@@ -292,7 +296,7 @@ impl GgufFile {
     /// Read one tensor as stored (quantized or not).
     pub fn read_tensor(&self, name: &str) -> Result<QTensor> {
         let info = self.tensor_info(name)?;
-        let mut reader = &self.file;
+        let mut reader = std::io::Cursor::new(&self.map[..]);
         info.read(&mut reader, self.content.tensor_data_offset, &Device::Cpu)
             .map_err(|e| self.tensor_error(name, info.ggml_dtype, e))
     }
@@ -672,6 +676,62 @@ pub(crate) mod tests {
     use super::*;
     use candle_core::quantized::ggml_file::qtensor_from_ggml;
     use half::f16;
+
+    /// Regression test for the TP GGUF load race (weights read at another thread's file
+    /// offset): many threads reading the tensors of one open file at once get exactly
+    /// the bytes a lone reader gets, every time.
+    #[test]
+    fn concurrent_reads_of_one_file_get_the_same_bytes() {
+        use candle_core::quantized::gguf_file;
+        use candle_core::Tensor;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("many.gguf");
+        let tensors: Vec<(String, QTensor)> = (0..12)
+            .map(|i| {
+                let vals: Vec<f32> = (0..64 * 96)
+                    .map(|j| ((i * 7919 + j) % 251) as f32 / 25.0 - 5.0)
+                    .collect();
+                let t = Tensor::from_vec(vals, (64, 96), &Device::Cpu).unwrap();
+                let dtype = if i % 2 == 0 {
+                    GgmlDType::Q8_0
+                } else {
+                    GgmlDType::F32
+                };
+                (
+                    format!("t{i}.weight"),
+                    QTensor::quantize(&t, dtype).unwrap(),
+                )
+            })
+            .collect();
+        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
+        let mut f = std::fs::File::create(&path).unwrap();
+        gguf_file::write(&mut f, &[], &refs).unwrap();
+        drop(f);
+        let g = GgufFile::open(&path).unwrap();
+        let want: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(n, _)| g.read_tensor(n).unwrap().data().unwrap().to_vec())
+            .collect();
+        std::thread::scope(|s| {
+            for t in 0..6 {
+                let (g, tensors, want) = (&g, &tensors, &want);
+                s.spawn(move || {
+                    for round in 0..40 {
+                        // Each thread walks the tensors in its own order.
+                        for k in 0..tensors.len() {
+                            let i = (k * (t + 1) + round) % tensors.len();
+                            let got = g.read_tensor(&tensors[i].0).unwrap();
+                            assert!(
+                                *got.data().unwrap() == want[i][..],
+                                "thread {t}, round {round}: {} read wrong bytes",
+                                tensors[i].0
+                            );
+                        }
+                    }
+                });
+            }
+        });
+    }
 
     #[test]
     fn unpermute_one_head_of_four_rows() {
