@@ -69,6 +69,10 @@ pub struct AppState {
     pub next_id: AtomicU64,
 }
 
+/// The message roles OpenAI's chat API accepts (`developer` is its newer name for
+/// `system`); anything else is a 400, as OpenAI answers.
+const CHAT_ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
 /// The router over `state`, with `max_body_bytes` as the request body limit.
 pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     let protected = Router::new()
@@ -969,7 +973,8 @@ async fn chat_completions(
                             return Err(ApiError::bad_param(
                                 "messages",
                                 format!(
-                                    "messages[{i}] has a content part of type `{kind}`; only                                      text parts are supported"
+                                    "messages[{i}] has a content part of type `{kind}`; only \
+                                     text parts are supported"
                                 ),
                             ))
                         }
@@ -978,6 +983,16 @@ async fn chat_completions(
                 s
             }
         };
+        if !CHAT_ROLES.contains(&m.role.as_str()) {
+            return Err(ApiError::bad_param(
+                "messages",
+                format!(
+                    "messages[{i}].role is `{}`; valid roles: {}",
+                    m.role,
+                    CHAT_ROLES.join(", ")
+                ),
+            ));
+        }
         messages.push(ChatMessage {
             role: m.role.clone(),
             content,

@@ -414,7 +414,11 @@ async fn bad_requests_get_openai_errors_that_name_the_problem() {
         ),
         (
             json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
-            "image_url",
+            "`image_url`; only text parts are supported",
+        ),
+        (
+            json!({"messages": [{"role": "wizard", "content": "hi"}]}),
+            "messages[0].role is `wizard`; valid roles: system, developer, user",
         ),
     ];
     for (body, needle) in chat_cases {

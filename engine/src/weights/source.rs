@@ -71,17 +71,7 @@ impl GgufModel {
         }
         let weights = GgufWeights::open(path)?;
         let params = weights.params().clone();
-        let vocab = GgufVocab::from_gguf(weights.file())?;
-        if vocab.tokens.len() > params.vocab_size {
-            return Err(Error::Tokenizer {
-                path: path.to_path_buf(),
-                message: format!(
-                    "{} tokens but token_embd.weight has only {} rows",
-                    vocab.tokens.len(),
-                    params.vocab_size
-                ),
-            });
-        }
+        let vocab = GgufVocab::for_embedding(weights.file(), params.vocab_size)?;
         let source = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

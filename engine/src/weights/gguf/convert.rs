@@ -412,17 +412,7 @@ pub fn convert_gguf(
 ) -> Result<ConvertSummary> {
     let g = GgufFile::open(gguf_path)?;
     let params = LlamaParams::from_gguf(&g)?;
-    let vocab = GgufVocab::from_gguf(&g)?;
-    if vocab.tokens.len() > params.vocab_size {
-        return Err(Error::Tokenizer {
-            path: gguf_path.to_path_buf(),
-            message: format!(
-                "{} tokens but token_embd.weight has only {} rows",
-                vocab.tokens.len(),
-                params.vocab_size
-            ),
-        });
-    }
+    let vocab = GgufVocab::for_embedding(&g, params.vocab_size)?;
     let tokenizer = vocab.tokenizer_json()?;
     tokenizer_from_json(&tokenizer, gguf_path)?;
     let plans = plan_tensors(&g, &params)?;

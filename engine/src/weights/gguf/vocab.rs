@@ -74,6 +74,22 @@ pub struct GgufVocab {
 }
 
 impl GgufVocab {
+    /// [`GgufVocab::from_gguf`], refused when it lists more tokens than the embedding's
+    /// `vocab_size` rows (an id past them would index outside the table).
+    pub fn for_embedding(g: &GgufFile, vocab_size: usize) -> Result<Self> {
+        let vocab = Self::from_gguf(g)?;
+        if vocab.tokens.len() > vocab_size {
+            return Err(Error::Tokenizer {
+                path: g.path().to_path_buf(),
+                message: format!(
+                    "{} tokens but token_embd.weight has only {vocab_size} rows",
+                    vocab.tokens.len()
+                ),
+            });
+        }
+        Ok(vocab)
+    }
+
     /// Read `tokenizer.ggml.*` and `tokenizer.chat_template` from an open GGUF.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let source = g.path().to_path_buf();
