@@ -76,23 +76,14 @@ impl KvArgs {
         }
     }
 
-    /// The budget in bytes these flags give (`None` with --kv-blocks or without any).
-    pub fn budget(&self, utilization: Option<(f64, u64)>) -> Option<u64> {
-        match (self.kv_blocks, self.memory_budget, utilization) {
-            (Some(_), _, _) => None,
-            (None, Some(b), _) => Some(b),
-            // f is in (0, 1]: the product fits u64.
-            (None, None, Some((f, total))) => Some((total as f64 * f) as u64),
-            (None, None, None) => None,
-        }
-    }
-
     /// How to size the cache: --kv-blocks, else the budget, else `otherwise`.
     pub fn sizing(&self, utilization: Option<(f64, u64)>, otherwise: KvSizing) -> KvSizing {
-        match (self.kv_blocks, self.budget(utilization)) {
-            (Some(n), _) => KvSizing::Blocks(n as usize),
-            (None, Some(b)) => KvSizing::Budget(b),
-            (None, None) => otherwise,
+        match (self.kv_blocks, self.memory_budget, utilization) {
+            (Some(n), _, _) => KvSizing::Blocks(n as usize),
+            (None, Some(b), _) => KvSizing::Budget(b),
+            // f is in (0, 1]: the product fits u64.
+            (None, None, Some((f, total))) => KvSizing::Budget((total as f64 * f) as u64),
+            (None, None, None) => otherwise,
         }
     }
 }

@@ -114,13 +114,13 @@ fn build_single(
     let overhead = args.kv.overhead(opened, baseline_rss);
     let default_budget =
         llmem_planner::parse_bytes(DEFAULT_MEMORY_BUDGET).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let budget = match args.kv.kv_blocks {
-        Some(_) => None,
-        None => Some(args.kv.budget(utilization).unwrap_or(default_budget)),
-    };
     let sizing = args
         .kv
         .sizing(utilization, KvSizing::Budget(default_budget));
+    let budget = match sizing {
+        KvSizing::Budget(b) => Some(b),
+        KvSizing::Blocks(_) => None,
+    };
     let (num_blocks, report) = sizing
         .resolve(&model, &config, overhead)
         .context("sizing the KV cache")?;
@@ -221,7 +221,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         Built {
             engine,
             startup,
-            overhead: args.kv.runtime_overhead.unwrap_or(baseline_rss),
+            overhead: args.kv.overhead(&opened, baseline_rss),
             planned: Err("per-rank plans are beside each rank".into()),
         }
     } else {

@@ -165,11 +165,8 @@ impl Model {
         spec: ShardSpec,
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
-        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-            return Err(Error::InvalidInput(format!(
-                "dtype {dtype:?} is not supported for the model; use f32, bf16 or f16"
-            )));
-        }
+        // Refuses a dtype that is not f32, bf16 or f16, naming them.
+        let fmt = WeightFormat::dense(dtype)?;
         if comm.world_size() != spec.parallel.tp || comm.rank() != spec.tp_rank {
             return Err(Error::InvalidInput(format!(
                 "shard of TP rank {} of {} given communicator rank {} of {}",
@@ -179,14 +176,7 @@ impl Model {
                 comm.world_size()
             )));
         }
-        Self::load_part(
-            shape,
-            w,
-            &WeightFormat::dense(dtype)?,
-            device,
-            spec,
-            Some(comm),
-        )
+        Self::load_part(shape, w, &fmt, device, spec, Some(comm))
     }
 
     /// The one loader: the part of the model `spec` puts on this rank.

@@ -26,18 +26,13 @@ impl GgufModel {
     /// config.json `llmem import` would write), the vocabulary a tokenizer, the special
     /// tokens and chat template a [`GenerationConfig`].
     pub fn open(path: &Path) -> Result<Self> {
-        let (shape, weights, vocab) = Self::read(path)?;
-        let params = weights.params().clone();
+        let (shape, weights, vocab, config) = Self::read(path)?;
+        let max_positions = weights.params().max_position_embeddings;
         let tokenizer = tokenizer_from_json(&vocab.tokenizer_json()?, path)?;
-        let source = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let config = config_json(&params, &vocab, OutDtype::F32, &source);
         let generation = GenerationConfig::from_values(
             Some(generation_config_json(&vocab)),
             Some(config),
-            Some(vocab.tokenizer_config_json(params.max_position_embeddings)),
+            Some(vocab.tokenizer_config_json(max_positions)),
         )
         .map_err(|message| Error::Config {
             path: path.to_path_buf(),
@@ -51,18 +46,17 @@ impl GgufModel {
             config: generation,
         })
     }
-}
 
-impl GgufModel {
     /// The shape and tensor table of a llama GGUF, without building its tokenizer
     /// (`llmem plan` and `llmem inspect` need nothing else).
     pub fn shape_and_tensors(path: &Path) -> Result<(ModelShape, GgufWeights)> {
-        let (shape, weights, _) = Self::read(path)?;
+        let (shape, weights, _, _) = Self::read(path)?;
         Ok((shape, weights))
     }
 
-    /// Header, tensor table and vocabulary read and checked; the shape from them.
-    fn read(path: &Path) -> Result<(ModelShape, GgufWeights, GgufVocab)> {
+    /// Header, tensor table and vocabulary read and checked; the config.json that
+    /// `llmem import` would write from them, and the shape it gives.
+    fn read(path: &Path) -> Result<(ModelShape, GgufWeights, GgufVocab, serde_json::Value)> {
         if !path.is_file() {
             return Err(Error::io(
                 path,
@@ -88,7 +82,7 @@ impl GgufModel {
             .file_stem()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or(source);
-        Ok((shape, weights, vocab))
+        Ok((shape, weights, vocab, config))
     }
 }
 
