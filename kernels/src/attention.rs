@@ -403,16 +403,7 @@ fn simd_available() -> bool {
     if tests::PORTABLE.with(|p| p.get()) {
         return false;
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    cfg!(target_arch = "x86_64") && crate::cpu::level().has_kernels()
 }
 
 /// What one attention task reads and writes.

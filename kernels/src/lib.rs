@@ -14,6 +14,7 @@
 
 mod attention;
 mod cache;
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod elem;

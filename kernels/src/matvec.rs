@@ -13,10 +13,11 @@ use rayon::prelude::*;
 pub trait WeightElem: Copy + Send + Sync {
     fn widen(self) -> f32;
 
-    /// Dot product of an f32 row with a weight row, accumulating in f32.
+    /// Dot product of an f32 row with a weight row, accumulating in f32 (each type's
+    /// AVX2 code on the x86 kernel levels).
     #[inline]
     fn dot(x: &[f32], w: &[Self]) -> f32 {
-        dot(x, w)
+        dot_body(x, w)
     }
 }
 
@@ -24,6 +25,16 @@ impl WeightElem for f32 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self
+    }
+
+    #[inline]
+    fn dot(x: &[f32], w: &[Self]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::level().has_kernels() {
+            // Safety: the avx2 and avx512 levels have AVX2 and FMA.
+            return unsafe { dot_f32_avx2(x, w) };
+        }
+        dot_body(x, w)
     }
 }
 
@@ -33,6 +44,66 @@ impl WeightElem for bf16 {
     fn widen(self) -> f32 {
         f32::from_bits((self.to_bits() as u32) << 16)
     }
+
+    #[inline]
+    fn dot(x: &[f32], w: &[Self]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::level().has_kernels() {
+            // Safety: the avx2 and avx512 levels have AVX2 and FMA.
+            return unsafe { dot_bf16_avx2(x, w) };
+        }
+        dot_body(x, w)
+    }
+}
+
+/// The body of the AVX2 dots: 8 weights widened by `$load(ptr)`, four accumulators
+/// (32 weights per step) to hide the FMA latency, the tail in scalar code.
+#[cfg(target_arch = "x86_64")]
+macro_rules! dot_avx2_body {
+    ($x:expr, $w:expr, $load:expr) => {{
+        use std::arch::x86_64::*;
+        let (x, w) = ($x, $w);
+        let k = x.len().min(w.len());
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= k {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let off = i + 8 * j;
+                *a = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(off)), $load(wp.add(off)), *a);
+            }
+            i += 32;
+        }
+        while i + 8 <= k {
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), $load(wp.add(i)), acc[0]);
+            i += 8;
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let mut total = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)));
+        for j in i..k {
+            total += x[j] * w[j].widen();
+        }
+        total
+    }};
+}
+
+/// f32 weights with AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32_avx2(x: &[f32], w: &[f32]) -> f32 {
+    dot_avx2_body!(x, w, |p: *const f32| _mm256_loadu_ps(p))
+}
+
+/// bf16 weights with AVX2 + FMA: 8 halves zero-extended to 32 bits and shifted up.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_bf16_avx2(x: &[f32], w: &[bf16]) -> f32 {
+    dot_avx2_body!(x, w, |p: *const half::bf16| {
+        let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+    })
 }
 
 impl WeightElem for f16 {
@@ -46,11 +117,8 @@ impl WeightElem for f16 {
     fn dot(x: &[f32], w: &[Self]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-            {
-                // Safety: the CPU features were checked just above.
+            if crate::cpu::level().has_kernels() {
+                // Safety: the avx2 and avx512 levels have AVX2, FMA and F16C.
                 return unsafe { dot_f16_f16c(x, w) };
             }
         }
@@ -58,31 +126,13 @@ impl WeightElem for f16 {
     }
 }
 
-/// f16 weights: `vcvtph2ps` widens 8 halves at once, four accumulators hide FMA latency.
+/// f16 weights: `vcvtph2ps` widens 8 halves at once.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_f16_f16c(x: &[f32], w: &[f16]) -> f32 {
-    use std::arch::x86_64::*;
-    let k = x.len().min(w.len());
-    let (xp, wp) = (x.as_ptr(), w.as_ptr() as *const u16);
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 32 <= k {
-        for (j, a) in acc.iter_mut().enumerate() {
-            let off = i + 8 * j;
-            let wv = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(off) as *const __m128i));
-            *a = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(off)), wv, *a);
-        }
-        i += 32;
-    }
-    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-    let mut total: f32 = lanes.iter().sum();
-    for j in i..k {
-        total += x[j] * w[j].to_f32();
-    }
-    total
+    dot_avx2_body!(x, w, |p: *const half::f16| _mm256_cvtph_ps(
+        _mm_loadu_si128(p as *const __m128i)
+    ))
 }
 
 /// Split the `n` weight rows into rayon tasks of [`ROWS_PER_TASK`]; `task(first, dst)`
@@ -135,26 +185,7 @@ pub fn matvec<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize, o
     });
 }
 
-/// Dot product with f32 accumulation; AVX2 code when the CPU supports it.
-#[inline]
-fn dot<W: WeightElem>(x: &[f32], w: &[W]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // Safety: the CPU supports AVX2, checked just above.
-            return unsafe { dot_avx2(x, w) };
-        }
-    }
-    dot_body(x, w)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_avx2<W: WeightElem>(x: &[f32], w: &[W]) -> f32 {
-    dot_body(x, w)
-}
-
-/// 32 independent lanes, which the compiler turns into four 8-wide vector accumulators.
+/// 32 independent lanes (the portable form; the compiler vectorises it as it can).
 #[inline(always)]
 fn dot_body<W: WeightElem>(x: &[f32], w: &[W]) -> f32 {
     const LANES: usize = 32;

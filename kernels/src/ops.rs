@@ -142,13 +142,13 @@ pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<(), KernelE
     check_len("silu_mul: output", out.len(), n, || format!("({n},)"))?;
     let width = 1024.min(n).max(1);
     #[cfg(target_arch = "x86_64")]
-    let wide = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    let wide = crate::cpu::level().has_kernels();
     rows_mut(out, width, |r, o| {
         let base = r * width;
         let (g, u) = (&gate[base..][..o.len()], &up[base..][..o.len()]);
         #[cfg(target_arch = "x86_64")]
         if wide {
-            // SAFETY: AVX2 and FMA are present (checked above).
+            // SAFETY: the avx2 and avx512 levels have AVX2 and FMA.
             unsafe { silu_mul_avx2(g, u, o) };
             return;
         }

@@ -39,12 +39,16 @@
 use half::f16;
 use rayon::prelude::*;
 
+use crate::cpu::CpuLevel;
 use crate::KernelError;
 
 /// Weights per block (the Q8_0 block length).
 pub const QK: usize = 32;
 /// Rows interleaved in one packed group.
 pub const GROUP: usize = 16;
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
 /// Bytes of the 16 scales at the head of a tile.
 const SCALES: usize = 2 * GROUP;
 
@@ -148,19 +152,11 @@ impl std::fmt::Debug for PackedMatrix {
 }
 
 impl PackedMatrix {
-    /// True when this CPU runs the fast kernel (x86-64 with AVX-512 F/BW/VNNI). Callers
-    /// that have another layout to fall back on should pack only when this holds.
+    /// True when the kernel level ([`crate::cpu::level`]) has a packed kernel (`avx2` or
+    /// `avx512`). Callers that have another layout to fall back on should pack only when
+    /// this holds.
     pub fn fast_path_available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vnni")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        crate::cpu::level().has_kernels()
     }
 
     /// Whether a (rows, cols) matrix can be packed: rows a multiple of 16, cols of 32.
@@ -388,6 +384,11 @@ pub struct QuantRows {
 /// Quantize `m` rows of `k` (a multiple of 32) values: per block, `d = max|x| / 127` and
 /// `q = round(x / d)`.
 pub fn quantize_rows(x: &[f32], m: usize, k: usize) -> Result<QuantRows, KernelError> {
+    quantize_rows_at(Path::of(crate::cpu::level()), x, m, k)
+}
+
+/// [`quantize_rows`] with the block quantizer of `path` (every path gives the same bytes).
+fn quantize_rows_at(path: Path, x: &[f32], m: usize, k: usize) -> Result<QuantRows, KernelError> {
     if k == 0 || k % QK != 0 {
         return Err(KernelError::Invalid(format!(
             "rows of {k} values cannot be quantized in blocks of {QK}"
@@ -401,15 +402,26 @@ pub fn quantize_rows(x: &[f32], m: usize, k: usize) -> Result<QuantRows, KernelE
         d: vec![0.0; m * kb],
         sum: vec![0; m * kb],
     };
-    let fast = PackedMatrix::fast_path_available();
     let block = |xs: &[f32], q: &mut [i8], d: &mut f32, s: &mut i32| {
+        // SAFETY: the path's features are on this CPU (`Path::qualifies`, checked by every
+        // constructor of a path); `xs` and `q` are QK long.
         #[cfg(target_arch = "x86_64")]
-        if fast {
-            // SAFETY: AVX-512 F/BW present (checked); `xs` and `q` are QK long.
-            (*d, *s) = unsafe { quantize_block_avx512(xs, q) };
+        match path {
+            Path::Avx512 => {
+                (*d, *s) = unsafe { quantize_block_avx512(xs, q) };
+                return;
+            }
+            Path::Avx2 | Path::AvxVnni => {
+                (*d, *s) = unsafe { quantize_block_avx2(xs, q) };
+                return;
+            }
+            _ => {}
+        }
+        #[cfg(target_arch = "aarch64")]
+        if matches!(path, Path::Neon | Path::NeonDot) {
+            (*d, *s) = unsafe { neon::quantize_block(xs, q) };
             return;
         }
-        let _ = fast;
         (*d, *s) = quantize_block_scalar(xs, q);
     };
     type Row<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [i32]);
@@ -478,6 +490,43 @@ unsafe fn quantize_block_avx512(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
     (scale, _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)))
 }
 
+/// One block of [`quantize_rows`] with AVX2 (the same bytes as the scalar form): returns
+/// the scale and the sum of the bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_block_avx2(xs: &[f32], q: &mut [i8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    debug_assert!(xs.len() == QK && q.len() == QK);
+    let p = xs.as_ptr();
+    let v = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(p.add(o)));
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let a = v.map(|x| _mm256_and_ps(x, abs));
+    let m8 = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps::<1>(m8));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)));
+    let scale = amax / 127.0;
+    let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let i =
+        v.map(|x| _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, inv), lo), hi)));
+    // Narrow 4 x 8 i32 to 32 i8: the packs interleave 128-bit lanes, the permute undoes it.
+    let b = _mm256_packs_epi16(
+        _mm256_packs_epi32(i[0], i[1]),
+        _mm256_packs_epi32(i[2], i[3]),
+    );
+    let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, b);
+    let s8 = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    let s4 = _mm_add_epi32(
+        _mm256_castsi256_si128(s8),
+        _mm256_extracti128_si256::<1>(s8),
+    );
+    let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+    let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2));
+    (scale, _mm_cvtsi128_si32(s1))
+}
+
 /// `out = x w^T`: `x` is (m, cols) f32, `w` (rows, cols) packed, `out` (m, rows). The
 /// activations are quantized per block of 32 first, as llama.cpp does for Q8_0 and Q4_0.
 pub fn matmul(x: &[f32], m: usize, w: &PackedMatrix, out: &mut [f32]) -> Result<(), KernelError> {
@@ -489,6 +538,75 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedMatrix, out: &mut [f32]) -> Result<
 /// every matrix (a layer's q/k/v projections, or gate and up), so a decode step forks
 /// and joins once instead of once per matrix.
 pub fn matmul_many(
+    x: &[f32],
+    m: usize,
+    ws: &[&PackedMatrix],
+    outs: &mut [&mut [f32]],
+) -> Result<(), KernelError> {
+    matmul_many_at(Path::of(crate::cpu::level()), x, m, ws, outs)
+}
+
+/// Which code a product runs: from the kernel level, and at `avx2` from whether the CPU
+/// has AVX-VNNI. The tests run every path this CPU has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// [`matmul_reference`] and the scalar quantizer (`scalar` and `neon` levels).
+    Reference,
+    /// AVX2: `vpmaddubsw` + `vpmaddwd`.
+    Avx2,
+    /// AVX2 with AVX-VNNI's 256-bit `vpdpbusd`.
+    AvxVnni,
+    /// AVX-512 F/BW/VNNI.
+    Avx512,
+    /// NEON: `smull` + `sadalp` (aarch64 without the dot-product extension).
+    Neon,
+    /// NEON with `sdot` (the dot-product extension, ARMv8.2+).
+    NeonDot,
+}
+
+impl Path {
+    fn of(level: CpuLevel) -> Path {
+        match level {
+            CpuLevel::Avx512 => Path::Avx512,
+            CpuLevel::Avx2 if level.avx_vnni() => Path::AvxVnni,
+            CpuLevel::Avx2 => Path::Avx2,
+            CpuLevel::Neon if crate::cpu::neon_dotprod() => Path::NeonDot,
+            CpuLevel::Neon => Path::Neon,
+            CpuLevel::Scalar => Path::Reference,
+        }
+    }
+
+    /// Every path this CPU can run (a level's, and AVX2 without VNNI where it has VNNI).
+    #[cfg(test)]
+    fn available() -> Vec<Path> {
+        let mut v = vec![Path::Reference];
+        let levels = CpuLevel::available();
+        if levels.contains(&CpuLevel::Avx2) {
+            v.push(Path::Avx2);
+            if CpuLevel::Avx2.avx_vnni() {
+                v.push(Path::AvxVnni);
+            }
+        }
+        if levels.contains(&CpuLevel::Avx512) {
+            v.push(Path::Avx512);
+        } else if cfg!(target_arch = "x86_64") {
+            eprintln!("the avx512 path is not tested: this CPU lacks AVX-512 F/BW/VNNI");
+        }
+        if levels.contains(&CpuLevel::Neon) {
+            v.push(Path::Neon);
+            if crate::cpu::neon_dotprod() {
+                v.push(Path::NeonDot);
+            } else {
+                eprintln!("the neon sdot path is not tested: this CPU lacks dotprod");
+            }
+        }
+        v
+    }
+}
+
+/// [`matmul_many`] on `path`, which must be one this CPU runs.
+fn matmul_many_at(
+    path: Path,
     x: &[f32],
     m: usize,
     ws: &[&PackedMatrix],
@@ -512,55 +630,126 @@ pub fn matmul_many(
             format!("({m}, {})", w.rows)
         })?;
     }
-    let qa = quantize_rows(x, m, k)?;
-    if !PackedMatrix::fast_path_available() {
-        for (w, out) in ws.iter().zip(outs.iter_mut()) {
-            out.copy_from_slice(&matmul_reference(&qa, m, w));
-        }
-        return Ok(());
+    let qa = quantize_rows_at(path, x, m, k)?;
+    // Task `t` is group `t - starts[i]` of matrix `i`, for the last `starts[i] <= t`.
+    let mut starts = Vec::with_capacity(ws.len());
+    let mut total = 0;
+    for w in ws {
+        starts.push(total);
+        total += w.rows / GROUP;
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        // Task `t` is group `t - starts[i]` of matrix `i`, for the last `starts[i] <= t`.
-        let mut starts = Vec::with_capacity(ws.len());
-        let mut total = 0;
-        for w in ws {
-            starts.push(total);
-            total += w.rows / GROUP;
-        }
-        let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
-        let work: usize = ws.iter().map(|w| w.rows).sum::<usize>() * k;
-        for r0 in (0..m).step_by(M_CHUNK) {
-            let rows = M_CHUNK.min(m - r0);
-            let run = |t: usize| {
-                let i = starts.partition_point(|&s| s <= t) - 1;
-                let (w, g, n) = (ws[i], t - starts[i], ws[i].rows);
-                let out = ptrs[i].0;
-                // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked above); task `t` writes
-                // only columns g*16..g*16+16 of rows r0..r0+rows of output `i`, which no
-                // other task touches, and every index stays inside that output (m * n,
-                // checked above), `qa` (m rows of k) and `w` (groups * kb tiles).
-                unsafe {
-                    match w.format {
-                        BlockFormat::Q8_0 => group_rows::<K_Q8_0>(w, &qa, g, r0, rows, out, n),
-                        BlockFormat::Q4_0 => group_rows::<K_Q4_0>(w, &qa, g, r0, rows, out, n),
-                        BlockFormat::Q4_1 => group_rows::<K_Q4_1>(w, &qa, g, r0, rows, out, n),
-                        BlockFormat::Q5_0 => group_rows::<K_Q5_0>(w, &qa, g, r0, rows, out, n),
-                    }
-                }
-            };
-            if rows * work >= 1 << 18 {
-                (0..total).into_par_iter().with_min_len(2).for_each(run);
-            } else {
-                (0..total).for_each(run);
+    let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+    let work: usize = ws.iter().map(|w| w.rows).sum::<usize>() * k;
+    for r0 in (0..m).step_by(M_CHUNK) {
+        let rows = M_CHUNK.min(m - r0);
+        let run = |t: usize| {
+            let i = starts.partition_point(|&s| s <= t) - 1;
+            let (w, g, n) = (ws[i], t - starts[i], ws[i].rows);
+            let out = ptrs[i].0;
+            match kernel_for(path, w.format) {
+                // SAFETY: the CPU has the path's features (every path comes from the
+                // detected level or from `Path::available`); task `t` writes only columns
+                // g*16..g*16+16 of rows r0..r0+rows of output `i`, which no other task
+                // touches, and every index stays inside that output (m * n, checked
+                // above), `qa` (m rows of k) and `w` (groups * kb tiles).
+                Some(f) => unsafe { f(w, &qa, g, r0, rows, out, n) },
+                None => group_rows_reference(w, &qa, g, r0, rows, out, n),
             }
+        };
+        if rows * work >= 1 << 18 {
+            (0..total).into_par_iter().with_min_len(2).for_each(run);
+        } else {
+            (0..total).for_each(run);
         }
     }
     Ok(())
 }
 
+/// A kernel over one group of 16 weight rows: (weights, quantized activations, group,
+/// first activation row, rows, output, output width).
+type GroupFn = unsafe fn(&PackedMatrix, &QuantRows, usize, usize, usize, *mut f32, usize);
+
+/// The kernel of `path` for `format`; `None` for the reference path.
+fn kernel_for(path: Path, format: BlockFormat) -> Option<GroupFn> {
+    use BlockFormat::*;
+    #[cfg(target_arch = "x86_64")]
+    let f: GroupFn = match (path, format) {
+        (Path::Reference, _) => return None,
+        (Path::Avx512, Q8_0) => group_rows::<K_Q8_0>,
+        (Path::Avx512, Q4_0) => group_rows::<K_Q4_0>,
+        (Path::Avx512, Q4_1) => group_rows::<K_Q4_1>,
+        (Path::Avx512, Q5_0) => group_rows::<K_Q5_0>,
+        (Path::AvxVnni, Q8_0) => group_rows_vnni256::<K_Q8_0>,
+        (Path::AvxVnni, Q4_0) => group_rows_vnni256::<K_Q4_0>,
+        (Path::AvxVnni, Q4_1) => group_rows_vnni256::<K_Q4_1>,
+        (Path::AvxVnni, Q5_0) => group_rows_vnni256::<K_Q5_0>,
+        (_, Q8_0) => group_rows_avx2::<K_Q8_0>,
+        (_, Q4_0) => group_rows_avx2::<K_Q4_0>,
+        (_, Q4_1) => group_rows_avx2::<K_Q4_1>,
+        (_, Q5_0) => group_rows_avx2::<K_Q5_0>,
+    };
+    #[cfg(target_arch = "aarch64")]
+    let f: GroupFn = match (path, format) {
+        (Path::Reference, _) => return None,
+        (Path::NeonDot, Q8_0) => neon::group_rows_dot::<K_Q8_0>,
+        (Path::NeonDot, Q4_0) => neon::group_rows_dot::<K_Q4_0>,
+        (Path::NeonDot, Q4_1) => neon::group_rows_dot::<K_Q4_1>,
+        (Path::NeonDot, Q5_0) => neon::group_rows_dot::<K_Q5_0>,
+        (_, Q8_0) => neon::group_rows::<K_Q8_0>,
+        (_, Q4_0) => neon::group_rows::<K_Q4_0>,
+        (_, Q4_1) => neon::group_rows::<K_Q4_1>,
+        (_, Q5_0) => neon::group_rows::<K_Q5_0>,
+    };
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let f: GroupFn = {
+        let _ = (path, format);
+        return None;
+    };
+    Some(f)
+}
+
+/// [`matmul_reference`]'s arithmetic for one group and a range of activation rows, into
+/// the shared output (the reference path of [`matmul_many`]).
+fn group_rows_reference(
+    w: &PackedMatrix,
+    qa: &QuantRows,
+    g: usize,
+    r0: usize,
+    rows: usize,
+    out: *mut f32,
+    n: usize,
+) {
+    let kb = w.cols / QK;
+    for r in r0..r0 + rows {
+        for lane in 0..GROUP {
+            let o = g * GROUP + lane;
+            let v = dot_reference(qa, r, w, o, kb);
+            // SAFETY: this task owns columns g*16..g*16+16 of its rows (see `matmul_many`).
+            unsafe { *out.add(r * n + o) = v };
+        }
+    }
+}
+
+/// Row `r` of the quantized activations times weight row `o`, plainly.
+fn dot_reference(qa: &QuantRows, r: usize, w: &PackedMatrix, o: usize, kb: usize) -> f32 {
+    let k = w.cols;
+    let mut acc = 0f32;
+    for b in 0..kb {
+        let (tile, lane) = w.tile(o, b);
+        let dw = PackedMatrix::scale(tile, lane);
+        let mut s = 0i32;
+        for i in 0..QK {
+            s += w.weight(tile, lane, i) as i32 * qa.q[r * k + b * QK + i] as i32;
+        }
+        let da = qa.d[r * kb + b];
+        acc += w.min(tile, lane) * (da * qa.sum[r * kb + b] as f32);
+        acc += s as f32 * (dw * da);
+    }
+    acc
+}
+
 /// The plain form of [`matmul`]'s arithmetic on already quantized rows, the reference for
-/// the fast kernel (and what runs without AVX-512 VNNI).
+/// the fast kernels (and what the `scalar` level runs).
 pub fn matmul_reference(qa: &QuantRows, m: usize, w: &PackedMatrix) -> Vec<f32> {
     let (n, k) = (w.rows, w.cols);
     let kb = k / QK;
@@ -568,19 +757,7 @@ pub fn matmul_reference(qa: &QuantRows, m: usize, w: &PackedMatrix) -> Vec<f32> 
     let mut out = vec![0f32; m * n];
     for r in 0..m {
         for o in 0..n {
-            let mut acc = 0f32;
-            for b in 0..kb {
-                let (tile, lane) = w.tile(o, b);
-                let dw = PackedMatrix::scale(tile, lane);
-                let mut s = 0i32;
-                for i in 0..QK {
-                    s += w.weight(tile, lane, i) as i32 * qa.q[r * k + b * QK + i] as i32;
-                }
-                let da = qa.d[r * kb + b];
-                acc += w.min(tile, lane) * (da * qa.sum[r * kb + b] as f32);
-                acc += s as f32 * (dw * qa.d[r * kb + b]);
-            }
-            out[r * n + o] = acc;
+            out[r * n + o] = dot_reference(qa, r, w, o, kb);
         }
     }
     out
@@ -722,6 +899,199 @@ unsafe fn tile<const R: usize, const KIND: u8>(
     }
 }
 
+/// Activation rows per register tile of the 256-bit kernels.
+const MR2: usize = 4;
+
+/// The 256-bit kernels, once with `vpmaddubsw` (AVX2) and once with AVX-VNNI's
+/// `vpdpbusd`: a macro rather than a generic so that only the VNNI copy is compiled with
+/// `avxvnni` enabled (the compiler could otherwise fuse the AVX2 copy's multiply-adds
+/// into VNNI instructions the CPU lacks).
+///
+/// A 256-bit register holds 4 weights of 8 rows: the low or high 32 bytes of a 64-byte
+/// run, so the 16-row tiles of the AVX-512 kernel serve as two halves, one after the
+/// other (the second reads the group's tiles from cache).
+///
+/// Without VNNI the byte products go through `vpmaddubsw` (unsigned x signed bytes,
+/// adjacent pairs summed into saturating i16), then `vpmaddwd` by ones into i32. The
+/// nibble formats stay far from saturation (a pair is at most 2 x 31 x 127). Q8_0's
+/// stored `q + 128` would not (2 x 255 x 127), so its weights are flipped back to signed
+/// and the sign moves onto the activation (`|w| * (a * sign w)`, at most 2 x 128 x 127),
+/// which also makes the bias correction unnecessary.
+macro_rules! kernels_256 {
+    ($group:ident, $tile:ident, $features:literal, $vnni:literal) => {
+        /// Rows `r0..r0 + rows` of the output, columns of group `g`, in register tiles of
+        /// MR2 rows, for each half of the group.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $group<const KIND: u8>(
+            w: &PackedMatrix,
+            qa: &QuantRows,
+            g: usize,
+            r0: usize,
+            rows: usize,
+            out: *mut f32,
+            n: usize,
+        ) {
+            for h in 0..2 {
+                let mut r = r0;
+                let end = r0 + rows;
+                while r < end {
+                    match end - r {
+                        4.. => $tile::<4, KIND>(w, qa, g, h, r, out, n),
+                        3 => $tile::<3, KIND>(w, qa, g, h, r, out, n),
+                        2 => $tile::<2, KIND>(w, qa, g, h, r, out, n),
+                        _ => $tile::<1, KIND>(w, qa, g, h, r, out, n),
+                    }
+                    r += (end - r).min(MR2);
+                }
+            }
+        }
+
+        /// One register tile: R activation rows from `r` times rows `8h..8h + 8` of group
+        /// `g`, over every block; stored to `out[r.., g*16 + 8h..]`.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn $tile<const R: usize, const KIND: u8>(
+            w: &PackedMatrix,
+            qa: &QuantRows,
+            g: usize,
+            h: usize,
+            r: usize,
+            out: *mut f32,
+            n: usize,
+        ) {
+            use std::arch::x86_64::*;
+            let k = w.cols;
+            let kb = k / QK;
+            let tb = w.format.tile_bytes();
+            let bias = w.format.bias();
+            let wbase = w.data.as_ptr().add(g * kb * tb);
+            let abase = qa.q.as_ptr().add(r * k);
+            let dbase = qa.d.as_ptr().add(r * kb);
+            let sbase = qa.sum.as_ptr().add(r * kb);
+            let nibble = _mm256_set1_epi8(0x0F);
+            let ones = _mm256_set1_epi16(1);
+            let act = |i: usize, b: usize, col: usize| {
+                _mm256_set1_epi32((abase.add(i * k + b * QK + col) as *const i32).read_unaligned())
+            };
+            // `a . w` per 32-bit lane: 4 byte products, into i32 (VNNI) or into i16 pairs
+            // (the caller widens them).
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..kb {
+                let t = wbase.add(b * tb);
+                let wd = _mm256_cvtph_ps(_mm_loadu_si128(t.add(16 * h) as *const __m128i));
+                let runs = t.add(GROUP * w.format.head() + 32 * h);
+                let mut dots = [_mm256_setzero_si256(); R];
+                if KIND == K_Q8_0 {
+                    for j in 0..QK / 4 {
+                        let v = _mm256_loadu_si256(runs.add(j * 4 * GROUP) as *const __m256i);
+                        if $vnni {
+                            for (i, dot) in dots.iter_mut().enumerate() {
+                                *dot = _mm256_dpbusd_avx_epi32(*dot, v, act(i, b, 4 * j));
+                            }
+                        } else {
+                            let sw = _mm256_xor_si256(v, _mm256_set1_epi8(-128));
+                            let aw = _mm256_sign_epi8(sw, sw);
+                            for (i, dot) in dots.iter_mut().enumerate() {
+                                let sa = _mm256_sign_epi8(act(i, b, 4 * j), sw);
+                                let p = _mm256_maddubs_epi16(aw, sa);
+                                *dot = _mm256_add_epi32(*dot, _mm256_madd_epi16(p, ones));
+                            }
+                        }
+                    }
+                } else {
+                    let qh = if KIND == K_Q5_0 {
+                        _mm256_loadu_si256(t.add(SCALES + 32 * h) as *const __m256i)
+                    } else {
+                        _mm256_setzero_si256()
+                    };
+                    // Q4_0/Q4_1 without VNNI: i16 sums over the whole block (at most
+                    // 8 x 2 x 15 x 127 = 30480), widened once.
+                    let mut p16 = [_mm256_setzero_si256(); R];
+                    for j in 0..QK / 8 {
+                        let v = _mm256_loadu_si256(runs.add(j * 4 * GROUP) as *const __m256i);
+                        let mut lo = _mm256_and_si256(v, nibble);
+                        let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+                        if KIND == K_Q5_0 {
+                            let five = _mm256_set1_epi8(0x10);
+                            let lo_bits = shift_lanes_256(qh, 4 - 2 * j as i32);
+                            let hi_bits = shift_lanes_256(qh, 3 - 2 * j as i32);
+                            lo = _mm256_or_si256(lo, _mm256_and_si256(lo_bits, five));
+                            hi = _mm256_or_si256(hi, _mm256_and_si256(hi_bits, five));
+                        }
+                        for i in 0..R {
+                            let (a_lo, a_hi) = (act(i, b, 4 * j), act(i, b, 16 + 4 * j));
+                            if $vnni {
+                                dots[i] = _mm256_dpbusd_avx_epi32(dots[i], lo, a_lo);
+                                dots[i] = _mm256_dpbusd_avx_epi32(dots[i], hi, a_hi);
+                            } else {
+                                let p = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(lo, a_lo),
+                                    _mm256_maddubs_epi16(hi, a_hi),
+                                );
+                                if KIND == K_Q5_0 {
+                                    // Up to 2 x 2 x 31 x 127 per run: widen every run.
+                                    dots[i] = _mm256_add_epi32(dots[i], _mm256_madd_epi16(p, ones));
+                                } else {
+                                    p16[i] = _mm256_add_epi16(p16[i], p);
+                                }
+                            }
+                        }
+                    }
+                    if !$vnni && KIND != K_Q5_0 {
+                        for (dot, p) in dots.iter_mut().zip(p16) {
+                            *dot = _mm256_madd_epi16(p, ones);
+                        }
+                    }
+                }
+                for (i, (dot, acc)) in dots.iter().zip(acc.iter_mut()).enumerate() {
+                    let sum = *sbase.add(i * kb + b);
+                    let da = *dbase.add(i * kb + b);
+                    let signed = KIND == K_Q4_1 || (KIND == K_Q8_0 && !$vnni);
+                    let s = if signed {
+                        *dot
+                    } else {
+                        _mm256_sub_epi32(*dot, _mm256_set1_epi32(bias * sum))
+                    };
+                    let scale = _mm256_mul_ps(wd, _mm256_set1_ps(da));
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, *acc);
+                    if KIND == K_Q4_1 {
+                        let wm = _mm256_cvtph_ps(_mm_loadu_si128(
+                            t.add(SCALES + 16 * h) as *const __m128i
+                        ));
+                        *acc = _mm256_fmadd_ps(wm, _mm256_set1_ps(da * sum as f32), *acc);
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add((r + i) * n + g * GROUP + 8 * h), *acc);
+            }
+        }
+    };
+}
+
+kernels_256!(group_rows_avx2, tile_avx2, "avx2,fma,f16c", false);
+kernels_256!(
+    group_rows_vnni256,
+    tile_vnni256,
+    "avx2,fma,f16c,avxvnni",
+    true
+);
+
+/// Each 32-bit lane shifted left by `s` bits (right by `-s` when negative).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn shift_lanes_256(x: std::arch::x86_64::__m256i, s: i32) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    if s >= 0 {
+        _mm256_sll_epi32(x, _mm_cvtsi32_si128(s))
+    } else {
+        _mm256_srl_epi32(x, _mm_cvtsi32_si128(-s))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -843,17 +1213,18 @@ mod tests {
 
     #[test]
     fn vector_and_scalar_quantizers_agree() {
-        if !PackedMatrix::fast_path_available() {
-            eprintln!("no AVX-512 VNNI here: only the scalar quantizer runs");
-            return;
-        }
         let mut rng = Rng::new(9);
-        for scale in [1e-6f32, 1.0, 300.0] {
-            let xs: Vec<f32> = (0..QK).map(|_| rng.uniform() * scale).collect();
-            let (mut a, mut b) = ([0i8; QK], [0i8; QK]);
-            let fast = unsafe { quantize_block_avx512(&xs, &mut a) };
-            let slow = quantize_block_scalar(&xs, &mut b);
-            assert_eq!((fast, a), (slow, b), "scale {scale}");
+        for path in Path::available() {
+            for scale in [0.0f32, 1e-6, 1.0, 300.0] {
+                let xs: Vec<f32> = (0..3 * QK).map(|_| rng.uniform() * scale).collect();
+                let fast = quantize_rows_at(path, &xs, 1, 3 * QK).unwrap();
+                let slow = quantize_rows_at(Path::Reference, &xs, 1, 3 * QK).unwrap();
+                assert_eq!(
+                    (fast.q, fast.d, fast.sum),
+                    (slow.q, slow.d, slow.sum),
+                    "{path:?} scale {scale}"
+                );
+            }
         }
     }
 
@@ -862,6 +1233,12 @@ mod tests {
     /// the chunking of long inputs.
     #[test]
     fn matmul_matches_reference_and_dequantized_product() {
+        for path in Path::available() {
+            matmul_matches_on(path);
+        }
+    }
+
+    fn matmul_matches_on(path: Path) {
         for format in FORMATS {
             for &(m, n, k) in &[
                 (1, 16, 32),
@@ -875,13 +1252,13 @@ mod tests {
                 let mut rng = Rng::new(100 + m as u64);
                 let x: Vec<f32> = (0..m * k).map(|_| rng.uniform()).collect();
                 let mut out = vec![0f32; m * n];
-                matmul(&x, m, &w, &mut out).unwrap();
+                matmul_many_at(path, &x, m, &[&w], &mut [&mut out]).unwrap();
                 let qa = quantize_rows(&x, m, k).unwrap();
                 let reference = matmul_reference(&qa, m, &w);
                 for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
                     assert!(
                         (a - b).abs() <= 2e-4 * (1.0 + b.abs()),
-                        "{format:?} ({m},{n},{k}) at {i}: {a} vs {b}"
+                        "{path:?} {format:?} ({m},{n},{k}) at {i}: {a} vs {b}"
                     );
                 }
                 // Activation quantization error: at most half a step per value, so the
@@ -896,7 +1273,7 @@ mod tests {
                         let got = out[r * n + o];
                         assert!(
                             (got - exact).abs() <= bound,
-                            "{format:?} ({r},{o}): {got} vs {exact} (bound {bound})"
+                            "{path:?} {format:?} ({r},{o}): {got} vs {exact} (bound {bound})"
                         );
                     }
                 }
@@ -924,16 +1301,19 @@ mod tests {
             })
             .collect();
         let refs: Vec<&PackedMatrix> = ws.iter().collect();
-        for m in [1, 9, 300] {
+        for (path, m) in Path::available()
+            .into_iter()
+            .flat_map(|p| [1, 9, 300].map(|m| (p, m)))
+        {
             let mut rng = Rng::new(m as u64);
             let x: Vec<f32> = (0..m * k).map(|_| rng.uniform() - 0.5).collect();
             let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows()]).collect();
             let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-            matmul_many(&x, m, &refs, &mut slices).unwrap();
+            matmul_many_at(path, &x, m, &refs, &mut slices).unwrap();
             for (w, got) in ws.iter().zip(&outs) {
                 let mut want = vec![0f32; m * w.rows()];
-                matmul(&x, m, w, &mut want).unwrap();
-                assert_eq!(got, &want, "{:?} m={m}", w.format());
+                matmul_many_at(path, &x, m, &[w], &mut [&mut want]).unwrap();
+                assert_eq!(got, &want, "{path:?} {:?} m={m}", w.format());
             }
         }
         // Matrices of different widths cannot share the quantized activations.
