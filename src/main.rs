@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod cmd;
 mod procfs;
@@ -43,13 +43,38 @@ enum Command {
     /// Measure each weight precision: bytes, load time, perplexity, KL and top-1
     /// agreement with the highest precision, prefill and decode speed.
     Sweep(cmd::sweep::SweepArgs),
+    /// Show this build and this machine: version, CPU, kernel level (and the levels
+    /// `LLMEM_CPU` may choose), threads, memory.
+    Info(cmd::info::InfoArgs),
     /// Check a GPU without model files: the CUDA kernels against the CPU kernels and a
     /// random-weights model on the GPU against the same model on the CPU.
     GpuCheck(cmd::gpucheck::GpuCheckArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The kernel level first: a bad LLMEM_CPU stops here, before any work.
+    let level = match llmem_kernels::cpu::init() {
+        Ok(l) => l,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let version = format!(
+        "{} (cpu kernels: {})",
+        env!("CARGO_PKG_VERSION"),
+        level.describe()
+    );
+    // clap takes a `'static` version; this string lives as long as the process anyway.
+    let version: &'static str = Box::leak(version.into_boxed_str());
+    let matches = Cli::command()
+        .version(version)
+        .long_version(version)
+        .get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let result = match cli.command {
         Command::Plan(args) => cmd::plan::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
@@ -59,6 +84,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => cmd::bench::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Sweep(args) => cmd::sweep::run(args),
+        Command::Info(args) => cmd::info::run(args),
         Command::GpuCheck(args) => cmd::gpucheck::run(args),
     };
     match result {

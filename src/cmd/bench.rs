@@ -82,7 +82,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "paged")]
     pub kv_layout: Vec<KvLayoutArg>,
     /// Weight dtype (see `llmem generate --help`). Default: f32 for a model directory,
-    /// each tensor as stored for a .gguf file.
+    /// each tensor as stored for a .gguf file and the built-in model's Q4_1 GGUF.
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
     /// Seed of the random prompts.
@@ -478,6 +478,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             })
         });
         let out = json!({
+            "cpu_kernels": super::cpu_kernels(),
             "model": label,
             "random_weights": args.runtime.random_weights.is_some(),
             "device": opened.device_label(),

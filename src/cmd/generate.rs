@@ -58,8 +58,9 @@ pub struct GenerateArgs {
     pub stop_token_ids: Vec<u32>,
     /// Weight dtype: f32/bf16/f16, or a GGUF block format quantized at load (norms,
     /// biases and activations stay f32; rows that do not fit a block fall back).
-    /// Default: f32 for a model directory; for a .gguf file, each tensor as the file
-    /// stores it (give --dtype to dequantize and requantize it instead).
+    /// Default: f32 for a model directory; for a .gguf file and for the built-in model
+    /// (its shipped Q4_1 GGUF), each tensor as the file stores it. With --dtype the
+    /// built-in model loads from its f32 conversion, a .gguf file is dequantized first.
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
     /// With a block format: keep the embedding and LM head at f16 instead of quantizing
@@ -176,6 +177,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
         OutputFormat::Json => {
             let mut json = serde_json::json!({
+                "cpu_kernels": super::cpu_kernels(),
                 "model": loaded.dir.display().to_string(),
                 "dtype": loaded.dtype_name,
                 "prompt_token_ids": out.prompt_token_ids,
@@ -367,6 +369,7 @@ fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
                 })
                 .collect();
             let json = serde_json::json!({
+                "cpu_kernels": super::cpu_kernels(),
                 "model": dir.display().to_string(),
                 "dtype": args.dtype.unwrap_or(DtypeArg::F32).name(),
                 "tp": spec.tp,

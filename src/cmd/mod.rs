@@ -5,6 +5,7 @@ pub mod bench;
 pub mod generate;
 pub mod gpucheck;
 pub mod import;
+pub mod info;
 pub mod inspect;
 pub mod kv;
 pub mod load;
@@ -50,6 +51,12 @@ pub fn memory_line(s: &llmem_engine::engine::EngineStats, block_bytes: u64) -> S
 }
 
 /// The process's resident set, human-readable ("?" where /proc cannot tell).
+/// The kernel level every report names (`"cpu_kernels"` in JSON): `scalar`, `avx2`,
+/// `avx512` or `neon`, after `LLMEM_CPU`'s cap.
+pub fn cpu_kernels() -> &'static str {
+    llmem_kernels::cpu::level().name()
+}
+
 pub fn rss_text() -> String {
     crate::procfs::process_rss_bytes()
         .map(llmem_planner::human_bytes)

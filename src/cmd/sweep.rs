@@ -152,7 +152,11 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         }
     }
     match args.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Json => {
+            let mut json = serde_json::to_value(&report)?;
+            json["cpu_kernels"] = super::cpu_kernels().into();
+            println!("{}", serde_json::to_string_pretty(&json)?)
+        }
         Format::Text => {
             print!("{}", text_table(&report, &dir.display().to_string()));
             for n in notes {

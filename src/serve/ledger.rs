@@ -224,6 +224,7 @@ impl Ledger {
             })
             .collect();
         json!({
+            "cpu_kernels": llmem_kernels::cpu::level().name(),
             "model": model_id,
             "device": self.device,
             "gpu": self.gpu.as_ref().map(|g| json!({
