@@ -411,7 +411,10 @@ fn generate_tp3_pp2_prints_the_split_and_equals_tp1() {
         "--format",
         "json",
     ];
-    let single = json(&base);
+    // The ranks shard the f32 conversion; one rank runs the shipped Q4_1 GGUF unless
+    // --dtype asks for f32.
+    let single_args: Vec<&str> = base.iter().copied().chain(["--dtype", "f32"]).collect();
+    let single = json(&single_args);
     let args: Vec<&str> = base
         .iter()
         .copied()
@@ -644,4 +647,78 @@ fn gguf_errors_name_the_file() {
     }
     let err = fails(&["sweep", "--dtypes", "stored,f32", "--model", "/no/such/dir"]);
     assert!(err.contains("/no/such/dir"), "{err}");
+}
+
+/// `LLMEM_CPU` picks the kernel level at or below the CPU's own; a bad value stops every
+/// command at start-up with the valid ones; `llmem info` and `--version` name the level.
+#[test]
+fn llmem_cpu_caps_the_kernel_level_and_reports_it() {
+    let with = |level: &str, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_llmem"))
+            .args(args)
+            .env("LLMEM_CPU", level)
+            .output()
+            .expect("run llmem")
+    };
+    let info = json(&["info", "--format", "json"]);
+    let available: Vec<String> = info["cpu_kernels_available"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(available[0], "scalar");
+    assert_eq!(info["cpu_kernels"], info["cpu_kernels_detected"]);
+    for level in &available {
+        let out = with(level, &["info", "--format", "json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["cpu_kernels"], level.as_str());
+        let out = with(level, &["--version"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("cpu kernels: {level}")), "{text}");
+    }
+    for bad in [
+        "sse9",
+        if cfg!(target_arch = "aarch64") {
+            "avx2"
+        } else {
+            "neon"
+        },
+    ] {
+        let out = with(bad, &["plan", "--format", "json"]);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("LLMEM_CPU=\"{bad}\"")) && err.contains("scalar"),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+}
+
+/// The built-in model runs its shipped Q4_1 GGUF natively by default, and the f32
+/// conversion with --dtype f32; both report the kernel level.
+#[test]
+fn the_default_model_runs_its_gguf_natively_unless_dtype_asks() {
+    if !default_model_available() {
+        return;
+    }
+    let base = [
+        "generate",
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "2",
+        "--format",
+        "json",
+    ];
+    let native = json(&base);
+    assert_eq!(native["dtype"], "as-stored:q4_1");
+    assert!(native["model"].as_str().unwrap().ends_with(".gguf"));
+    let info = json(&["info", "--format", "json"]);
+    assert_eq!(native["cpu_kernels"], info["cpu_kernels"]);
+    let args: Vec<&str> = base.iter().copied().chain(["--dtype", "f32"]).collect();
+    let f32 = json(&args);
+    assert_eq!(f32["dtype"], "f32");
+    assert!(!f32["model"].as_str().unwrap().ends_with(".gguf"));
 }

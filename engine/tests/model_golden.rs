@@ -12,6 +12,8 @@
 //! - the cached Q4_1 GGUF run natively (when present): the same, with the reference's
 //!   top1-top2 margin where each case first differs.
 //! - streaming: pieces handed to the client never hold a broken character.
+//! - every kernel level below this CPU's own (`LLMEM_CPU=avx2`, `scalar`): the f32,
+//!   native Q4_1 and requantized tests again, in a child process per level.
 //! - SLOW (about a minute): perplexity over 8,192 tokens of tinyshakespeare, window 512,
 //!   within 0.5% of 43.9112.
 
@@ -552,5 +554,64 @@ fn golden_quantized_greedy_agreement() {
             forced >= min_forced,
             "{p}: teacher-forced top-1 agreement fell to {forced}/160"
         );
+    }
+}
+
+/// The golden tests that exercise the kernels (f32, the native Q4_1 GGUF, requantized
+/// q8_0/q4_k/q4_0) again at every kernel level below this CPU's own: this test binary
+/// runs itself once per level with `LLMEM_CPU` set, and each child checks it ran at the
+/// level asked for (`the_kernel_level_is_the_one_asked_for`).
+#[test]
+fn golden_at_every_lower_kernel_level() {
+    use llmem_kernels::cpu::CpuLevel;
+    if std::env::var_os("LLMEM_GOLDEN_LEVEL_CHILD").is_some() {
+        return;
+    }
+    if model_dir().is_none() {
+        return;
+    }
+    const TESTS: [&str; 4] = [
+        "the_kernel_level_is_the_one_asked_for",
+        "golden_f32_prompt_ids_greedy_and_logits",
+        "golden_native_q4_1_gguf_greedy_agreement",
+        "golden_quantized_greedy_agreement",
+    ];
+    let lower: Vec<CpuLevel> = CpuLevel::available()
+        .into_iter()
+        .filter(|l| *l < llmem_kernels::cpu::level())
+        .collect();
+    if lower.is_empty() {
+        eprintln!(
+            "no kernel level below {}: nothing to rerun",
+            llmem_kernels::cpu::level()
+        );
+    }
+    let exe = std::env::current_exe().unwrap();
+    for level in lower {
+        let out = std::process::Command::new(&exe)
+            .args(TESTS)
+            .args(["--exact", "--test-threads", "1", "--nocapture"])
+            .env("LLMEM_CPU", level.name())
+            .env("LLMEM_GOLDEN_LEVEL_CHILD", "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("--- LLMEM_CPU={level}\n{stdout}");
+        assert!(
+            out.status.success() && stdout.contains(&format!("{} passed", TESTS.len())),
+            "golden tests at LLMEM_CPU={level} failed:\n{stdout}\n{stderr}"
+        );
+    }
+}
+
+/// With `LLMEM_CPU` set, the kernels run exactly that level (the cap works in a library
+/// user too, not only in the `llmem` binary).
+#[test]
+fn the_kernel_level_is_the_one_asked_for() {
+    let level = llmem_kernels::cpu::level();
+    match std::env::var("LLMEM_CPU") {
+        Ok(asked) if !asked.is_empty() => assert_eq!(level.name(), asked.trim()),
+        _ => assert_eq!(level, llmem_kernels::cpu::CpuLevel::detected()),
     }
 }

@@ -124,6 +124,18 @@ pub fn open_model(model: &str) -> anyhow::Result<ModelParts> {
     })
 }
 
+/// [`open_model`] for a command that runs one model on one rank: the built-in name without
+/// `--dtype` opens its shipped GGUF (Q4_1), run with its tensors as stored, which is the
+/// fast path; with `--dtype` the f32 conversion is the source of the level asked for
+/// (requantizing from Q4_1 would compound two roundings).
+pub fn open_model_for(model: &str, dtype: Option<DtypeArg>) -> anyhow::Result<ModelParts> {
+    if dtype.is_none() && llmem_engine::weights::hub::is_default_name(model) {
+        let gguf = llmem_engine::weights::hub::default_gguf()?;
+        return open_model(&gguf.to_string_lossy());
+    }
+    open_model(model)
+}
+
 /// What `run` needs loaded: the model, its tokenizer and engine settings.
 pub struct Loaded {
     /// The model directory or .gguf file.
@@ -267,7 +279,7 @@ pub fn load_on(
     device: &candle_core::Device,
 ) -> anyhow::Result<Loaded> {
     let start = Instant::now();
-    let parts = open_model(model)?;
+    let parts = open_model_for(model, dtype)?;
     let fmt = weight_format(&parts.weights, &parts.path, dtype, keep_embeddings)?;
     let model = load_parts(&parts.shape, &parts.weights, &parts.path, &fmt, device)?;
     let dtype_name = format_name(&model);

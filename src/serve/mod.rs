@@ -47,8 +47,9 @@ pub struct ServeArgs {
     #[arg(long)]
     pub served_model_name: Option<String>,
     /// Weight dtype: a float (weights and activations) or a GGUF block format
-    /// (activations in f32). Default: f32 for a model directory; for a .gguf file, each
-    /// tensor as the file stores it (--dtype requantizes it instead).
+    /// (activations in f32). Default: f32 for a model directory; for a .gguf file and
+    /// the built-in model (its shipped Q4_1 GGUF), each tensor as the file stores it
+    /// (--dtype loads the built-in model's f32 conversion, or requantizes a .gguf file).
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
     /// With a block format, keep the embedding and LM head at f16.
@@ -187,7 +188,12 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         weights,
         tokenizer,
         config: settings,
-    } = crate::cmd::load::open_model(&args.model)?;
+    } = if args.parallel.is_parallel() {
+        // Ranks shard float weights: the f32 conversion, not the dequantized Q4_1.
+        crate::cmd::load::open_model(&args.model)?
+    } else {
+        crate::cmd::load::open_model_for(&args.model, args.dtype)?
+    };
     let is_gguf = weights.gguf().is_some();
     let max_model_len = match args.kv.max_model_len {
         Some(l) => l as usize,
@@ -246,7 +252,10 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         }
     ));
     let model_id = args.served_model_name.clone().unwrap_or_else(|| {
-        if is_gguf {
+        if llmem_engine::weights::hub::is_default_name(&args.model) {
+            // The built-in model keeps its name, whichever of its files runs.
+            args.model.clone()
+        } else if is_gguf {
             dir.file_stem()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| args.model.clone())
@@ -339,6 +348,10 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let server = start(&args)?;
+    println!(
+        "llmem serve: cpu kernels {}",
+        llmem_kernels::cpu::level().describe()
+    );
     println!("{}", server.startup);
     let max_body = usize::try_from(args.max_body_bytes).unwrap_or(usize::MAX);
     let runtime = tokio::runtime::Builder::new_multi_thread()

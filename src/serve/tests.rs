@@ -23,7 +23,19 @@ struct Wrap {
 }
 
 /// A server on the default model with a small cache; `extra` are more serve flags.
+/// A server on the built-in model's f32 conversion (`--dtype f32`, what the reference
+/// was computed at) unless `extra` names a --dtype.
 fn server(extra: &[&str]) -> Option<(Arc<AppState>, axum::Router)> {
+    if extra.contains(&"--dtype") {
+        return server_as(extra);
+    }
+    let mut with_dtype = vec!["--dtype", "f32"];
+    with_dtype.extend_from_slice(extra);
+    server_as(&with_dtype)
+}
+
+/// A server with exactly `extra` (no --dtype: the shipped Q4_1 GGUF, natively).
+fn server_as(extra: &[&str]) -> Option<(Arc<AppState>, axum::Router)> {
     if std::env::var("LLMEM_SKIP_GOLDEN").as_deref() == Ok("1")
         && llmem_engine::weights::hub::cached_default_model_dir(None).is_none()
     {
@@ -743,4 +755,29 @@ async fn chat_without_max_tokens_fits_a_small_cache() {
     assert_eq!(status, StatusCode::OK, "{v}");
     let used = v["usage"]["total_tokens"].as_u64().unwrap();
     assert!(used <= 65, "{v}");
+}
+
+/// `llmem serve` with no --dtype runs the built-in model's shipped Q4_1 GGUF natively,
+/// under its own name, with the planner's weight bytes for that file and the kernel level
+/// in `/v1/memory`.
+#[tokio::test]
+async fn the_default_serves_the_shipped_gguf_natively() {
+    let Some((state, router)) = server_as(&[]) else {
+        return;
+    };
+    assert_eq!(state.model_id, "smollm2-135m");
+    let (status, v) = post_json(
+        &router,
+        "/v1/completions",
+        json!({"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    let m = memory(&router).await;
+    assert_eq!(m["cpu_kernels"], llmem_kernels::cpu::level().name());
+    let weights = m["ranks"][0]["weights_bytes"].as_u64().unwrap();
+    assert_eq!(Some(weights), m["plan"]["weights_bytes"].as_u64());
+    // The Q4_1 file, not the f32 conversion's 538 MB.
+    assert!(weights < 100_000_000, "{weights}");
 }

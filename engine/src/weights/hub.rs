@@ -118,6 +118,27 @@ fn default_model_dir_from(root: Option<&Path>, index_url: &str) -> Result<PathBu
     Ok(dir)
 }
 
+/// True when `name` is the built-in model's name (and not an existing path).
+pub fn is_default_name(name: &str) -> bool {
+    matches!(name, DEFAULT_MODEL | "smollm2-135m-instruct") && !Path::new(name).exists()
+}
+
+/// The built-in model's shipped GGUF file (Q4_1), fetched on first use with the
+/// converted directory beside it.
+pub fn default_gguf() -> Result<PathBuf> {
+    default_model_dir(None)?;
+    let gguf = default_gguf_path(&cache_root()?);
+    if gguf.is_file() {
+        Ok(gguf)
+    } else {
+        Err(Error::InvalidInput(format!(
+            "the default model's GGUF is missing at {} (the converted directory is there);              delete {} to fetch both again",
+            gguf.display(),
+            default_model_dir(None)?.display()
+        )))
+    }
+}
+
 /// Resolve what a user typed as a model: an existing directory in Hugging Face layout, or
 /// the built-in name `smollm2-135m` (fetched and converted on first use).
 pub fn resolve_model(name_or_path: &str) -> Result<PathBuf> {
