@@ -47,6 +47,7 @@ pub const QK: usize = 32;
 /// Rows interleaved in one packed group.
 pub const GROUP: usize = 16;
 
+mod kquant;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 /// Bytes of the 16 scales at the head of a tile.
@@ -65,17 +66,34 @@ pub enum BlockFormat {
     Q4_0,
     Q4_1,
     Q5_0,
+    /// llama.cpp's Q4_K: super-blocks of 256 (see [`kquant`]).
+    Q4K,
 }
 
 impl BlockFormat {
-    /// Bytes of one block: the f16 scale and the 32 weights.
+    /// Bytes of one block as GGUF stores it: 32 weights with their scale (and minimum),
+    /// or a k-quant super-block of 256.
     pub const fn block_bytes(self) -> usize {
         match self {
             BlockFormat::Q8_0 => 2 + QK,
             BlockFormat::Q4_0 => 2 + QK / 2,
             BlockFormat::Q4_1 => 4 + QK / 2,
             BlockFormat::Q5_0 => 6 + QK / 2,
+            BlockFormat::Q4K => kquant::Q4K_BYTES,
         }
+    }
+
+    /// Weights per block: 32, or 256 for the k-quants.
+    pub const fn block_len(self) -> usize {
+        match self {
+            BlockFormat::Q4K => kquant::QK_K,
+            _ => QK,
+        }
+    }
+
+    /// True for the k-quant formats (super-blocks, laid out by [`kquant`]).
+    const fn is_k(self) -> bool {
+        matches!(self, BlockFormat::Q4K)
     }
 
     /// Bytes before the weights, in a block (scale, and Q4_1's minimum) and per row in a
@@ -97,7 +115,7 @@ impl BlockFormat {
         match self {
             BlockFormat::Q8_0 => 128,
             BlockFormat::Q4_0 => 8,
-            BlockFormat::Q4_1 => 0,
+            BlockFormat::Q4_1 | BlockFormat::Q4K => 0,
             BlockFormat::Q5_0 => 16,
         }
     }
@@ -122,6 +140,7 @@ impl BlockFormat {
             BlockFormat::Q4_0 => "q4_0",
             BlockFormat::Q4_1 => "q4_1",
             BlockFormat::Q5_0 => "q5_0",
+            BlockFormat::Q4K => "q4_k",
         }
     }
 }
@@ -164,6 +183,12 @@ impl PackedMatrix {
         rows > 0 && cols > 0 && rows % GROUP == 0 && cols % QK == 0
     }
 
+    /// Whether a (rows, cols) matrix of `format` can be packed: rows a multiple of 16,
+    /// cols of the format's block (32, or 256 for the k-quants).
+    pub fn can_pack_as(format: BlockFormat, rows: usize, cols: usize) -> bool {
+        Self::can_pack(rows, cols) && cols % format.block_len() == 0
+    }
+
     /// Repack `blocks`, a row-major (rows, cols) matrix of `format` blocks as GGUF and
     /// candle store them (per block: the f16 scale, little-endian, then the weights).
     pub fn from_blocks(
@@ -172,19 +197,21 @@ impl PackedMatrix {
         cols: usize,
         blocks: &[u8],
     ) -> Result<Self, KernelError> {
-        if !Self::can_pack(rows, cols) {
+        if !Self::can_pack_as(format, rows, cols) {
             return Err(KernelError::Invalid(format!(
                 "a packed {} matrix needs rows a multiple of {GROUP} and columns a multiple \
-                 of {QK}; got ({rows}, {cols})",
-                format.name()
+                 of {}; got ({rows}, {cols})",
+                format.name(),
+                format.block_len()
             )));
         }
-        let kb = cols / QK;
+        let kb = cols / format.block_len();
         let bb = format.block_bytes();
         crate::check_len("blocks", blocks.len(), rows * kb * bb, || {
             format!(
-                "({rows}, {cols}) {} at {bb} bytes per {QK} weights",
-                format.name()
+                "({rows}, {cols}) {} at {bb} bytes per {} weights",
+                format.name(),
+                format.block_len()
             )
         })?;
         let flip = format.flip();
@@ -195,6 +222,13 @@ impl PackedMatrix {
             .for_each(|(g, dst)| {
                 for b in 0..kb {
                     let tile = &mut dst[b * tb..(b + 1) * tb];
+                    if format.is_k() {
+                        let src: [&[u8]; GROUP] = std::array::from_fn(|lane| {
+                            &blocks[((g * GROUP + lane) * kb + b) * bb..][..bb]
+                        });
+                        kquant::pack_tile(format, &src, tile);
+                        continue;
+                    }
                     for lane in 0..GROUP {
                         let src = &blocks[((g * GROUP + lane) * kb + b) * bb..][..bb];
                         let h = format.head();
@@ -227,7 +261,7 @@ impl PackedMatrix {
 
     /// Back to row-major blocks (the inverse of [`PackedMatrix::from_blocks`]).
     pub fn to_blocks(&self) -> Vec<u8> {
-        let kb = self.cols / QK;
+        let kb = self.cols / self.format.block_len();
         let bb = self.format.block_bytes();
         let flip = self.format.flip();
         let mut out = vec![0u8; self.data.len()];
@@ -235,6 +269,10 @@ impl PackedMatrix {
             for b in 0..kb {
                 let dst = &mut out[(row * kb + b) * bb..][..bb];
                 let (tile, lane) = self.tile(row, b);
+                if self.format.is_k() {
+                    kquant::unpack_row(self.format, tile, lane, dst);
+                    continue;
+                }
                 let h = self.format.head();
                 dst[..2].copy_from_slice(&tile[2 * lane..2 * lane + 2]);
                 if h == 4 {
@@ -255,10 +293,12 @@ impl PackedMatrix {
         out
     }
 
-    /// The signed weight `i` (0..32) of a block, for `lane` of `tile`.
+    /// The weight `i` (0..block_len) of a block, for `lane` of `tile`: signed (`q - bias`)
+    /// for the formats without a minimum, `q` for Q4_1 and Q4_K.
     #[inline]
     fn weight(&self, tile: &[u8], lane: usize, i: usize) -> i8 {
         match self.format {
+            BlockFormat::Q4K => kquant::weight(self.format, tile, lane, i),
             BlockFormat::Q8_0 => {
                 (tile[SCALES + (i / 4) * 4 * GROUP + lane * 4 + i % 4] ^ 0x80) as i8
             }
@@ -284,13 +324,14 @@ impl PackedMatrix {
         f16::from_le_bytes([tile[2 * lane], tile[2 * lane + 1]]).to_f32()
     }
 
-    /// The minimum of `lane` in `tile` (Q4_1; 0 for the others).
+    /// The scale and minimum (0 without one) of the 16 weights `16 * g16..` of `lane`'s
+    /// block in `tile`: a weight is `scale * weight(i) + min`.
     #[inline]
-    fn min(&self, tile: &[u8], lane: usize) -> f32 {
-        if self.format == BlockFormat::Q4_1 {
-            Self::scale(&tile[SCALES..], lane)
-        } else {
-            0.0
+    fn scale_min(&self, tile: &[u8], lane: usize, g16: usize) -> (f32, f32) {
+        match self.format {
+            BlockFormat::Q4_1 => (Self::scale(tile, lane), Self::scale(&tile[SCALES..], lane)),
+            BlockFormat::Q4K => kquant::scale_min(self.format, tile, lane, g16),
+            _ => (Self::scale(tile, lane), 0.0),
         }
     }
 
@@ -300,7 +341,7 @@ impl PackedMatrix {
 
     /// The tile holding block `b` of `row`, and the row's lane in it.
     fn tile(&self, row: usize, b: usize) -> (&[u8], usize) {
-        let kb = self.cols / QK;
+        let kb = self.cols / self.format.block_len();
         let g = row / GROUP;
         let tb = self.format.tile_bytes();
         let start = (g * kb + b) * tb;
@@ -332,10 +373,10 @@ impl PackedMatrix {
         crate::check_len("row", out.len(), self.cols, || {
             format!("{} columns", self.cols)
         })?;
-        for (b, chunk) in out.chunks_exact_mut(QK).enumerate() {
+        for (b, chunk) in out.chunks_exact_mut(self.format.block_len()).enumerate() {
             let (tile, lane) = self.tile(row, b);
-            let (d, m) = (Self::scale(tile, lane), self.min(tile, lane));
             for (i, o) in chunk.iter_mut().enumerate() {
+                let (d, m) = self.scale_min(tile, lane, i / 16);
                 *o = d * self.weight(tile, lane, i) as f32 + m;
             }
         }
@@ -379,6 +420,8 @@ pub struct QuantRows {
     q: Vec<i8>,
     d: Vec<f32>,
     sum: Vec<i32>,
+    /// Sums per 16 bytes (two per block), for formats with a scale or bias per 16.
+    sum16: Vec<i32>,
 }
 
 /// Quantize `m` rows of `k` (a multiple of 32) values: per block, `d = max|x| / 127` and
@@ -401,6 +444,7 @@ fn quantize_rows_at(path: Path, x: &[f32], m: usize, k: usize) -> Result<QuantRo
         q: vec![0; m * k],
         d: vec![0.0; m * kb],
         sum: vec![0; m * kb],
+        sum16: vec![0; 2 * m * kb],
     };
     let block = |xs: &[f32], q: &mut [i8], d: &mut f32, s: &mut i32| {
         // SAFETY: the path's features are on this CPU (`Path::qualifies`, checked by every
@@ -424,15 +468,21 @@ fn quantize_rows_at(path: Path, x: &[f32], m: usize, k: usize) -> Result<QuantRo
         }
         (*d, *s) = quantize_block_scalar(xs, q);
     };
-    type Row<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [i32]);
-    let row = |(((xs, q), d), s): Row<'_>| {
-        for (((xs, q), d), s) in xs
+    type Row<'a> = (
+        (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [i32]),
+        &'a mut [i32],
+    );
+    let row = |((((xs, q), d), s), s16): Row<'_>| {
+        for ((((xs, q), d), s), s16) in xs
             .chunks_exact(QK)
             .zip(q.chunks_exact_mut(QK))
             .zip(d.iter_mut())
             .zip(s.iter_mut())
+            .zip(s16.chunks_exact_mut(2))
         {
             block(xs, q, d, s);
+            s16[0] = q[..16].iter().map(|&v| v as i32).sum();
+            s16[1] = *s - s16[0];
         }
     };
     if m >= 16 {
@@ -440,6 +490,7 @@ fn quantize_rows_at(path: Path, x: &[f32], m: usize, k: usize) -> Result<QuantRo
             .zip(out.q.par_chunks_mut(k))
             .zip(out.d.par_chunks_mut(kb))
             .zip(out.sum.par_chunks_mut(kb))
+            .zip(out.sum16.par_chunks_mut(2 * kb))
             .with_min_len(8)
             .for_each(row);
     } else {
@@ -447,6 +498,7 @@ fn quantize_rows_at(path: Path, x: &[f32], m: usize, k: usize) -> Result<QuantRo
             .zip(out.q.chunks_mut(k))
             .zip(out.d.chunks_mut(kb))
             .zip(out.sum.chunks_mut(kb))
+            .zip(out.sum16.chunks_mut(2 * kb))
             .for_each(row);
     }
     Ok(out)
@@ -675,6 +727,9 @@ fn kernel_for(path: Path, format: BlockFormat) -> Option<GroupFn> {
     #[cfg(target_arch = "x86_64")]
     let f: GroupFn = match (path, format) {
         (Path::Reference, _) => return None,
+        (Path::Avx512, Q4K) => kquant::group_rows_avx512,
+        (Path::AvxVnni, Q4K) => kquant::group_rows_vnni256,
+        (_, Q4K) => kquant::group_rows_avx2,
         (Path::Avx512, Q8_0) => group_rows::<K_Q8_0>,
         (Path::Avx512, Q4_0) => group_rows::<K_Q4_0>,
         (Path::Avx512, Q4_1) => group_rows::<K_Q4_1>,
@@ -691,6 +746,8 @@ fn kernel_for(path: Path, format: BlockFormat) -> Option<GroupFn> {
     #[cfg(target_arch = "aarch64")]
     let f: GroupFn = match (path, format) {
         (Path::Reference, _) => return None,
+        (Path::NeonDot, Q4K) => kquant::group_rows_neon_dot,
+        (_, Q4K) => kquant::group_rows_neon,
         (Path::NeonDot, Q8_0) => neon::group_rows_dot::<K_Q8_0>,
         (Path::NeonDot, Q4_0) => neon::group_rows_dot::<K_Q4_0>,
         (Path::NeonDot, Q4_1) => neon::group_rows_dot::<K_Q4_1>,
@@ -730,19 +787,24 @@ fn group_rows_reference(
     }
 }
 
-/// Row `r` of the quantized activations times weight row `o`, plainly.
+/// Row `r` of the quantized activations times weight row `o`, plainly: per 16 weights,
+/// the integer dot times the weights' scale and the activations' block scale, plus the
+/// minimum times the activations' sum.
 fn dot_reference(qa: &QuantRows, r: usize, w: &PackedMatrix, o: usize, kb: usize) -> f32 {
     let k = w.cols;
+    let bl = w.format.block_len();
     let mut acc = 0f32;
-    for b in 0..kb {
-        let (tile, lane) = w.tile(o, b);
-        let dw = PackedMatrix::scale(tile, lane);
+    for c in 0..k / 16 {
+        let (tile, lane) = w.tile(o, c * 16 / bl);
+        let g16 = c % (bl / 16);
         let mut s = 0i32;
-        for i in 0..QK {
-            s += w.weight(tile, lane, i) as i32 * qa.q[r * k + b * QK + i] as i32;
+        for t in 0..16 {
+            let i = 16 * g16 + t;
+            s += w.weight(tile, lane, i) as i32 * qa.q[r * k + c * 16 + t] as i32;
         }
-        let da = qa.d[r * kb + b];
-        acc += w.min(tile, lane) * (da * qa.sum[r * kb + b] as f32);
+        let (dw, min) = w.scale_min(tile, lane, g16);
+        let da = qa.d[r * kb + c / 2];
+        acc += min * (da * qa.sum16[r * 2 * kb + c] as f32);
         acc += s as f32 * (dw * da);
     }
     acc
@@ -1097,12 +1159,53 @@ mod tests {
     use super::*;
     use crate::testutil::Rng;
 
-    const FORMATS: [BlockFormat; 4] = [
+    const FORMATS: [BlockFormat; 5] = [
         BlockFormat::Q8_0,
         BlockFormat::Q4_0,
         BlockFormat::Q4_1,
         BlockFormat::Q5_0,
+        BlockFormat::Q4K,
     ];
+
+    /// A width for `format` near `k`: a multiple of its block (256 for the k-quants).
+    fn width(format: BlockFormat, k: usize) -> usize {
+        k.div_ceil(format.block_len()) * format.block_len()
+    }
+
+    /// Random Q4_K super-blocks and what they decode to, following llama.cpp's
+    /// `dequantize_row_q4_K` (written here from the format, independently of `kquant`).
+    fn random_q4k(rows: usize, cols: usize, rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
+        let (mut blocks, mut deq) = (Vec::new(), Vec::new());
+        for _ in 0..rows * cols / 256 {
+            let d = f16::from_f32((rng.uniform() + 1.5) * 1e-3);
+            let dmin = f16::from_f32((rng.uniform() + 1.5) * 5e-4);
+            let scales: Vec<u8> = (0..12).map(|_| rng.below(256) as u8).collect();
+            let qs: Vec<u8> = (0..128).map(|_| rng.below(256) as u8).collect();
+            blocks.extend_from_slice(&d.to_le_bytes());
+            blocks.extend_from_slice(&dmin.to_le_bytes());
+            blocks.extend_from_slice(&scales);
+            blocks.extend_from_slice(&qs);
+            let get = |j: usize| -> (f32, f32) {
+                let (sc, m) = if j < 4 {
+                    (scales[j] & 63, scales[j + 4] & 63)
+                } else {
+                    (
+                        (scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4),
+                        (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
+                    )
+                };
+                (d.to_f32() * sc as f32, dmin.to_f32() * m as f32)
+            };
+            for p in 0..4 {
+                let (d1, m1) = get(2 * p);
+                let (d2, m2) = get(2 * p + 1);
+                let q = &qs[32 * p..32 * p + 32];
+                deq.extend(q.iter().map(|&b| d1 * (b & 0xF) as f32 - m1));
+                deq.extend(q.iter().map(|&b| d2 * (b >> 4) as f32 - m2));
+            }
+        }
+        (blocks, deq)
+    }
 
     /// Row-major blocks of `format` for random weights, and the weights they decode to.
     fn random_blocks(
@@ -1112,6 +1215,9 @@ mod tests {
         seed: u64,
     ) -> (Vec<u8>, Vec<f32>) {
         let mut rng = Rng::new(seed);
+        if format == BlockFormat::Q4K {
+            return random_q4k(rows, cols, &mut rng);
+        }
         let mut blocks = Vec::new();
         let mut deq = Vec::new();
         for _ in 0..rows * cols / QK {
@@ -1171,11 +1277,15 @@ mod tests {
 
     #[test]
     fn packing_round_trips_and_dequantizes_rows() {
-        let (rows, cols) = (48, 96);
+        let rows = 48;
         for format in FORMATS {
+            let cols = width(format, 96);
             let (blocks, deq) = random_blocks(format, rows, cols, 7);
             let p = PackedMatrix::from_blocks(format, rows, cols, &blocks).unwrap();
-            assert_eq!(p.bytes(), rows * cols / QK * format.block_bytes());
+            assert_eq!(
+                p.bytes(),
+                rows * cols / format.block_len() * format.block_bytes()
+            );
             assert_eq!(p.to_blocks(), blocks);
             let mut row = vec![0f32; cols];
             for r in [0, 1, 15, 16, 47] {
@@ -1247,6 +1357,7 @@ mod tests {
                 (13, 16, 576),
                 (131, 32, 64),
             ] {
+                let k = width(format, k);
                 let (blocks, wdeq) = random_blocks(format, n, k, m as u64);
                 let w = PackedMatrix::from_blocks(format, n, k, &blocks).unwrap();
                 let mut rng = Rng::new(100 + m as u64);
@@ -1285,12 +1396,13 @@ mod tests {
     /// same numbers as its own call, at decode and at prefill row counts.
     #[test]
     fn matmul_many_equals_one_call_per_matrix() {
-        let k = 96;
+        let k = 256;
         let shapes = [
             (BlockFormat::Q8_0, 48),
             (BlockFormat::Q4_0, 16),
             (BlockFormat::Q4_1, 32),
             (BlockFormat::Q5_0, 16),
+            (BlockFormat::Q4K, 32),
         ];
         let ws: Vec<PackedMatrix> = shapes
             .iter()
@@ -1321,8 +1433,8 @@ mod tests {
         let narrow = PackedMatrix::from_blocks(BlockFormat::Q8_0, 16, 32, &blocks).unwrap();
         let (mut a, mut b) = (vec![0f32; 48], vec![0f32; 16]);
         let err =
-            matmul_many(&[0.0; 96], 1, &[&ws[0], &narrow], &mut [&mut a, &mut b]).unwrap_err();
-        assert!(err.to_string().contains("32 and 96"), "{err}");
+            matmul_many(&[0.0; 256], 1, &[&ws[0], &narrow], &mut [&mut a, &mut b]).unwrap_err();
+        assert!(err.to_string().contains("32 and 256"), "{err}");
     }
 
     #[test]

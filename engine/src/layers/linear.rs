@@ -15,9 +15,9 @@
 //! candle [`QTensor`]: f32 activations in, f32 out, through candle's quantized matmul
 //! (it quantizes the activations to q8 blocks and runs integer dot products, AVX2/VNNI
 //! where candle has them). See `crate::weights::quant` for which tensors get which format.
-//! Q8_0, Q4_0, Q4_1 and Q5_0 on a CPU with AVX-512 VNNI are instead repacked at load into the
-//! interleaved layout of `llmem_kernels::packed` (same bytes), whose kernel serves every
-//! row count.
+//! Q8_0, Q4_0, Q4_1, Q5_0 and Q4_K are instead repacked at load into the interleaved
+//! layout of `llmem_kernels::packed` (same bytes) when the kernel level has packed kernels
+//! (`avx2`, `avx512`, `neon`; not `scalar`), whose kernels serve every row count.
 
 use candle_core::quantized::k_quants::GgmlType;
 use candle_core::quantized::{QMatMul, QTensor};
@@ -534,14 +534,24 @@ mod tests {
         }
     }
 
-    /// A GGUF's Q5_0 matrix (what llama.cpp's Q4_K_M keeps for 576-wide rows) goes to the
-    /// packed kernel when the CPU has it, and its products match its own dequantization.
+    /// A GGUF's Q5_0 matrix (what llama.cpp's Q4_K_M keeps for 576-wide rows) and a Q4_K one go
+    /// to the packed kernels when the level has them, and their products match their own
+    /// dequantization (the packing keeps the file's weights exactly).
     #[test]
-    fn q5_0_matrices_are_packed_and_match_their_dequantized_weight() {
-        use candle_core::quantized::{GgmlDType, QTensor};
-        let (n, k) = (32, 128);
+    fn q5_0_and_q4_k_matrices_are_packed_and_match_their_dequantized_weight() {
+        for ty in [
+            candle_core::quantized::GgmlDType::Q5_0,
+            candle_core::quantized::GgmlDType::Q4K,
+        ] {
+            packed_matches_dequantized(ty);
+        }
+    }
+
+    fn packed_matches_dequantized(ty: candle_core::quantized::GgmlDType) {
+        use candle_core::quantized::QTensor;
+        let (n, k) = (32, 512);
         let w = Tensor::from_vec(random(n, k, 12), (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q5_0).unwrap();
+        let q = QTensor::quantize(&w, ty).unwrap();
         let dense = q.dequantize(&Device::Cpu).unwrap();
         let stored = StoredMatrix::from_qtensor(q).unwrap();
         if PackedMatrix::fast_path_available() && packed_kernel_enabled() {
@@ -557,7 +567,8 @@ mod tests {
             .to_scalar()
             .unwrap();
         assert_eq!(diff, 0.0, "packing must keep the file's weights exactly");
-        assert_matches_dense(&Linear::new(stored, None), &dense, &[1, 5, 40], 21, "q5_0");
+        let name = format!("{ty:?}");
+        assert_matches_dense(&Linear::new(stored, None), &dense, &[1, 5, 40], 21, &name);
     }
 
     /// `Linear::forward_many` gives each linear exactly its own `forward`'s answer: through

@@ -182,8 +182,8 @@ pub fn ggml_dtype(p: Precision) -> Option<GgmlDType> {
     }
 }
 
-/// False when `LLMEM_PACKED=0` or the CPU lacks AVX-512 VNNI: Q8_0/Q4_0/Q4_1 then stay
-/// in candle's layout and run on its block dots (set it to compare the two).
+/// False when `LLMEM_PACKED=0` or the kernel level has no packed kernels (`scalar`): the
+/// packable formats then stay in candle's layout and run on its block dots.
 pub fn packed_kernel_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| {
@@ -196,8 +196,8 @@ pub fn packed_kernel_enabled() -> bool {
 pub enum StoredMatrix {
     Dense(Tensor),
     Quant(Arc<QTensor>),
-    /// Q8_0, Q4_0 or Q4_1 repacked for the AVX-512 VNNI kernel of `llmem_kernels::packed` (same
-    /// bytes as candle's layout); see [`StoredMatrix::from_qtensor`] for when.
+    /// Q8_0, Q4_0, Q4_1, Q5_0 or Q4_K repacked for the kernels of `llmem_kernels::packed`
+    /// (same bytes as candle's layout); see [`StoredMatrix::from_qtensor`] for when.
     Packed(Arc<PackedMatrix>),
 }
 
@@ -211,20 +211,22 @@ impl StoredMatrix {
         }
     }
 
-    /// A block-quantized matrix on its device: Q8_0, Q4_0, Q4_1 and Q5_0 on a CPU with AVX-512
-    /// VNNI are repacked for `llmem_kernels::packed` (`llmem bench` with `LLMEM_PACKED=0`
-    /// runs candle's block dots instead, to compare); everything else stays candle's.
+    /// A block-quantized matrix on its device: Q8_0, Q4_0, Q4_1, Q5_0 and Q4_K on a CPU
+    /// whose kernel level has packed kernels (`avx2`, `avx512`, `neon`) are repacked for
+    /// `llmem_kernels::packed` (`LLMEM_PACKED=0` keeps candle's layout and block dots, to
+    /// compare); everything else stays candle's.
     pub fn from_qtensor(q: QTensor) -> candle_core::Result<StoredMatrix> {
         let format = match q.dtype() {
             GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
             GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
             GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
             GgmlDType::Q5_0 => Some(BlockFormat::Q5_0),
+            GgmlDType::Q4K => Some(BlockFormat::Q4K),
             _ => None,
         };
         if let (Some(format), true, true) = (format, q.device().is_cpu(), packed_kernel_enabled()) {
             if let Ok((rows, cols)) = q.shape().dims2() {
-                if PackedMatrix::can_pack(rows, cols) {
+                if PackedMatrix::can_pack_as(format, rows, cols) {
                     let packed = PackedMatrix::from_blocks(format, rows, cols, &q.data()?)
                         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                     return Ok(StoredMatrix::Packed(Arc::new(packed)));

@@ -23,7 +23,7 @@ const MR: usize = 4;
 /// `acc + (w . a)` per 32-bit lane, four bytes each, with `sdot`.
 #[target_feature(enable = "neon,dotprod")]
 #[inline]
-unsafe fn dot_sdot(acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
+pub(super) unsafe fn dot_sdot(acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
     let mut acc = acc;
     // SAFETY: the function's `dotprod` feature is on the CPU (its callers are the
     // `NeonDot` path only); the instruction touches registers only.
@@ -42,7 +42,7 @@ unsafe fn dot_sdot(acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
 /// accumulated into i32.
 #[target_feature(enable = "neon")]
 #[inline]
-unsafe fn dot_smull(acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
+pub(super) unsafe fn dot_smull(acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
     let lo = vmull_s8(vget_low_s8(w), vget_low_s8(a));
     let hi = vmull_high_s8(w, a);
     vpadalq_s16(acc, vpaddq_s16(lo, hi))
@@ -51,7 +51,7 @@ unsafe fn dot_smull(acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
 /// Four f16 (as bits) to f32.
 #[target_feature(enable = "neon")]
 #[inline]
-unsafe fn widen_f16(bits: uint16x4_t) -> float32x4_t {
+pub(super) unsafe fn widen_f16(bits: uint16x4_t) -> float32x4_t {
     let out: float32x4_t;
     // SAFETY: base ARMv8 SIMD; registers only.
     asm!(
