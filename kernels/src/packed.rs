@@ -50,6 +50,7 @@ pub const GROUP: usize = 16;
 mod kquant;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+mod q6k;
 /// Bytes of the 16 scales at the head of a tile.
 const SCALES: usize = 2 * GROUP;
 
@@ -68,6 +69,8 @@ pub enum BlockFormat {
     Q5_0,
     /// llama.cpp's Q4_K: super-blocks of 256 (see [`kquant`]).
     Q4K,
+    /// llama.cpp's Q6_K: super-blocks of 256 (see [`q6k`]).
+    Q6K,
 }
 
 impl BlockFormat {
@@ -80,20 +83,21 @@ impl BlockFormat {
             BlockFormat::Q4_1 => 4 + QK / 2,
             BlockFormat::Q5_0 => 6 + QK / 2,
             BlockFormat::Q4K => kquant::Q4K_BYTES,
+            BlockFormat::Q6K => q6k::Q6K_BYTES,
         }
     }
 
     /// Weights per block: 32, or 256 for the k-quants.
     pub const fn block_len(self) -> usize {
         match self {
-            BlockFormat::Q4K => kquant::QK_K,
+            BlockFormat::Q4K | BlockFormat::Q6K => kquant::QK_K,
             _ => QK,
         }
     }
 
     /// True for the k-quant formats (super-blocks, laid out by [`kquant`]).
     const fn is_k(self) -> bool {
-        matches!(self, BlockFormat::Q4K)
+        matches!(self, BlockFormat::Q4K | BlockFormat::Q6K)
     }
 
     /// Bytes before the weights, in a block (scale, and Q4_1's minimum) and per row in a
@@ -117,6 +121,7 @@ impl BlockFormat {
             BlockFormat::Q4_0 => 8,
             BlockFormat::Q4_1 | BlockFormat::Q4K => 0,
             BlockFormat::Q5_0 => 16,
+            BlockFormat::Q6K => 32,
         }
     }
 
@@ -141,6 +146,7 @@ impl BlockFormat {
             BlockFormat::Q4_1 => "q4_1",
             BlockFormat::Q5_0 => "q5_0",
             BlockFormat::Q4K => "q4_k",
+            BlockFormat::Q6K => "q6_k",
         }
     }
 }
@@ -226,7 +232,11 @@ impl PackedMatrix {
                         let src: [&[u8]; GROUP] = std::array::from_fn(|lane| {
                             &blocks[((g * GROUP + lane) * kb + b) * bb..][..bb]
                         });
-                        kquant::pack_tile(format, &src, tile);
+                        if format == BlockFormat::Q6K {
+                            q6k::pack_tile(&src, tile);
+                        } else {
+                            kquant::pack_tile(format, &src, tile);
+                        }
                         continue;
                     }
                     for lane in 0..GROUP {
@@ -270,7 +280,11 @@ impl PackedMatrix {
                 let dst = &mut out[(row * kb + b) * bb..][..bb];
                 let (tile, lane) = self.tile(row, b);
                 if self.format.is_k() {
-                    kquant::unpack_row(self.format, tile, lane, dst);
+                    if self.format == BlockFormat::Q6K {
+                        q6k::unpack_row(tile, lane, dst);
+                    } else {
+                        kquant::unpack_row(self.format, tile, lane, dst);
+                    }
                     continue;
                 }
                 let h = self.format.head();
@@ -299,6 +313,7 @@ impl PackedMatrix {
     fn weight(&self, tile: &[u8], lane: usize, i: usize) -> i8 {
         match self.format {
             BlockFormat::Q4K => kquant::weight(self.format, tile, lane, i),
+            BlockFormat::Q6K => q6k::weight(tile, lane, i),
             BlockFormat::Q8_0 => {
                 (tile[SCALES + (i / 4) * 4 * GROUP + lane * 4 + i % 4] ^ 0x80) as i8
             }
@@ -331,6 +346,7 @@ impl PackedMatrix {
         match self.format {
             BlockFormat::Q4_1 => (Self::scale(tile, lane), Self::scale(&tile[SCALES..], lane)),
             BlockFormat::Q4K => kquant::scale_min(self.format, tile, lane, g16),
+            BlockFormat::Q6K => q6k::scale_min(tile, lane, g16),
             _ => (Self::scale(tile, lane), 0.0),
         }
     }
@@ -730,6 +746,9 @@ fn kernel_for(path: Path, format: BlockFormat) -> Option<GroupFn> {
         (Path::Avx512, Q4K) => kquant::group_rows_avx512,
         (Path::AvxVnni, Q4K) => kquant::group_rows_vnni256,
         (_, Q4K) => kquant::group_rows_avx2,
+        (Path::Avx512, Q6K) => q6k::group_rows_avx512,
+        (Path::AvxVnni, Q6K) => q6k::group_rows_vnni256,
+        (_, Q6K) => q6k::group_rows_avx2,
         (Path::Avx512, Q8_0) => group_rows::<K_Q8_0>,
         (Path::Avx512, Q4_0) => group_rows::<K_Q4_0>,
         (Path::Avx512, Q4_1) => group_rows::<K_Q4_1>,
@@ -748,6 +767,8 @@ fn kernel_for(path: Path, format: BlockFormat) -> Option<GroupFn> {
         (Path::Reference, _) => return None,
         (Path::NeonDot, Q4K) => kquant::group_rows_neon_dot,
         (_, Q4K) => kquant::group_rows_neon,
+        (Path::NeonDot, Q6K) => q6k::group_rows_neon_dot,
+        (_, Q6K) => q6k::group_rows_neon,
         (Path::NeonDot, Q8_0) => neon::group_rows_dot::<K_Q8_0>,
         (Path::NeonDot, Q4_0) => neon::group_rows_dot::<K_Q4_0>,
         (Path::NeonDot, Q4_1) => neon::group_rows_dot::<K_Q4_1>,
@@ -1159,13 +1180,48 @@ mod tests {
     use super::*;
     use crate::testutil::Rng;
 
-    const FORMATS: [BlockFormat; 5] = [
+    const FORMATS: [BlockFormat; 6] = [
         BlockFormat::Q8_0,
         BlockFormat::Q4_0,
         BlockFormat::Q4_1,
         BlockFormat::Q5_0,
         BlockFormat::Q4K,
+        BlockFormat::Q6K,
     ];
+
+    /// Random Q6_K super-blocks and what they decode to, following llama.cpp's
+    /// `dequantize_row_q6_K` (written here from the format, independently of `q6k`).
+    fn random_q6k(rows: usize, cols: usize, rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
+        let (mut blocks, mut deq) = (Vec::new(), Vec::new());
+        for _ in 0..rows * cols / 256 {
+            let ql: Vec<u8> = (0..128).map(|_| rng.below(256) as u8).collect();
+            let qh: Vec<u8> = (0..64).map(|_| rng.below(256) as u8).collect();
+            let sc: Vec<i8> = (0..16).map(|_| rng.below(256) as u8 as i8).collect();
+            let d = f16::from_f32((rng.uniform() + 1.5) * 1e-4);
+            blocks.extend_from_slice(&ql);
+            blocks.extend_from_slice(&qh);
+            blocks.extend(sc.iter().map(|&v| v as u8));
+            blocks.extend_from_slice(&d.to_le_bytes());
+            let mut y = [0f32; 256];
+            for n in 0..2 {
+                let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
+                for l in 0..32 {
+                    let is = l / 16;
+                    let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                    let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                    let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                    let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                    let dd = d.to_f32();
+                    y[128 * n + l] = dd * sc[is] as f32 * q1 as f32;
+                    y[128 * n + l + 32] = dd * sc[is + 2] as f32 * q2 as f32;
+                    y[128 * n + l + 64] = dd * sc[is + 4] as f32 * q3 as f32;
+                    y[128 * n + l + 96] = dd * sc[is + 6] as f32 * q4 as f32;
+                }
+            }
+            deq.extend_from_slice(&y);
+        }
+        (blocks, deq)
+    }
 
     /// A width for `format` near `k`: a multiple of its block (256 for the k-quants).
     fn width(format: BlockFormat, k: usize) -> usize {
@@ -1217,6 +1273,9 @@ mod tests {
         let mut rng = Rng::new(seed);
         if format == BlockFormat::Q4K {
             return random_q4k(rows, cols, &mut rng);
+        }
+        if format == BlockFormat::Q6K {
+            return random_q6k(rows, cols, &mut rng);
         }
         let mut blocks = Vec::new();
         let mut deq = Vec::new();
@@ -1403,6 +1462,7 @@ mod tests {
             (BlockFormat::Q4_1, 32),
             (BlockFormat::Q5_0, 16),
             (BlockFormat::Q4K, 32),
+            (BlockFormat::Q6K, 16),
         ];
         let ws: Vec<PackedMatrix> = shapes
             .iter()
