@@ -18,7 +18,8 @@ enum Format {
     Json,
 }
 
-/// The `model name` line of /proc/cpuinfo (x86) or its `CPU part`-less fallback.
+/// The CPU's name from /proc/cpuinfo: its `model name` line (x86) or `Model` line (some
+/// ARM kernels).
 fn cpu_model() -> Option<String> {
     let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     text.lines()

@@ -132,7 +132,8 @@ pub fn default_gguf() -> Result<PathBuf> {
         Ok(gguf)
     } else {
         Err(Error::InvalidInput(format!(
-            "the default model's GGUF is missing at {} (the converted directory is there);              delete {} to fetch both again",
+            "the default model's GGUF is missing at {} (the converted directory is there); \
+             delete {} to fetch both again",
             gguf.display(),
             default_model_dir(None)?.display()
         )))
