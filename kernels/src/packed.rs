@@ -2,7 +2,13 @@
 //! and Q5_0 block formats (per block of 32 weights along a row: one f16 scale `d` and 32 signed
 //! bytes `q` (Q8_0), or 16 bytes of 4-bit `q + 8` (Q4_0: element `i` in the low nibble of
 //! byte `i`, element `16 + i` in its high nibble); the weight is `d * q`. Q4_1 adds an f16
-//! minimum `m` per block and stores unsigned `q`: the weight is `d * q + m`).
+//! minimum `m` per block and stores unsigned `q`: the weight is `d * q + m`; Q5_1 is Q4_1
+//! with a fifth bit per weight, stored as Q5_0's), and the k-quants Q4_K and Q6_K
+//! (super-blocks of 256, laid out by the `kquant` and `q6k` submodules).
+//!
+//! This module describes the AVX-512 form; the `avx2` level runs the same tiles as two
+//! halves of 8 rows (256-bit registers), the `neon` level as four quarters of 4 rows
+//! (`neon` submodule); see `crate::cpu` for the levels.
 //!
 //! Why a kernel of our own: the row-by-row block dot (candle's `vec_dot`, and llama.cpp's
 //! plain-layout path) spends most of its instructions on per-block bookkeeping (scale
@@ -27,13 +33,13 @@
 //! for rows whose length is not a multiple of 256 (all of SmolLM2's 576-wide matrices).
 //! The activations, quantized to signed bytes per block of 32 with an f32 scale, carry
 //! their block sums so that the `128 * sum(a)` (or `8 * sum(a)`) the unsigned weights add
-//! is taken off exactly in integers. The bytes held equal the block format's (34, 18, 20 or
-//! 22 per 32 weights): the memory planner's figure does not change.
+//! is taken off exactly in integers. The bytes held equal the block format's (34, 18, 20, 22
+//! or 24 per 32 weights; 144 and 210 per 256): the memory planner's figure does not change.
 //!
 //! Products use integer arithmetic within a block, so the result equals
 //! `sum_b d_w[b] * d_a[b] * sum_i q_w[i] * q_a[i]` up to f32 rounding of the block sums;
 //! [`matmul_reference`] computes that sum plainly and the tests hold the fast kernel to
-//! it. Without AVX-512 VNNI ([`PackedMatrix::fast_path_available`] is false) the reference
+//! it. At the `scalar` level ([`PackedMatrix::fast_path_available`] is false) the reference
 //! is what runs; the engine then keeps candle's layout instead of packing.
 
 use half::f16;
@@ -59,6 +65,26 @@ const K_Q8_0: u8 = 0;
 const K_Q4_0: u8 = 1;
 const K_Q4_1: u8 = 2;
 const K_Q5_0: u8 = 3;
+const K_Q5_1: u8 = 4;
+
+/// Kernels whose weights carry a fifth bit (Q5_0, Q5_1).
+const fn high_bits(kind: u8) -> bool {
+    kind == K_Q5_0 || kind == K_Q5_1
+}
+
+/// Kernels whose blocks carry a minimum (Q4_1, Q5_1): weights unsigned, no bias.
+const fn has_min(kind: u8) -> bool {
+    kind == K_Q4_1 || kind == K_Q5_1
+}
+
+/// Where a tile's spread fifth bits start: after the scales, and the minimums if any.
+const fn qh_offset(kind: u8) -> usize {
+    if kind == K_Q5_1 {
+        2 * SCALES
+    } else {
+        SCALES
+    }
+}
 
 /// The block formats the kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +93,7 @@ pub enum BlockFormat {
     Q4_0,
     Q4_1,
     Q5_0,
+    Q5_1,
     /// llama.cpp's Q4_K: super-blocks of 256 (see [`kquant`]).
     Q4K,
     /// llama.cpp's Q6_K: super-blocks of 256 (see [`q6k`]).
@@ -82,6 +109,7 @@ impl BlockFormat {
             BlockFormat::Q4_0 => 2 + QK / 2,
             BlockFormat::Q4_1 => 4 + QK / 2,
             BlockFormat::Q5_0 => 6 + QK / 2,
+            BlockFormat::Q5_1 => 8 + QK / 2,
             BlockFormat::Q4K => kquant::Q4K_BYTES,
             BlockFormat::Q6K => q6k::Q6K_BYTES,
         }
@@ -92,6 +120,20 @@ impl BlockFormat {
         match self {
             BlockFormat::Q4K | BlockFormat::Q6K => kquant::QK_K,
             _ => QK,
+        }
+    }
+
+    /// True for the formats with a minimum per block (Q4_1, Q5_1; Q4_K has its own).
+    const fn has_min(self) -> bool {
+        matches!(self, BlockFormat::Q4_1 | BlockFormat::Q5_1)
+    }
+
+    /// Where the file's `qh` starts in a block, and the spread bits in a tile (Q5_0, Q5_1).
+    const fn high_bits_at(self) -> Option<(usize, usize)> {
+        match self {
+            BlockFormat::Q5_0 => Some((2, SCALES)),
+            BlockFormat::Q5_1 => Some((4, 2 * SCALES)),
+            _ => None,
         }
     }
 
@@ -106,6 +148,7 @@ impl BlockFormat {
         match self {
             BlockFormat::Q4_1 => 4,
             BlockFormat::Q5_0 => 6,
+            BlockFormat::Q5_1 => 8,
             _ => 2,
         }
     }
@@ -119,7 +162,7 @@ impl BlockFormat {
         match self {
             BlockFormat::Q8_0 => 128,
             BlockFormat::Q4_0 => 8,
-            BlockFormat::Q4_1 | BlockFormat::Q4K => 0,
+            BlockFormat::Q4_1 | BlockFormat::Q5_1 | BlockFormat::Q4K => 0,
             BlockFormat::Q5_0 => 16,
             BlockFormat::Q6K => 32,
         }
@@ -145,6 +188,7 @@ impl BlockFormat {
             BlockFormat::Q4_0 => "q4_0",
             BlockFormat::Q4_1 => "q4_1",
             BlockFormat::Q5_0 => "q5_0",
+            BlockFormat::Q5_1 => "q5_1",
             BlockFormat::Q4K => "q4_k",
             BlockFormat::Q6K => "q6_k",
         }
@@ -243,13 +287,18 @@ impl PackedMatrix {
                         let src = &blocks[((g * GROUP + lane) * kb + b) * bb..][..bb];
                         let h = format.head();
                         tile[2 * lane..2 * lane + 2].copy_from_slice(&src[..2]);
-                        if h == 4 {
+                        if format.has_min() {
                             tile[SCALES + 2 * lane..SCALES + 2 * lane + 2]
                                 .copy_from_slice(&src[2..4]);
                         }
-                        if format == BlockFormat::Q5_0 {
-                            let qh = u32::from_le_bytes([src[2], src[3], src[4], src[5]]);
-                            tile[SCALES + 4 * lane..SCALES + 4 * lane + 4]
+                        if let Some((from, to)) = format.high_bits_at() {
+                            let qh = u32::from_le_bytes([
+                                src[from],
+                                src[from + 1],
+                                src[from + 2],
+                                src[from + 3],
+                            ]);
+                            tile[to + 4 * lane..to + 4 * lane + 4]
                                 .copy_from_slice(&spread_high_bits(qh));
                         }
                         for j in 0..format.runs() {
@@ -289,13 +338,13 @@ impl PackedMatrix {
                 }
                 let h = self.format.head();
                 dst[..2].copy_from_slice(&tile[2 * lane..2 * lane + 2]);
-                if h == 4 {
+                if self.format.has_min() {
                     dst[2..4].copy_from_slice(&tile[SCALES + 2 * lane..SCALES + 2 * lane + 2]);
                 }
-                if self.format == BlockFormat::Q5_0 {
-                    let spread = &tile[SCALES + 4 * lane..SCALES + 4 * lane + 4];
+                if let Some((from, to)) = self.format.high_bits_at() {
+                    let spread = &tile[to + 4 * lane..to + 4 * lane + 4];
                     let qh = gather_high_bits([spread[0], spread[1], spread[2], spread[3]]);
-                    dst[2..6].copy_from_slice(&qh.to_le_bytes());
+                    dst[from..from + 4].copy_from_slice(&qh.to_le_bytes());
                 }
                 for j in 0..self.format.runs() {
                     for t in 0..4 {
@@ -317,14 +366,14 @@ impl PackedMatrix {
             BlockFormat::Q8_0 => {
                 (tile[SCALES + (i / 4) * 4 * GROUP + lane * 4 + i % 4] ^ 0x80) as i8
             }
-            BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q5_0 => {
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q5_0 | BlockFormat::Q5_1 => {
                 let h = self.format.head();
                 let byte = tile[GROUP * h + ((i % 16) / 4) * 4 * GROUP + lane * 4 + i % 4];
                 let mut q = if i < 16 { byte & 0x0F } else { byte >> 4 };
-                if self.format == BlockFormat::Q5_0 {
+                if let Some((_, at)) = self.format.high_bits_at() {
                     // Bit 2j (low half) or 2j + 1 (high half) of byte i % 4 of the lane's
                     // spread high bits, j = (i % 16) / 4.
-                    let spread = tile[SCALES + 4 * lane + i % 4];
+                    let spread = tile[at + 4 * lane + i % 4];
                     let bit = 2 * ((i % 16) / 4) + usize::from(i >= 16);
                     q |= ((spread >> bit) & 1) << 4;
                 }
@@ -344,7 +393,9 @@ impl PackedMatrix {
     #[inline]
     fn scale_min(&self, tile: &[u8], lane: usize, g16: usize) -> (f32, f32) {
         match self.format {
-            BlockFormat::Q4_1 => (Self::scale(tile, lane), Self::scale(&tile[SCALES..], lane)),
+            BlockFormat::Q4_1 | BlockFormat::Q5_1 => {
+                (Self::scale(tile, lane), Self::scale(&tile[SCALES..], lane))
+            }
             BlockFormat::Q4K => kquant::scale_min(self.format, tile, lane, g16),
             BlockFormat::Q6K => q6k::scale_min(tile, lane, g16),
             _ => (Self::scale(tile, lane), 0.0),
@@ -753,14 +804,17 @@ fn kernel_for(path: Path, format: BlockFormat) -> Option<GroupFn> {
         (Path::Avx512, Q4_0) => group_rows::<K_Q4_0>,
         (Path::Avx512, Q4_1) => group_rows::<K_Q4_1>,
         (Path::Avx512, Q5_0) => group_rows::<K_Q5_0>,
+        (Path::Avx512, Q5_1) => group_rows::<K_Q5_1>,
         (Path::AvxVnni, Q8_0) => group_rows_vnni256::<K_Q8_0>,
         (Path::AvxVnni, Q4_0) => group_rows_vnni256::<K_Q4_0>,
         (Path::AvxVnni, Q4_1) => group_rows_vnni256::<K_Q4_1>,
         (Path::AvxVnni, Q5_0) => group_rows_vnni256::<K_Q5_0>,
+        (Path::AvxVnni, Q5_1) => group_rows_vnni256::<K_Q5_1>,
         (_, Q8_0) => group_rows_avx2::<K_Q8_0>,
         (_, Q4_0) => group_rows_avx2::<K_Q4_0>,
         (_, Q4_1) => group_rows_avx2::<K_Q4_1>,
         (_, Q5_0) => group_rows_avx2::<K_Q5_0>,
+        (_, Q5_1) => group_rows_avx2::<K_Q5_1>,
     };
     #[cfg(target_arch = "aarch64")]
     let f: GroupFn = match (path, format) {
@@ -773,10 +827,12 @@ fn kernel_for(path: Path, format: BlockFormat) -> Option<GroupFn> {
         (Path::NeonDot, Q4_0) => neon::group_rows_dot::<K_Q4_0>,
         (Path::NeonDot, Q4_1) => neon::group_rows_dot::<K_Q4_1>,
         (Path::NeonDot, Q5_0) => neon::group_rows_dot::<K_Q5_0>,
+        (Path::NeonDot, Q5_1) => neon::group_rows_dot::<K_Q5_1>,
         (_, Q8_0) => neon::group_rows::<K_Q8_0>,
         (_, Q4_0) => neon::group_rows::<K_Q4_0>,
         (_, Q4_1) => neon::group_rows::<K_Q4_1>,
         (_, Q5_0) => neon::group_rows::<K_Q5_0>,
+        (_, Q5_1) => neon::group_rows::<K_Q5_1>,
     };
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let f: GroupFn = {
@@ -897,7 +953,7 @@ unsafe fn shift_lanes(x: std::arch::x86_64::__m512i, s: i32) -> std::arch::x86_6
 
 /// One register tile: R activation rows starting at `r` times the 16 rows of group `g`,
 /// over every block; 16 results per activation row, stored to `out[r.., g*16..]`. `KIND`:
-/// `K_Q8_0`, `K_Q4_0`, `K_Q4_1` or `K_Q5_0`, the weights' format.
+/// `K_Q8_0`, `K_Q4_0`, `K_Q4_1`, `K_Q5_0` or `K_Q5_1`, the weights' format.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
@@ -930,8 +986,8 @@ unsafe fn tile<const R: usize, const KIND: u8>(
         let runs = t.add(GROUP * w.format.head());
         if KIND != K_Q8_0 {
             // Q5_0: the 16 rows' spread high bits, one 32-bit lane per row.
-            let qh = if KIND == K_Q5_0 {
-                _mm512_loadu_si512(t.add(SCALES) as *const __m512i)
+            let qh = if high_bits(KIND) {
+                _mm512_loadu_si512(t.add(qh_offset(KIND)) as *const __m512i)
             } else {
                 _mm512_setzero_si512()
             };
@@ -939,7 +995,7 @@ unsafe fn tile<const R: usize, const KIND: u8>(
                 let v = _mm512_loadu_si512(runs.add(j * 4 * GROUP) as *const __m512i);
                 let mut lo = _mm512_and_si512(v, nibble);
                 let mut hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-                if KIND == K_Q5_0 {
+                if high_bits(KIND) {
                     // Bit 2j (low nibbles) and 2j + 1 (high) of each byte moved to bit 4
                     // of the same byte, then OR-ed in: `x | (shifted & 0x10)`.
                     let five = _mm512_set1_epi8(0x10);
@@ -964,14 +1020,14 @@ unsafe fn tile<const R: usize, const KIND: u8>(
         for (i, (dot, acc)) in dots.iter().zip(acc.iter_mut()).enumerate() {
             let sum = *sbase.add(i * kb + b);
             let da = *dbase.add(i * kb + b);
-            let s = if KIND == K_Q4_1 {
+            let s = if has_min(KIND) {
                 *dot
             } else {
                 _mm512_sub_epi32(*dot, _mm512_set1_epi32(bias * sum))
             };
             let scale = _mm512_mul_ps(wd, _mm512_set1_ps(da));
             *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, *acc);
-            if KIND == K_Q4_1 {
+            if has_min(KIND) {
                 let wm = _mm512_cvtph_ps(_mm256_loadu_si256(t.add(SCALES) as *const __m256i));
                 *acc = _mm512_fmadd_ps(wm, _mm512_set1_ps(da * sum as f32), *acc);
             }
@@ -1084,8 +1140,8 @@ macro_rules! kernels_256 {
                         }
                     }
                 } else {
-                    let qh = if KIND == K_Q5_0 {
-                        _mm256_loadu_si256(t.add(SCALES + 32 * h) as *const __m256i)
+                    let qh = if high_bits(KIND) {
+                        _mm256_loadu_si256(t.add(qh_offset(KIND) + 32 * h) as *const __m256i)
                     } else {
                         _mm256_setzero_si256()
                     };
@@ -1096,7 +1152,7 @@ macro_rules! kernels_256 {
                         let v = _mm256_loadu_si256(runs.add(j * 4 * GROUP) as *const __m256i);
                         let mut lo = _mm256_and_si256(v, nibble);
                         let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
-                        if KIND == K_Q5_0 {
+                        if high_bits(KIND) {
                             let five = _mm256_set1_epi8(0x10);
                             let lo_bits = shift_lanes_256(qh, 4 - 2 * j as i32);
                             let hi_bits = shift_lanes_256(qh, 3 - 2 * j as i32);
@@ -1113,7 +1169,7 @@ macro_rules! kernels_256 {
                                     _mm256_maddubs_epi16(lo, a_lo),
                                     _mm256_maddubs_epi16(hi, a_hi),
                                 );
-                                if KIND == K_Q5_0 {
+                                if high_bits(KIND) {
                                     // Up to 2 x 2 x 31 x 127 per run: widen every run.
                                     dots[i] = _mm256_add_epi32(dots[i], _mm256_madd_epi16(p, ones));
                                 } else {
@@ -1122,7 +1178,7 @@ macro_rules! kernels_256 {
                             }
                         }
                     }
-                    if !$vnni && KIND != K_Q5_0 {
+                    if !$vnni && !high_bits(KIND) {
                         for (dot, p) in dots.iter_mut().zip(p16) {
                             *dot = _mm256_madd_epi16(p, ones);
                         }
@@ -1131,7 +1187,7 @@ macro_rules! kernels_256 {
                 for (i, (dot, acc)) in dots.iter().zip(acc.iter_mut()).enumerate() {
                     let sum = *sbase.add(i * kb + b);
                     let da = *dbase.add(i * kb + b);
-                    let signed = KIND == K_Q4_1 || (KIND == K_Q8_0 && !$vnni);
+                    let signed = has_min(KIND) || (KIND == K_Q8_0 && !$vnni);
                     let s = if signed {
                         *dot
                     } else {
@@ -1139,7 +1195,7 @@ macro_rules! kernels_256 {
                     };
                     let scale = _mm256_mul_ps(wd, _mm256_set1_ps(da));
                     *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, *acc);
-                    if KIND == K_Q4_1 {
+                    if has_min(KIND) {
                         let wm = _mm256_cvtph_ps(_mm_loadu_si128(
                             t.add(SCALES + 16 * h) as *const __m128i
                         ));
@@ -1180,11 +1236,12 @@ mod tests {
     use super::*;
     use crate::testutil::Rng;
 
-    const FORMATS: [BlockFormat; 6] = [
+    const FORMATS: [BlockFormat; 7] = [
         BlockFormat::Q8_0,
         BlockFormat::Q4_0,
         BlockFormat::Q4_1,
         BlockFormat::Q5_0,
+        BlockFormat::Q5_1,
         BlockFormat::Q4K,
         BlockFormat::Q6K,
     ];
@@ -1292,6 +1349,23 @@ mod tests {
                     .map(|v| ((v - m.to_f32()) / d.to_f32()).round().clamp(0.0, 15.0) as u8)
                     .collect();
                 blocks.extend((0..QK / 2).map(|i| q[i] | (q[i + 16] << 4)));
+                deq.extend(q.iter().map(|&v| v as f32 * d.to_f32() + m.to_f32()));
+                continue;
+            }
+            if format == BlockFormat::Q5_1 {
+                // Unsigned 5-bit weights over the block's range, every high bit exercised.
+                let lo = xs.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let (d, m) = (f16::from_f32((hi - lo) / 31.0), f16::from_f32(lo));
+                let q: Vec<u8> = xs
+                    .iter()
+                    .map(|v| ((v - m.to_f32()) / d.to_f32()).round().clamp(0.0, 31.0) as u8)
+                    .collect();
+                let qh = (0..QK).fold(0u32, |h, i| h | (u32::from(q[i] >> 4) << i));
+                blocks.extend_from_slice(&d.to_le_bytes());
+                blocks.extend_from_slice(&m.to_le_bytes());
+                blocks.extend_from_slice(&qh.to_le_bytes());
+                blocks.extend((0..QK / 2).map(|i| (q[i] & 0x0F) | ((q[i + 16] & 0x0F) << 4)));
                 deq.extend(q.iter().map(|&v| v as f32 * d.to_f32() + m.to_f32()));
                 continue;
             }
@@ -1461,6 +1535,7 @@ mod tests {
             (BlockFormat::Q4_0, 16),
             (BlockFormat::Q4_1, 32),
             (BlockFormat::Q5_0, 16),
+            (BlockFormat::Q5_1, 16),
             (BlockFormat::Q4K, 32),
             (BlockFormat::Q6K, 16),
         ];

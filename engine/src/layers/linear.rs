@@ -15,7 +15,7 @@
 //! candle [`QTensor`]: f32 activations in, f32 out, through candle's quantized matmul
 //! (it quantizes the activations to q8 blocks and runs integer dot products, AVX2/VNNI
 //! where candle has them). See `crate::weights::quant` for which tensors get which format.
-//! Q8_0, Q4_0, Q4_1, Q5_0, Q4_K and Q6_K are instead repacked at load into the interleaved
+//! Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q6_K are instead repacked at load into the interleaved
 //! layout of `llmem_kernels::packed` (same bytes) when the kernel level has packed kernels
 //! (`avx2`, `avx512`, `neon`; not `scalar`), whose kernels serve every row count.
 
@@ -541,6 +541,7 @@ mod tests {
     fn q5_0_q4_k_and_q6_k_matrices_are_packed_and_match_their_dequantized_weight() {
         for ty in [
             candle_core::quantized::GgmlDType::Q5_0,
+            candle_core::quantized::GgmlDType::Q5_1,
             candle_core::quantized::GgmlDType::Q4K,
             candle_core::quantized::GgmlDType::Q6K,
         ] {

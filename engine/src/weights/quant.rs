@@ -196,7 +196,7 @@ pub fn packed_kernel_enabled() -> bool {
 pub enum StoredMatrix {
     Dense(Tensor),
     Quant(Arc<QTensor>),
-    /// Q8_0, Q4_0, Q4_1, Q5_0, Q4_K or Q6_K repacked for the kernels of `llmem_kernels::packed`
+    /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K or Q6_K repacked for the kernels of `llmem_kernels::packed`
     /// (same bytes as candle's layout); see [`StoredMatrix::from_qtensor`] for when.
     Packed(Arc<PackedMatrix>),
 }
@@ -211,7 +211,7 @@ impl StoredMatrix {
         }
     }
 
-    /// A block-quantized matrix on its device: Q8_0, Q4_0, Q4_1, Q5_0, Q4_K and Q6_K on a CPU
+    /// A block-quantized matrix on its device: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q6_K on a CPU
     /// whose kernel level has packed kernels (`avx2`, `avx512`, `neon`) are repacked for
     /// `llmem_kernels::packed` (`LLMEM_PACKED=0` keeps candle's layout and block dots, to
     /// compare); everything else stays candle's.
@@ -221,6 +221,7 @@ impl StoredMatrix {
             GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
             GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
             GgmlDType::Q5_0 => Some(BlockFormat::Q5_0),
+            GgmlDType::Q5_1 => Some(BlockFormat::Q5_1),
             GgmlDType::Q4K => Some(BlockFormat::Q4K),
             GgmlDType::Q6K => Some(BlockFormat::Q6K),
             _ => None,

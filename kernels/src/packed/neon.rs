@@ -15,7 +15,7 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-use super::{PackedMatrix, QuantRows, GROUP, K_Q4_1, K_Q5_0, K_Q8_0, QK, SCALES};
+use super::{has_min, high_bits, qh_offset, PackedMatrix, QuantRows, GROUP, K_Q8_0, QK, SCALES};
 
 /// Activation rows per register tile.
 const MR: usize = 4;
@@ -131,8 +131,8 @@ macro_rules! neon_kernels {
                         }
                     }
                 } else {
-                    let qh = if KIND == K_Q5_0 {
-                        vld1q_u32(t.add(SCALES + 16 * q) as *const u32)
+                    let qh = if high_bits(KIND) {
+                        vld1q_u32(t.add(qh_offset(KIND) + 16 * q) as *const u32)
                     } else {
                         vdupq_n_u32(0)
                     };
@@ -140,7 +140,7 @@ macro_rules! neon_kernels {
                         let v = vld1q_u8(runs.add(j * 4 * GROUP));
                         let mut lo = vandq_u8(v, vdupq_n_u8(0x0F));
                         let mut hi = vshrq_n_u8::<4>(v);
-                        if KIND == K_Q5_0 {
+                        if high_bits(KIND) {
                             // The fifth bits to bit 4 of each byte (see the x86 kernels).
                             let five = vdupq_n_u8(0x10);
                             let lo_bits = vshlq_u32(qh, vdupq_n_s32(4 - 2 * j as i32));
@@ -158,13 +158,13 @@ macro_rules! neon_kernels {
                 for (i, (dot, acc)) in dots.iter().zip(acc.iter_mut()).enumerate() {
                     let sum = *sbase.add(i * kb + b);
                     let da = *dbase.add(i * kb + b);
-                    let s = if KIND == K_Q8_0 || KIND == K_Q4_1 {
+                    let s = if KIND == K_Q8_0 || has_min(KIND) {
                         *dot
                     } else {
                         vsubq_s32(*dot, vdupq_n_s32(bias * sum))
                     };
                     *acc = vfmaq_f32(*acc, vcvtq_f32_s32(s), vmulq_n_f32(wd, da));
-                    if KIND == K_Q4_1 {
+                    if has_min(KIND) {
                         let wm = widen_f16(vld1_u16(t.add(SCALES + 8 * q) as *const u16));
                         *acc = vfmaq_f32(*acc, wm, vdupq_n_f32(da * sum as f32));
                     }
