@@ -442,9 +442,11 @@ impl PackedMatrix {
         })?;
         for (b, chunk) in out.chunks_exact_mut(self.format.block_len()).enumerate() {
             let (tile, lane) = self.tile(row, b);
-            for (i, o) in chunk.iter_mut().enumerate() {
-                let (d, m) = self.scale_min(tile, lane, i / 16);
-                *o = d * self.weight(tile, lane, i) as f32 + m;
+            for (g16, part) in chunk.chunks_exact_mut(16).enumerate() {
+                let (d, m) = self.scale_min(tile, lane, g16);
+                for (t, o) in part.iter_mut().enumerate() {
+                    *o = d * self.weight(tile, lane, 16 * g16 + t) as f32 + m;
+                }
             }
         }
         Ok(())

@@ -126,7 +126,7 @@ pub fn is_default_name(name: &str) -> bool {
 /// The built-in model's shipped GGUF file (Q4_1), fetched on first use with the
 /// converted directory beside it.
 pub fn default_gguf() -> Result<PathBuf> {
-    default_model_dir(None)?;
+    let dir = default_model_dir(None)?;
     let gguf = default_gguf_path(&cache_root()?);
     if gguf.is_file() {
         Ok(gguf)
@@ -135,7 +135,7 @@ pub fn default_gguf() -> Result<PathBuf> {
             "the default model's GGUF is missing at {} (the converted directory is there); \
              delete {} to fetch both again",
             gguf.display(),
-            default_model_dir(None)?.display()
+            dir.display()
         )))
     }
 }
