@@ -53,6 +53,35 @@ pub const QK: usize = 32;
 /// Rows interleaved in one packed group.
 pub const GROUP: usize = 16;
 
+/// Rows `r0..r0 + rows` of an output in register tiles, largest first: `$tile::<R>` with
+/// `R` the tile's row count (a literal of the list; the largest repeats while it fits, the
+/// others take the remainder exactly) and `$r` the tile's first row. The one walk every
+/// kernel of every format and level shares; the tiles themselves differ.
+macro_rules! row_tiles {
+    ($r0:expr, $rows:expr, [$max:literal $(, $n:literal)*],
+     |$r:ident, R| $tile:ident::<R $(, $k:ident)?> $args:tt) => {
+        row_tiles!(@walk $r0, $rows, $r, [$tile $(, $k)?] $args, $max, [$($n),*])
+    };
+    (@walk $r0:expr, $rows:expr, $r:ident, $call:tt $args:tt, $max:literal, [$($n:literal),*]) => {{
+        let end = $r0 + $rows;
+        let mut $r = $r0;
+        while $r < end {
+            let left = end - $r;
+            if left >= $max {
+                row_tiles!(@call $call $max $args);
+                $r += $max;
+            }
+            $(else if left == $n {
+                row_tiles!(@call $call $n $args);
+                $r += $n;
+            })*
+        }
+    }};
+    (@call [$tile:ident $(, $k:ident)?] $n:literal $args:tt) => {
+        $tile::<$n $(, $k)?> $args
+    };
+}
+
 mod kquant;
 #[cfg(target_arch = "aarch64")]
 mod neon;
@@ -194,8 +223,6 @@ impl BlockFormat {
         }
     }
 }
-/// Activation rows processed together by the kernel (register tile).
-const MR: usize = 8;
 /// Activation rows per sequential chunk, so a chunk's quantized rows stay in cache while
 /// every weight group streams past them.
 const M_CHUNK: usize = 128;
@@ -910,7 +937,8 @@ struct OutPtr(*mut f32);
 unsafe impl Sync for OutPtr {}
 unsafe impl Send for OutPtr {}
 
-/// Rows `r0..r0 + rows` of the output, columns of group `g`, in register tiles of MR rows.
+/// Rows `r0..r0 + rows` of the output, columns of group `g`, in register tiles of up to 8
+/// rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn group_rows<const KIND: u8>(
@@ -922,22 +950,9 @@ unsafe fn group_rows<const KIND: u8>(
     out: *mut f32,
     n: usize,
 ) {
-    let mut r = r0;
-    let end = r0 + rows;
-    while r < end {
-        let left = end - r;
-        match left {
-            8.. => tile::<8, KIND>(w, qa, g, r, out, n),
-            7 => tile::<7, KIND>(w, qa, g, r, out, n),
-            6 => tile::<6, KIND>(w, qa, g, r, out, n),
-            5 => tile::<5, KIND>(w, qa, g, r, out, n),
-            4 => tile::<4, KIND>(w, qa, g, r, out, n),
-            3 => tile::<3, KIND>(w, qa, g, r, out, n),
-            2 => tile::<2, KIND>(w, qa, g, r, out, n),
-            _ => tile::<1, KIND>(w, qa, g, r, out, n),
-        }
-        r += left.min(MR);
-    }
+    row_tiles!(r0, rows, [8, 7, 6, 5, 4, 3, 2, 1], |r, R| tile::<R, KIND>(
+        w, qa, g, r, out, n
+    ));
 }
 
 /// Each 32-bit lane shifted left by `s` bits (right by `-s` when negative).
@@ -1040,9 +1055,6 @@ unsafe fn tile<const R: usize, const KIND: u8>(
     }
 }
 
-/// Activation rows per register tile of the 256-bit kernels.
-const MR2: usize = 4;
-
 /// The 256-bit kernels, once with `vpmaddubsw` (AVX2) and once with AVX-VNNI's
 /// `vpdpbusd`: a macro rather than a generic so that only the VNNI copy is compiled with
 /// `avxvnni` enabled (the compiler could otherwise fuse the AVX2 copy's multiply-adds
@@ -1061,7 +1073,7 @@ const MR2: usize = 4;
 macro_rules! kernels_256 {
     ($group:ident, $tile:ident, $features:literal, $vnni:literal) => {
         /// Rows `r0..r0 + rows` of the output, columns of group `g`, in register tiles of
-        /// MR2 rows, for each half of the group.
+        /// up to 4 rows, for each half of the group.
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
         unsafe fn $group<const KIND: u8>(
@@ -1074,17 +1086,9 @@ macro_rules! kernels_256 {
             n: usize,
         ) {
             for h in 0..2 {
-                let mut r = r0;
-                let end = r0 + rows;
-                while r < end {
-                    match end - r {
-                        4.. => $tile::<4, KIND>(w, qa, g, h, r, out, n),
-                        3 => $tile::<3, KIND>(w, qa, g, h, r, out, n),
-                        2 => $tile::<2, KIND>(w, qa, g, h, r, out, n),
-                        _ => $tile::<1, KIND>(w, qa, g, h, r, out, n),
-                    }
-                    r += (end - r).min(MR2);
-                }
+                row_tiles!(r0, rows, [4, 3, 2, 1], |r, R| $tile::<R, KIND>(
+                    w, qa, g, h, r, out, n
+                ));
             }
         }
 

@@ -180,21 +180,9 @@ pub(super) unsafe fn group_rows_avx512(
     out: *mut f32,
     n: usize,
 ) {
-    let mut r = r0;
-    let end = r0 + rows;
-    while r < end {
-        match end - r {
-            8.. => tile_avx512::<8>(w, qa, g, r, out, n),
-            7 => tile_avx512::<7>(w, qa, g, r, out, n),
-            6 => tile_avx512::<6>(w, qa, g, r, out, n),
-            5 => tile_avx512::<5>(w, qa, g, r, out, n),
-            4 => tile_avx512::<4>(w, qa, g, r, out, n),
-            3 => tile_avx512::<3>(w, qa, g, r, out, n),
-            2 => tile_avx512::<2>(w, qa, g, r, out, n),
-            _ => tile_avx512::<1>(w, qa, g, r, out, n),
-        }
-        r += (end - r).min(8);
-    }
+    row_tiles!(r0, rows, [8, 7, 6, 5, 4, 3, 2, 1], |r, R| tile_avx512::<R>(
+        w, qa, g, r, out, n
+    ));
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -276,17 +264,9 @@ macro_rules! q4k_256 {
             n: usize,
         ) {
             for h in 0..2 {
-                let mut r = r0;
-                let end = r0 + rows;
-                while r < end {
-                    match end - r {
-                        4.. => $tile::<4>(w, qa, g, h, r, out, n),
-                        3 => $tile::<3>(w, qa, g, h, r, out, n),
-                        2 => $tile::<2>(w, qa, g, h, r, out, n),
-                        _ => $tile::<1>(w, qa, g, h, r, out, n),
-                    }
-                    r += (end - r).min(4);
-                }
+                row_tiles!(r0, rows, [4, 3, 2, 1], |r, R| $tile::<R>(
+                    w, qa, g, h, r, out, n
+                ));
             }
         }
 
@@ -452,17 +432,9 @@ mod neon_q4k {
                 n: usize,
             ) {
                 for quarter in 0..4 {
-                    let mut r = r0;
-                    let end = r0 + rows;
-                    while r < end {
-                        match end - r {
-                            4.. => $tile::<4>(w, qa, g, quarter, r, out, n),
-                            3 => $tile::<3>(w, qa, g, quarter, r, out, n),
-                            2 => $tile::<2>(w, qa, g, quarter, r, out, n),
-                            _ => $tile::<1>(w, qa, g, quarter, r, out, n),
-                        }
-                        r += (end - r).min(4);
-                    }
+                    row_tiles!(r0, rows, [4, 3, 2, 1], |r, R| $tile::<R>(
+                        w, qa, g, quarter, r, out, n
+                    ));
                 }
             }
 

@@ -17,9 +17,6 @@ use std::arch::asm;
 
 use super::{has_min, high_bits, qh_offset, PackedMatrix, QuantRows, GROUP, K_Q8_0, QK, SCALES};
 
-/// Activation rows per register tile.
-const MR: usize = 4;
-
 /// `acc + (w . a)` per 32-bit lane, four bytes each, with `sdot`.
 #[target_feature(enable = "neon,dotprod")]
 #[inline]
@@ -66,7 +63,7 @@ pub(super) unsafe fn widen_f16(bits: uint16x4_t) -> float32x4_t {
 macro_rules! neon_kernels {
     ($group:ident, $tile:ident, $features:literal, $dot:ident) => {
         /// Rows `r0..r0 + rows` of the output, columns of group `g`, in register tiles of
-        /// MR rows, for each quarter of the group.
+        /// up to 4 rows, for each quarter of the group.
         #[target_feature(enable = $features)]
         pub(super) unsafe fn $group<const KIND: u8>(
             w: &PackedMatrix,
@@ -78,17 +75,9 @@ macro_rules! neon_kernels {
             n: usize,
         ) {
             for quarter in 0..4 {
-                let mut r = r0;
-                let end = r0 + rows;
-                while r < end {
-                    match end - r {
-                        4.. => $tile::<4, KIND>(w, qa, g, quarter, r, out, n),
-                        3 => $tile::<3, KIND>(w, qa, g, quarter, r, out, n),
-                        2 => $tile::<2, KIND>(w, qa, g, quarter, r, out, n),
-                        _ => $tile::<1, KIND>(w, qa, g, quarter, r, out, n),
-                    }
-                    r += (end - r).min(MR);
-                }
+                row_tiles!(r0, rows, [4, 3, 2, 1], |r, R| $tile::<R, KIND>(
+                    w, qa, g, quarter, r, out, n
+                ));
             }
         }
 
