@@ -3,7 +3,7 @@
 //! bytes `q` (Q8_0), or 16 bytes of 4-bit `q + 8` (Q4_0: element `i` in the low nibble of
 //! byte `i`, element `16 + i` in its high nibble); the weight is `d * q`. Q4_1 adds an f16
 //! minimum `m` per block and stores unsigned `q`: the weight is `d * q + m`; Q5_1 is Q4_1
-//! with a fifth bit per weight, stored as Q5_0's), and the k-quants Q4_K and Q6_K
+//! with a fifth bit per weight, stored as Q5_0's), and the k-quants Q4_K, Q5_K and Q6_K
 //! (super-blocks of 256, laid out by the `kquant` and `q6k` submodules).
 //!
 //! This module describes the AVX-512 form; the `avx2` level runs the same tiles as two
@@ -34,7 +34,7 @@
 //! The activations, quantized to signed bytes per block of 32 with an f32 scale, carry
 //! their block sums so that the `128 * sum(a)` (or `8 * sum(a)`) the unsigned weights add
 //! is taken off exactly in integers. The bytes held equal the block format's (34, 18, 20, 22
-//! or 24 per 32 weights; 144 and 210 per 256): the memory planner's figure does not change.
+//! or 24 per 32 weights; 144, 176 and 210 per 256): the memory planner's figure does not change.
 //!
 //! Products use integer arithmetic within a block, so the result equals
 //! `sum_b d_w[b] * d_a[b] * sum_i q_w[i] * q_a[i]` up to f32 rounding of the block sums;
@@ -59,7 +59,7 @@ pub const GROUP: usize = 16;
 /// kernel of every format and level shares; the tiles themselves differ.
 macro_rules! row_tiles {
     ($r0:expr, $rows:expr, [$max:literal $(, $n:literal)*],
-     |$r:ident, R| $tile:ident::<R $(, $k:ident)?> $args:tt) => {
+     |$r:ident, R| $tile:ident::<R $(, $k:ident)? $(,)?> $args:tt) => {
         row_tiles!(@walk $r0, $rows, $r, [$tile $(, $k)?] $args, $max, [$($n),*])
     };
     (@walk $r0:expr, $rows:expr, $r:ident, $call:tt $args:tt, $max:literal, [$($n:literal),*]) => {{
@@ -125,6 +125,8 @@ pub enum BlockFormat {
     Q5_1,
     /// llama.cpp's Q4_K: super-blocks of 256 (see [`kquant`]).
     Q4K,
+    /// llama.cpp's Q5_K: Q4_K with a fifth bit (see [`kquant`]).
+    Q5K,
     /// llama.cpp's Q6_K: super-blocks of 256 (see [`q6k`]).
     Q6K,
 }
@@ -140,6 +142,7 @@ impl BlockFormat {
             BlockFormat::Q5_0 => 6 + QK / 2,
             BlockFormat::Q5_1 => 8 + QK / 2,
             BlockFormat::Q4K => kquant::Q4K_BYTES,
+            BlockFormat::Q5K => kquant::Q5K_BYTES,
             BlockFormat::Q6K => q6k::Q6K_BYTES,
         }
     }
@@ -147,7 +150,7 @@ impl BlockFormat {
     /// Weights per block: 32, or 256 for the k-quants.
     pub const fn block_len(self) -> usize {
         match self {
-            BlockFormat::Q4K | BlockFormat::Q6K => kquant::QK_K,
+            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => kquant::QK_K,
             _ => QK,
         }
     }
@@ -168,7 +171,7 @@ impl BlockFormat {
 
     /// True for the k-quant formats (super-blocks, laid out by [`kquant`]).
     const fn is_k(self) -> bool {
-        matches!(self, BlockFormat::Q4K | BlockFormat::Q6K)
+        matches!(self, BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K)
     }
 
     /// Bytes before the weights, in a block (scale, and Q4_1's minimum) and per row in a
@@ -191,7 +194,7 @@ impl BlockFormat {
         match self {
             BlockFormat::Q8_0 => 128,
             BlockFormat::Q4_0 => 8,
-            BlockFormat::Q4_1 | BlockFormat::Q5_1 | BlockFormat::Q4K => 0,
+            BlockFormat::Q4_1 | BlockFormat::Q5_1 | BlockFormat::Q4K | BlockFormat::Q5K => 0,
             BlockFormat::Q5_0 => 16,
             BlockFormat::Q6K => 32,
         }
@@ -219,6 +222,7 @@ impl BlockFormat {
             BlockFormat::Q5_0 => "q5_0",
             BlockFormat::Q5_1 => "q5_1",
             BlockFormat::Q4K => "q4_k",
+            BlockFormat::Q5K => "q5_k",
             BlockFormat::Q6K => "q6_k",
         }
     }
@@ -388,7 +392,7 @@ impl PackedMatrix {
     #[inline]
     fn weight(&self, tile: &[u8], lane: usize, i: usize) -> i8 {
         match self.format {
-            BlockFormat::Q4K => kquant::weight(self.format, tile, lane, i),
+            BlockFormat::Q4K | BlockFormat::Q5K => kquant::weight(self.format, tile, lane, i),
             BlockFormat::Q6K => q6k::weight(tile, lane, i),
             BlockFormat::Q8_0 => {
                 (tile[SCALES + (i / 4) * 4 * GROUP + lane * 4 + i % 4] ^ 0x80) as i8
@@ -423,7 +427,7 @@ impl PackedMatrix {
             BlockFormat::Q4_1 | BlockFormat::Q5_1 => {
                 (Self::scale(tile, lane), Self::scale(&tile[SCALES..], lane))
             }
-            BlockFormat::Q4K => kquant::scale_min(self.format, tile, lane, g16),
+            BlockFormat::Q4K | BlockFormat::Q5K => kquant::scale_min(self.format, tile, lane, g16),
             BlockFormat::Q6K => q6k::scale_min(tile, lane, g16),
             _ => (Self::scale(tile, lane), 0.0),
         }
@@ -823,9 +827,12 @@ fn kernel_for(path: Path, format: BlockFormat) -> Option<GroupFn> {
     #[cfg(target_arch = "x86_64")]
     let f: GroupFn = match (path, format) {
         (Path::Reference, _) => return None,
-        (Path::Avx512, Q4K) => kquant::group_rows_avx512,
-        (Path::AvxVnni, Q4K) => kquant::group_rows_vnni256,
-        (_, Q4K) => kquant::group_rows_avx2,
+        (Path::Avx512, Q4K) => kquant::group_rows_avx512::<false>,
+        (Path::AvxVnni, Q4K) => kquant::group_rows_vnni256::<false>,
+        (_, Q4K) => kquant::group_rows_avx2::<false>,
+        (Path::Avx512, Q5K) => kquant::group_rows_avx512::<true>,
+        (Path::AvxVnni, Q5K) => kquant::group_rows_vnni256::<true>,
+        (_, Q5K) => kquant::group_rows_avx2::<true>,
         (Path::Avx512, Q6K) => q6k::group_rows_avx512,
         (Path::AvxVnni, Q6K) => q6k::group_rows_vnni256,
         (_, Q6K) => q6k::group_rows_avx2,
@@ -848,8 +855,10 @@ fn kernel_for(path: Path, format: BlockFormat) -> Option<GroupFn> {
     #[cfg(target_arch = "aarch64")]
     let f: GroupFn = match (path, format) {
         (Path::Reference, _) => return None,
-        (Path::NeonDot, Q4K) => kquant::group_rows_neon_dot,
-        (_, Q4K) => kquant::group_rows_neon,
+        (Path::NeonDot, Q4K) => kquant::group_rows_neon_dot::<false>,
+        (_, Q4K) => kquant::group_rows_neon::<false>,
+        (Path::NeonDot, Q5K) => kquant::group_rows_neon_dot::<true>,
+        (_, Q5K) => kquant::group_rows_neon::<true>,
         (Path::NeonDot, Q6K) => q6k::group_rows_neon_dot,
         (_, Q6K) => q6k::group_rows_neon,
         (Path::NeonDot, Q8_0) => neon::group_rows_dot::<K_Q8_0>,
@@ -1242,13 +1251,14 @@ mod tests {
     use super::*;
     use crate::testutil::Rng;
 
-    const FORMATS: [BlockFormat; 7] = [
+    const FORMATS: [BlockFormat; 8] = [
         BlockFormat::Q8_0,
         BlockFormat::Q4_0,
         BlockFormat::Q4_1,
         BlockFormat::Q5_0,
         BlockFormat::Q5_1,
         BlockFormat::Q4K,
+        BlockFormat::Q5K,
         BlockFormat::Q6K,
     ];
 
@@ -1291,19 +1301,32 @@ mod tests {
         k.div_ceil(format.block_len()) * format.block_len()
     }
 
-    /// Random Q4_K super-blocks and what they decode to, following llama.cpp's
-    /// `dequantize_row_q4_K` (written here from the format, independently of `kquant`).
-    fn random_q4k(rows: usize, cols: usize, rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
+    /// Random Q4_K super-blocks (or Q5_K, `five`) and what they decode to, following
+    /// llama.cpp's `dequantize_row_q4_K` and `dequantize_row_q5_K` (written here from the
+    /// formats, independently of `kquant`).
+    fn random_q4k(rows: usize, cols: usize, five: bool, rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
         let (mut blocks, mut deq) = (Vec::new(), Vec::new());
         for _ in 0..rows * cols / 256 {
             let d = f16::from_f32((rng.uniform() + 1.5) * 1e-3);
             let dmin = f16::from_f32((rng.uniform() + 1.5) * 5e-4);
             let scales: Vec<u8> = (0..12).map(|_| rng.below(256) as u8).collect();
+            let qh: Vec<u8> = (0..32).map(|_| rng.below(256) as u8).collect();
             let qs: Vec<u8> = (0..128).map(|_| rng.below(256) as u8).collect();
             blocks.extend_from_slice(&d.to_le_bytes());
             blocks.extend_from_slice(&dmin.to_le_bytes());
             blocks.extend_from_slice(&scales);
+            if five {
+                blocks.extend_from_slice(&qh);
+            }
             blocks.extend_from_slice(&qs);
+            // The fifth bit of weight l of sub-block j: bit j of qh[l] (0 for Q4_K).
+            let top = |j: usize, l: usize| -> f32 {
+                if five && qh[l] >> j & 1 == 1 {
+                    16.0
+                } else {
+                    0.0
+                }
+            };
             let get = |j: usize| -> (f32, f32) {
                 let (sc, m) = if j < 4 {
                     (scales[j] & 63, scales[j + 4] & 63)
@@ -1319,8 +1342,8 @@ mod tests {
                 let (d1, m1) = get(2 * p);
                 let (d2, m2) = get(2 * p + 1);
                 let q = &qs[32 * p..32 * p + 32];
-                deq.extend(q.iter().map(|&b| d1 * (b & 0xF) as f32 - m1));
-                deq.extend(q.iter().map(|&b| d2 * (b >> 4) as f32 - m2));
+                deq.extend((0..32).map(|l| d1 * ((q[l] & 0xF) as f32 + top(2 * p, l)) - m1));
+                deq.extend((0..32).map(|l| d2 * ((q[l] >> 4) as f32 + top(2 * p + 1, l)) - m2));
             }
         }
         (blocks, deq)
@@ -1334,8 +1357,8 @@ mod tests {
         seed: u64,
     ) -> (Vec<u8>, Vec<f32>) {
         let mut rng = Rng::new(seed);
-        if format == BlockFormat::Q4K {
-            return random_q4k(rows, cols, &mut rng);
+        if matches!(format, BlockFormat::Q4K | BlockFormat::Q5K) {
+            return random_q4k(rows, cols, format == BlockFormat::Q5K, &mut rng);
         }
         if format == BlockFormat::Q6K {
             return random_q6k(rows, cols, &mut rng);
@@ -1531,6 +1554,59 @@ mod tests {
         }
     }
 
+    /// The largest weights against the largest activations, of both signs: every
+    /// integer sum the kernels keep (the 16-bit ones of `vpmaddubsw` included) must hold
+    /// them, so each path equals the reference.
+    #[test]
+    fn extreme_weights_do_not_overflow_the_integer_sums() {
+        let (m, n) = (3, 16);
+        for format in FORMATS {
+            let k = width(format, 512);
+            let (mut blocks, _) = random_blocks(format, n, k, 5);
+            let bb = format.block_bytes();
+            // Where the f16 scale (and minimum) of a block end; Q6_K's `d` is its last two.
+            let head = match format {
+                BlockFormat::Q6K => 0,
+                BlockFormat::Q4_1 | BlockFormat::Q5_1 | BlockFormat::Q4K | BlockFormat::Q5K => 4,
+                _ => 2,
+            };
+            let tail = if format == BlockFormat::Q6K { 2 } else { 0 };
+            for block in blocks.chunks_mut(bb) {
+                // Every other byte at its largest: weights, high bits, 6-bit scales.
+                let top = if format == BlockFormat::Q8_0 {
+                    0x7F
+                } else {
+                    0xFF
+                };
+                block[head..bb - tail].fill(top);
+                if format == BlockFormat::Q6K {
+                    block[192..208].fill(0x7F);
+                }
+            }
+            let w = PackedMatrix::from_blocks(format, n, k, &blocks).unwrap();
+            // Row 0 all +1, row 1 all -1, row 2 alternating.
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| match i / k {
+                    0 => 1.0,
+                    1 => -1.0,
+                    _ => [1.0, -1.0][i % 2],
+                })
+                .collect();
+            let qa = quantize_rows(&x, m, k).unwrap();
+            let reference = matmul_reference(&qa, m, &w);
+            for path in Path::available() {
+                let mut out = vec![0f32; m * n];
+                matmul_many_at(path, &x, m, &[&w], &mut [&mut out]).unwrap();
+                for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 2e-4 * (1.0 + b.abs()),
+                        "{path:?} {format:?} at {i}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
     /// One call over several matrices (of mixed formats and row counts) gives each the
     /// same numbers as its own call, at decode and at prefill row counts.
     #[test]
@@ -1543,6 +1619,7 @@ mod tests {
             (BlockFormat::Q5_0, 16),
             (BlockFormat::Q5_1, 16),
             (BlockFormat::Q4K, 32),
+            (BlockFormat::Q5K, 16),
             (BlockFormat::Q6K, 16),
         ];
         let ws: Vec<PackedMatrix> = shapes

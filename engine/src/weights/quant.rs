@@ -211,8 +211,8 @@ impl StoredMatrix {
         }
     }
 
-    /// A block-quantized matrix on its device: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q6_K on a CPU
-    /// whose kernel level has packed kernels (`avx2`, `avx512`, `neon`) are repacked for
+    /// A block-quantized matrix on its device: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and
+    /// Q6_K on a CPU whose kernel level has packed kernels (`avx2`, `avx512`, `neon`) are repacked for
     /// `llmem_kernels::packed` (`LLMEM_PACKED=0` keeps candle's layout and block dots, to
     /// compare); everything else stays candle's.
     pub fn from_qtensor(q: QTensor) -> candle_core::Result<StoredMatrix> {
@@ -223,6 +223,7 @@ impl StoredMatrix {
             GgmlDType::Q5_0 => Some(BlockFormat::Q5_0),
             GgmlDType::Q5_1 => Some(BlockFormat::Q5_1),
             GgmlDType::Q4K => Some(BlockFormat::Q4K),
+            GgmlDType::Q5K => Some(BlockFormat::Q5K),
             GgmlDType::Q6K => Some(BlockFormat::Q6K),
             _ => None,
         };

@@ -14,7 +14,13 @@
 //!   nibbles are sub-block `2p` and high nibbles `2p + 1`), 8 runs of 64 bytes, run `r`
 //!   holding bytes `4r..4r + 4` of each row in turn, as the Q4_0 tiles do.
 //!
-//! Per sub-block the kernels take the integer dot of the nibbles with the quantized
+//! Q5_K (176 bytes: `d`, `dmin`, the same 12 scale bytes, 32 bytes `qh`, then the same
+//! 128 bytes of nibbles) adds a fifth bit: bit `2p` of `qh[l]` tops weight `l` of
+//! sub-block `2p`, bit `2p + 1` weight `l` of sub-block `2p + 1`. Its tile (16 x 176
+//! bytes) is Q4_K's followed by `[2304, 2816)`: the rows' `qh` in 8 runs of 64 bytes laid
+//! out as the nibbles are, so one load tops the nibbles of every pair of sub-blocks.
+//!
+//! Per sub-block the kernels take the integer dot of the weights with the quantized
 //! activations, then add `d sc_j d_a dot - dmin m_j d_a sum(a)` in f32: the activations'
 //! blocks of 32 line up with the sub-blocks.
 
@@ -26,11 +32,15 @@ use super::{BlockFormat, PackedMatrix, QuantRows, GROUP};
 pub(super) const QK_K: usize = 256;
 /// Bytes of a Q4_K super-block.
 pub(super) const Q4K_BYTES: usize = 144;
+/// Bytes of a Q5_K super-block.
+pub(super) const Q5K_BYTES: usize = 176;
 
 const DMIN: usize = 2 * GROUP;
 const SC: usize = 4 * GROUP;
 const SC_STEP: usize = 24;
 const QS: usize = SC + 8 * SC_STEP;
+/// Where a Q5_K tile's runs of `qh` start, after the nibbles.
+const QH: usize = QS + 32 * 4 * GROUP;
 
 /// Sub-block `j`'s 6-bit scale and minimum from the file's 12 bytes (llama.cpp's packing:
 /// sub-blocks 0-3 in the low 6 bits of bytes 0-7, 4-7 split between bytes 8-11 and the
@@ -69,7 +79,8 @@ fn get_nibble(plane: &[u8], lane: usize) -> u8 {
 
 /// Lay out the 16 rows' super-blocks `src` (the file's bytes) as one tile.
 pub(super) fn pack_tile(format: BlockFormat, src: &[&[u8]; GROUP], tile: &mut [u8]) {
-    debug_assert_eq!(format, BlockFormat::Q4K);
+    let five = format == BlockFormat::Q5K;
+    debug_assert!(five || format == BlockFormat::Q4K);
     for (lane, b) in src.iter().enumerate() {
         tile[2 * lane..2 * lane + 2].copy_from_slice(&b[0..2]);
         tile[DMIN + 2 * lane..DMIN + 2 * lane + 2].copy_from_slice(&b[2..4]);
@@ -84,11 +95,17 @@ pub(super) fn pack_tile(format: BlockFormat, src: &[&[u8]; GROUP], tile: &mut [u
                 (sc >> 4) | ((m >> 4) << 2),
             );
         }
-        let qs = &b[16..Q4K_BYTES];
+        let qs = &b[if five { 48 } else { 16 }..];
         for p in 0..4 {
             for r in 0..8 {
                 let dst = QS + (p * 8 + r) * 4 * GROUP + 4 * lane;
                 tile[dst..dst + 4].copy_from_slice(&qs[32 * p + 4 * r..][..4]);
+            }
+        }
+        if five {
+            for r in 0..8 {
+                let dst = QH + r * 4 * GROUP + 4 * lane;
+                tile[dst..dst + 4].copy_from_slice(&b[16 + 4 * r..][..4]);
             }
         }
     }
@@ -106,7 +123,8 @@ fn lane_scale_min(tile: &[u8], lane: usize, j: usize) -> (u8, u8) {
 
 /// `lane`'s super-block back in the file's bytes (the inverse of [`pack_tile`]).
 pub(super) fn unpack_row(format: BlockFormat, tile: &[u8], lane: usize, dst: &mut [u8]) {
-    debug_assert_eq!(format, BlockFormat::Q4K);
+    let five = format == BlockFormat::Q5K;
+    debug_assert!(five || format == BlockFormat::Q4K);
     dst[0..2].copy_from_slice(&tile[2 * lane..2 * lane + 2]);
     dst[2..4].copy_from_slice(&tile[DMIN + 2 * lane..DMIN + 2 * lane + 2]);
     let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
@@ -114,27 +132,38 @@ pub(super) fn unpack_row(format: BlockFormat, tile: &[u8], lane: usize, dst: &mu
         (sc[j], m[j]) = lane_scale_min(tile, lane, j);
     }
     dst[4..16].copy_from_slice(&pack_scales_k4(&sc, &m));
+    let qs = if five { 48 } else { 16 };
     for p in 0..4 {
         for r in 0..8 {
             let src = QS + (p * 8 + r) * 4 * GROUP + 4 * lane;
-            dst[16 + 32 * p + 4 * r..][..4].copy_from_slice(&tile[src..src + 4]);
+            dst[qs + 32 * p + 4 * r..][..4].copy_from_slice(&tile[src..src + 4]);
+        }
+    }
+    if five {
+        for r in 0..8 {
+            let src = QH + r * 4 * GROUP + 4 * lane;
+            dst[16 + 4 * r..][..4].copy_from_slice(&tile[src..src + 4]);
         }
     }
 }
 
-/// Weight `i` (0..256) of `lane`: the unsigned nibble `q`.
+/// Weight `i` (0..256) of `lane`: the unsigned nibble `q`, with Q5_K's fifth bit.
 pub(super) fn weight(format: BlockFormat, tile: &[u8], lane: usize, i: usize) -> i8 {
-    debug_assert_eq!(format, BlockFormat::Q4K);
     let (p, within) = (i / 64, i % 64);
     let idx = within % 32;
     let byte = tile[QS + (p * 8 + idx / 4) * 4 * GROUP + 4 * lane + idx % 4];
-    (if within >= 32 { byte >> 4 } else { byte & 0x0F }) as i8
+    let mut q = if within >= 32 { byte >> 4 } else { byte & 0x0F };
+    if format == BlockFormat::Q5K {
+        let qh = tile[QH + (idx / 4) * 4 * GROUP + 4 * lane + idx % 4];
+        q |= ((qh >> (2 * p + usize::from(within >= 32))) & 1) << 4;
+    }
+    q as i8
 }
 
 /// The scale `d * sc_j` and minimum `-dmin * m_j` of the 16 weights `16 * g16..` of
 /// `lane` (in f32, as llama.cpp's dequantization computes them).
 pub(super) fn scale_min(format: BlockFormat, tile: &[u8], lane: usize, g16: usize) -> (f32, f32) {
-    debug_assert_eq!(format, BlockFormat::Q4K);
+    debug_assert!(matches!(format, BlockFormat::Q4K | BlockFormat::Q5K));
     let (sc, m) = lane_scale_min(tile, lane, g16 / 2);
     let d = f16::from_le_bytes([tile[2 * lane], tile[2 * lane + 1]]).to_f32();
     let dmin = f16::from_le_bytes([tile[DMIN + 2 * lane], tile[DMIN + 2 * lane + 1]]).to_f32();
@@ -168,10 +197,11 @@ unsafe fn scales_16(
     (sc, m)
 }
 
-/// AVX-512 VNNI: rows `r0..r0 + rows`, group `g`, tiles of up to 8 activation rows.
+/// AVX-512 VNNI: rows `r0..r0 + rows`, group `g`, tiles of up to 8 activation rows;
+/// `Q5`: the weights are Q5_K (else Q4_K).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(super) unsafe fn group_rows_avx512(
+pub(super) unsafe fn group_rows_avx512<const Q5: bool>(
     w: &PackedMatrix,
     qa: &QuantRows,
     g: usize,
@@ -180,7 +210,10 @@ pub(super) unsafe fn group_rows_avx512(
     out: *mut f32,
     n: usize,
 ) {
-    row_tiles!(r0, rows, [8, 7, 6, 5, 4, 3, 2, 1], |r, R| tile_avx512::<R>(
+    row_tiles!(r0, rows, [8, 7, 6, 5, 4, 3, 2, 1], |r, R| tile_avx512::<
+        R,
+        Q5,
+    >(
         w, qa, g, r, out, n
     ));
 }
@@ -188,7 +221,7 @@ pub(super) unsafe fn group_rows_avx512(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
-unsafe fn tile_avx512<const R: usize>(
+unsafe fn tile_avx512<const R: usize, const Q5: bool>(
     w: &PackedMatrix,
     qa: &QuantRows,
     g: usize,
@@ -219,8 +252,16 @@ unsafe fn tile_avx512<const R: usize>(
             let col = sb * QK_K + 64 * p;
             for run in 0..8 {
                 let v = _mm512_loadu_si512(t.add(QS + (p * 8 + run) * 64) as *const __m512i);
-                let lo = _mm512_and_si512(v, nibble);
-                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble);
+                let mut lo = _mm512_and_si512(v, nibble);
+                let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble);
+                if Q5 {
+                    let vh = _mm512_loadu_si512(t.add(QH + run * 64) as *const __m512i);
+                    let sixteen = _mm512_set1_epi8(16);
+                    let bit = _mm512_set1_epi8(1 << (2 * p));
+                    lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(vh, bit), lo, sixteen);
+                    let bit = _mm512_set1_epi8(2 << (2 * p));
+                    hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(vh, bit), hi, sixteen);
+                }
                 for i in 0..R {
                     lo_dots[i] = _mm512_dpbusd_epi32(lo_dots[i], lo, act(i, col + 4 * run));
                     hi_dots[i] = _mm512_dpbusd_epi32(hi_dots[i], hi, act(i, col + 32 + 4 * run));
@@ -249,12 +290,13 @@ unsafe fn tile_avx512<const R: usize>(
 
 /// The 256-bit kernels, with `vpmaddubsw` (AVX2) and with AVX-VNNI: one macro so that
 /// only the VNNI copy is compiled with `avxvnni` (see `packed::kernels_256`). Without
-/// VNNI a sub-block's 8 runs sum in i16 (at most 8 x 2 x 15 x 127 = 30480), widened once.
+/// VNNI a sub-block's runs sum in i16 before they widen: all 8 for Q4_K (at most
+/// 8 x 2 x 15 x 128 = 30720), 4 at a time for Q5_K (4 x 2 x 31 x 128 = 31744).
 macro_rules! q4k_256 {
     ($group:ident, $tile:ident, $features:literal, $vnni:literal) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        pub(super) unsafe fn $group(
+        pub(super) unsafe fn $group<const Q5: bool>(
             w: &PackedMatrix,
             qa: &QuantRows,
             g: usize,
@@ -264,7 +306,7 @@ macro_rules! q4k_256 {
             n: usize,
         ) {
             for h in 0..2 {
-                row_tiles!(r0, rows, [4, 3, 2, 1], |r, R| $tile::<R>(
+                row_tiles!(r0, rows, [4, 3, 2, 1], |r, R| $tile::<R, Q5>(
                     w, qa, g, h, r, out, n
                 ));
             }
@@ -273,7 +315,7 @@ macro_rules! q4k_256 {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
         #[inline]
-        unsafe fn $tile<const R: usize>(
+        unsafe fn $tile<const R: usize, const Q5: bool>(
             w: &PackedMatrix,
             qa: &QuantRows,
             g: usize,
@@ -307,30 +349,49 @@ macro_rules! q4k_256 {
                 for p in 0..4 {
                     let mut lo_dots = [_mm256_setzero_si256(); R];
                     let mut hi_dots = [_mm256_setzero_si256(); R];
+                    // Without VNNI: the i16 sums of the runs since the last widening.
+                    let mut lo16 = [_mm256_setzero_si256(); R];
+                    let mut hi16 = [_mm256_setzero_si256(); R];
                     let col = sb * QK_K + 64 * p;
                     for run in 0..8 {
                         let v = _mm256_loadu_si256(
                             t.add(QS + (p * 8 + run) * 64 + 32 * h) as *const __m256i
                         );
-                        let lo = _mm256_and_si256(v, nibble);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+                        let mut lo = _mm256_and_si256(v, nibble);
+                        let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+                        if Q5 {
+                            let vh =
+                                _mm256_loadu_si256(t.add(QH + run * 64 + 32 * h) as *const __m256i);
+                            let sixteen = _mm256_set1_epi8(16);
+                            let top = |x: __m256i, bit: i32| {
+                                let bit = _mm256_set1_epi8(bit as i8);
+                                let set = _mm256_cmpeq_epi8(_mm256_and_si256(vh, bit), bit);
+                                _mm256_or_si256(x, _mm256_and_si256(set, sixteen))
+                            };
+                            lo = top(lo, 1 << (2 * p));
+                            hi = top(hi, 2 << (2 * p));
+                        }
                         for i in 0..R {
                             let (a_lo, a_hi) = (act(i, col + 4 * run), act(i, col + 32 + 4 * run));
                             if $vnni {
                                 lo_dots[i] = _mm256_dpbusd_avx_epi32(lo_dots[i], lo, a_lo);
                                 hi_dots[i] = _mm256_dpbusd_avx_epi32(hi_dots[i], hi, a_hi);
                             } else {
-                                lo_dots[i] =
-                                    _mm256_add_epi16(lo_dots[i], _mm256_maddubs_epi16(lo, a_lo));
-                                hi_dots[i] =
-                                    _mm256_add_epi16(hi_dots[i], _mm256_maddubs_epi16(hi, a_hi));
+                                lo16[i] = _mm256_add_epi16(lo16[i], _mm256_maddubs_epi16(lo, a_lo));
+                                hi16[i] = _mm256_add_epi16(hi16[i], _mm256_maddubs_epi16(hi, a_hi));
                             }
                         }
-                    }
-                    if !$vnni {
-                        for i in 0..R {
-                            lo_dots[i] = _mm256_madd_epi16(lo_dots[i], ones);
-                            hi_dots[i] = _mm256_madd_epi16(hi_dots[i], ones);
+                        if !$vnni && (run == 7 || (Q5 && run == 3)) {
+                            for i in 0..R {
+                                let (l, h) = (
+                                    _mm256_madd_epi16(lo16[i], ones),
+                                    _mm256_madd_epi16(hi16[i], ones),
+                                );
+                                lo_dots[i] = _mm256_add_epi32(lo_dots[i], l);
+                                hi_dots[i] = _mm256_add_epi32(hi_dots[i], h);
+                                lo16[i] = _mm256_setzero_si256();
+                                hi16[i] = _mm256_setzero_si256();
+                            }
                         }
                     }
                     for (half, dots) in [lo_dots, hi_dots].iter().enumerate() {
@@ -422,7 +483,7 @@ mod neon_q4k {
     macro_rules! q4k_neon {
         ($group:ident, $tile:ident, $features:literal, $dot:ident) => {
             #[target_feature(enable = $features)]
-            pub(in super::super) unsafe fn $group(
+            pub(in super::super) unsafe fn $group<const Q5: bool>(
                 w: &PackedMatrix,
                 qa: &QuantRows,
                 g: usize,
@@ -432,7 +493,7 @@ mod neon_q4k {
                 n: usize,
             ) {
                 for quarter in 0..4 {
-                    row_tiles!(r0, rows, [4, 3, 2, 1], |r, R| $tile::<R>(
+                    row_tiles!(r0, rows, [4, 3, 2, 1], |r, R| $tile::<R, Q5>(
                         w, qa, g, quarter, r, out, n
                     ));
                 }
@@ -440,7 +501,7 @@ mod neon_q4k {
 
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn $tile<const R: usize>(
+            unsafe fn $tile<const R: usize, const Q5: bool>(
                 w: &PackedMatrix,
                 qa: &QuantRows,
                 g: usize,
@@ -470,8 +531,20 @@ mod neon_q4k {
                         let col = sb * QK_K + 64 * p;
                         for run in 0..8 {
                             let v = vld1q_u8(t.add(QS + (p * 8 + run) * 64 + 16 * q));
-                            let lo = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F)));
-                            let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
+                            let mut lo = vandq_u8(v, vdupq_n_u8(0x0F));
+                            let mut hi = vshrq_n_u8::<4>(v);
+                            if Q5 {
+                                // Bit 2p (lo) and 2p + 1 (hi) of qh moved to bit 4.
+                                let vh = vld1q_u8(t.add(QH + run * 64 + 16 * q));
+                                let sixteen = vdupq_n_u8(16);
+                                let s = 4 - 2 * p as i8;
+                                lo = vorrq_u8(lo, vandq_u8(vshlq_u8(vh, vdupq_n_s8(s)), sixteen));
+                                hi = vorrq_u8(
+                                    hi,
+                                    vandq_u8(vshlq_u8(vh, vdupq_n_s8(s - 1)), sixteen),
+                                );
+                            }
+                            let (lo, hi) = (vreinterpretq_s8_u8(lo), vreinterpretq_s8_u8(hi));
                             for i in 0..R {
                                 lo_dots[i] = $dot(lo_dots[i], lo, act(i, col + 4 * run));
                                 hi_dots[i] = $dot(hi_dots[i], hi, act(i, col + 32 + 4 * run));
