@@ -10,6 +10,11 @@ mod cmd;
 mod procfs;
 mod serve;
 
+/// Every heap block is counted per component and rank (`llmem_engine::heap`).
+#[cfg(feature = "heap-stats")]
+#[global_allocator]
+static ALLOC: llmem_engine::heap::CountingAlloc = llmem_engine::heap::CountingAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "llmem",

@@ -4,7 +4,8 @@
 //! Layers, bottom to top; a module imports only from its own layer or those below
 //! (`scripts/check-layers` fails on an import cycle):
 //!
-//! - `error`, `request`, `rng`, `device`, `chat`, `config`: the vocabulary every layer shares;
+//! - `error`, `request`, `rng`, `device`, `chat`, `config`, `heap`: the vocabulary every
+//!   layer shares (`heap` counts heap bytes per component and rank);
 //! - `weights`: files, formats, tokenizers, the default model;
 //! - `cache`: block bookkeeping, the paged and the contiguous KV cache;
 //! - `parallel`: collectives and how a model is split over ranks;
@@ -21,6 +22,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod heap;
 pub mod layers;
 pub mod model;
 pub mod parallel;

@@ -179,6 +179,7 @@ fn single_runner(dir: &Path, num_blocks: usize, block_size: usize) -> Runner {
     Runner::Single {
         model: Box::new(model),
         cache,
+        pass_heap: 0,
     }
 }
 
@@ -564,6 +565,7 @@ fn smollm2_tp3_pp2_equal_tp1_tokens_logits_and_planner_bytes() {
     let mut single_runner = Runner::Single {
         model: Box::new(model),
         cache,
+        pass_heap: 0,
     };
     let (want_logits, _) = greedy_logits(&mut single_runner, &prompts[0], 2, 16);
     drop(single_runner);

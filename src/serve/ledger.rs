@@ -1,17 +1,24 @@
 //! The memory ledger: where the server's memory went, per component, beside the
 //! planner's prediction for the same deployment.
 //!
-//! On the CPU the components are the engine's own accounting of the tensors it owns
-//! (weights, the KV cache it reserved and the part of it live sequences use, the
-//! activation estimate of the current and the largest forward pass) plus what the OS
-//! says: the process's resident set (`VmRSS` of /proc/self/status) and the machine's
-//! total and available memory (/proc/meminfo). `runtime_overhead` is measured, not
-//! assumed: the resident set before the model loaded (binary, allocator, runtime
-//! threads), the CPU's counterpart of a CUDA context. `unaccounted` is
-//! `rss - (weights + kv_reserved + activations_now + runtime_overhead)`: allocator slack,
-//! the tokenizer, rope tables, HTTP buffers. It can be negative when the OS has not yet
-//! made part of an allocation resident. Nothing is hidden in it on purpose: it is the
-//! gap between the engine's bookkeeping and the machine's.
+//! On the CPU, with the counting allocator the binary installs (`llmem_engine::heap`),
+//! every figure of the stack is measured and together they are the resident set
+//! (`VmRSS` of /proc/self/status):
+//! - per rank, the heap bytes counted as its weights, its KV cache and its activations
+//!   (the live bytes now; `activation_peak_bytes` is the largest working set of one pass,
+//!   its peak above what the rank held before it). `weights_bytes` and
+//!   `kv_cache_reserved_bytes` stay the engine's tensor byte counts, the planner's unit;
+//!   the heap figures add each tensor's bookkeeping (a few hundred bytes);
+//! - `runtime_overhead` (rank 0): the heap counted as the runtime's (server, tokenizer,
+//!   scheduler, rope tables) and as nothing's, the allocator's own bytes (block headers,
+//!   what malloc holds free), and the file-backed resident pages (binary, libraries;
+//!   mmap-ed weight files apart);
+//! - `unaccounted`: the resident set minus all of the above (thread stacks, anonymous
+//!   maps outside malloc). It can be negative when part of an allocation is not resident.
+//!
+//! Without the counting allocator (a build without the `heap-stats` feature) the figures
+//! fall back to the engine's arithmetic: activation estimates, and as the runtime
+//! overhead the resident set before the model loaded.
 //!
 //! On a CUDA GPU (`serve --device cuda`) the device's numbers come from the driver
 //! (`cuMemGetInfo`): `device_used_bytes` is the whole device's use, the CUDA context +
@@ -32,8 +39,12 @@ use llmem_engine::engine::runner::PlannedRank;
 use llmem_engine::engine::PlannedTerms;
 use serde_json::{json, Value};
 
+use llmem_engine::heap::{self, Component};
+
 use super::metrics::{Histogram, Shared};
-use crate::procfs::{machine_used_bytes, process_rss_bytes};
+use crate::procfs::{
+    allocator_free_bytes, machine_used_bytes, mapped_files_resident_bytes, process_resident,
+};
 
 /// One rank's figures fixed at start-up, with the planner's per-GPU terms for it.
 #[derive(Debug, Clone)]
@@ -81,17 +92,66 @@ pub struct Ledger {
 /// One rank's live figures.
 struct RankNow {
     kv_used: u64,
+    /// Measured: the rank's activation heap now. Without the counting allocator: the
+    /// estimate of the last pass.
     activation: u64,
+    /// Measured: the largest pass working set so far (else the estimate's largest).
     activation_peak: u64,
+    /// Measured: the last pass's working set (0 when idle).
+    activation_last_pass: Option<u64>,
+    activation_estimate: u64,
+    activation_estimate_peak: u64,
+    heap: Option<RankHeap>,
     /// The process's gap, carried by rank 0 (ranks are threads of one process).
     unaccounted: i64,
 }
+
+/// A rank's heap bytes by component, as `llmem_engine::heap` counts them.
+#[derive(Clone, Copy)]
+struct RankHeap {
+    weights: u64,
+    kv_cache: u64,
+}
+
+/// What the resident set holds besides the ranks' weights, KV and activations (CPU runs
+/// with the counting allocator): together with them it sums to the RSS, `unaccounted`
+/// being the rest.
+#[derive(Clone, Copy, Default)]
+struct ProcessParts {
+    /// Heap counted as the runtime's: server, tokenizer, scheduler, rope tables.
+    runtime_heap: u64,
+    /// Heap nothing named (libraries' own allocations, rayon's workers).
+    other_heap: u64,
+    /// The allocator's own use: the counting headers plus what malloc holds free.
+    allocator: u64,
+    /// File-backed resident pages: the binary and its libraries (weight files apart).
+    code_and_files: u64,
+    /// Resident pages of mmap-ed weight files.
+    mapped_weight_files: u64,
+}
+
+impl ProcessParts {
+    fn total(&self) -> u64 {
+        self.runtime_heap
+            + self.other_heap
+            + self.allocator
+            + self.code_and_files
+            + self.mapped_weight_files
+    }
+}
+
+/// What `unaccounted` holds when the heap is counted.
+const UNACCOUNTED_EXPLAINED: &str = "resident set minus every measured part: thread \
+    stacks, anonymous maps outside malloc (the kernels' and libraries' own), pages of freed \
+    malloc blocks the allocator has not returned and does not report as free";
 
 /// The live figures of one moment.
 struct Now {
     ranks: Vec<RankNow>,
     rss: u64,
     device_used: u64,
+    /// Set on the CPU when the counting allocator runs.
+    parts: Option<ProcessParts>,
 }
 
 impl Ledger {
@@ -108,34 +168,81 @@ impl Ledger {
 
     fn now(&self, shared: &Shared) -> Now {
         let snap = shared.snapshot();
-        let rss = process_rss_bytes().unwrap_or(0);
+        let resident = process_resident().unwrap_or_default();
+        let rss = resident.rss;
         let (used, total) = (
             snap.stats.blocks_used as u64,
             snap.stats.blocks_total as u64,
         );
+        // Measured figures need the counting allocator, and a CPU (a GPU's memory is
+        // the driver's).
+        let counted = heap::installed() && self.gpu.is_none();
         let mut ranks: Vec<RankNow> = self
             .ranks
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let (activation, activation_peak) =
+                let (estimate, estimate_peak) =
                     snap.rank_activation.get(i).copied().unwrap_or((0, 0));
+                let measured = snap
+                    .rank_activation_measured
+                    .as_ref()
+                    .and_then(|m| m.get(i).copied());
+                let (activation, activation_peak, last_pass) = match (counted, measured) {
+                    (true, Some((last, peak))) => {
+                        (heap::live(Component::Activations, i), peak, Some(last))
+                    }
+                    _ => (estimate, estimate_peak, None),
+                };
                 RankNow {
                     kv_used: (u128::from(r.kv_cache_reserved_bytes) * u128::from(used)
                         / u128::from(total.max(1))) as u64,
                     activation,
                     activation_peak,
+                    activation_last_pass: last_pass,
+                    activation_estimate: estimate,
+                    activation_estimate_peak: estimate_peak,
+                    heap: counted.then(|| RankHeap {
+                        weights: heap::live(Component::Weights, i),
+                        kv_cache: heap::live(Component::KvCache, i),
+                    }),
                     unaccounted: 0,
                 }
             })
             .collect();
-        let accounted: u64 = self
-            .ranks
-            .iter()
-            .zip(&ranks)
-            .map(|(r, n)| r.weights_bytes + r.kv_cache_reserved_bytes + n.activation)
-            .sum::<u64>()
-            + self.runtime_overhead_bytes;
+        let parts = counted.then(|| {
+            let mapped = mapped_files_resident_bytes(&[".gguf", ".safetensors"]).unwrap_or(0);
+            ProcessParts {
+                runtime_heap: heap::live_all_ranks(Component::Runtime),
+                other_heap: heap::live_all_ranks(Component::Other),
+                allocator: heap::header_bytes() + allocator_free_bytes().unwrap_or(0),
+                code_and_files: resident.file.saturating_sub(mapped),
+                mapped_weight_files: mapped,
+            }
+        });
+        let accounted: u64 = match &parts {
+            Some(p) => {
+                ranks
+                    .iter()
+                    .map(|n| {
+                        let h = n.heap.unwrap_or(RankHeap {
+                            weights: 0,
+                            kv_cache: 0,
+                        });
+                        h.weights + h.kv_cache + n.activation
+                    })
+                    .sum::<u64>()
+                    + p.total()
+            }
+            None => {
+                self.ranks
+                    .iter()
+                    .zip(&ranks)
+                    .map(|(r, n)| r.weights_bytes + r.kv_cache_reserved_bytes + n.activation)
+                    .sum::<u64>()
+                    + self.runtime_overhead_bytes
+            }
+        };
         let (ours, device_used) = match &self.gpu {
             Some(g) => {
                 let used =
@@ -151,7 +258,15 @@ impl Ledger {
             ranks,
             rss,
             device_used,
+            parts,
         }
+    }
+
+    /// The runtime's measured share on rank 0 (everything but weights, KV, activations
+    /// and the unaccounted rest), or the resident set before loading without the heap
+    /// counts.
+    fn runtime_overhead_now(&self, n: &Now) -> u64 {
+        n.parts.map_or(self.runtime_overhead_bytes, |p| p.total())
     }
 
     /// The `plan` object: the planner's terms per GPU (rank 0's under TP/PP).
@@ -207,12 +322,32 @@ impl Ledger {
                     "kv_cache_used_bytes": now.kv_used,
                     "activation_bytes": now.activation,
                     "activation_peak_bytes": now.activation_peak,
-                    "runtime_overhead_bytes": if i == 0 { self.runtime_overhead_bytes } else { 0 },
+                    "activation_estimate_bytes": now.activation_estimate,
+                    "activation_estimate_peak_bytes": now.activation_estimate_peak,
+                    "activations_measured": now.activation_last_pass.is_some(),
+                    "runtime_overhead_bytes": if i == 0 { self.runtime_overhead_now(&n) } else { 0 },
                     "unaccounted_bytes": now.unaccounted,
                     "device_total_bytes": self.device_total_bytes,
                     "device_used_bytes": n.device_used,
                     "process_rss_bytes": n.rss,
                 });
+                if let Some(last) = now.activation_last_pass {
+                    v["activation_last_pass_bytes"] = json!(last);
+                }
+                if let Some(h) = now.heap {
+                    v["weights_heap_bytes"] = json!(h.weights);
+                    v["kv_cache_heap_bytes"] = json!(h.kv_cache);
+                }
+                if let (0, Some(p)) = (i, n.parts) {
+                    v["runtime_parts"] = json!({
+                        "runtime_heap_bytes": p.runtime_heap,
+                        "other_heap_bytes": p.other_heap,
+                        "allocator_bytes": p.allocator,
+                        "code_and_files_bytes": p.code_and_files,
+                        "mapped_weight_files_bytes": p.mapped_weight_files,
+                    });
+                    v["unaccounted_explained"] = json!(UNACCOUNTED_EXPLAINED);
+                }
                 if let Some(p) = r.planned {
                     v["planned"] = json!({
                         "weights_bytes": p.weights_bytes,
@@ -279,7 +414,20 @@ impl Ledger {
                 (comp("kv_cache_used", i), now.kv_used as f64),
                 (comp("activations", i), now.activation as f64),
                 (comp("activations_peak", i), now.activation_peak as f64),
+                (
+                    comp("activations_estimate", i),
+                    now.activation_estimate as f64,
+                ),
             ]);
+            if let Some(h) = now.heap {
+                measured.extend([
+                    (comp("weights_heap", i), h.weights as f64),
+                    (comp("kv_cache_heap", i), h.kv_cache as f64),
+                ]);
+            }
+            if let Some(last) = now.activation_last_pass {
+                measured.push((comp("activations_last_pass", i), last as f64));
+            }
             if let Some(p) = r.planned {
                 planned.extend([
                     (comp("weights", i), p.weights_bytes as f64),
@@ -289,10 +437,19 @@ impl Ledger {
             }
         }
         let rank0 = n.ranks.first().map_or(0, |r| r.unaccounted);
+        if let Some(p) = n.parts {
+            measured.extend([
+                (comp("runtime_heap", 0), p.runtime_heap as f64),
+                (comp("other_heap", 0), p.other_heap as f64),
+                (comp("allocator", 0), p.allocator as f64),
+                (comp("code_and_files", 0), p.code_and_files as f64),
+                (comp("mapped_weight_files", 0), p.mapped_weight_files as f64),
+            ]);
+        }
         measured.extend([
             (
                 comp("runtime_overhead", 0),
-                self.runtime_overhead_bytes as f64,
+                self.runtime_overhead_now(&n) as f64,
             ),
             (comp("unaccounted", 0), rank0 as f64),
             (comp("process_rss", 0), n.rss as f64),

@@ -53,6 +53,9 @@ pub struct Snapshot {
     pub stats: EngineStats,
     /// Per rank: the activation estimate of the last pass and the largest.
     pub rank_activation: Vec<(u64, u64)>,
+    /// Per rank: the measured working set of the last pass and the largest (`None`
+    /// without the counting allocator).
+    pub rank_activation_measured: Option<Vec<(u64, u64)>>,
     pub prompt_tokens_total: u64,
     pub generated_tokens_total: u64,
     pub requests_finished: u64,
@@ -68,6 +71,7 @@ impl Snapshot {
         Snapshot {
             stats,
             rank_activation: Vec::new(),
+            rank_activation_measured: None,
             prompt_tokens_total: 0,
             generated_tokens_total: 0,
             requests_finished: 0,

@@ -179,6 +179,9 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
              (NcclComm compiles but no runner uses it)"
         );
     }
+    // This thread's blocks (tokenizer, settings) are the runtime's; loading counts the
+    // weights and the KV cache as theirs (`llmem_engine::heap`).
+    llmem_engine::heap::tag_thread(llmem_engine::heap::Component::Runtime, 0);
     let opened = llmem_engine::device::open_measured(spec)?;
     let baseline_rss = crate::procfs::process_rss_bytes().unwrap_or(0);
     let kv_dtype = args.kv.kv_dtype_for(args.dtype);
@@ -356,6 +359,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let max_body = usize::try_from(args.max_body_bytes).unwrap_or(usize::MAX);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .on_thread_start(|| {
+            llmem_engine::heap::tag_thread(llmem_engine::heap::Component::Runtime, 0)
+        })
         .enable_all()
         .build()
         .context("starting the async runtime")?;

@@ -639,6 +639,43 @@ async fn memory_and_metrics_follow_the_contract_and_the_plan() {
         blocks * per_block
     );
     assert!(rank["activation_peak_bytes"].as_u64().unwrap() > 0);
+    // Measured by the counting allocator this binary installs: the KV buffers to the
+    // byte, the weights plus their tensors' bookkeeping, the passes' working sets.
+    assert_eq!(rank["activations_measured"], true, "{m}");
+    assert_eq!(rank["kv_cache_heap_bytes"], rank["kv_cache_reserved_bytes"]);
+    let (wb, wh) = (
+        rank["weights_bytes"].as_u64().unwrap(),
+        rank["weights_heap_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        wh >= wb && wh - wb < 512 * 1024,
+        "weights {wb} B, heap {wh} B"
+    );
+    assert!(rank["activation_last_pass_bytes"].is_number());
+    let parts = &rank["runtime_parts"];
+    let parts_sum: u64 = [
+        "runtime_heap_bytes",
+        "other_heap_bytes",
+        "allocator_bytes",
+        "code_and_files_bytes",
+        "mapped_weight_files_bytes",
+    ]
+    .iter()
+    .map(|k| {
+        parts[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("runtime_parts.{k}: {m}"))
+    })
+    .sum();
+    assert_eq!(rank["runtime_overhead_bytes"].as_u64().unwrap(), parts_sum);
+    // Every part is measured, so what is left is small (stacks, maps outside malloc).
+    let rss = rank["process_rss_bytes"].as_i64().unwrap();
+    let unaccounted = rank["unaccounted_bytes"].as_i64().unwrap();
+    println!("unaccounted {unaccounted} B of {rss} B resident");
+    assert!(
+        unaccounted.abs() < rss / 10,
+        "unaccounted {unaccounted} of {rss}"
+    );
     assert_eq!(
         m["kv_blocks"]["used"], 0,
         "finished requests hold no blocks"

@@ -94,6 +94,9 @@ pub fn run(
     commands: Receiver<Command>,
     shared: Arc<Shared>,
 ) {
+    // Scheduling, sampling and detokenizing are the runtime's; the passes count
+    // themselves as activations (`llmem_engine::heap`).
+    llmem_engine::heap::tag_thread(llmem_engine::heap::Component::Runtime, 0);
     let tok = &tokenizer;
     let mut live: HashMap<RequestId, Live<'_>> = HashMap::new();
     let mut counters = Snapshot::new(engine.stats());
@@ -214,6 +217,7 @@ pub fn run(
         }
         counters.stats = engine.stats();
         counters.rank_activation = engine.rank_activation_bytes();
+        counters.rank_activation_measured = engine.measured_activation_bytes();
         *shared
             .snapshot
             .lock()

@@ -27,6 +27,7 @@ impl KvCache {
     pub fn new(shape: &ModelShape, capacity: usize, dtype: DType, device: &Device) -> Result<Self> {
         let (nkv, hd) = (shape.num_key_value_heads as usize, shape.head_dim as usize);
         let layers = shape.num_hidden_layers as usize;
+        let _kv = crate::heap::scope(crate::heap::Component::KvCache);
         let alloc = || Tensor::zeros((capacity, nkv, hd), dtype, device);
         let k = (0..layers)
             .map(|_| alloc())

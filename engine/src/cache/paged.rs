@@ -364,6 +364,9 @@ impl PagedKvCache {
             .checked_mul(block_bytes(model, block_size, dtype))
             .ok_or_else(|| Error::InvalidInput("KV cache size overflows".to_string()))?;
         let alloc = || -> Result<Buffer> {
+            // Only the buffers count as the KV cache (`crate::heap`): its heap bytes are
+            // then exactly `bytes`.
+            let _kv = crate::heap::scope(crate::heap::Component::KvCache);
             match device {
                 candle_core::Device::Cpu => Ok(Buffer::zeros(dtype, shape.elems())),
                 #[cfg(feature = "cuda")]

@@ -212,6 +212,10 @@ pub struct Engine {
     /// largest estimate is one of these; a step only compares integers, and the
     /// estimate is computed when someone asks ([`Engine::activation_bytes`]).
     frontier: Vec<(usize, usize)>,
+    /// Per rank: the measured heap working set of the last pass and the largest so far
+    /// (`crate::heap`; zeros without the counting allocator).
+    pass_heap_last: Vec<u64>,
+    pass_heap_peak: Vec<u64>,
 }
 
 impl Engine {
@@ -229,6 +233,7 @@ impl Engine {
             Runner::Single {
                 model: Box::new(model),
                 cache,
+                pass_heap: 0,
             },
             config,
         ))
@@ -290,6 +295,8 @@ impl Engine {
             steps: 0,
             last_pass: (0, 0),
             frontier: Vec::new(),
+            pass_heap_last: Vec::new(),
+            pass_heap_peak: Vec::new(),
         }
     }
 
@@ -417,7 +424,14 @@ impl Engine {
         let rows = batch.seqs.iter().filter(|e| e.sample).count();
         self.last_pass = (batch.num_tokens(), rows);
         self.note_pass(self.last_pass);
-        let sampled = match self.run(&batch) {
+        let result = self.run(&batch);
+        self.pass_heap_last = self.runner.last_pass_heap();
+        self.pass_heap_peak
+            .resize(self.pass_heap_last.len().max(self.pass_heap_peak.len()), 0);
+        for (peak, last) in self.pass_heap_peak.iter_mut().zip(&self.pass_heap_last) {
+            *peak = (*peak).max(*last);
+        }
+        let sampled = match result {
             Ok(sampled) => sampled,
             Err(e) => {
                 for entry in &batch.seqs {
@@ -520,6 +534,30 @@ impl Engine {
         (
             self.pass_activation(self.last_pass),
             self.pass_activation(self.peak_pass()),
+        )
+    }
+
+    /// Per rank (stage-major, as [`Engine::rank_memory`]): the heap working set of the
+    /// last pass (0 when idle) and the largest since start, measured by
+    /// [`crate::heap::CountingAlloc`] as the peak of the rank's activation bytes during
+    /// the pass above what it held before. `None` where that allocator is not installed.
+    pub fn measured_activation_bytes(&self) -> Option<Vec<(u64, u64)>> {
+        if !crate::heap::installed() {
+            return None;
+        }
+        let idle = self.last_pass.0 == 0;
+        let ranks = self.runner.last_pass_heap().len();
+        Some(
+            (0..ranks)
+                .map(|i| {
+                    let last = if idle {
+                        0
+                    } else {
+                        self.pass_heap_last.get(i).copied().unwrap_or(0)
+                    };
+                    (last, self.pass_heap_peak.get(i).copied().unwrap_or(0))
+                })
+                .collect(),
         )
     }
 

@@ -28,6 +28,7 @@ use llmem_planner::{AttentionImpl, Deployment, ModelShape, Precision, Workload};
 
 use crate::cache::paged::{KvDtype, PagedKvCache, PagedMetadata};
 use crate::error::{Error, Result};
+use crate::heap::{self, Component, PassMeter};
 use crate::model::rank_activation_peak_bytes;
 use crate::model::Model;
 use crate::parallel::comm::{CommStats, Communicator, ThreadComm};
@@ -129,8 +130,9 @@ struct Job {
 }
 
 /// A rank's answer: its output (hidden states or logits, `None` when it has nothing to
-/// hand on) and whether the failure, if any, happened after the collectives began.
-type Reply = (Result<Option<Tensor>>, bool);
+/// hand on), whether the failure, if any, happened after the collectives began, and the
+/// pass's activation peak on the rank's heap ([`crate::heap::PassMeter`]).
+type Reply = (Result<Option<Tensor>>, bool, u64);
 
 struct Worker {
     jobs: Option<mpsc::Sender<Job>>,
@@ -147,6 +149,8 @@ pub struct ParallelRunner {
     /// Stage-major: stage s, rank r at `s * tp + r`.
     workers: Vec<Worker>,
     memory: Vec<RankMemory>,
+    /// Per rank: the heap peak of its last pass above what it held before.
+    pass_heap: Vec<u64>,
     /// Why the grid refuses further passes.
     broken: Option<String>,
 }
@@ -179,9 +183,12 @@ impl ParallelRunner {
                     parallel: spec,
                 };
                 let (shape, weights, thread_comm) = (shape.clone(), weights.clone(), comm.clone());
+                // The rank's slot in the heap counts: its place in the grid, stage-major.
+                let heap_rank = workers.len();
                 let handle = std::thread::Builder::new()
                     .name(format!("llmem-pp{stage}-tp{rank}"))
                     .spawn(move || {
+                        heap::tag_thread(Component::Other, heap_rank);
                         let loaded = Model::load_shard(
                             &shape,
                             &weights,
@@ -205,7 +212,14 @@ impl ParallelRunner {
                                 return;
                             }
                         };
-                        rank_loop(&model, &mut cache, &*thread_comm, job_rx, reply_tx);
+                        rank_loop(
+                            &model,
+                            &mut cache,
+                            &*thread_comm,
+                            heap_rank,
+                            job_rx,
+                            reply_tx,
+                        );
                     })
                     .map_err(|e| Error::InvalidInput(format!("spawning a rank thread: {e}")))?;
                 workers.push(Worker {
@@ -245,6 +259,7 @@ impl ParallelRunner {
             shape: shape.clone(),
             dtype,
             spec,
+            pass_heap: vec![0; workers.len()],
             workers,
             memory,
             broken: None,
@@ -309,12 +324,13 @@ impl ParallelRunner {
             let mut aborted = false;
             for (rank, w) in ranks.iter().enumerate() {
                 match w.replies.recv() {
-                    Ok((Ok(t), _)) => {
+                    Ok((Ok(t), _, heap_peak)) => {
+                        self.pass_heap[stage * tp + rank] = heap_peak;
                         if rank == 0 {
                             out = t;
                         }
                     }
-                    Ok((Err(e), after_start)) => {
+                    Ok((Err(e), after_start, _)) => {
                         aborted |= after_start;
                         first_err.get_or_insert(e);
                     }
@@ -378,6 +394,7 @@ fn rank_loop(
     model: &Model,
     cache: &mut PagedKvCache,
     comm: &dyn Communicator,
+    heap_rank: usize,
     jobs: mpsc::Receiver<Job>,
     replies: mpsc::Sender<Reply>,
 ) {
@@ -386,24 +403,29 @@ fn rank_loop(
         // Input checks fail identically on every rank, before any collective: the
         // group stays usable.
         if let Err(e) = model.check_paged(&b.ids, &b.positions, &b.meta, cache, &b.sample_rows) {
-            if replies.send((Err(e), false)).is_err() {
+            if replies.send((Err(e), false, 0)).is_err() {
                 return;
             }
             continue;
         }
-        let out = model.forward_stage_checked(
-            &b.ids,
-            &b.positions,
-            job.hidden.as_ref(),
-            &b.meta,
-            cache,
-            &b.sample_rows,
-        );
+        let meter = PassMeter::start(Component::Activations, heap_rank);
+        let out = {
+            let _pass = heap::scope(Component::Activations);
+            model.forward_stage_checked(
+                &b.ids,
+                &b.positions,
+                job.hidden.as_ref(),
+                &b.meta,
+                cache,
+                &b.sample_rows,
+            )
+        };
+        let (heap_peak, _) = meter.finish();
         let failed = out.is_err();
         if failed {
             comm.abort();
         }
-        if replies.send((out, failed)).is_err() {
+        if replies.send((out, failed, heap_peak)).is_err() {
             return;
         }
     }
@@ -427,6 +449,8 @@ pub enum Runner {
     Single {
         model: Box<Model>,
         cache: PagedKvCache,
+        /// The heap peak of the last pass above what was held before it (rank 0).
+        pass_heap: u64,
     },
     Parallel(Box<ParallelRunner>),
 }
@@ -466,8 +490,18 @@ impl Runner {
         sample_rows: &[usize],
     ) -> Result<Tensor> {
         match self {
-            Runner::Single { model, cache } => {
-                model.forward_paged(ids, positions, meta, cache, sample_rows)
+            Runner::Single {
+                model,
+                cache,
+                pass_heap,
+            } => {
+                let meter = PassMeter::start(Component::Activations, 0);
+                let out = {
+                    let _pass = heap::rank_scope(Component::Activations, 0);
+                    model.forward_paged(ids, positions, meta, cache, sample_rows)
+                };
+                *pass_heap = meter.finish().0;
+                out
             }
             Runner::Parallel(p) => p.forward_paged(ids, positions, meta, sample_rows),
         }
@@ -492,7 +526,7 @@ impl Runner {
     /// Per-rank memory; one entry for a single model.
     pub fn rank_memory(&self, pass_tokens: usize, logits_rows: usize) -> Vec<RankMemory> {
         match self {
-            Runner::Single { model, cache } => vec![RankMemory {
+            Runner::Single { model, cache, .. } => vec![RankMemory {
                 stage: 0,
                 tp_rank: 0,
                 first_layer: 0,
@@ -502,6 +536,16 @@ impl Runner {
                 activation_peak_bytes: model.paged_activation_peak_bytes(pass_tokens, logits_rows),
             }],
             Runner::Parallel(p) => p.rank_memory(pass_tokens, logits_rows),
+        }
+    }
+
+    /// Per rank (stage-major): the heap peak of its last pass above what it held before,
+    /// as [`crate::heap::CountingAlloc`] counts it; zeros where that allocator is not
+    /// installed ([`crate::heap::installed`]).
+    pub fn last_pass_heap(&self) -> Vec<u64> {
+        match self {
+            Runner::Single { pass_heap, .. } => vec![*pass_heap],
+            Runner::Parallel(p) => p.pass_heap.clone(),
         }
     }
 

@@ -232,15 +232,18 @@ fn dense_forward(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// A deep copy of `t.narrow(dim, start, len)`, so the full tensor's storage is freed.
-fn narrow_copy(t: &Tensor, dim: usize, start: usize, len: usize) -> candle_core::Result<Tensor> {
-    let part = t.narrow(dim, start, len)?;
-    // `contiguous` is a no-op on a row slice, which would keep the whole tensor alive.
-    if part.is_contiguous() {
-        part.copy()
-    } else {
-        part.contiguous()
-    }
+/// A deep copy of `t.narrow(dim, start, len)` in storage of its own size, so the full
+/// tensor's storage is freed.
+pub(crate) fn narrow_copy(
+    t: &Tensor,
+    dim: usize,
+    start: usize,
+    len: usize,
+) -> candle_core::Result<Tensor> {
+    // Neither `contiguous` (a no-op on a row slice) nor candle's `copy` (a clone of the
+    // whole storage, the slice's offset kept) would free the rest of the tensor: a
+    // column-parallel shard held the full matrix until the heap counts showed it.
+    t.narrow(dim, start, len)?.force_contiguous()
 }
 
 /// `LLMEM_MATVEC=0` sends every linear through gemm (for comparing the two paths).

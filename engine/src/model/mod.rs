@@ -41,6 +41,7 @@ use llmem_planner::ModelShape;
 use crate::cache::contiguous::KvCache;
 use crate::cache::paged::{check_paged_pass, PagedKvCache, PagedMetadata};
 use crate::error::{Error, Result};
+use crate::heap::{self, Component};
 pub use crate::layers::attention::AttnMetadata;
 use crate::layers::attention::{causal_mask, PassInputs};
 use crate::layers::decoder::DecoderLayer;
@@ -202,6 +203,14 @@ impl Model {
             tp: p.tp,
             comm,
         });
+        // Every block the weights keep is counted as theirs (`crate::heap`), on this
+        // thread's rank; the rope tables and the file summary below are not weights. Rayon's
+        // global pool, made on first use (by the packing below, say), is the runtime's.
+        {
+            let _runtime = heap::scope(Component::Runtime);
+            rayon::current_num_threads();
+        }
+        let weights_scope = heap::scope(Component::Weights);
         let layers = (first_layer..first_layer + num_layers)
             .map(|i| match &shard {
                 None => DecoderLayer::load(w, i, shape, fmt, device),
@@ -223,9 +232,12 @@ impl Model {
                 return w.load_matrix(name, vocab, h, ep, fmt.as_stored, device);
             }
             let t = w.load(name, &[vocab, h], dtype, device)?;
-            Ok(StoredMatrix::Dense(
-                t.narrow(0, vocab_start, vocab_len)?.copy()?,
-            ))
+            Ok(StoredMatrix::Dense(crate::layers::linear::narrow_copy(
+                &t,
+                0,
+                vocab_start,
+                vocab_len,
+            )?))
         };
         let embed_tokens = if holds_embedding || (holds_head && shape.tie_word_embeddings) {
             Some(load_rows("model.embed_tokens.weight")?)
@@ -249,6 +261,8 @@ impl Model {
             (None, None)
         };
         let embed_tokens = if holds_embedding { embed_tokens } else { None };
+        drop(weights_scope);
+        let _runtime = heap::scope(Component::Runtime);
 
         // Bytes as the planner counts them: a tied head shared with the embedding once.
         let mut weights_bytes = layers.iter().map(DecoderLayer::weights_bytes).sum::<u64>();
@@ -738,7 +752,12 @@ fn on_worker<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     if !device.is_cpu() || rayon::current_thread_index().is_some() {
         f()
     } else {
-        rayon::scope(|_| f())
+        // The worker counts its allocations as this thread would (`crate::heap`).
+        let tag = crate::heap::Tag::current();
+        rayon::scope(|_| {
+            let _tag = tag.enter();
+            f()
+        })
     }
 }
 
