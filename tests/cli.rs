@@ -377,6 +377,22 @@ fn bench_json_contract_with_forced_preemption() {
             assert!(run[key]["p50"].as_f64().unwrap() <= run[key]["p99"].as_f64().unwrap());
         }
         assert!(run["peak_kv_blocks_used"].as_u64().unwrap() <= 4);
+        // Measured per component by the counting allocator the binary installs.
+        let m = &run["memory_per_rank"][0];
+        assert_eq!(m["kv_cache_heap_bytes"], m["kv_cache_bytes"], "{m}");
+        let (w, wh) = (
+            m["weights_bytes"].as_u64().unwrap(),
+            m["weights_heap_bytes"].as_u64().unwrap(),
+        );
+        assert!(wh >= w && wh - w < 512 * 1024, "{m}");
+        assert!(
+            m["activation_peak_measured_bytes"].as_u64().unwrap() > 0,
+            "{m}"
+        );
+        assert!(
+            m["activation_peak_estimate_bytes"].as_u64().unwrap() > 0,
+            "{m}"
+        );
     }
     assert_eq!(runs[0]["preemptions"], 0);
     assert!(runs[1]["preemptions"].as_u64().unwrap() > 0);
@@ -463,6 +479,22 @@ fn bench_tp3_reports_the_collective_share() {
     ]);
     let run = &v["runs"][0];
     assert_eq!(run["tp"], 3);
+    // Every rank's shard measured on its own: a third of the layers' matrices each, the
+    // embedding and head replicated; the KV buffers to the byte.
+    let ranks = run["memory_per_rank"].as_array().unwrap();
+    assert_eq!(ranks.len(), 3);
+    for m in ranks {
+        let (w, wh) = (
+            m["weights_bytes"].as_u64().unwrap(),
+            m["weights_heap_bytes"].as_u64().unwrap(),
+        );
+        assert!(wh >= w && wh - w < 512 * 1024, "{m}");
+        assert_eq!(m["kv_cache_heap_bytes"], m["kv_cache_bytes"], "{m}");
+        assert!(
+            m["activation_peak_measured_bytes"].as_u64().unwrap() > 0,
+            "{m}"
+        );
+    }
     assert!(run["all_reduce_count"].as_u64().unwrap() > 0);
     let share = run["comm_share"].as_f64().unwrap();
     assert!(share > 0.0 && share < 1.0, "{share}");

@@ -258,8 +258,10 @@ fn run_one(
         .unwrap_or_default();
     let spec = engine.parallel_spec();
     let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
+    let memory = rank_memory_json(&engine);
     Ok((
         json!({
+            "memory_per_rank": memory,
             "concurrency": requests.len(),
             "kv_layout": config.kv_layout.name(),
             "generated_tokens": generated,
@@ -283,6 +285,37 @@ fn run_one(
         }),
         at_end.map(|m| (m, activation_peak_measured)),
     ))
+}
+
+/// Per rank, at the end of a run with its engine alive: the engine's byte counts of
+/// weights and KV beside the heap the counting allocator attributes to them, and the
+/// largest pass working set measured beside the engine's estimate. `null` measured
+/// figures where the allocator is not installed (a build without `heap-stats`) or the
+/// memory is a GPU's.
+fn rank_memory_json(engine: &Engine) -> Value {
+    use llmem_engine::heap::{self, Component};
+    let counted = heap::installed() && engine.model().is_none_or(|m| m.device().is_cpu());
+    let measured = engine.measured_activation_bytes().filter(|_| counted);
+    let estimates = engine.rank_activation_bytes();
+    engine
+        .rank_memory()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let heap_of = |c| counted.then(|| heap::live(c, i));
+            json!({
+                "rank": i,
+                "stage": r.stage,
+                "tp_rank": r.tp_rank,
+                "weights_bytes": r.weights_bytes,
+                "weights_heap_bytes": heap_of(Component::Weights),
+                "kv_cache_bytes": r.kv_cache_bytes,
+                "kv_cache_heap_bytes": heap_of(Component::KvCache),
+                "activation_peak_measured_bytes": measured.as_ref().and_then(|m| m.get(i)).map(|m| m.1),
+                "activation_peak_estimate_bytes": estimates.get(i).map(|e| e.1),
+            })
+        })
+        .collect()
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -310,7 +343,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
              heads) or leave it out"
         );
     }
-    let (model, label, dir) = load_model(&args, &opened.device)?;
+    let (model, label, dir) = {
+        // Under --tp/--pp the driver's whole copy of the model (for its shape and the
+        // report) is no rank's: its heap counts on the last slot, not on rank 0's.
+        let _driver = parallel.then(|| {
+            llmem_engine::heap::rank_scope(
+                llmem_engine::heap::Component::Other,
+                llmem_engine::heap::MAX_RANKS - 1,
+            )
+        });
+        load_model(&args, &opened.device)?
+    };
     let model = &model;
     let source = if parallel {
         let shape = model.shape().clone();
