@@ -224,3 +224,78 @@ fn every_rank_of_a_grid_counts_its_own_shard() {
         }
     }
 }
+
+/// SmolLM2-135M's widths with 2 layers (a pass's working set does not grow with depth).
+fn smol_2_layers() -> ModelShape {
+    let mut s = llmem_planner::preset("smollm2-135m").unwrap();
+    s.num_hidden_layers = 2;
+    s
+}
+
+/// One engine step over `seqs` sequences of `tokens / seqs` prompt tokens each: the
+/// measured working set of that pass, and the engine's estimate.
+fn measure_pass(engine: &mut Engine, tokens: usize, seqs: usize) -> (u64, u64) {
+    for s in 0..seqs {
+        let n = tokens / seqs;
+        engine
+            .add_request(
+                (0..n).map(|i| ((i * 7 + s) % 1000) as u32 + 1).collect(),
+                SamplingParams::default(),
+                StopConditions {
+                    max_tokens: 2,
+                    stop_token_ids: vec![],
+                    ignore_eos: true,
+                },
+            )
+            .unwrap();
+    }
+    engine.step().unwrap();
+    let m = engine.measured_activation_bytes().unwrap();
+    let est = engine.activation_bytes().0;
+    while engine.has_work() {
+        engine.step().unwrap();
+    }
+    (m.iter().map(|x| x.0).max().unwrap(), est)
+}
+
+/// The engine's activation estimate against the measured working set over a grid of pass
+/// sizes (docs/results.md section 14 lists the ratios). Where a pass is dominated by the
+/// MLP (long prompts) the estimate must stay within -5% and +20% of the measurement; the
+/// passes dominated by logits or by gemm's packing workspace are printed, not held to it:
+/// the estimate is known to be off there (see the docs), and the planner's formula is not
+/// yet the engine's.
+#[test]
+fn activation_estimate_against_the_measured_grid() {
+    let shape = smol_2_layers();
+    for prec in [
+        llmem_planner::Precision::Fp32,
+        llmem_planner::Precision::Q8_0,
+    ] {
+        let fmt = WeightFormat::new(prec).unwrap();
+        let model = Model::load_with(&shape, &WeightFiles::random(5), &fmt, &Device::Cpu).unwrap();
+        let mut config = EngineConfig::for_model(&model, 256);
+        config.max_model_len = 4096;
+        let mut engine = Engine::new(model, config).unwrap();
+        for (tokens, seqs) in [
+            (1, 1),
+            (16, 1),
+            (16, 16),
+            (128, 1),
+            (128, 32),
+            (512, 1),
+            (2048, 1),
+            (2048, 32),
+        ] {
+            let (m, est) = measure_pass(&mut engine, tokens, seqs);
+            let ratio = m as f64 / est as f64;
+            println!("{prec:?} tokens {tokens} seqs {seqs}: measured {m} estimate {est} ratio {ratio:.3}");
+            assert!(m > 0, "{prec:?} {tokens}/{seqs}");
+            if tokens >= 128 && seqs == 1 {
+                assert!(
+                    (1.0 / 1.2..=1.05).contains(&(est as f64 / m as f64)),
+                    "{prec:?} {tokens}: {ratio}"
+                );
+            }
+        }
+    }
+}
