@@ -343,7 +343,7 @@ mod tests {
             assert_eq!(outer.size(), size + head);
             assert_eq!(outer.align(), align);
         }
-        let huge = Layout::from_size_align(usize::MAX - 8, 8).unwrap();
+        let huge = Layout::from_size_align(isize::MAX as usize - 8, 8).unwrap();
         assert!(CountingAlloc::outer(huge).is_none());
     }
 
