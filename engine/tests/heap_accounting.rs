@@ -259,11 +259,10 @@ fn measure_pass(engine: &mut Engine, tokens: usize, seqs: usize) -> (u64, u64) {
 }
 
 /// The engine's activation estimate against the measured working set over a grid of pass
-/// sizes (docs/results.md section 14 lists the ratios). Where a pass is dominated by the
-/// MLP (long prompts) the estimate must stay within -5% and +20% of the measurement; the
-/// passes dominated by logits or by gemm's packing workspace are printed, not held to it:
-/// the estimate is known to be off there (see the docs), and the planner's formula is not
-/// yet the engine's.
+/// sizes, f32 and q8_0 weights (docs/results.md section 14 lists the ratios): measured /
+/// estimate within 0.97-1.06 everywhere but dense f32 weights on short multi-token passes
+/// (candle's gemm workspace, printed, not held). The planner's formula is not yet the
+/// engine's.
 #[test]
 fn activation_estimate_against_the_measured_grid() {
     let shape = smol_2_layers();
@@ -290,10 +289,14 @@ fn activation_estimate_against_the_measured_grid() {
             let ratio = m as f64 / est as f64;
             println!("{prec:?} tokens {tokens} seqs {seqs}: measured {m} estimate {est} ratio {ratio:.3}");
             assert!(m > 0, "{prec:?} {tokens}/{seqs}");
-            if tokens >= 128 && seqs == 1 {
+            // Dense f32 weights on a short multi-token pass go through candle's gemm,
+            // whose packing workspace (about 2 MB) the estimate does not model.
+            let gemm_workspace =
+                prec == llmem_planner::Precision::Fp32 && seqs == 1 && tokens > 1 && tokens < 128;
+            if !gemm_workspace {
                 assert!(
-                    (1.0 / 1.2..=1.05).contains(&(est as f64 / m as f64)),
-                    "{prec:?} {tokens}: {ratio}"
+                    (0.97..=1.06).contains(&ratio),
+                    "{prec:?} {tokens}/{seqs}: {ratio}"
                 );
             }
         }
