@@ -269,6 +269,29 @@ impl Ledger {
         n.parts.map_or(self.runtime_overhead_bytes, |p| p.total())
     }
 
+    /// Why the KV the engine reserved differs from the plan's, in numbers (`None` when
+    /// they agree).
+    fn kv_difference_explained(&self, p: &PlannedTerms) -> Option<String> {
+        let engine: u64 = self.ranks.iter().map(|r| r.kv_cache_reserved_bytes).sum();
+        let planned = self.planned_kv_reserved();
+        if engine == planned {
+            return None;
+        }
+        let diff = engine as i128 - planned as i128;
+        Some(format!(
+            "the engine reserves {engine} B, {diff:+} B against the plan: it fills what the \
+             budget leaves after weights, its own activation estimate and the runtime \
+             overhead with whole blocks of {} tokens, while the planner counts whole \
+             sequences of max_model_len = {} tokens ({} of them, {} B of KV per token) \
+             after its own activation figure ({} B)",
+            self.block_size,
+            self.max_model_len,
+            p.max_concurrency,
+            p.kv_bytes_per_token,
+            p.activation_bytes
+        ))
+    }
+
     /// The `plan` object: the planner's terms per GPU (rank 0's under TP/PP).
     fn plan_json(&self) -> Value {
         if let Some(p) = &self.planned {
@@ -284,6 +307,7 @@ impl Ledger {
                                            p.activation_bytes, self.runtime_overhead_bytes]),
                 "kv_bytes_per_token": p.kv_bytes_per_token,
                 "max_concurrency": p.max_concurrency,
+                "kv_cache_reserved_explained": self.kv_difference_explained(p),
             });
         }
         match self.ranks.first().and_then(|r| r.planned) {

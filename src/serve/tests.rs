@@ -676,6 +676,17 @@ async fn memory_and_metrics_follow_the_contract_and_the_plan() {
         unaccounted.abs() < rss / 10,
         "unaccounted {unaccounted} of {rss}"
     );
+    // The KV the engine reserved is the plan's, or the plan names why not.
+    if rank["kv_cache_reserved_bytes"] != m["plan"]["kv_cache_reserved_bytes"] {
+        let why = m["plan"]["kv_cache_reserved_explained"]
+            .as_str()
+            .unwrap_or_default();
+        println!("{why}");
+        assert!(
+            why.contains("whole blocks") && why.contains("max_model_len"),
+            "{m}"
+        );
+    }
     assert_eq!(
         m["kv_blocks"]["used"], 0,
         "finished requests hold no blocks"
