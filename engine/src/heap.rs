@@ -51,16 +51,6 @@ impl Component {
         Component::Runtime,
     ];
 
-    pub fn name(self) -> &'static str {
-        match self {
-            Component::Other => "other",
-            Component::Weights => "weights",
-            Component::KvCache => "kv_cache",
-            Component::Activations => "activations",
-            Component::Runtime => "runtime",
-        }
-    }
-
     #[cfg(test)]
     fn from_bits(b: u8) -> Component {
         match b & 7 {
@@ -131,11 +121,21 @@ impl CountingAlloc {
         Some((Layout::from_size_align(size, layout.align()).ok()?, head))
     }
 
+    /// A block of `layout` from `system` (the system's `alloc` or `alloc_zeroed`) behind a
+    /// header carrying this thread's tag, counted.
     #[inline]
-    unsafe fn finish(base: *mut u8, head: usize, size: usize) -> *mut u8 {
+    unsafe fn serve(layout: Layout, system: unsafe fn(&System, Layout) -> *mut u8) -> *mut u8 {
+        if !INSTALLED.load(Relaxed) {
+            INSTALLED.store(true, Relaxed);
+        }
+        let Some((outer, head)) = Self::outer(layout) else {
+            return std::ptr::null_mut();
+        };
+        let base = system(&System, outer);
         if base.is_null() {
             return base;
         }
+        let size = layout.size();
         let tag = current_tag();
         let user = base.add(head);
         user.sub(1).write(tag);
@@ -150,23 +150,11 @@ impl CountingAlloc {
 // arithmetic before calling the system allocator.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !INSTALLED.load(Relaxed) {
-            INSTALLED.store(true, Relaxed);
-        }
-        let Some((outer, head)) = Self::outer(layout) else {
-            return std::ptr::null_mut();
-        };
-        Self::finish(System.alloc(outer), head, layout.size())
+        Self::serve(layout, <System as GlobalAlloc>::alloc)
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if !INSTALLED.load(Relaxed) {
-            INSTALLED.store(true, Relaxed);
-        }
-        let Some((outer, head)) = Self::outer(layout) else {
-            return std::ptr::null_mut();
-        };
-        Self::finish(System.alloc_zeroed(outer), head, layout.size())
+        Self::serve(layout, <System as GlobalAlloc>::alloc_zeroed)
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -222,16 +210,24 @@ impl Drop for Scope {
 /// Count this thread's allocations as `component` of its current rank until the guard
 /// drops.
 pub fn scope(component: Component) -> Scope {
-    let previous = current_tag();
-    TAG.with(|t| t.set((previous & !7) | component as u8));
-    Scope { previous }
+    Tag((current_tag() & !7) | component as u8).enter()
 }
 
 /// Count this thread's allocations as `component` of `rank` until the guard drops.
 pub fn rank_scope(component: Component, rank: usize) -> Scope {
-    let previous = current_tag();
-    TAG.with(|t| t.set(tag_bits(component, rank)));
-    Scope { previous }
+    Tag(tag_bits(component, rank)).enter()
+}
+
+/// Run `f` with this thread's allocations counted as `component` of `rank`; its result,
+/// and the peak of that component on that rank above where it stood before (a forward
+/// pass's working set, for `Activations`).
+pub fn measure<R>(component: Component, rank: usize, f: impl FnOnce() -> R) -> (R, u64) {
+    let meter = PassMeter::start(component, rank);
+    let out = {
+        let _scope = rank_scope(component, rank);
+        f()
+    };
+    (out, meter.finish().0)
 }
 
 /// A thread's tag, to carry into work another thread runs on its behalf.
@@ -270,13 +266,8 @@ pub fn live_all_ranks(component: Component) -> u64 {
 
 /// Largest live bytes of `component` on `rank` since start, or since the last
 /// [`PassMeter`] of that rank and component began.
-pub fn peak(component: Component, rank: usize) -> u64 {
+fn peak(component: Component, rank: usize) -> u64 {
     PEAK[rank.min(MAX_RANKS - 1)][component as usize].load(Relaxed)
-}
-
-/// Every live heap byte the allocator handed out, over all components and ranks.
-pub fn live_total() -> u64 {
-    Component::ALL.iter().map(|&c| live_all_ranks(c)).sum()
 }
 
 /// Live blocks, and the bytes their headers add (part of the heap the counts leave out).

@@ -91,11 +91,11 @@ fn the_pass_meter_sees_the_peak_above_the_start() {
     drop((held, kept));
 }
 
-/// Queue a greedy request of `n` prompt tokens and 2 generated.
-fn add(engine: &mut Engine, n: u32) {
+/// Queue a greedy request of `prompt` and 2 generated tokens.
+fn add(engine: &mut Engine, prompt: Vec<u32>) {
     engine
         .add_request(
-            (1..=n).collect(),
+            prompt,
             SamplingParams::default(),
             StopConditions {
                 max_tokens: 2,
@@ -154,7 +154,7 @@ fn weights_kv_and_activations_of_a_model_are_measured_on_its_rank() {
             let config = EngineConfig::for_model(&model, 8);
             let mut engine = Engine::new(model, config).unwrap();
             let _ = cache;
-            add(&mut engine, 39);
+            add(&mut engine, (1..=39).collect());
             engine.step().unwrap();
             let measured = engine.measured_activation_bytes().unwrap();
             let estimate = engine.activation_bytes().0;
@@ -210,7 +210,7 @@ fn every_rank_of_a_grid_counts_its_own_shard() {
                 m.weights_bytes
             );
         }
-        add(&mut engine, 29);
+        add(&mut engine, (1..=29).collect());
         engine.step().unwrap();
         let measured = engine.measured_activation_bytes().unwrap();
         assert_eq!(measured.len(), 2);
@@ -237,17 +237,10 @@ fn smol_2_layers() -> ModelShape {
 fn measure_pass(engine: &mut Engine, tokens: usize, seqs: usize) -> (u64, u64) {
     for s in 0..seqs {
         let n = tokens / seqs;
-        engine
-            .add_request(
-                (0..n).map(|i| ((i * 7 + s) % 1000) as u32 + 1).collect(),
-                SamplingParams::default(),
-                StopConditions {
-                    max_tokens: 2,
-                    stop_token_ids: vec![],
-                    ignore_eos: true,
-                },
-            )
-            .unwrap();
+        add(
+            engine,
+            (0..n).map(|i| ((i * 7 + s) % 1000) as u32 + 1).collect(),
+        );
     }
     engine.step().unwrap();
     let m = engine.measured_activation_bytes().unwrap();

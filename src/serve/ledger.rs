@@ -107,7 +107,7 @@ struct RankNow {
 }
 
 /// A rank's heap bytes by component, as `llmem_engine::heap` counts them.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct RankHeap {
     weights: u64,
     kv_cache: u64,
@@ -225,10 +225,7 @@ impl Ledger {
                 ranks
                     .iter()
                     .map(|n| {
-                        let h = n.heap.unwrap_or(RankHeap {
-                            weights: 0,
-                            kv_cache: 0,
-                        });
+                        let h = n.heap.unwrap_or_default();
                         h.weights + h.kv_cache + n.activation
                     })
                     .sum::<u64>()

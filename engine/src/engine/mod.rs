@@ -212,9 +212,8 @@ pub struct Engine {
     /// largest estimate is one of these; a step only compares integers, and the
     /// estimate is computed when someone asks ([`Engine::activation_bytes`]).
     frontier: Vec<(usize, usize)>,
-    /// Per rank: the measured heap working set of the last pass and the largest so far
-    /// (`crate::heap`; zeros without the counting allocator).
-    pass_heap_last: Vec<u64>,
+    /// Per rank: the largest measured heap working set of a pass so far (`crate::heap`;
+    /// zeros without the counting allocator). The last pass's is the runner's.
     pass_heap_peak: Vec<u64>,
 }
 
@@ -295,7 +294,6 @@ impl Engine {
             steps: 0,
             last_pass: (0, 0),
             frontier: Vec::new(),
-            pass_heap_last: Vec::new(),
             pass_heap_peak: Vec::new(),
         }
     }
@@ -425,11 +423,10 @@ impl Engine {
         self.last_pass = (batch.num_tokens(), rows);
         self.note_pass(self.last_pass);
         let result = self.run(&batch);
-        self.pass_heap_last = self.runner.last_pass_heap();
-        self.pass_heap_peak
-            .resize(self.pass_heap_last.len().max(self.pass_heap_peak.len()), 0);
-        for (peak, last) in self.pass_heap_peak.iter_mut().zip(&self.pass_heap_last) {
-            *peak = (*peak).max(*last);
+        let last = self.runner.last_pass_heap();
+        self.pass_heap_peak.resize(last.len(), 0);
+        for (peak, last) in self.pass_heap_peak.iter_mut().zip(last) {
+            *peak = (*peak).max(last);
         }
         let sampled = match result {
             Ok(sampled) => sampled,
@@ -546,15 +543,13 @@ impl Engine {
             return None;
         }
         let idle = self.last_pass.0 == 0;
-        let ranks = self.runner.last_pass_heap().len();
         Some(
-            (0..ranks)
-                .map(|i| {
-                    let last = if idle {
-                        0
-                    } else {
-                        self.pass_heap_last.get(i).copied().unwrap_or(0)
-                    };
+            self.runner
+                .last_pass_heap()
+                .into_iter()
+                .enumerate()
+                .map(|(i, last)| {
+                    let last = if idle { 0 } else { last };
                     (last, self.pass_heap_peak.get(i).copied().unwrap_or(0))
                 })
                 .collect(),

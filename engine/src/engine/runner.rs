@@ -28,7 +28,7 @@ use llmem_planner::{AttentionImpl, Deployment, ModelShape, Precision, Workload};
 
 use crate::cache::paged::{KvDtype, PagedKvCache, PagedMetadata};
 use crate::error::{Error, Result};
-use crate::heap::{self, Component, PassMeter};
+use crate::heap::{self, Component};
 use crate::model::rank_activation_peak_bytes;
 use crate::model::Model;
 use crate::parallel::comm::{CommStats, Communicator, ThreadComm};
@@ -408,9 +408,7 @@ fn rank_loop(
             }
             continue;
         }
-        let meter = PassMeter::start(Component::Activations, heap_rank);
-        let out = {
-            let _pass = heap::scope(Component::Activations);
+        let (out, heap_peak) = heap::measure(Component::Activations, heap_rank, || {
             model.forward_stage_checked(
                 &b.ids,
                 &b.positions,
@@ -419,8 +417,7 @@ fn rank_loop(
                 cache,
                 &b.sample_rows,
             )
-        };
-        let (heap_peak, _) = meter.finish();
+        });
         let failed = out.is_err();
         if failed {
             comm.abort();
@@ -495,12 +492,10 @@ impl Runner {
                 cache,
                 pass_heap,
             } => {
-                let meter = PassMeter::start(Component::Activations, 0);
-                let out = {
-                    let _pass = heap::rank_scope(Component::Activations, 0);
+                let (out, peak) = heap::measure(Component::Activations, 0, || {
                     model.forward_paged(ids, positions, meta, cache, sample_rows)
-                };
-                *pass_heap = meter.finish().0;
+                });
+                *pass_heap = peak;
                 out
             }
             Runner::Parallel(p) => p.forward_paged(ids, positions, meta, sample_rows),
