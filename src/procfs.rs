@@ -17,8 +17,7 @@ pub fn proc_kib_field(text: &str, key: &str) -> Option<u64> {
 
 /// This process's resident set, if /proc says.
 pub fn process_rss_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    proc_kib_field(&text, "VmRSS")
+    process_resident().map(|r| r.rss)
 }
 
 /// This process's resident set split as /proc/self/status splits it.

@@ -369,6 +369,8 @@ impl ParallelRunner {
                         pp_stage: m.stage,
                         parallel: self.spec,
                     },
+                    // Shards are dense (f32, bf16 or f16).
+                    false,
                     pass_tokens,
                     logits_rows,
                 ),

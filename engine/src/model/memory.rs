@@ -59,21 +59,14 @@ impl Model {
     /// model dtype, their f32 copies handed to the kernel, the f32 output and its cast
     /// back. The MLP and LM-head phases are unchanged.
     pub fn paged_activation_peak_bytes(&self, num_tokens: usize, logits_rows: usize) -> u64 {
-        let own =
-            rank_activation_peak_bytes(&self.shape, self.dtype, self.spec, num_tokens, logits_rows);
-        if !self.format.precision.is_quantized() {
-            return own;
-        }
-        // Block-quantized weights run on kernels that take the activations quantized to
-        // bytes, with an f32 scale per 32: for the down projection, whose input is the
-        // widest, while the MLP phase's tensors are alive (measured: +11% at 2048 tokens
-        // without this term).
-        let t = num_tokens as u64;
-        let i = self.shape.intermediate_size;
-        let h = self.shape.hidden_size;
-        let e = self.dtype.size_in_bytes() as u64;
-        let mlp = 2 * t * h * e + t * (4 * i + h) * e + t * (i + i / 8);
-        own.max(mlp)
+        rank_activation_peak_bytes(
+            &self.shape,
+            self.dtype,
+            self.spec,
+            self.format.precision.is_quantized(),
+            num_tokens,
+            logits_rows,
+        )
     }
 }
 
@@ -81,11 +74,13 @@ impl Model {
 /// computing `logits_rows` rows: [`crate::model::Model::paged_activation_peak_bytes`]
 /// with this rank's widths (its heads, KV heads and intermediate share), the logits
 /// phase on the last stage only (this rank's vocabulary rows in the model dtype plus
-/// the gathered f32 logits over the whole vocabulary).
+/// the gathered f32 logits over the whole vocabulary). `block_quantized`: the weights are
+/// in a block format, whose kernels take the activations quantized to bytes.
 pub fn rank_activation_peak_bytes(
     shape: &ModelShape,
     dtype: DType,
     spec: ShardSpec,
+    block_quantized: bool,
     num_tokens: usize,
     logits_rows: usize,
 ) -> u64 {
@@ -99,7 +94,11 @@ pub fn rank_activation_peak_bytes(
     let i = TpShard::share(shape.intermediate_size as usize, p.tp, spec.tp_rank).1 as u64;
     let resident = 2 * t * h * e;
     let attention = 2 * t * (q + 2 * kv) * e + 4 * t * (q + 2 * kv) + 4 * t * q + t * q * e;
-    let mlp = t * (4 * i + h) * e;
+    // Block-quantized weights add the down projection's input quantized to bytes, with an
+    // f32 scale per 32, while the MLP phase's tensors are alive (measured: +11% at 2048
+    // tokens without this term).
+    let quantized_input = if block_quantized { t * (i + i / 8) } else { 0 };
+    let mlp = t * (4 * i + h) * e + quantized_input;
     let logits = if spec.pp_stage == p.pp - 1 {
         let rows = logits_rows as u64;
         let local = if p.vocab_parallel {
