@@ -69,6 +69,58 @@ fn plan_json_contract_on_the_lesson_question() {
     assert!(v["assumptions"].as_array().unwrap().len() >= 3);
 }
 
+/// `--activation-bytes 4` plans what the CPU engine computes in: `llmem bench` on a
+/// q8_0 model reserves exactly the planner's activations for the same pass.
+#[test]
+fn plan_activation_bytes_match_the_cpu_engine() {
+    let plan = |extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "--model",
+            "smollm2-135m",
+            "--precision",
+            "q8_0",
+            "--context",
+            "512",
+            "--concurrency",
+            "4",
+            "--max-batched-tokens",
+            "512",
+            "--format",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        json(&args)["per_gpu"]["activation_bytes"].as_u64().unwrap()
+    };
+    let (two, four) = (plan(&[]), plan(&["--activation-bytes", "4"]));
+    assert!(four > two, "{four} vs {two}");
+    let v = json(&[
+        "bench",
+        "--random-weights",
+        "smollm2-135m",
+        "--dtype",
+        "q8_0",
+        "--concurrency",
+        "4",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "2",
+        "--max-model-len",
+        "512",
+        "--max-batched-tokens",
+        "512",
+        "--memory-budget",
+        "1GiB",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(v["budget"]["activation_bytes"], four, "{}", v["budget"]);
+    assert_eq!(v["budget"]["planned"]["activation_bytes"], four);
+    let err = fails(&["plan", "--model", "smollm2-135m", "--activation-bytes", "8"]);
+    assert!(err.contains("--activation-bytes"), "{err}");
+}
+
 #[test]
 fn plan_tp4_fits_and_fit_search_agrees() {
     let v = json(&[

@@ -232,65 +232,138 @@ fn smol_2_layers() -> ModelShape {
     s
 }
 
+/// The first token of the next prompt of [`measure_pass`].
+static FIRST: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1000);
+
 /// One engine step over `seqs` sequences of `tokens / seqs` prompt tokens each: the
-/// measured working set of that pass, and the engine's estimate.
-fn measure_pass(engine: &mut Engine, tokens: usize, seqs: usize) -> (u64, u64) {
+/// pass the engine ran (tokens, logit rows), the measured working set of that pass on
+/// each rank, and the engine's estimate per rank. Every prompt starts with its own token,
+/// so no pass reuses a cached prefix.
+fn measure_pass(
+    engine: &mut Engine,
+    tokens: usize,
+    seqs: usize,
+) -> ((usize, usize), Vec<u64>, Vec<u64>) {
     for s in 0..seqs {
         let n = tokens / seqs;
+        let first = FIRST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         add(
             engine,
-            (0..n).map(|i| ((i * 7 + s) % 1000) as u32 + 1).collect(),
+            std::iter::once(first)
+                .chain((1..n).map(|i| ((i * 7 + s) % 1000) as u32 + 1))
+                .collect(),
         );
     }
     engine.step().unwrap();
+    let pass = engine.last_pass();
     let m = engine.measured_activation_bytes().unwrap();
-    let est = engine.activation_bytes().0;
+    let est = engine.rank_activation_bytes();
     while engine.has_work() {
         engine.step().unwrap();
     }
-    (m.iter().map(|x| x.0).max().unwrap(), est)
+    (
+        pass,
+        m.iter().map(|x| x.0).collect(),
+        est.iter().map(|x| x.0).collect(),
+    )
 }
 
-/// The engine's activation estimate against the measured working set over a grid of pass
-/// sizes, f32 and q8_0 weights (docs/results.md section 14 lists the ratios): measured /
-/// estimate within 0.97-1.06 everywhere but dense f32 weights on short multi-token passes
-/// (candle's gemm workspace, printed, not held). The planner's formula is not yet the
-/// engine's.
+/// What `llmem plan` says about activations for a pass of `tokens` tokens computing
+/// `rows` logit rows (concurrency `rows`, a context that holds the tokens, `tokens` per
+/// pass), computed in f32 as the CPU engine does: the most loaded rank's peak.
+fn planned_pass(
+    shape: &ModelShape,
+    prec: llmem_planner::Precision,
+    tp: u64,
+    vocab_parallel: bool,
+    (tokens, rows): (usize, usize),
+) -> u64 {
+    let (tokens, rows) = (tokens as u64, rows as u64);
+    let mut w = llmem_planner::Workload::new(tokens.div_ceil(rows), rows);
+    w.max_batched_tokens = tokens;
+    let mut d = llmem_planner::Deployment::new(prec, llmem_planner::custom_gpu(1 << 40));
+    d.tp = tp;
+    d.vocab_parallel = vocab_parallel;
+    d.activation_bytes = Some(4);
+    llmem_planner::plan(shape, &w, &d)
+        .unwrap()
+        .per_gpu
+        .activation_bytes
+}
+
+/// The planner's activation bytes (the one formula the engine also reserves and reports
+/// with) against the measured working set over a grid of pass sizes: tokens per pass 1,
+/// 16, 128, 512 and 2048, f32 and q8_0 weights at TP 1 and f32 at TP 3, with and
+/// without the vocabulary split (SmolLM2's 9 heads do not split in 2; quantized shards
+/// are not implemented yet). docs/results.md section 14 lists the ratios.
+/// Measured / planned is held to 0.95-1.05 on every rank except where a term is
+/// missing on purpose, each named below.
 #[test]
-fn activation_estimate_against_the_measured_grid() {
+fn planned_activations_against_the_measured_grid() {
     let shape = smol_2_layers();
-    for prec in [
-        llmem_planner::Precision::Fp32,
-        llmem_planner::Precision::Q8_0,
+    let grid = [
+        (1, 1),
+        (16, 1),
+        (16, 16),
+        (128, 1),
+        (128, 32),
+        (512, 1),
+        (2048, 1),
+        (2048, 32),
+    ];
+    for (prec, tp, vocab_parallel) in [
+        (llmem_planner::Precision::Fp32, 1, false),
+        (llmem_planner::Precision::Q8_0, 1, false),
+        (llmem_planner::Precision::Fp32, 3, false),
+        (llmem_planner::Precision::Fp32, 3, true),
     ] {
-        let fmt = WeightFormat::new(prec).unwrap();
-        let model = Model::load_with(&shape, &WeightFiles::random(5), &fmt, &Device::Cpu).unwrap();
-        let mut config = EngineConfig::for_model(&model, 256);
-        config.max_model_len = 4096;
-        let mut engine = Engine::new(model, config).unwrap();
-        for (tokens, seqs) in [
-            (1, 1),
-            (16, 1),
-            (16, 16),
-            (128, 1),
-            (128, 32),
-            (512, 1),
-            (2048, 1),
-            (2048, 32),
-        ] {
-            let (m, est) = measure_pass(&mut engine, tokens, seqs);
-            let ratio = m as f64 / est as f64;
-            println!("{prec:?} tokens {tokens} seqs {seqs}: measured {m} estimate {est} ratio {ratio:.3}");
-            assert!(m > 0, "{prec:?} {tokens}/{seqs}");
-            // Dense f32 weights on a short multi-token pass go through candle's gemm,
-            // whose packing workspace (about 2 MB) the estimate does not model.
-            let gemm_workspace =
-                prec == llmem_planner::Precision::Fp32 && seqs == 1 && tokens > 1 && tokens < 128;
-            if !gemm_workspace {
-                assert!(
-                    (0.97..=1.06).contains(&ratio),
-                    "{prec:?} {tokens}/{seqs}: {ratio}"
+        let config = EngineConfig {
+            block_size: 16,
+            num_blocks: 256,
+            kv_dtype: KvDtype::F32,
+            max_num_seqs: 32,
+            max_batched_tokens: 2048,
+            max_model_len: 4096,
+            kv_layout: Default::default(),
+        };
+        let mut engine = if tp == 1 {
+            let fmt = WeightFormat::new(prec).unwrap();
+            let model =
+                Model::load_with(&shape, &WeightFiles::random(5), &fmt, &Device::Cpu).unwrap();
+            Engine::new(model, config).unwrap()
+        } else {
+            let spec = ParallelSpec {
+                tp,
+                pp: 1,
+                vocab_parallel,
+            };
+            Engine::new_parallel(&shape, WeightFiles::random(5), DType::F32, spec, config).unwrap()
+        };
+        for (tokens, seqs) in grid {
+            let (pass, measured, estimates) = measure_pass(&mut engine, tokens, seqs);
+            let planned = planned_pass(&shape, prec, tp as u64, vocab_parallel, pass);
+            // One formula: the engine's estimate for its most loaded rank is the plan.
+            assert_eq!(estimates[0], planned, "{prec:?} tp {tp} {tokens}/{seqs}");
+            for (rank, (&m, &est)) in measured.iter().zip(&estimates).enumerate() {
+                let ratio = m as f64 / est as f64;
+                println!(
+                    "{prec:?} tp {tp} vp {vocab_parallel} rank {rank} tokens {tokens} seqs {seqs} (ran {pass:?}): measured {m} planned {est} ratio {ratio:.3}"
                 );
+                assert!(m > 0, "{prec:?} tp {tp} {tokens}/{seqs}");
+                // Dense f32 weights on a short multi-token pass go through candle's gemm,
+                // whose packing workspace (about 2.3 MB at TP 1, 0.3 MB at TP 3) the
+                // formula does not model; on rank 0 the logits of 16 rows hide it.
+                let gemm_workspace =
+                    prec == llmem_planner::Precision::Fp32 && tokens > 1 && tokens < 128;
+                // A few KiB of fixed cost per pass (index tensors, the all-reduce's
+                // buffers) is a large share of a single-token pass on a rank without logits.
+                let small = m.abs_diff(est) <= 16 << 10;
+                if !gemm_workspace && !small && std::env::var_os("GRID_PRINT").is_none() {
+                    assert!(
+                        (0.95..=1.05).contains(&ratio),
+                        "{prec:?} tp {tp} rank {rank} {tokens}/{seqs}: {ratio}"
+                    );
+                }
             }
         }
     }

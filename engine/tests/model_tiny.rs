@@ -1474,6 +1474,8 @@ fn budget_sizing_subtracts_weights_activations_and_overhead() {
     );
     let planned = report.planned.clone().unwrap();
     assert_eq!(planned.weights_bytes, model.weights_bytes());
+    // One activation formula: the engine reserves what the planner plans.
+    assert_eq!(planned.activation_bytes, report.activation_bytes);
     // 100 blocks hold 6 sequences of max_model_len = 64 tokens (16 blocks each).
     assert_eq!(report.max_concurrency, 6);
     assert!(planned.max_concurrency >= 1);

@@ -24,7 +24,10 @@ pub mod shape;
 pub use fit::{fit, levers, max_concurrency, max_context, FitLimits, FitReport};
 pub use gguf::{gguf_tensor_bytes, gguf_weights, GgmlType};
 pub use gpu::{catalog, custom_gpu, gpu, human_bytes, parse_bytes, Gpu};
-pub use plan::{model_weights_bytes, plan, AttentionImpl, Deployment, Plan, Terms, Workload};
+pub use plan::{
+    model_weights_bytes, pass_phases, plan, AttentionImpl, Deployment, PassPhases, Plan, RankPass,
+    Terms, Workload,
+};
 pub use precision::{matrix_bytes, vector_bytes, KvDtype, Precision};
 pub use presets::{preset, preset_names, resolve_shape};
 pub use shape::{Architecture, ModelShape, ParamCounts, RawConfig, RopeScaling};

@@ -77,6 +77,10 @@ pub struct Deployment {
     /// for a rank that holds the whole model (TP = PP = 1) instead of the estimate at
     /// `precision`; a split plan still uses the estimate.
     pub stored_weights_bytes: Option<u64>,
+    /// Bytes per activation value. `None`: the precision's ([`Precision::activation_bytes`]:
+    /// 4 at fp32, else 2, as GPU kernels compute quantized weights in 16 bits). llmem's
+    /// CPU engine computes block formats in f32 and sets 4.
+    pub activation_bytes: Option<u64>,
 }
 
 impl Deployment {
@@ -93,7 +97,14 @@ impl Deployment {
             vocab_parallel: false,
             keep_embeddings: false,
             stored_weights_bytes: None,
+            activation_bytes: None,
         }
+    }
+
+    /// Bytes per activation value: the override, else the precision's.
+    pub fn activation_value_bytes(&self) -> u64 {
+        self.activation_bytes
+            .unwrap_or_else(|| self.precision.activation_bytes())
     }
 
     pub fn gpus(&self) -> u64 {
@@ -438,7 +449,156 @@ pub fn kv_heads_per_rank(shape: &ModelShape, tp: u64) -> u64 {
     (shape.num_key_value_heads / tp).max(1)
 }
 
-/// Activation phases of one stage's most loaded rank.
+/// One rank's forward pass, as the activation formula sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankPass {
+    /// Tokens in the pass.
+    pub tokens: u64,
+    /// Rows of logits computed (one per sequence sampled).
+    pub logit_rows: u64,
+    /// Bytes per activation value (the compute dtype).
+    pub value_bytes: u64,
+    pub tp: u64,
+    pub tp_rank: u64,
+    /// The rank runs decoder layers (a pipeline stage may hold none).
+    pub holds_layers: bool,
+    /// The rank computes logits (the last pipeline stage).
+    pub holds_lm_head: bool,
+    /// The LM head is split by vocabulary rows across the TP ranks.
+    pub vocab_parallel: bool,
+    /// The weights are in a block format, whose kernels take the activations quantized
+    /// to bytes.
+    pub block_quantized: bool,
+    /// Unfused attention: the f32 scores of each local head over this many keys (the
+    /// longest context in the pass). `None`: a fused kernel keeps no score matrix.
+    pub unfused_keys: Option<u64>,
+}
+
+/// The peak of one phase of a pass and the tensors behind it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassPhases {
+    /// The residual stream and its normed copy, alive through every phase.
+    pub resident: u64,
+    /// Each phase's own tensors on top of `resident`.
+    pub attention: u64,
+    pub mlp: u64,
+    pub logits: u64,
+}
+
+impl PassPhases {
+    /// The peak phase's total (resident included) and its name.
+    pub fn peak(&self) -> (u64, &'static str) {
+        let (own, name) = [
+            (self.attention, "attention"),
+            (self.mlp, "mlp"),
+            (self.logits, "logits"),
+        ]
+        .into_iter()
+        .fold((0, "none"), |best, x| if x.0 > best.0 { x } else { best });
+        (self.resident.saturating_add(own), name)
+    }
+}
+
+/// The activation formula: what one rank's forward pass holds at once, phase by phase.
+/// The planner sizes activations with it and the engine reserves (and reports) them with
+/// it: there is no second formula. The terms follow the engine's tensors, checked against
+/// the heap it measures (`engine/tests/heap_accounting.rs`, docs/results.md section 14):
+///
+/// - resident: the residual stream and its normed copy (`2 t h` values), the rope
+///   tables gathered for the pass's positions (cos and sin, `t head_dim` values) and the
+///   positions (`4 t` bytes);
+/// - attention: q, k, v and their rotated copies (`2 t (q + 2 kv)` values), the f32 copies
+///   handed to the paged kernel (`4 t (q + 2 kv)` bytes), its f32 output (`4 t q` bytes)
+///   and the output cast back (`t q` values); unfused attention adds the f32 scores of
+///   each local head over the longest context;
+/// - MLP: gate, up, silu(gate) x up (one fused step: `3 t i` values) and the down output
+///   (`t h`); block formats add the down projection's input quantized to bytes with an
+///   f32 scale per 32 (`t (i + i/8)` bytes);
+/// - logits (the last stage): the selected rows' hidden states and this rank's logits in
+///   the compute dtype, plus the f32 logits over the whole vocabulary for sampling
+///   (gathered when the vocabulary is split; the same tensor when it is not and the
+///   compute dtype is f32);
+/// - the end of the attention and MLP phases: the row-parallel projection's output
+///   (`t h` values) and, under TP, its all-reduce over the ranks (`t h` values per
+///   addition, at most two alive at once: one at TP 2); the phase's other tensors are
+///   dead by then, so each phase holds the larger of its two moments.
+///
+/// `q`, `kv` and `i` are this rank's widths (its heads, KV heads and intermediate
+/// share). Rope tables and masks are small and left out.
+pub fn pass_phases(shape: &ModelShape, p: &RankPass) -> Result<PassPhases, PlanError> {
+    let e = p.value_bytes;
+    let t = p.tokens;
+    let h = shape.hidden_size;
+    let tp = p.tp.max(1);
+    let heads = shape.num_attention_heads / tp;
+    let q = heads * shape.head_dim;
+    let kv = kv_heads_per_rank(shape, tp) * shape.head_dim;
+    let i = share(shape.intermediate_size, tp, p.tp_rank);
+    // t x (values x e + bytes), checked
+    let rows = |values: u64, bytes: u64, what: &str| {
+        ck(
+            values
+                .checked_mul(e)
+                .and_then(|v| v.checked_add(bytes))
+                .and_then(|w| w.checked_mul(t)),
+            what,
+        )
+    };
+    let resident = rows(2 * h + shape.head_dim, 4, "resident activations")?;
+    let projected = rows(h * (1 + (tp - 1).min(2)), 0, "all-reduce activations")?;
+    let (attention, mlp) = if p.holds_layers {
+        let mut attention = rows(
+            2 * (q + 2 * kv) + q,
+            4 * (q + 2 * kv) + 4 * q,
+            "attention activations",
+        )?;
+        if let Some(keys) = p.unfused_keys {
+            let scores = ck(
+                heads
+                    .checked_mul(t)
+                    .and_then(|x| x.checked_mul(keys))
+                    .and_then(|x| x.checked_mul(4)),
+                "attention scores",
+            )?;
+            attention = ck(attention.checked_add(scores), "attention activations")?;
+        }
+        let quantized_input = if p.block_quantized { i + i / 8 } else { 0 };
+        let mlp = rows(3 * i + h, quantized_input, "MLP activations")?;
+        (attention.max(projected), mlp.max(projected))
+    } else {
+        (0, 0)
+    };
+    let logits = if p.holds_lm_head {
+        let local = if p.vocab_parallel {
+            share(shape.vocab_size, tp, p.tp_rank)
+        } else {
+            shape.vocab_size
+        };
+        let full = if local == shape.vocab_size && e == 4 {
+            0
+        } else {
+            shape.vocab_size * 4
+        };
+        ck(
+            h.checked_add(local)
+                .and_then(|x| x.checked_mul(e))
+                .and_then(|x| x.checked_add(full))
+                .and_then(|x| x.checked_mul(p.logit_rows)),
+            "logits activations",
+        )?
+    } else {
+        0
+    };
+    Ok(PassPhases {
+        resident,
+        attention,
+        mlp,
+        logits,
+    })
+}
+
+/// Activation phases of one stage's most loaded rank (rank 0: it holds the larger share
+/// of an uneven split).
 fn activations(
     shape: &ModelShape,
     w: &Workload,
@@ -447,84 +607,52 @@ fn activations(
     holds_lm_head: bool,
     concurrency: u64,
 ) -> Result<Activations, PlanError> {
-    let a = d.precision.activation_bytes();
-    let tp = d.tp;
-    let h = shape.hidden_size;
-    let q_r = shape.num_attention_heads / tp * shape.head_dim;
-    let kv_r = kv_heads_per_rank(shape, tp) * shape.head_dim;
-    let inter_r = share(shape.intermediate_size, tp, 0);
     let all_tokens = ck(
         concurrency.checked_mul(w.context_tokens),
         "concurrency x context",
     )?;
     let t = w.max_batched_tokens.min(all_tokens);
     let logit_rows = concurrency.min(t);
-    let row =
-        |width: u64, what: &str| ck(t.checked_mul(width).and_then(|x| x.checked_mul(a)), what);
-
-    let (attention, mlp) = if layers > 0 {
-        // residual + normed input + q + k + v + attention output
-        let mut attention = row(2 * h + 2 * q_r + 2 * kv_r, "attention activations")?;
-        if w.attention == AttentionImpl::Unfused {
-            // fp32 scores of each local head over up to `context` keys
-            let heads_r = shape.num_attention_heads / tp;
-            let scores = ck(
-                heads_r
-                    .checked_mul(t)
-                    .and_then(|x| x.checked_mul(w.context_tokens.min(all_tokens)))
-                    .and_then(|x| x.checked_mul(4)),
-                "attention scores",
-            )?;
-            attention = ck(attention.checked_add(scores), "attention activations")?;
-        }
-        // residual + normed input + gate + up + silu(gate) * up
-        let mlp = row(2 * h + 3 * inter_r, "MLP activations")?;
-        (attention, mlp)
-    } else {
-        (0, 0)
-    };
-    let logits = if holds_lm_head {
-        let vocab_r = if d.vocab_parallel {
-            share(shape.vocab_size, tp, 0)
+    let phases = pass_phases(
+        shape,
+        &RankPass {
+            tokens: t,
+            logit_rows,
+            value_bytes: d.activation_value_bytes(),
+            tp: d.tp,
+            tp_rank: 0,
+            holds_layers: layers > 0,
+            holds_lm_head,
+            vocab_parallel: d.vocab_parallel,
+            block_quantized: matches!(
+                d.precision.storage(),
+                crate::precision::Storage::Block { .. }
+            ),
+            unfused_keys: (w.attention == AttentionImpl::Unfused)
+                .then(|| w.context_tokens.min(all_tokens)),
+        },
+    )?;
+    let (peak_bytes, peak_phase) = phases.peak();
+    let with_resident = |own: u64| {
+        if own == 0 {
+            0
         } else {
-            shape.vocab_size
-        };
-        // final hidden states + logits in the compute dtype + fp32 logits over the full
-        // vocabulary for sampling (gathered when vocab-parallel)
-        let hidden = row(h, "final hidden states")?;
-        let local = ck(
-            logit_rows
-                .checked_mul(vocab_r)
-                .and_then(|x| x.checked_mul(a)),
-            "logits",
-        )?;
-        let full = ck(
-            logit_rows
-                .checked_mul(shape.vocab_size)
-                .and_then(|x| x.checked_mul(4)),
-            "logits",
-        )?;
-        sum(&[hidden, local, full], "logits activations")?
-    } else {
-        0
+            phases.resident.saturating_add(own)
+        }
     };
-    let (peak_bytes, peak_phase) = [(attention, "attention"), (mlp, "mlp"), (logits, "logits")]
-        .into_iter()
-        .max_by_key(|(bytes, _)| *bytes)
-        .unwrap_or((0, "none"));
     let simple = ck(
         concurrency
             .checked_mul(w.context_tokens)
-            .and_then(|x| x.checked_mul(h))
+            .and_then(|x| x.checked_mul(shape.hidden_size))
             .and_then(|x| x.checked_mul(2)),
         "the simple activation form",
     )?;
     Ok(Activations {
         tokens: t,
         logit_rows,
-        attention_phase_bytes: attention,
-        mlp_phase_bytes: mlp,
-        logits_phase_bytes: logits,
+        attention_phase_bytes: with_resident(phases.attention),
+        mlp_phase_bytes: with_resident(phases.mlp),
+        logits_phase_bytes: with_resident(phases.logits),
         peak_bytes,
         peak_phase: peak_phase.to_string(),
         simple_form_bytes: simple,
@@ -646,7 +774,7 @@ pub fn plan(shape: &ModelShape, w: &Workload, d: &Deployment) -> Result<Plan, Pl
     let overhead = d
         .runtime_overhead_bytes
         .unwrap_or(d.gpu.runtime_overhead_bytes);
-    let a = d.precision.activation_bytes();
+    let a = d.activation_value_bytes();
 
     let split = stage_layers(shape.num_hidden_layers, d.pp);
     let mut stages = Vec::with_capacity(split.len());
@@ -876,7 +1004,7 @@ fn assumptions(
             AttentionImpl::Fused => "fused (no score matrix)",
             AttentionImpl::Unfused => "unfused (fp32 scores)",
         },
-        p.activation_bytes()
+        d.activation_value_bytes()
     ));
     out.push(format!(
         "runtime overhead {} per GPU ({})",
@@ -953,6 +1081,100 @@ mod tests {
 
     fn h100() -> Gpu {
         gpu("h100-80gb").unwrap()
+    }
+
+    /// The activation formula's terms by hand on a small shape: h 64, 4 heads of 16 (q
+    /// 64), 2 KV heads (kv 32), intermediate 128, vocabulary 100; 10 tokens, 2 logit rows,
+    /// 2-byte values.
+    #[test]
+    fn pass_phases_by_hand() {
+        let mut shape = preset("smollm2-135m").unwrap();
+        shape.hidden_size = 64;
+        shape.num_attention_heads = 4;
+        shape.num_key_value_heads = 2;
+        shape.head_dim = 16;
+        shape.intermediate_size = 128;
+        shape.vocab_size = 100;
+        let pass = RankPass {
+            tokens: 10,
+            logit_rows: 2,
+            value_bytes: 2,
+            tp: 1,
+            tp_rank: 0,
+            holds_layers: true,
+            holds_lm_head: true,
+            vocab_parallel: false,
+            block_quantized: false,
+            unfused_keys: None,
+        };
+        let p = pass_phases(&shape, &pass).unwrap();
+        // 10 x ((2 x 64 + 16) x 2 + 4): residual, normed copy, rope rows, positions
+        assert_eq!(p.resident, 2920);
+        // 10 x ((2 x 128 + 64) x 2 + 4 x 128 + 4 x 64)
+        assert_eq!(p.attention, 14080);
+        // 10 x (3 x 128 + 64) x 2
+        assert_eq!(p.mlp, 8960);
+        // 2 x ((64 + 100) x 2 + 100 x 4)
+        assert_eq!(p.logits, 1456);
+        assert_eq!(p.peak(), (2920 + 14080, "attention"));
+        // Block weights add 10 x (128 + 16) bytes to the MLP; unfused attention adds 4
+        // heads x 10 tokens x 7 keys x 4 bytes.
+        let q = pass_phases(
+            &shape,
+            &RankPass {
+                block_quantized: true,
+                unfused_keys: Some(7),
+                ..pass
+            },
+        )
+        .unwrap();
+        assert_eq!(q.mlp, 8960 + 1440);
+        assert_eq!(q.attention, 14080 + 1120);
+        // TP 2, rank 1, vocabulary split: q 32, kv 16 (one KV head), intermediate 64,
+        // 50 vocabulary rows; the f32 logits stay whole.
+        let r = pass_phases(
+            &shape,
+            &RankPass {
+                tp: 2,
+                tp_rank: 1,
+                vocab_parallel: true,
+                ..pass
+            },
+        )
+        .unwrap();
+        assert_eq!(r.attention, 10 * ((2 * 64 + 32) * 2 + 4 * 64 + 4 * 32));
+        assert_eq!(r.mlp, 10 * (3 * 64 + 64) * 2);
+        assert_eq!(r.logits, 2 * ((64 + 50) * 2 + 400));
+        // TP 4: q 16, kv 16 (KV heads replicated), intermediate 32. The MLP's own tensors
+        // (10 x 160 x 2) are fewer than the down output and two all-reduce sums at its end
+        // (10 x 64 x 3 x 2): that moment is the phase's peak.
+        let t4 = pass_phases(&shape, &RankPass { tp: 4, ..pass }).unwrap();
+        assert_eq!(t4.mlp, 10 * 64 * 3 * 2);
+        assert_eq!(t4.attention, 10 * ((2 * 48 + 16) * 2 + 4 * 48 + 4 * 16));
+        // f32 values without a split: the f32 logits are the logits themselves.
+        let f = pass_phases(
+            &shape,
+            &RankPass {
+                value_bytes: 4,
+                ..pass
+            },
+        )
+        .unwrap();
+        assert_eq!(f.logits, 2 * (64 + 100) * 4);
+        // A middle pipeline stage has no logits.
+        let mid = RankPass {
+            holds_lm_head: false,
+            ..pass
+        };
+        assert_eq!(pass_phases(&shape, &mid).unwrap().logits, 0);
+        let huge = RankPass {
+            tokens: u64::MAX / 3,
+            ..pass
+        };
+        assert!(matches!(
+            pass_phases(&shape, &huge),
+            Err(PlanError::Overflow(_))
+        ));
     }
 
     #[test]

@@ -73,6 +73,11 @@ pub struct PlanArgs {
     /// Attention that materialises the fp32 score matrix (no fused kernel).
     #[arg(long)]
     pub unfused_attention: bool,
+    /// Bytes per activation value: 2 (fp16/bf16 compute, what GPU kernels do for
+    /// quantized weights) or 4 (f32, what llmem's CPU engine does for block formats).
+    /// Default: 4 at fp32 weights, else 2.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4))]
+    pub activation_bytes: Option<u64>,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
     /// Walk through each term in prose with the numbers filled in.
@@ -162,6 +167,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         vocab_parallel: args.vocab_parallel,
         keep_embeddings: args.keep_embeddings,
         stored_weights_bytes,
+        activation_bytes: args.activation_bytes,
     };
     let plan = llmem_planner::plan(&shape, &workload, &deployment)?;
     let fit_report = if args.fit {

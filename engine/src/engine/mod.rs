@@ -525,6 +525,11 @@ impl Engine {
         self.scheduler.tokens(id)
     }
 
+    /// The last forward pass's tokens and logit rows ((0, 0) when idle).
+    pub fn last_pass(&self) -> (usize, usize) {
+        self.last_pass
+    }
+
     /// Estimated activation bytes of the last forward pass (0 when idle), and the
     /// largest since start: [`Model::paged_activation_peak_bytes`] of each pass's shape.
     pub fn activation_bytes(&self) -> (u64, u64) {

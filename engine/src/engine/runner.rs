@@ -96,6 +96,7 @@ pub fn planned_rank_memory(
     d.kv_dtype = kv_dtype.planner();
     d.runtime_overhead_bytes = Some(0);
     d.headroom_fraction = 0.0;
+    d.activation_bytes = Some(dtype.size_in_bytes() as u64);
     let plan = llmem_planner::plan(shape, &workload, &d)
         .map_err(|e| Error::InvalidInput(format!("planner: {e}")))?;
     let mut out = Vec::new();

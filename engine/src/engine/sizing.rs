@@ -109,6 +109,8 @@ pub fn planned_terms(
     // A GGUF kept as stored (possibly mixed types): the planner's sum of its tensor table.
     deployment.stored_weights_bytes = model.stored_weights().map(|s| s.bytes);
     deployment.headroom_fraction = 0.0;
+    // The dtype this engine computes in (f32 for block formats on the CPU).
+    deployment.activation_bytes = Some(model.dtype().size_in_bytes() as u64);
     let plan =
         llmem_planner::plan(model.shape(), &workload, &deployment).map_err(|e| e.to_string())?;
     let max_concurrency = llmem_planner::max_concurrency(model.shape(), &workload, &deployment)

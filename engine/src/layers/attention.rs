@@ -171,8 +171,10 @@ impl Attention {
     }
 
     /// `o_proj`, completed by the TP all-reduce when sharded.
-    pub(crate) fn project_out(&self, o: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.o_proj.forward(o)?;
+    pub(crate) fn project_out(&self, o: Tensor) -> candle_core::Result<Tensor> {
+        let y = self.o_proj.forward(&o)?;
+        // Dead before a TP all-reduce, whose sums would otherwise sit beside it.
+        drop(o);
         match &self.tp {
             Some(r) => r.apply(y),
             None => Ok(y),
@@ -214,11 +216,13 @@ impl Attention {
         meta: &PagedMetadata,
         cache: &mut PagedKvCache,
     ) -> Result<Tensor> {
-        let (q, k, v) = self.qkv(x, cos, sin)?;
-        let o = cache
-            .write_and_attend_tensors(layer_idx, &q, &k, &v, meta)?
-            .to_dtype(x.dtype())?;
-        Ok(self.project_out(&o)?)
+        let o = {
+            let (q, k, v) = self.qkv(x, cos, sin)?;
+            cache
+                .write_and_attend_tensors(layer_idx, &q, &k, &v, meta)?
+                .to_dtype(x.dtype())?
+        };
+        Ok(self.project_out(o)?)
     }
 
     /// Contiguous per-sequence caches: x: (T, hidden) -> (T, hidden).
@@ -256,7 +260,7 @@ impl Attention {
         } else {
             Tensor::cat(&outs, 0)?
         };
-        self.project_out(&o)
+        self.project_out(o)
     }
 
     /// Scaled dot-product attention of one sequence.

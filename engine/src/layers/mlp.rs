@@ -77,12 +77,14 @@ impl Mlp {
         })
     }
 
-    /// x: (T, hidden) -> (T, hidden).
+    /// x: (T, hidden) -> (T, hidden). Gate and up are dropped before a TP all-reduce, so
+    /// the reduction's sums are not alive beside them.
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let [gate, up] = Linear::forward_many(x, [&self.gate_proj, &self.up_proj])?;
-        let y = self
-            .down_proj
-            .forward(&crate::layers::host_ops::silu_mul(&gate, &up)?)?;
+        let y = {
+            let [gate, up] = Linear::forward_many(x, [&self.gate_proj, &self.up_proj])?;
+            self.down_proj
+                .forward(&crate::layers::host_ops::silu_mul(&gate, &up)?)?
+        };
         match &self.tp {
             Some(r) => r.apply(y),
             None => Ok(y),

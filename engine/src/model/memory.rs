@@ -1,11 +1,13 @@
 //! What one forward pass holds at its peak, estimated from the pass's own tensors (not
 //! measured): the figure the engine reserves for activations when it sizes the KV cache
-//! from a budget, and the one it reports per rank beside the planner's.
+//! from a budget, and the one it reports per rank. The paged figure is the planner's
+//! formula; the contiguous cache's (`Model::activation_peak_bytes`, with score matrices)
+//! is its own.
 
 use llmem_planner::ModelShape;
 
 use crate::layers::attention::AttnMetadata;
-use crate::parallel::spec::{ShardSpec, TpShard};
+use crate::parallel::spec::ShardSpec;
 
 use super::Model;
 use candle_core::DType;
@@ -18,7 +20,7 @@ impl Model {
     /// residual stream and its normed copy are alive throughout; on top of them the
     /// largest of (a) attention: q, k, v, their rotated copies, and per sequence the f32
     /// scores and probabilities of the longest sequence plus its output, (b) MLP: gate,
-    /// silu(gate), up, their product and the down output, (c) LM head: the selected rows,
+    /// up, silu(gate) x up (one fused step) and the down output, (c) LM head: the selected rows,
     /// the logits in the model dtype and their f32 copy. Rope tables and masks are small
     /// and left out.
     pub fn activation_peak_bytes(&self, meta: &AttnMetadata, logits_rows: usize) -> u64 {
@@ -42,7 +44,7 @@ impl Model {
             .max()
             .unwrap_or(0);
         let attention = 2 * t * (q + 2 * kv) * e + longest_scores + t * q * e;
-        let mlp = t * (4 * i + h) * e;
+        let mlp = t * (3 * i + h) * e;
         let rows = logits_rows as u64;
         // The f32 copy for sampling is the same tensor when the model dtype is f32.
         let f32_copy = if e == 4 { 0 } else { rows * v * 4 };
@@ -51,13 +53,11 @@ impl Model {
     }
 
     /// Estimated peak bytes of activations alive at once in one paged pass of
-    /// `num_tokens` tokens that computes logits for `logits_rows` rows.
-    ///
-    /// The same arithmetic as [`Model::activation_peak_bytes`] with the paged attention
-    /// step in place of the contiguous one: the kernel keeps no score matrix (a running
-    /// softmax per query), so attention holds q, k, v and their rotated copies in the
-    /// model dtype, their f32 copies handed to the kernel, the f32 output and its cast
-    /// back. The MLP and LM-head phases are unchanged.
+    /// `num_tokens` tokens that computes logits for `logits_rows` rows: the activation
+    /// formula of the planner ([`llmem_planner::pass_phases`]) for this model's shard,
+    /// dtype and weight format. The paged kernel keeps no score matrix (a running softmax
+    /// per query), so attention holds q, k, v, their rotated and f32 copies and the
+    /// kernel's output.
     pub fn paged_activation_peak_bytes(&self, num_tokens: usize, logits_rows: usize) -> u64 {
         rank_activation_peak_bytes(
             &self.shape,
@@ -71,11 +71,13 @@ impl Model {
 }
 
 /// Estimated peak activation bytes of one rank in a paged pass of `num_tokens` tokens
-/// computing `logits_rows` rows: [`crate::model::Model::paged_activation_peak_bytes`]
-/// with this rank's widths (its heads, KV heads and intermediate share), the logits
-/// phase on the last stage only (this rank's vocabulary rows in the model dtype plus
-/// the gathered f32 logits over the whole vocabulary). `block_quantized`: the weights are
-/// in a block format, whose kernels take the activations quantized to bytes.
+/// computing `logits_rows` rows: the planner's activation formula
+/// ([`llmem_planner::pass_phases`], the one formula; its terms are listed there) with this
+/// rank's widths and `dtype` as the compute dtype, the logits phase on the ranks that
+/// compute logits (the last stage; all its ranks when the vocabulary is split, else rank
+/// 0). `block_quantized`: the weights are in a block format, whose kernels take the
+/// activations quantized to bytes. A figure that overflows 64 bits reads as `u64::MAX`
+/// (no budget holds it).
 pub fn rank_activation_peak_bytes(
     shape: &ModelShape,
     dtype: DType,
@@ -85,38 +87,18 @@ pub fn rank_activation_peak_bytes(
     logits_rows: usize,
 ) -> u64 {
     let p = spec.parallel;
-    let tp = p.tp as u64;
-    let e = dtype.size_in_bytes() as u64;
-    let t = num_tokens as u64;
-    let h = shape.hidden_size;
-    let q = shape.num_attention_heads / tp * shape.head_dim;
-    let kv = llmem_planner::plan::kv_heads_per_rank(shape, tp) * shape.head_dim;
-    let i = TpShard::share(shape.intermediate_size as usize, p.tp, spec.tp_rank).1 as u64;
-    let resident = 2 * t * h * e;
-    let attention = 2 * t * (q + 2 * kv) * e + 4 * t * (q + 2 * kv) + 4 * t * q + t * q * e;
-    // Block-quantized weights add the down projection's input quantized to bytes, with an
-    // f32 scale per 32, while the MLP phase's tensors are alive (measured: +11% at 2048
-    // tokens without this term).
-    let quantized_input = if block_quantized { t * (i + i / 8) } else { 0 };
-    let mlp = t * (4 * i + h) * e + quantized_input;
-    let logits = if spec.pp_stage == p.pp - 1 {
-        let rows = logits_rows as u64;
-        let local = if p.vocab_parallel {
-            TpShard::share(shape.vocab_size as usize, p.tp, spec.tp_rank).1 as u64
-        } else {
-            shape.vocab_size
-        };
-        // The f32 logits over the whole vocabulary: gathered from the ranks when the
-        // vocabulary is split, the same tensor as the local ones when not and the model
-        // dtype is f32 (the measured working set showed the estimate counting them twice).
-        let full = if local == shape.vocab_size && e == 4 {
-            0
-        } else {
-            rows * shape.vocab_size * 4
-        };
-        rows * h * e + rows * local * e + full
-    } else {
-        0
+    let pass = llmem_planner::RankPass {
+        tokens: num_tokens as u64,
+        logit_rows: logits_rows as u64,
+        value_bytes: dtype.size_in_bytes() as u64,
+        tp: p.tp as u64,
+        tp_rank: spec.tp_rank as u64,
+        holds_layers: true,
+        // Without a vocabulary split, rank 0 of the last stage alone computes logits.
+        holds_lm_head: spec.pp_stage == p.pp - 1 && (p.vocab_parallel || spec.tp_rank == 0),
+        vocab_parallel: p.vocab_parallel,
+        block_quantized,
+        unfused_keys: None,
     };
-    resident + attention.max(mlp).max(logits)
+    llmem_planner::pass_phases(shape, &pass).map_or(u64::MAX, |phases| phases.peak().0)
 }

@@ -465,7 +465,7 @@ impl Model {
         let mut x = embed_tokens.rows(input_ids, self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer
-                .forward(&x, |attn, h| attn.forward(h, &pass, i, caches))
+                .forward(x, |attn, h| attn.forward(h, &pass, i, caches))
                 .map_err(|source| Error::Tensor {
                     context: format!("forward pass, layer {i}"),
                     message: crate::error::candle_message(source),
@@ -613,7 +613,7 @@ impl Model {
         let sin = self.rope.sin.index_select(&positions, 0)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer
-                .forward(&x, |attn, h| {
+                .forward(x, |attn, h| {
                     attn.forward_paged(h, &cos, &sin, i, meta, cache)
                 })
                 .map_err(|e| match e {

@@ -212,9 +212,12 @@ impl ThreadComm {
                 self.shared.world
             )))
         };
-        // The slot is left as is: clearing it here would race with slower ranks still
-        // reading; the next deposit overwrites it only after this barrier.
-        let state = self.wait_all(lock()?)?;
+        // Every rank has read the slots once past this barrier; each then empties its
+        // own, so a deposit does not outlive its collective (it would hold this rank's
+        // tensor until the next pass and free it in the middle of that pass). No other
+        // rank deposits into this slot, and this rank's next deposit comes after.
+        let mut state = self.wait_all(lock()?)?;
+        state.slots[self.rank] = None;
         drop(state);
         out
     }
