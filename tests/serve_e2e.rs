@@ -124,6 +124,31 @@ fn dashboard_draws_in_headless_chromium() {
     assert!(out_dir.join("dashboard.png").exists());
 }
 
+/// A TP 3 server: the dashboard offers every rank, lists them, and charts the one asked
+/// for in the address.
+#[test]
+fn dashboard_shows_every_rank_of_a_tensor_parallel_server() {
+    if std::env::var("LLMEM_SKIP_BROWSER").as_deref() == Ok("1") || !model_available() {
+        return;
+    }
+    let chromium = std::env::var("LLMEM_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(Path::new(&chromium).exists(), "no Chromium at {chromium}");
+    let server = serve(&["--tp", "3"]);
+    let _ = http(
+        &server.addr,
+        "POST",
+        "/v1/completions",
+        r#"{"prompt": "The capital of France is", "max_tokens": 4}"#,
+    );
+    let out_dir = tempfile_dir("dashboard-tp3");
+    let mut cmd = Command::new("python3");
+    cmd.arg(repo().join("tests/browser/check_dashboard.py"))
+        .arg(format!("http://{}/", server.addr))
+        .arg(&out_dir)
+        .args(["--chromium", &chromium, "--ranks", "3"]);
+    run_checker(cmd, "tests/browser/check_dashboard.py --ranks 3");
+}
+
 #[test]
 fn the_official_openai_client_works() {
     if std::env::var("LLMEM_SKIP_OPENAI").as_deref() == Ok("1") || !model_available() {

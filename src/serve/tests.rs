@@ -731,6 +731,18 @@ async fn memory_and_metrics_follow_the_contract_and_the_plan() {
     assert_eq!(models["data"][0]["id"], "smollm2-135m");
 }
 
+/// A rank of a TP/PP server in `/v1/memory`: its weights and KV equal its plan's, and its
+/// own pass was measured on its own heap slot.
+fn rank_matches_its_plan(r: &Value) {
+    assert_eq!(r["weights_bytes"], r["planned"]["weights_bytes"], "{r}");
+    assert_eq!(
+        r["kv_cache_reserved_bytes"], r["planned"]["kv_cache_reserved_bytes"],
+        "{r}"
+    );
+    assert!(r["activation_peak_bytes"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["activations_measured"], true, "{r}");
+}
+
 #[tokio::test]
 async fn tensor_parallel_serving_reports_every_rank_beside_the_planner() {
     let Some((_state, router)) = server(&["--tp", "3"]) else {
@@ -755,18 +767,47 @@ async fn tensor_parallel_serving_reports_every_rank_beside_the_planner() {
     let m = memory(&router).await;
     let ranks = m["ranks"].as_array().unwrap();
     assert_eq!(ranks.len(), 3, "{m}");
-    for r in ranks {
-        assert_eq!(r["weights_bytes"], r["planned"]["weights_bytes"], "{r}");
-        assert_eq!(
-            r["kv_cache_reserved_bytes"], r["planned"]["kv_cache_reserved_bytes"],
-            "{r}"
-        );
+    for (i, r) in ranks.iter().enumerate() {
+        assert_eq!(r["tp_rank"], i, "{r}");
+        rank_matches_its_plan(r);
     }
     // `llmem plan --model smollm2-135m --precision fp32 --tp 3`: 254,944,512 B of weights per GPU.
     assert_eq!(ranks[0]["weights_bytes"], 254_944_512u64);
     let (_, _, metrics) = call(&router, "GET", "/metrics", None, None).await;
     let metrics = String::from_utf8(metrics).unwrap();
     assert!(metrics.contains("llmem_memory_bytes{component=\"weights\",rank=\"2\"} 254944512"));
+}
+
+#[tokio::test]
+async fn pipeline_serving_reports_each_stage_beside_the_planner() {
+    let Some((_state, router)) = server(&["--pp", "2"]) else {
+        return;
+    };
+    let (status, v) = post_json(
+        &router,
+        "/v1/completions",
+        json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let m = memory(&router).await;
+    let ranks = m["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 2, "{m}");
+    for (i, r) in ranks.iter().enumerate() {
+        assert_eq!(r["stage"], i, "{r}");
+        rank_matches_its_plan(r);
+    }
+    // Stage 0 holds the embedding, stage 1 its own copy of the tied head and the final
+    // norm: the same layer count, different bytes.
+    assert_ne!(ranks[0]["weights_bytes"], ranks[1]["weights_bytes"], "{m}");
+    let (_, _, metrics) = call(&router, "GET", "/metrics", None, None).await;
+    let metrics = String::from_utf8(metrics).unwrap();
+    for needle in [
+        "llmem_memory_bytes{component=\"weights\",rank=\"1\"}",
+        "llmem_memory_planned_bytes{component=\"activations\",rank=\"1\"}",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle}");
+    }
 }
 
 #[tokio::test]

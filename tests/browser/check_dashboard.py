@@ -2,7 +2,7 @@
 """Check the `llmem serve` dashboard in headless Chromium (stdlib only, Python 3.11).
 
     check_dashboard.py URL OUT_DIR [--chromium PATH] [--api-key K] [--budget-ms 6000]
-                       [--min-pixels 2000]
+                       [--min-pixels 2000] [--ranks N]
 
 URL is the dashboard (e.g. http://127.0.0.1:8080/). Two Chromium runs, each with a fresh
 profile: one with --dump-dom (saved as OUT_DIR/dashboard.html) must show
@@ -10,7 +10,9 @@ profile: one with --dump-dom (saved as OUT_DIR/dashboard.html) must show
 --screenshot=OUT_DIR/dashboard.png. The PNG is decoded here and the chart's plot area (the
 canvas's data-plot rectangle, in page pixels) must hold at least --min-pixels pixels of
 the weights colour and of the kv cache colours (used + reserved-free), as the page
-declares them in the canvas's data-colors. Exit 0 when every check passes; 1 with a
+declares them in the canvas's data-colors. With --ranks N (a TP/PP server, N >= 2) the
+page is opened at ?rank=N-1: the rank selector must offer N ranks, the table of ranks must
+have N rows, and the chart (data-rank) must show the last rank. Exit 0 when every check passes; 1 with a
 message naming the failed check otherwise; 2 when Chromium cannot run.
 
 To try it without the Rust server: python3 tests/browser/mock_server.py --port 8765 &
@@ -76,6 +78,10 @@ class DomScan(HTMLParser):
         self.canvas = None
         self.status = ""
         self._in_status = False
+        self.rank_options = 0
+        self.rank_rows = []
+        self._in_select = False
+        self._in_ranks = False
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -85,10 +91,22 @@ class DomScan(HTMLParser):
             self.canvas = a
         elif a.get("id") == "status":
             self._in_status = True
+        elif tag == "select" and a.get("id") == "rank":
+            self._in_select = True
+        elif tag == "option" and self._in_select:
+            self.rank_options += 1
+        elif tag == "tbody" and a.get("id") == "ranks":
+            self._in_ranks = True
+        elif tag == "tr" and self._in_ranks and "data-rank" in a:
+            self.rank_rows.append(a["data-rank"])
 
     def handle_endtag(self, tag):
         if self._in_status and tag == "div":
             self._in_status = False
+        elif tag == "select":
+            self._in_select = False
+        elif tag == "tbody":
+            self._in_ranks = False
 
     def handle_data(self, data):
         if self._in_status:
@@ -197,6 +215,10 @@ def check(args):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     url = with_key(args.url, args.api_key)
+    if args.ranks > 1:
+        parts = urlsplit(url)
+        q = parse_qsl(parts.query) + [("rank", str(args.ranks - 1))]
+        url = urlunsplit(parts._replace(query=urlencode(q)))
     print(f"chromium: {chromium}\nurl: {args.url}{' (with ?key=...)' if args.api_key else ''}")
 
     dom = run_chromium(chromium, url, ["--dump-dom"], args.budget_ms)
@@ -219,6 +241,18 @@ def check(args):
     if points < 2:
         raise Failure(f"canvas data-points = {points}, expected >= 2 samples drawn")
     print(f"ok: canvas data-points = {points} (>= 2)")
+    if args.ranks > 1:
+        want = [str(i) for i in range(args.ranks)]
+        if scan.rank_options != args.ranks:
+            raise Failure(f"the rank selector offers {scan.rank_options} ranks, expected "
+                          f"{args.ranks}")
+        if scan.rank_rows != want:
+            raise Failure(f"the table of ranks has rows {scan.rank_rows}, expected {want}")
+        if scan.canvas.get("data-rank") != want[-1]:
+            raise Failure(f"the chart shows rank {scan.canvas.get('data-rank')!r}, expected "
+                          f"{want[-1]} (opened with ?rank={want[-1]})")
+        print(f"ok: {args.ranks} ranks in the selector and the table; the chart shows rank "
+              f"{want[-1]}")
     try:
         colours = {k: hex_rgb(v) for k, v in json.loads(scan.canvas["data-colors"]).items()}
         rect = tuple(int(v) for v in scan.canvas["data-plot"].split(","))
@@ -261,6 +295,8 @@ def main():
     ap.add_argument("--api-key", help="passed to the page as ?key=")
     ap.add_argument("--budget-ms", type=int, default=6000, help="virtual time to run the page")
     ap.add_argument("--min-pixels", type=int, default=2000)
+    ap.add_argument("--ranks", type=int, default=1,
+                    help="ranks of a TP/PP server: check the per-rank view (N >= 2)")
     args = ap.parse_args()
     try:
         check(args)

@@ -5,6 +5,7 @@ Dev tool only (stdlib, Python 3.11). It serves src/serve/dashboard.html at `GET 
 the JSON API with changing figures; the text it "generates" is a fixed word list.
 
     python3 tests/browser/mock_server.py [--port 0] [--host 127.0.0.1] [--api-key K]
+                                         [--ranks N]
 
 It prints `listening on http://HOST:PORT` (port 0 picks a free one) as its first line.
 With --api-key every /v1/* request needs `Authorization: Bearer K`, else 401.
@@ -64,6 +65,7 @@ MIB = 1 << 20
 START = time.time()
 LOCK = threading.Lock()
 STATE = {"running": 0, "prompt_total": 0, "generated_total": 0, "next_id": 1}
+RANKS = 1  # --ranks: ranks of a fake TP deployment
 
 
 def fake_tokens(n):
@@ -93,8 +95,13 @@ def memory_snapshot():
         "device": "cpu",
         "uptime_s": round(t, 3),
         "ranks": [{
-            "rank": 0,
-            "weights_bytes": 538060032,
+            "rank": i,
+            "stage": 0,
+            "tp_rank": i,
+            **({"planned": {"weights_bytes": 538060032 // RANKS,
+                            "kv_cache_reserved_bytes": total * block // RANKS,
+                            "activation_bytes": 25165824 // RANKS}} if RANKS > 1 else {}),
+            "weights_bytes": 538060032 // RANKS,
             "kv_cache_reserved_bytes": total * block,
             "kv_cache_used_bytes": used_blocks * block,
             "activation_bytes": act,
@@ -104,7 +111,7 @@ def memory_snapshot():
             "device_total_bytes": 25000000000,
             "device_used_bytes": 1700000000,
             "process_rss_bytes": 1700000000,
-        }],
+        } for i in range(RANKS)],
         "plan": {
             "weights_bytes": 538060032,
             "kv_cache_reserved_bytes": total * block,
@@ -282,8 +289,11 @@ def main():
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="0 picks a free port")
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--ranks", type=int, default=1, help="fake a TP deployment of N ranks")
     args = ap.parse_args()
     Handler.api_key = args.api_key
+    global RANKS
+    RANKS = max(1, args.ranks)
     srv = ThreadingHTTPServer((args.host, args.port), Handler)
     srv.daemon_threads = True
     print(f"listening on http://{args.host}:{srv.server_address[1]}", flush=True)
