@@ -554,6 +554,75 @@ fn bench_tp3_reports_the_collective_share() {
     assert!(err.contains("--kv-blocks"), "{err}");
 }
 
+/// `--memory-trace` and `--plot` on random SmolLM2 weights: a cache of 3 blocks for 2
+/// sequences of 40 tokens preempts, and the trace shows the KV growing and freed.
+#[test]
+fn bench_memory_trace_follows_every_step() {
+    let dir = std::env::temp_dir().join(format!("llmem-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (csv, svg) = (dir.join("trace.csv"), dir.join("trace.svg"));
+    let v = json(&[
+        "bench",
+        "--random-weights",
+        "smollm2-135m",
+        "--concurrency",
+        "2",
+        "--prompt-tokens",
+        "24",
+        "--gen-tokens",
+        "16",
+        "--kv-blocks",
+        "4",
+        "--format",
+        "json",
+        "--memory-trace",
+        csv.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    let steps = v["runs"][0]["steps"].as_u64().unwrap();
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    // One row per step (one rank).
+    assert_eq!(rows.len() as u64, steps, "{text}");
+    let num = |r: &Vec<&str>, c: &str| r[col(c)].parse::<u64>().unwrap();
+    let kv: Vec<u64> = rows.iter().map(|r| num(r, "kv_used_bytes")).collect();
+    let reserved = num(&rows[0], "kv_reserved_bytes");
+    assert!(kv.iter().all(|&b| b <= reserved), "{kv:?}");
+    assert!(kv.iter().any(|&b| b > 0), "{kv:?}");
+    // The first step is a prefill: its measured working set is the largest.
+    let act: Vec<u64> = rows
+        .iter()
+        .map(|r| num(r, "activation_measured_bytes"))
+        .collect();
+    assert!(
+        act[0] > 0 && act[0] >= *act.iter().max().unwrap() / 2,
+        "{act:?}"
+    );
+    assert!(num(&rows[0], "pass_tokens") >= 24, "{text}");
+    // 4 blocks of 16 hold 64 tokens; two sequences reach 80: a preemption.
+    let preempted = num(rows.last().unwrap(), "preemptions");
+    assert_eq!(preempted, v["runs"][0]["preemptions"].as_u64().unwrap());
+    assert!(preempted > 0, "{text}");
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("rank 0"), "{svg}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let err = fails(&[
+        "bench",
+        "--random-weights",
+        "smollm2-135m",
+        "--memory-trace",
+        "/nonexistent-dir/trace.csv",
+    ]);
+    assert!(
+        err.contains("--memory-trace") && err.contains("/nonexistent-dir/trace.csv"),
+        "{err}"
+    );
+}
+
 #[test]
 fn unknown_weight_dtypes_list_the_valid_ones() {
     let err = fails(&["sweep", "--dtypes", "f32,q3_k"]);

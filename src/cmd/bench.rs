@@ -90,6 +90,13 @@ pub struct BenchArgs {
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = BenchFormat::Text)]
     pub format: BenchFormat,
+    /// Write memory per component and rank after every engine step to FILE (CSV: KV in
+    /// use, weights, the pass's measured and estimated activations, preemptions).
+    #[arg(long, value_name = "FILE")]
+    pub memory_trace: Option<std::path::PathBuf>,
+    /// Draw that trace as an SVG chart in FILE (one panel per run and rank).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub parallel: super::ParallelArgs,
     #[command(flatten)]
@@ -197,6 +204,7 @@ fn run_one(
     config: EngineConfig,
     requests: &[BenchRequest],
     device: &candle_core::Device,
+    trace: Option<(&mut Vec<super::trace::TraceRow>, usize)>,
 ) -> anyhow::Result<(Value, Option<GpuAtEnd>)> {
     let mut engine = source.engine(config)?;
     // On a GPU: the pool's high-water mark from here on, over the weights and KV already
@@ -219,6 +227,8 @@ fn run_one(
         };
         engine.add_request(r.prompt.clone(), SamplingParams::default(), stop)?;
     }
+    let label = format!("concurrency {} {}", requests.len(), config.kv_layout.name());
+    let mut trace = trace;
     let mut last_token_at: HashMap<RequestId, f64> = HashMap::new();
     let mut ttft_ms = Vec::new();
     let mut itl_ms = Vec::new();
@@ -227,6 +237,9 @@ fn run_one(
     while engine.has_work() {
         let outputs = engine.step()?;
         let now = start.elapsed().as_secs_f64() * 1e3;
+        if let Some((rows, run)) = trace.as_mut() {
+            rows.extend(super::trace::sample(&engine, *run, &label, now));
+        }
         for o in &outputs {
             generated += 1;
             match last_token_at.insert(o.id, now) {
@@ -287,6 +300,12 @@ fn run_one(
     ))
 }
 
+/// Whether the counting allocator measures `engine`'s memory: it is installed and the
+/// model is on the CPU (a GPU's memory is the driver's).
+pub fn heap_counted(engine: &Engine) -> bool {
+    llmem_engine::heap::installed() && engine.model().is_none_or(|m| m.device().is_cpu())
+}
+
 /// Per rank, at the end of a run with its engine alive: the engine's byte counts of
 /// weights and KV beside the heap the counting allocator attributes to them, and the
 /// largest pass working set measured beside the engine's estimate. `null` measured
@@ -294,7 +313,7 @@ fn run_one(
 /// memory is a GPU's.
 fn rank_memory_json(engine: &Engine) -> Value {
     use llmem_engine::heap::{self, Component};
-    let counted = heap::installed() && engine.model().is_none_or(|m| m.device().is_cpu());
+    let counted = heap_counted(engine);
     let measured = engine.measured_activation_bytes().filter(|_| counted);
     let estimates = engine.rank_activation_bytes();
     engine
@@ -438,6 +457,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
              give it more --kv-blocks or lower --max-model-len"
         );
     }
+    let tracing = args.memory_trace.is_some() || args.plot.is_some();
+    // Open the output files now, so a bad path fails before the runs, not after them.
+    let open = |path: &Option<std::path::PathBuf>, what: &str| -> anyhow::Result<_> {
+        path.as_ref()
+            .map(|p| {
+                std::fs::File::create(p)
+                    .with_context(|| format!("{what} {}: cannot create the file", p.display()))
+                    .map(|f| (p.clone(), f))
+            })
+            .transpose()
+    };
+    let trace_file = open(&args.memory_trace, "--memory-trace")?;
+    let plot_file = open(&args.plot, "--plot")?;
+    let mut trace_rows = Vec::new();
     let mut runs = Vec::new();
     let mut ledgers = Vec::new();
     for &c in &args.concurrency {
@@ -449,7 +482,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 ..config
             };
             let device = model.device();
-            let (mut run, at_end) = run_one(&source, run_config, &requests[..c], device)
+            let run_index = runs.len();
+            let trace = tracing.then_some((&mut trace_rows, run_index));
+            let (mut run, at_end) = run_one(&source, run_config, &requests[..c], device, trace)
                 .with_context(|| {
                     format!(
                         "benchmark run at concurrency {c}, {} layout",
@@ -492,6 +527,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 );
             }
             runs.push(run);
+        }
+    }
+    for (file, text) in [
+        (trace_file, super::trace::csv(&trace_rows)),
+        (plot_file, super::trace::svg(&trace_rows)),
+    ] {
+        if let Some((path, mut f)) = file {
+            use std::io::Write as _;
+            f.write_all(text.as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {} ({} trace rows)", path.display(), trace_rows.len());
         }
     }
     if args.format == BenchFormat::Text {

@@ -12,6 +12,7 @@ pub mod load;
 pub mod perplexity;
 pub mod plan;
 pub mod sweep;
+pub mod trace;
 
 use llmem_engine::engine::Engine;
 use llmem_engine::parallel::spec::ParallelSpec;
