@@ -217,11 +217,33 @@ pub fn device_memory(device: &Device) -> Option<DeviceMemory> {
 /// Bytes in use in the device's default memory pool, which candle allocates from
 /// (`cuMemAllocAsync`): now, and the high-water mark since the last
 /// [`reset_pool_high_water`]. The difference across a pass is its measured activation
-/// peak (everything it allocated and freed again).
+/// peak (everything it allocated and freed again). `reserved_bytes` is what the pool
+/// holds from the driver; above `current_bytes` it is the allocator's own (freed blocks
+/// it keeps for reuse).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolUsage {
     pub current_bytes: u64,
     pub high_water_bytes: u64,
+    pub reserved_bytes: u64,
+}
+
+/// What a memory ledger reads from a device: the driver's free and total bytes and the
+/// allocator pool's. Implemented for candle's [`Device`] (a CUDA device asks the driver;
+/// the CPU answers `None`) and by fakes reporting fixed numbers, which test the ledgers'
+/// GPU arithmetic on machines without one.
+pub trait DeviceProbe: Send + Sync + std::fmt::Debug {
+    fn memory(&self) -> Option<DeviceMemory>;
+    fn pool(&self) -> Option<PoolUsage>;
+}
+
+impl DeviceProbe for Device {
+    fn memory(&self) -> Option<DeviceMemory> {
+        device_memory(self)
+    }
+
+    fn pool(&self) -> Option<PoolUsage> {
+        pool_usage(self)
+    }
 }
 
 /// [`PoolUsage`] of the CUDA device `device` runs on; `None` on the CPU or when the
@@ -234,6 +256,7 @@ pub fn pool_usage(device: &Device) -> Option<PoolUsage> {
         return Some(PoolUsage {
             current_bytes: cuda_pool::get(pool, A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
             high_water_bytes: cuda_pool::get(pool, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            reserved_bytes: cuda_pool::get(pool, A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
         });
     }
     let _ = device;
@@ -252,7 +275,7 @@ pub fn reset_pool_high_water(device: &Device) -> bool {
 
 #[cfg(feature = "cuda")]
 mod cuda_pool {
-    //! The three driver calls behind [`super::pool_usage`], each checked.
+    //! The driver calls behind [`super::pool_usage`], each checked.
     use candle_core::cuda_backend::cudarc::driver::sys;
     use candle_core::cuda_backend::CudaDevice;
 
@@ -269,7 +292,8 @@ mod cuda_pool {
 
     pub(super) fn get(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute) -> Option<u64> {
         let mut value: u64 = 0;
-        // SAFETY: both attributes asked for are cuuint64_t, which `value` is.
+        // SAFETY: the attributes asked for (USED_MEM_CURRENT, USED_MEM_HIGH,
+        // RESERVED_MEM_CURRENT) are cuuint64_t, which `value` is.
         let r = unsafe {
             sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut std::ffi::c_void)
         };

@@ -21,11 +21,14 @@
 //! overhead the resident set before the model loaded.
 //!
 //! On a CUDA GPU (`serve --device cuda`) the device's numbers come from the driver
-//! (`cuMemGetInfo`): `device_used_bytes` is the whole device's use, the CUDA context +
-//! libraries measured at start-up are the `runtime_overhead`, and `unaccounted` is
-//! `(device used - other processes' use at start-up) - (weights + kv_reserved +
-//! activations_now + runtime_overhead)`: the allocator's pool, cuBLAS workspaces grown
-//! later, rope tables.
+//! (`cuMemGetInfo`) and from the memory pool candle allocates from: `device_used_bytes`
+//! is the whole device's use; the activations now are the pool's bytes in use beyond the
+//! weights and the KV cache (the estimate when the pool does not answer); the runtime
+//! overhead is the CUDA context + libraries measured at start-up plus the pool's cached
+//! bytes (reserved from the driver, not in use); and `unaccounted` is `(device used -
+//! other processes' use at start-up) - (weights + kv_reserved + activations_now +
+//! runtime_overhead)`: cuBLAS workspaces grown later, allocations outside the pool. The
+//! device is read through [`DeviceProbe`], which a test fakes with fixed numbers.
 //!
 //! The planner's side (`plan`) comes from `llmem_engine::engine::planned_terms` for the
 //! served model, dtypes and limits in a device of the memory budget; its
@@ -35,6 +38,9 @@
 
 use std::fmt::Write as _;
 
+use std::sync::Arc;
+
+use llmem_engine::device::DeviceProbe;
 use llmem_engine::engine::runner::PlannedRank;
 use llmem_engine::engine::PlannedTerms;
 use serde_json::{json, Value};
@@ -57,10 +63,10 @@ pub struct RankLedger {
     pub planned: Option<PlannedRank>,
 }
 
-/// The GPU's figures fixed at start-up (`serve --device cuda`).
+/// The GPU's figures fixed at start-up (`serve --device cuda`), and the device to read.
 #[derive(Debug, Clone)]
 pub struct GpuLedger {
-    pub device: candle_core::Device,
+    pub probe: Arc<dyn DeviceProbe>,
     /// Device memory in use before llmem's context existed (estimated; see
     /// `llmem_engine::device`).
     pub other_processes_bytes: u64,
@@ -101,6 +107,7 @@ struct RankNow {
     activation_last_pass: Option<u64>,
     activation_estimate: u64,
     activation_estimate_peak: u64,
+    activation_source: ActivationSource,
     heap: Option<RankHeap>,
     /// The process's gap, carried by rank 0 (ranks are threads of one process).
     unaccounted: i64,
@@ -145,6 +152,11 @@ const UNACCOUNTED_EXPLAINED: &str = "resident set minus every measured part: thr
     stacks, anonymous maps outside malloc (the kernels' and libraries' own), pages of freed \
     malloc blocks the allocator has not returned and does not report as free";
 
+/// What `unaccounted` holds on a GPU.
+const GPU_UNACCOUNTED_EXPLAINED: &str = "device memory in use by this process (the device's \
+    use minus the other processes' at start-up) minus every part: cuBLAS workspaces grown \
+    after start-up, allocations outside the memory pool";
+
 /// The live figures of one moment.
 struct Now {
     ranks: Vec<RankNow>,
@@ -152,6 +164,38 @@ struct Now {
     device_used: u64,
     /// Set on the CPU when the counting allocator runs.
     parts: Option<ProcessParts>,
+    /// Set on a GPU.
+    gpu: Option<GpuParts>,
+}
+
+/// What a GPU's runtime overhead holds.
+#[derive(Clone, Copy, Default)]
+struct GpuParts {
+    /// The CUDA context and libraries, measured at start-up.
+    cuda_context: u64,
+    /// The pool's reserved bytes not in use (`None`: the pool did not answer).
+    pool_cached: Option<u64>,
+}
+
+/// Where a rank's "activations now" come from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ActivationSource {
+    /// The counting allocator (CPU).
+    Heap,
+    /// The device pool's bytes in use beyond weights and KV (GPU).
+    DevicePool,
+    /// The activation formula for the last pass.
+    Estimate,
+}
+
+impl ActivationSource {
+    fn name(self) -> &'static str {
+        match self {
+            ActivationSource::Heap => "heap",
+            ActivationSource::DevicePool => "device_pool",
+            ActivationSource::Estimate => "estimate",
+        }
+    }
 }
 
 impl Ledger {
@@ -177,6 +221,11 @@ impl Ledger {
         // Measured figures need the counting allocator, and a CPU (a GPU's memory is
         // the driver's).
         let counted = heap::installed() && self.gpu.is_none();
+        let device = self
+            .gpu
+            .as_ref()
+            .map(|g| (g.probe.memory(), g.probe.pool()));
+        let pool = device.and_then(|d| d.1);
         let mut ranks: Vec<RankNow> = self
             .ranks
             .iter()
@@ -188,11 +237,25 @@ impl Ledger {
                     .rank_activation_measured
                     .as_ref()
                     .and_then(|m| m.get(i).copied());
-                let (activation, activation_peak, last_pass) = match (counted, measured) {
-                    (true, Some((last, peak))) => {
-                        (heap::live(Component::Activations, i), peak, Some(last))
-                    }
-                    _ => (estimate, estimate_peak, None),
+                let (activation, activation_peak, last_pass, source) = match (counted, measured) {
+                    (true, Some((last, peak))) => (
+                        heap::live(Component::Activations, i),
+                        peak,
+                        Some(last),
+                        ActivationSource::Heap,
+                    ),
+                    // One device holds the one rank a GPU runs: what its pool hands out
+                    // beyond the weights and the KV cache is the pass's tensors.
+                    _ => match pool.filter(|_| self.ranks.len() == 1) {
+                        Some(p) => (
+                            p.current_bytes
+                                .saturating_sub(r.weights_bytes + r.kv_cache_reserved_bytes),
+                            estimate_peak,
+                            None,
+                            ActivationSource::DevicePool,
+                        ),
+                        None => (estimate, estimate_peak, None, ActivationSource::Estimate),
+                    },
                 };
                 RankNow {
                     kv_used: (u128::from(r.kv_cache_reserved_bytes) * u128::from(used)
@@ -202,6 +265,7 @@ impl Ledger {
                     activation_last_pass: last_pass,
                     activation_estimate: estimate,
                     activation_estimate_peak: estimate_peak,
+                    activation_source: source,
                     heap: counted.then(|| RankHeap {
                         weights: heap::live(Component::Weights, i),
                         kv_cache: heap::live(Component::KvCache, i),
@@ -220,6 +284,10 @@ impl Ledger {
                 mapped_weight_files: mapped,
             }
         });
+        let gpu = self.gpu.as_ref().map(|g| GpuParts {
+            cuda_context: g.cuda_context_bytes,
+            pool_cached: pool.map(|p| p.reserved_bytes.saturating_sub(p.current_bytes)),
+        });
         let accounted: u64 = match &parts {
             Some(p) => {
                 ranks
@@ -237,16 +305,17 @@ impl Ledger {
                     .zip(&ranks)
                     .map(|(r, n)| r.weights_bytes + r.kv_cache_reserved_bytes + n.activation)
                     .sum::<u64>()
-                    + self.runtime_overhead_bytes
+                    + gpu.map_or(self.runtime_overhead_bytes, |g| {
+                        g.cuda_context + g.pool_cached.unwrap_or(0)
+                    })
             }
         };
-        let (ours, device_used) = match &self.gpu {
-            Some(g) => {
-                let used =
-                    llmem_engine::device::device_memory(&g.device).map_or(0, |m| m.used_bytes());
+        let (ours, device_used) = match (&self.gpu, device) {
+            (Some(g), Some((memory, _))) => {
+                let used = memory.map_or(0, |m| m.used_bytes());
                 (used.saturating_sub(g.other_processes_bytes), used)
             }
-            None => (rss, machine_used_bytes().unwrap_or(0)),
+            _ => (rss, machine_used_bytes().unwrap_or(0)),
         };
         if let Some(first) = ranks.first_mut() {
             first.unaccounted = ours as i64 - accounted as i64;
@@ -256,6 +325,7 @@ impl Ledger {
             rss,
             device_used,
             parts,
+            gpu,
         }
     }
 
@@ -263,7 +333,11 @@ impl Ledger {
     /// and the unaccounted rest), or the resident set before loading without the heap
     /// counts.
     fn runtime_overhead_now(&self, n: &Now) -> u64 {
-        n.parts.map_or(self.runtime_overhead_bytes, |p| p.total())
+        match (n.parts, n.gpu) {
+            (Some(p), _) => p.total(),
+            (None, Some(g)) => g.cuda_context + g.pool_cached.unwrap_or(0),
+            (None, None) => self.runtime_overhead_bytes,
+        }
     }
 
     /// Why the KV the engine reserved differs from the plan's, in numbers (`None` when
@@ -277,10 +351,10 @@ impl Ledger {
         let diff = engine as i128 - planned as i128;
         Some(format!(
             "the engine reserves {engine} B, {diff:+} B against the plan: it fills what the \
-             budget leaves after weights, its own activation estimate and the runtime \
-             overhead with whole blocks of {} tokens, while the planner counts whole \
-             sequences of max_model_len = {} tokens ({} of them, {} B of KV per token) \
-             after its own activation figure ({} B)",
+             budget leaves after weights, activations and the runtime overhead with whole \
+             blocks of {} tokens, while the planner counts whole sequences of max_model_len \
+             = {} tokens ({} of them, {} B of KV per token) after the same activation figure \
+             ({} B, one formula for both)",
             self.block_size,
             self.max_model_len,
             p.max_concurrency,
@@ -346,6 +420,7 @@ impl Ledger {
                     "activation_estimate_bytes": now.activation_estimate,
                     "activation_estimate_peak_bytes": now.activation_estimate_peak,
                     "activations_measured": now.activation_last_pass.is_some(),
+                    "activation_source": now.activation_source.name(),
                     "runtime_overhead_bytes": if i == 0 { self.runtime_overhead_now(&n) } else { 0 },
                     "unaccounted_bytes": now.unaccounted,
                     "device_total_bytes": self.device_total_bytes,
@@ -368,6 +443,13 @@ impl Ledger {
                         "mapped_weight_files_bytes": p.mapped_weight_files,
                     });
                     v["unaccounted_explained"] = json!(UNACCOUNTED_EXPLAINED);
+                }
+                if let (0, Some(g)) = (i, n.gpu) {
+                    v["runtime_parts"] = json!({
+                        "cuda_context_bytes": g.cuda_context,
+                        "allocator_bytes": g.pool_cached,
+                    });
+                    v["unaccounted_explained"] = json!(GPU_UNACCOUNTED_EXPLAINED);
                 }
                 if let Some(p) = r.planned {
                     v["planned"] = json!({
@@ -466,6 +548,12 @@ impl Ledger {
                 (comp("code_and_files", 0), p.code_and_files as f64),
                 (comp("mapped_weight_files", 0), p.mapped_weight_files as f64),
             ]);
+        }
+        if let Some(g) = n.gpu {
+            measured.push((comp("cuda_context", 0), g.cuda_context as f64));
+            if let Some(cached) = g.pool_cached {
+                measured.push((comp("allocator", 0), cached as f64));
+            }
         }
         measured.extend([
             (
@@ -613,5 +701,125 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"1\"} 3\n"), "{out}");
         assert!(out.contains("x_bucket{le=\"+Inf\"} 4\n"), "{out}");
         assert!(out.contains("x_count 4\n"), "{out}");
+    }
+
+    /// A GPU that reports fixed numbers.
+    #[derive(Debug)]
+    struct FakeGpu {
+        memory: llmem_engine::device::DeviceMemory,
+        pool: Option<llmem_engine::device::PoolUsage>,
+    }
+
+    impl DeviceProbe for FakeGpu {
+        fn memory(&self) -> Option<llmem_engine::device::DeviceMemory> {
+            Some(self.memory)
+        }
+        fn pool(&self) -> Option<llmem_engine::device::PoolUsage> {
+            self.pool
+        }
+    }
+
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+
+    fn gpu_ledger(pool: Option<llmem_engine::device::PoolUsage>) -> (Ledger, Shared) {
+        let probe = FakeGpu {
+            // 30 GiB of 80 in use on the device.
+            memory: llmem_engine::device::DeviceMemory {
+                free_bytes: 50 * GIB,
+                total_bytes: 80 * GIB,
+            },
+            pool,
+        };
+        let ledger = Ledger {
+            device: "cuda:0 (fake)".into(),
+            gpu: Some(GpuLedger {
+                probe: Arc::new(probe),
+                other_processes_bytes: 10 * GIB,
+                cuda_context_bytes: 500 * MIB,
+            }),
+            ranks: vec![RankLedger {
+                stage: 0,
+                tp_rank: 0,
+                weights_bytes: 2 * GIB,
+                kv_cache_reserved_bytes: 15 * GIB,
+                planned: None,
+            }],
+            block_bytes: MIB,
+            block_size: 16,
+            runtime_overhead_bytes: 500 * MIB,
+            device_total_bytes: 80 * GIB,
+            max_model_len: 4096,
+            planned: None,
+            plan_error: Some("no plan in this test".into()),
+        };
+        let mut snap = super::super::metrics::Snapshot::new(Default::default());
+        snap.rank_activation = vec![(123 * MIB, 456 * MIB)];
+        let shared = Shared {
+            snapshot: std::sync::Mutex::new(snap),
+            pending: Default::default(),
+        };
+        (ledger, shared)
+    }
+
+    /// The CUDA ledger's arithmetic on a fake device: the driver's use, the pool's bytes
+    /// beyond weights and KV as the activations, the context and the pool's cached bytes
+    /// as the runtime, and the rest unaccounted.
+    #[test]
+    fn a_gpu_ledger_reads_the_device_and_its_pool() {
+        let pool = llmem_engine::device::PoolUsage {
+            current_bytes: 17 * GIB + 300 * MIB,
+            high_water_bytes: 18 * GIB,
+            reserved_bytes: 18 * GIB + 300 * MIB,
+        };
+        let (ledger, shared) = gpu_ledger(Some(pool));
+        let m = ledger.memory_json(&shared, "fake", 1.0);
+        let r = &m["ranks"][0];
+        assert_eq!(r["device_used_bytes"], 30 * GIB, "{r}");
+        assert_eq!(r["activation_bytes"], 300 * MIB, "{r}");
+        assert_eq!(r["activation_source"], "device_pool", "{r}");
+        assert_eq!(r["activation_peak_bytes"], 456 * MIB, "{r}");
+        assert_eq!(r["runtime_overhead_bytes"], 500 * MIB + GIB, "{r}");
+        assert_eq!(r["runtime_parts"]["allocator_bytes"], GIB, "{r}");
+        assert_eq!(r["runtime_parts"]["cuda_context_bytes"], 500 * MIB, "{r}");
+        // (30 - 10) GiB of ours - (2 + 15 GiB + 300 MiB + 500 MiB + 1 GiB) = 1248 MiB.
+        assert_eq!(r["unaccounted_bytes"], 1248 * MIB, "{r}");
+        assert!(r["unaccounted_explained"]
+            .as_str()
+            .unwrap()
+            .contains("cuBLAS"));
+        let metrics = ledger.prometheus(&shared);
+        for needle in [
+            format!(
+                "llmem_memory_bytes{{component=\"cuda_context\",rank=\"0\"}} {}",
+                500 * MIB
+            ),
+            format!("llmem_memory_bytes{{component=\"allocator\",rank=\"0\"}} {GIB}"),
+            format!(
+                "llmem_memory_bytes{{component=\"unaccounted\",rank=\"0\"}} {}",
+                1248 * MIB
+            ),
+        ] {
+            assert!(metrics.contains(&needle), "missing {needle}");
+        }
+    }
+
+    /// Without the pool's numbers the activations fall back to the estimate and the
+    /// runtime to the context alone.
+    #[test]
+    fn a_gpu_ledger_without_pool_numbers_falls_back_to_the_estimate() {
+        let (ledger, shared) = gpu_ledger(None);
+        let m = ledger.memory_json(&shared, "fake", 1.0);
+        let r = &m["ranks"][0];
+        assert_eq!(r["activation_bytes"], 123 * MIB, "{r}");
+        assert_eq!(r["activation_source"], "estimate", "{r}");
+        assert_eq!(r["runtime_overhead_bytes"], 500 * MIB, "{r}");
+        assert_eq!(r["runtime_parts"]["allocator_bytes"], Value::Null, "{r}");
+        // 20 GiB - (17 GiB + 123 MiB + 500 MiB)
+        assert_eq!(
+            r["unaccounted_bytes"],
+            20 * GIB - 17 * GIB - 623 * MIB,
+            "{r}"
+        );
     }
 }

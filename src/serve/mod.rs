@@ -289,7 +289,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         })
         .collect();
     let gpu = opened.before.map(|before| ledger::GpuLedger {
-        device: opened.device.clone(),
+        probe: Arc::new(opened.device.clone()),
         other_processes_bytes: before.used_bytes(),
         cuda_context_bytes: opened.context_bytes(),
     });
