@@ -300,12 +300,6 @@ fn run_one(
     ))
 }
 
-/// Whether the counting allocator measures `engine`'s memory: it is installed and the
-/// model is on the CPU (a GPU's memory is the driver's).
-pub fn heap_counted(engine: &Engine) -> bool {
-    llmem_engine::heap::installed() && engine.model().is_none_or(|m| m.device().is_cpu())
-}
-
 /// Per rank, at the end of a run with its engine alive: the engine's byte counts of
 /// weights and KV beside the heap the counting allocator attributes to them, and the
 /// largest pass working set measured beside the engine's estimate. `null` measured
@@ -313,7 +307,7 @@ pub fn heap_counted(engine: &Engine) -> bool {
 /// memory is a GPU's.
 fn rank_memory_json(engine: &Engine) -> Value {
     use llmem_engine::heap::{self, Component};
-    let counted = heap_counted(engine);
+    let counted = super::trace::heap_counted(engine);
     let measured = engine.measured_activation_bytes().filter(|_| counted);
     let estimates = engine.rank_activation_bytes();
     engine

@@ -32,11 +32,17 @@ pub struct TraceRow {
     pub activation_estimate_bytes: u64,
 }
 
+/// Whether the counting allocator measures `engine`'s memory: it is installed and the
+/// model is on the CPU (a GPU's memory is the driver's).
+pub fn heap_counted(engine: &Engine) -> bool {
+    llmem_engine::heap::installed() && engine.model().is_none_or(|m| m.device().is_cpu())
+}
+
 /// The rows of every rank after the step `engine` just ran.
 pub fn sample(engine: &Engine, run: usize, label: &str, t_ms: f64) -> Vec<TraceRow> {
     let s = engine.stats();
     let (pass_tokens, logit_rows) = engine.last_pass();
-    let counted = super::bench::heap_counted(engine);
+    let counted = heap_counted(engine);
     let measured = engine.measured_activation_bytes().filter(|_| counted);
     let estimates = engine.rank_activation_bytes();
     engine
