@@ -508,6 +508,21 @@ fn generate_tp3_pp2_prints_the_split_and_equals_tp1() {
     // final norm: 15 layers each, so stage 1 is the final norm's 576 x 4 B heavier.
     let w = |i: usize| ranks[i]["weights_bytes"].as_u64().unwrap();
     assert_eq!(w(3) - w(0), 576 * 4);
+    // Quantized shards: TP 3 at q8_0 (each rank quantizes its slices) generates what PP 2
+    // at q8_0 (whole matrices, the same paged engine) does. (The one-rank `generate` runs
+    // the contiguous cache, whose different float order moves q8_0's byte-quantized
+    // activations enough to flip a near tie on this prompt: not a fair reference.)
+    let q8: Vec<&str> = base.iter().copied().chain(["--dtype", "q8_0"]).collect();
+    let whole: Vec<&str> = q8.iter().copied().chain(["--pp", "2"]).collect();
+    let whole = json(&whole);
+    let sharded: Vec<&str> = q8.iter().copied().chain(["--tp", "3"]).collect();
+    let v = json(&sharded);
+    assert_eq!(v["token_ids"], whole["token_ids"]);
+    let ranks = v["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 3);
+    for r in ranks {
+        assert_eq!(r["weights_bytes"], r["planned"]["weights_bytes"], "{r}");
+    }
 }
 
 /// Needs the default model (fetched into the cache when missing).

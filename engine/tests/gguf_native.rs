@@ -458,7 +458,7 @@ fn a_tp_grid_loads_a_gguf_the_same_way_every_time() {
         let mut runner = ParallelRunner::new(
             &g.shape,
             Arc::new(g.weights),
-            candle_core::DType::F32,
+            WeightFormat::dense(candle_core::DType::F32).unwrap(),
             spec,
             4,
             16,

@@ -25,6 +25,7 @@ use llmem_engine::model::Model;
 use llmem_engine::parallel::spec::ParallelSpec;
 use llmem_engine::sample::sampler::{SamplingParams, SplitMix64};
 use llmem_engine::weights::files::WeightFiles;
+use llmem_engine::weights::quant::WeightFormat;
 use llmem_planner::ModelShape;
 use serde_json::json;
 
@@ -189,7 +190,7 @@ fn parallel_runner(dir: &Path, s: ParallelSpec, num_blocks: usize, block_size: u
         ParallelRunner::new(
             &shape_of(dir),
             weights,
-            DType::F32,
+            WeightFormat::dense(DType::F32).unwrap(),
             s,
             num_blocks,
             block_size,
@@ -544,12 +545,9 @@ fn reference_prompts(count: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-#[test]
-fn smollm2_tp3_pp2_equal_tp1_tokens_logits_and_planner_bytes() {
-    let Some(dir) = smol_dir() else { return };
-    let shape = shape_of(&dir);
-    let prompts = reference_prompts(3);
-    let config = EngineConfig {
+/// Three reference prompts of 12 tokens each at once, with room to spare.
+fn smol_config() -> EngineConfig {
+    EngineConfig {
         block_size: 16,
         num_blocks: 40,
         kv_dtype: KvDtype::F32,
@@ -557,7 +555,15 @@ fn smollm2_tp3_pp2_equal_tp1_tokens_logits_and_planner_bytes() {
         max_batched_tokens: 512,
         max_model_len: 256,
         kv_layout: KvLayout::Paged,
-    };
+    }
+}
+
+#[test]
+fn smollm2_tp3_pp2_equal_tp1_tokens_logits_and_planner_bytes() {
+    let Some(dir) = smol_dir() else { return };
+    let shape = shape_of(&dir);
+    let prompts = reference_prompts(3);
+    let config = smol_config();
     let model = Model::load_dir(&dir, DType::F32, &Device::Cpu).unwrap();
     let mut single = Engine::new(model.clone(), config).unwrap();
     let want = engine_greedy(&mut single, &prompts, 12);
@@ -585,6 +591,36 @@ fn smollm2_tp3_pp2_equal_tp1_tokens_logits_and_planner_bytes() {
         let rel = relative_diff(&logits, &want_logits);
         println!("SmolLM2 TP {tp} PP {pp}: logits relative diff {rel:.2e}");
         assert!(rel <= 1e-4, "SmolLM2 TP {tp} PP {pp}: relative diff {rel}");
+    }
+}
+
+/// Block-quantized shards: TP 3, PP 2 and both at q8_0 and q4_k give TP 1's greedy
+/// tokens at the same level (each rank quantizes its slices, on block boundaries: the
+/// same blocks the unsharded model holds), and every rank holds the planner's bytes.
+#[test]
+fn smollm2_quantized_shards_equal_tp1_at_the_same_level() {
+    let Some(dir) = smol_dir() else { return };
+    let shape = shape_of(&dir);
+    let prompts = reference_prompts(3);
+    let config = smol_config();
+    for precision in [
+        llmem_planner::Precision::Q8_0,
+        llmem_planner::Precision::Q4K,
+    ] {
+        let fmt = WeightFormat::new(precision).unwrap();
+        let model = Model::load_dir_with(&dir, &fmt, &Device::Cpu).unwrap();
+        let mut single = Engine::new(model, config).unwrap();
+        let want = engine_greedy(&mut single, &prompts, 12);
+        drop(single);
+        for (tp, pp, vp) in [(3, 1, false), (1, 2, false), (3, 2, false), (3, 1, true)] {
+            let what = format!("SmolLM2 {precision} TP {tp} PP {pp} vocab-parallel {vp}");
+            let weights = WeightFiles::open_dir(&dir).unwrap();
+            let mut engine =
+                Engine::new_parallel_with(&shape, weights, &fmt, spec(tp, pp, vp), config).unwrap();
+            assert_ranks_match_planner(&engine, &what);
+            let got = engine_greedy(&mut engine, &prompts, 12);
+            assert_eq!(got, want, "{what}: greedy tokens differ from TP 1");
+        }
     }
 }
 

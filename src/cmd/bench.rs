@@ -115,7 +115,8 @@ enum Source {
         /// for seeded random weights.
         model: Option<String>,
         seed: u64,
-        dtype: candle_core::DType,
+        /// How every rank stores its shard.
+        format: llmem_engine::weights::quant::WeightFormat,
         spec: ParallelSpec,
     },
 }
@@ -128,14 +129,14 @@ impl Source {
                 shape,
                 model,
                 seed,
-                dtype,
+                format,
                 spec,
             } => {
                 let weights = match model {
                     Some(m) => super::load::open_model(m)?.weights,
                     None => llmem_engine::weights::files::WeightFiles::random(*seed),
                 };
-                Engine::new_parallel(shape, weights, *dtype, *spec, config)?
+                Engine::new_parallel_with(shape, weights, format, *spec, config)?
             }
         })
     }
@@ -375,12 +376,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             shape,
             model: dir.as_ref().map(|_| args.model.clone()),
             seed: args.seed,
-            dtype: match dir {
-                Some(_) => super::load::dense_dtype(
+            format: match dir {
+                Some(_) => super::load::shard_format(
                     args.dtype,
                     &super::load::open_model(&args.model)?.weights,
+                ),
+                None => llmem_engine::weights::quant::WeightFormat::new(
+                    args.dtype.unwrap_or(DtypeArg::F32).precision(),
                 )?,
-                None => args.dtype.unwrap_or(DtypeArg::F32).dense()?,
             },
             spec,
         }

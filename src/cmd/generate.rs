@@ -13,7 +13,7 @@ use llmem_engine::config::GenerationConfig;
 use llmem_engine::engine::generate::{generate, GenerateRequest};
 use llmem_engine::sample::sampler::SamplingParams;
 
-use super::load::{dense_dtype, load_on, DtypeArg};
+use super::load::{load_on, shard_format, DtypeArg};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
@@ -261,7 +261,8 @@ fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
         .min(max_context)
         .max(2);
     let block_size = DEFAULT_BLOCK_SIZE;
-    let dtype = dense_dtype(args.dtype, &weights)?;
+    let fmt = shard_format(args.dtype, &weights);
+    let dtype = fmt.activation_dtype();
     let paged = EngineConfig {
         block_size,
         num_blocks: max_model_len.div_ceil(block_size),
@@ -276,7 +277,7 @@ fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
         kv_layout: llmem_engine::cache::block_manager::KvLayout::Paged,
     };
     let mut engine =
-        Engine::new_parallel(&shape, weights, dtype, spec, paged).with_context(|| {
+        Engine::new_parallel_with(&shape, weights, &fmt, spec, paged).with_context(|| {
             format!(
                 "loading model {} as {} ranks",
                 dir.display(),
@@ -353,11 +354,19 @@ fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
             );
         }
         OutputFormat::Json => {
+            let planned = engine.planned_rank_memory().ok();
             let ranks: Vec<serde_json::Value> = engine
                 .rank_memory()
                 .iter()
-                .map(|m| {
+                .enumerate()
+                .map(|(i, m)| {
+                    let p = planned.as_ref().and_then(|p| p.get(i));
                     serde_json::json!({
+                        "planned": p.map(|p| serde_json::json!({
+                            "weights_bytes": p.weights_bytes,
+                            "kv_cache_bytes": p.kv_cache_bytes,
+                            "activation_bytes": p.activation_bytes,
+                        })),
                         "stage": m.stage,
                         "tp_rank": m.tp_rank,
                         "first_layer": m.first_layer,

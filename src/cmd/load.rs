@@ -49,18 +49,6 @@ impl DtypeArg {
     pub fn name(self) -> &'static str {
         llmem_engine::weights::quant::cli_name(self.precision())
     }
-
-    /// The candle dtype of a float level; an error naming the option for block formats,
-    /// which tensor and pipeline parallelism cannot shard yet.
-    pub fn dense(self) -> anyhow::Result<candle_core::DType> {
-        llmem_engine::weights::quant::dense_dtype(self.precision()).ok_or_else(|| {
-            anyhow::anyhow!(
-                "--dtype {} with --tp/--pp: sharding runs float weights only (f32, bf16, f16); \
-                 block-quantized weights cannot be split across ranks yet",
-                self.name()
-            )
-        })
-    }
 }
 
 /// A model as `--model` names it, opened but not loaded: a Hugging Face directory (or the
@@ -184,22 +172,25 @@ pub fn weight_format(
     }
 }
 
-/// `--dtype` for the sharded (`--tp/--pp`) loaders, which run float weights only; a GGUF
-/// is dequantized to it (f32 by default), which a note on stderr says.
-pub fn dense_dtype(
-    dtype: Option<DtypeArg>,
-    weights: &WeightFiles,
-) -> anyhow::Result<candle_core::DType> {
+/// The format of every rank's shard under `--tp/--pp`: `--dtype` (f32 by default), each
+/// rank's slices stored at that level (a block format quantizes them). A GGUF is
+/// dequantized first, which a note on stderr says: its blocks are not sliced as stored
+/// yet.
+pub fn shard_format(dtype: Option<DtypeArg>, weights: &WeightFiles) -> WeightFormat {
     let d = dtype.unwrap_or(DtypeArg::F32);
-    let dense = d.dense()?;
     if let Some(g) = weights.gguf() {
         eprintln!(
-            "note: {}: --tp/--pp shard float weights: the GGUF is dequantized to {}",
+            "note: {}: --tp/--pp: the GGUF is dequantized and every rank's slices are stored \
+             as {}",
             g.path().display(),
             d.name()
         );
     }
-    Ok(dense)
+    WeightFormat {
+        precision: d.precision(),
+        keep_embeddings: false,
+        as_stored: false,
+    }
 }
 
 /// The report name of a loaded model's format: `--dtype`'s name, or for a GGUF kept as

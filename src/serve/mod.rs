@@ -26,7 +26,7 @@ use llmem_engine::cache::block_manager::KvLayout;
 use llmem_engine::engine::{Engine, EngineConfig, KvSizing};
 use llmem_planner::human_bytes;
 
-use crate::cmd::load::{dense_dtype, load_parts, weight_format, DtypeArg};
+use crate::cmd::load::{load_parts, shard_format, weight_format, DtypeArg};
 use api::AppState;
 use ledger::Ledger;
 use llmem_engine::model::Model;
@@ -223,8 +223,8 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
             num_blocks: blocks as usize,
             ..config
         };
-        let dtype = dense_dtype(args.dtype, &weights)?;
-        let engine = Engine::new_parallel(&shape, weights, dtype, spec, config)
+        let fmt = shard_format(args.dtype, &weights);
+        let engine = Engine::new_parallel_with(&shape, weights, &fmt, spec, config)
             .with_context(|| format!("loading {} across ranks", dir.display()))?;
         let startup = crate::cmd::rank_report(&engine);
         Built {

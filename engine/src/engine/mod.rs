@@ -57,6 +57,7 @@ use crate::parallel::comm::CommStats;
 use crate::parallel::spec::ParallelSpec;
 use crate::sample::sampler::{log_softmax, top_of_logprobs, Sampler, SamplingParams};
 use crate::weights::files::WeightFiles;
+use crate::weights::quant::WeightFormat;
 
 /// A request known to the engine (the scheduler's sequence id).
 pub type RequestId = SeqId;
@@ -248,16 +249,28 @@ impl Engine {
         spec: ParallelSpec,
         config: EngineConfig,
     ) -> Result<Self> {
+        Self::new_parallel_with(shape, weights, &WeightFormat::dense(dtype)?, spec, config)
+    }
+
+    /// [`Engine::new_parallel`] with the weights stored as `fmt` says: a block format
+    /// quantizes each rank's slices (see [`Model::load_shard`]).
+    pub fn new_parallel_with(
+        shape: &llmem_planner::ModelShape,
+        weights: WeightFiles,
+        fmt: &WeightFormat,
+        spec: ParallelSpec,
+        config: EngineConfig,
+    ) -> Result<Self> {
         spec.validate(shape)?;
         config.validate(shape.max_position_embeddings as usize)?;
         if spec.tp == 1 && spec.pp == 1 {
-            let model = Model::load(shape, &weights, dtype, &candle_core::Device::Cpu)?;
+            let model = Model::load_with(shape, &weights, fmt, &candle_core::Device::Cpu)?;
             return Self::new(model, config);
         }
         let runner = ParallelRunner::new(
             shape,
             std::sync::Arc::new(weights),
-            dtype,
+            *fmt,
             spec,
             config.num_blocks,
             config.block_size,
@@ -328,7 +341,7 @@ impl Engine {
         let (tokens, _) = self.config.largest_pass();
         crate::engine::runner::planned_rank_memory(
             self.runner.shape(),
-            self.runner.dtype(),
+            self.runner.format(),
             self.runner.spec(),
             self.config.kv_dtype,
             (self.config.num_blocks * self.config.block_size) as u64,

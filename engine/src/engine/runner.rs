@@ -23,8 +23,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use candle_core::{DType, Device, Tensor};
-use llmem_planner::{AttentionImpl, Deployment, ModelShape, Precision, Workload};
+use candle_core::{Device, Tensor};
+use llmem_planner::{AttentionImpl, Deployment, ModelShape, Workload};
 
 use crate::cache::paged::{KvDtype, PagedKvCache, PagedMetadata};
 use crate::error::{Error, Result};
@@ -34,6 +34,7 @@ use crate::model::Model;
 use crate::parallel::comm::{CommStats, Communicator, ThreadComm};
 use crate::parallel::spec::{ParallelSpec, ShardSpec};
 use crate::weights::files::WeightFiles;
+use crate::weights::quant::WeightFormat;
 
 /// Memory one rank holds, as the engine counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,25 +57,13 @@ pub struct PlannedRank {
     pub activation_bytes: u64,
 }
 
-/// The planner precision of a model dtype.
-pub fn planner_precision(dtype: DType) -> Result<Precision> {
-    match dtype {
-        DType::F32 => Ok(Precision::Fp32),
-        DType::BF16 => Ok(Precision::Bf16),
-        DType::F16 => Ok(Precision::Fp16),
-        other => Err(Error::InvalidInput(format!(
-            "no planner precision for {other:?}"
-        ))),
-    }
-}
-
 /// The planner's prediction for every rank (stage-major, like
 /// [`ParallelRunner::rank_memory`]): a cache of `kv_tokens` tokens (one sequence of
 /// that context, the same bytes as `num_blocks x block_size` slots) and passes of
 /// `pass_tokens` tokens.
 pub fn planned_rank_memory(
     shape: &ModelShape,
-    dtype: DType,
+    fmt: &WeightFormat,
     spec: ParallelSpec,
     kv_dtype: KvDtype,
     kv_tokens: u64,
@@ -86,17 +75,15 @@ pub fn planned_rank_memory(
         max_batched_tokens: pass_tokens.max(1),
         attention: AttentionImpl::Fused,
     };
-    let mut d = Deployment::new(
-        planner_precision(dtype)?,
-        llmem_planner::custom_gpu(1 << 50),
-    );
+    let mut d = Deployment::new(fmt.precision, llmem_planner::custom_gpu(1 << 50));
+    d.keep_embeddings = fmt.keep_embeddings && fmt.precision.is_quantized();
     d.tp = spec.tp as u64;
     d.pp = spec.pp as u64;
     d.vocab_parallel = spec.vocab_parallel;
     d.kv_dtype = kv_dtype.planner();
     d.runtime_overhead_bytes = Some(0);
     d.headroom_fraction = 0.0;
-    d.activation_bytes = Some(dtype.size_in_bytes() as u64);
+    d.activation_bytes = Some(fmt.activation_dtype().size_in_bytes() as u64);
     let plan = llmem_planner::plan(shape, &workload, &d)
         .map_err(|e| Error::InvalidInput(format!("planner: {e}")))?;
     let mut out = Vec::new();
@@ -145,7 +132,7 @@ struct Worker {
 /// A TP x PP grid of rank threads on the CPU.
 pub struct ParallelRunner {
     shape: ModelShape,
-    dtype: DType,
+    format: WeightFormat,
     spec: ParallelSpec,
     /// Stage-major: stage s, rank r at `s * tp + r`.
     workers: Vec<Worker>,
@@ -162,7 +149,7 @@ impl ParallelRunner {
     pub fn new(
         shape: &ModelShape,
         weights: Arc<WeightFiles>,
-        dtype: DType,
+        format: WeightFormat,
         spec: ParallelSpec,
         num_blocks: usize,
         block_size: usize,
@@ -193,7 +180,7 @@ impl ParallelRunner {
                         let loaded = Model::load_shard(
                             &shape,
                             &weights,
-                            dtype,
+                            &format,
                             &Device::Cpu,
                             shard,
                             thread_comm.clone(),
@@ -258,7 +245,7 @@ impl ParallelRunner {
         }
         let runner = ParallelRunner {
             shape: shape.clone(),
-            dtype,
+            format,
             spec,
             pass_heap: vec![0; workers.len()],
             workers,
@@ -280,8 +267,9 @@ impl ParallelRunner {
         &self.shape
     }
 
-    pub fn dtype(&self) -> DType {
-        self.dtype
+    /// How every rank stores its weights.
+    pub fn format(&self) -> &WeightFormat {
+        &self.format
     }
 
     /// One paged pass through every stage; the logits of `sample_rows` (rows x vocab).
@@ -364,14 +352,13 @@ impl ParallelRunner {
             .map(|m| RankMemory {
                 activation_peak_bytes: rank_activation_peak_bytes(
                     &self.shape,
-                    self.dtype,
+                    self.format.activation_dtype(),
                     ShardSpec {
                         tp_rank: m.tp_rank,
                         pp_stage: m.stage,
                         parallel: self.spec,
                     },
-                    // Shards are dense (f32, bf16 or f16).
-                    false,
+                    self.format.precision.is_quantized(),
                     pass_tokens,
                     logits_rows,
                 ),
@@ -463,10 +450,11 @@ impl Runner {
         }
     }
 
-    pub fn dtype(&self) -> DType {
+    /// How the weights are stored (every rank alike).
+    pub fn format(&self) -> &WeightFormat {
         match self {
-            Runner::Single { model, .. } => model.dtype(),
-            Runner::Parallel(p) => p.dtype(),
+            Runner::Single { model, .. } => model.weight_format(),
+            Runner::Parallel(p) => p.format(),
         }
     }
 

@@ -137,29 +137,36 @@ impl Attention {
 
     /// One TP rank's shard: its `heads / tp` query heads, the KV heads they read (split
     /// when TP divides the KV heads, the one shared head replicated when TP exceeds
-    /// them), and the matching columns of `o_proj`.
+    /// them), and the matching columns of `o_proj`. The matrices are sliced from the
+    /// dense tensors (f32 for a block format) and then stored as `fmt` says: a block
+    /// format quantizes each slice, so a slice on block boundaries holds the same blocks
+    /// the unsharded model does.
     pub(crate) fn load_shard(
         w: &WeightFiles,
         prefix: &str,
         shape: &ModelShape,
-        dtype: DType,
+        fmt: &WeightFormat,
         device: &Device,
         shard: &TpShard,
     ) -> Result<Self> {
-        let full = Self::load(w, prefix, shape, &WeightFormat::dense(dtype)?, device)?;
+        let dense = WeightFormat::dense(fmt.activation_dtype())?;
+        let full = Self::load(w, prefix, shape, &dense, device)?;
         let (nh, nkv, hd) = (full.num_heads, full.num_kv_heads, full.head_dim);
         let heads_r = nh / shard.tp;
         let kv_r = (nkv / shard.tp).max(1);
         let group = nh / nkv;
         let q0 = shard.rank * heads_r;
         let kv0 = q0 / group;
-        let heads = |l: &Linear, start: usize, len: usize| l.output_shard(start * hd, len * hd);
+        let store = |l: Linear, name: &str| l.stored_as(fmt.precision, &format!("{prefix}.{name}"));
+        let heads = |l: &Linear, start: usize, len: usize, name: &str| {
+            store(l.output_shard(start * hd, len * hd)?, name)
+        };
         let (o_proj, o_bias) = full.o_proj.input_shard(q0 * hd, heads_r * hd)?;
         Ok(Attention {
-            q_proj: heads(&full.q_proj, q0, heads_r)?,
-            k_proj: heads(&full.k_proj, kv0, kv_r)?,
-            v_proj: heads(&full.v_proj, kv0, kv_r)?,
-            o_proj,
+            q_proj: heads(&full.q_proj, q0, heads_r, "q_proj")?,
+            k_proj: heads(&full.k_proj, kv0, kv_r, "k_proj")?,
+            v_proj: heads(&full.v_proj, kv0, kv_r, "v_proj")?,
+            o_proj: store(o_proj, "o_proj")?,
             num_heads: heads_r,
             num_kv_heads: kv_r,
             head_dim: hd,

@@ -1,6 +1,6 @@
 //! One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use llmem_planner::ModelShape;
 
 use crate::error::Result;
@@ -57,28 +57,27 @@ impl DecoderLayer {
         w: &WeightFiles,
         idx: usize,
         shape: &ModelShape,
-        dtype: DType,
+        fmt: &WeightFormat,
         device: &Device,
         shard: &TpShard,
     ) -> Result<Self> {
         if shard.tp == 1 {
-            return Self::load(w, idx, shape, &WeightFormat::dense(dtype)?, device);
+            return Self::load(w, idx, shape, fmt, device);
         }
         let p = format!("model.layers.{idx}");
-        let dense = WeightFormat::dense(dtype)?;
-        let norm = |name: &str| load_norm(w, &format!("{p}.{name}.weight"), shape, &dense, device);
+        let norm = |name: &str| load_norm(w, &format!("{p}.{name}.weight"), shape, fmt, device);
         Ok(DecoderLayer {
             input_layernorm: norm("input_layernorm")?,
             self_attn: Attention::load_shard(
                 w,
                 &format!("{p}.self_attn"),
                 shape,
-                dtype,
+                fmt,
                 device,
                 shard,
             )?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
-            mlp: Mlp::load_shard(w, &format!("{p}.mlp"), shape, dtype, device, shard)?,
+            mlp: Mlp::load_shard(w, &format!("{p}.mlp"), shape, fmt, device, shard)?,
         })
     }
 

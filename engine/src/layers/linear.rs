@@ -132,6 +132,18 @@ impl Linear {
         Ok((Linear::from_weight(weight, None), self.bias.clone()))
     }
 
+    /// This projection with its dense weight stored at `precision` (a block format
+    /// quantizes it, after the row-length fallback; a float format keeps or casts it):
+    /// how a shard sliced from a dense matrix gets its rank's format. `name` is the
+    /// checkpoint tensor, for messages.
+    pub fn stored_as(self, precision: llmem_planner::Precision, name: &str) -> Result<Linear> {
+        let weight = match self.weight {
+            StoredMatrix::Dense(w) => crate::weights::quant::store_matrix(&w, precision, name)?,
+            stored => stored,
+        };
+        Ok(Linear::new(weight, self.bias))
+    }
+
     /// True when the weight is held in a GGUF block format (packed or not).
     pub fn is_quantized(&self) -> bool {
         matches!(

@@ -1,6 +1,6 @@
 //! `mlp`: the SwiGLU block, whole or as one tensor-parallel rank's shard.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use llmem_planner::ModelShape;
 
 use crate::error::Result;
@@ -59,17 +59,19 @@ impl Mlp {
         w: &WeightFiles,
         prefix: &str,
         shape: &ModelShape,
-        dtype: DType,
+        fmt: &WeightFormat,
         device: &Device,
         shard: &TpShard,
     ) -> Result<Self> {
-        let full = Self::load(w, prefix, shape, &WeightFormat::dense(dtype)?, device)?;
+        let dense = WeightFormat::dense(fmt.activation_dtype())?;
+        let full = Self::load(w, prefix, shape, &dense, device)?;
         let (start, len) = TpShard::share(shape.intermediate_size as usize, shard.tp, shard.rank);
+        let store = |l: Linear, name: &str| l.stored_as(fmt.precision, &format!("{prefix}.{name}"));
         let (down_proj, d_bias) = full.down_proj.input_shard(start, len)?;
         Ok(Mlp {
-            gate_proj: full.gate_proj.output_shard(start, len)?,
-            up_proj: full.up_proj.output_shard(start, len)?,
-            down_proj,
+            gate_proj: store(full.gate_proj.output_shard(start, len)?, "gate_proj")?,
+            up_proj: store(full.up_proj.output_shard(start, len)?, "up_proj")?,
+            down_proj: store(down_proj, "down_proj")?,
             tp: Some(TpReduce {
                 comm: shard.comm.clone(),
                 bias: d_bias,

@@ -78,7 +78,8 @@ use crate::weights::quant::{StoredMatrix, WeightFormat};
 ///
 /// With a replicated head only TP rank 0 computes logits (the others would compute the
 /// same numbers), so the other ranks' head is memory the plan counts but never reads.
-/// Shards run float weights only (block-quantized shards are not implemented).
+/// Shards run float and block formats: a block format quantizes each rank's slices of
+/// the dense tensors, so slices on block boundaries hold the unsharded model's blocks.
 #[derive(Debug, Clone)]
 pub struct Model {
     shape: ModelShape,
@@ -156,18 +157,26 @@ impl Model {
         Self::load_part(shape, w, fmt, device, ShardSpec::single(), None)
     }
 
-    /// Load rank `spec`'s shard in `dtype` (f32, bf16 or f16), its TP group meeting
-    /// through `comm`. Every tensor is read whole, checked, and sliced.
+    /// Load rank `spec`'s shard stored as `fmt` says, its TP group meeting through
+    /// `comm`. Every tensor is read whole, checked, and sliced; a block format quantizes
+    /// each slice (see [`crate::layers::linear::Linear::stored_as`]). A GGUF kept as
+    /// stored cannot be sliced yet (its blocks would have to be cut as stored): it is
+    /// refused.
     pub fn load_shard(
         shape: &ModelShape,
         w: &WeightFiles,
-        dtype: DType,
+        fmt: &WeightFormat,
         device: &Device,
         spec: ShardSpec,
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
-        // Refuses a dtype that is not f32, bf16 or f16, naming them.
-        let fmt = WeightFormat::dense(dtype)?;
+        if fmt.as_stored && w.gguf().is_some() && spec.parallel.tp > 1 {
+            return Err(Error::InvalidInput(
+                "a GGUF kept as stored cannot be split across TP ranks yet: give --dtype \
+                 (its tensors are dequantized and each rank's slices stored at that level)"
+                    .into(),
+            ));
+        }
         if comm.world_size() != spec.parallel.tp || comm.rank() != spec.tp_rank {
             return Err(Error::InvalidInput(format!(
                 "shard of TP rank {} of {} given communicator rank {} of {}",
@@ -177,7 +186,7 @@ impl Model {
                 comm.world_size()
             )));
         }
-        Self::load_part(shape, w, &fmt, device, spec, Some(comm))
+        Self::load_part(shape, w, fmt, device, spec, Some(comm))
     }
 
     /// The one loader: the part of the model `spec` puts on this rank.
@@ -214,7 +223,7 @@ impl Model {
         let layers = (first_layer..first_layer + num_layers)
             .map(|i| match &shard {
                 None => DecoderLayer::load(w, i, shape, fmt, device),
-                Some(s) => DecoderLayer::load_shard(w, i, shape, dtype, device, s),
+                Some(s) => DecoderLayer::load_shard(w, i, shape, fmt, device, s),
             })
             .collect::<Result<Vec<_>>>()?;
 
@@ -226,18 +235,14 @@ impl Model {
         };
         let ep = fmt.embedding_precision();
         // This rank's vocabulary rows of a (vocab, hidden) matrix: a deep copy of the
-        // rows, so the whole table is freed (vocab-parallel shards are dense).
+        // rows, so the whole table is freed, stored at the embedding's precision.
         let load_rows = |name: &str| -> Result<StoredMatrix> {
             if vocab_len == vocab {
                 return w.load_matrix(name, vocab, h, ep, fmt.as_stored, device);
             }
             let t = w.load(name, &[vocab, h], dtype, device)?;
-            Ok(StoredMatrix::Dense(crate::layers::linear::narrow_copy(
-                &t,
-                0,
-                vocab_start,
-                vocab_len,
-            )?))
+            let rows = crate::layers::linear::narrow_copy(&t, 0, vocab_start, vocab_len)?;
+            crate::weights::quant::store_matrix(&rows, ep, name)
         };
         let embed_tokens = if holds_embedding || (holds_head && shape.tie_word_embeddings) {
             Some(load_rows("model.embed_tokens.weight")?)
@@ -664,10 +669,10 @@ impl Model {
     /// zero rows and one all-reduce assembles the full embedding on every rank.
     fn embed(&self, table: &StoredMatrix, ids: &[u32]) -> Result<Tensor> {
         let vocab_parallel = self.spec.parallel.vocab_parallel && self.spec.parallel.tp > 1;
-        let (true, Some(tp), StoredMatrix::Dense(table)) = (vocab_parallel, &self.tp, table) else {
+        let (true, Some(tp)) = (vocab_parallel, &self.tp) else {
             return Ok(table.rows(&Tensor::new(ids, &self.device)?, self.dtype)?);
         };
-        let rows = table.dim(0)?;
+        let rows = table.num_rows()?;
         let start = self.vocab_start as u32;
         let (local, mask): (Vec<u32>, Vec<f32>) = ids
             .iter()
@@ -677,7 +682,7 @@ impl Model {
             })
             .unzip();
         let n = ids.len();
-        let x = table.index_select(&Tensor::new(local.as_slice(), &self.device)?, 0)?;
+        let x = table.rows(&Tensor::new(local.as_slice(), &self.device)?, self.dtype)?;
         let mask = Tensor::from_vec(mask, (n, 1), &self.device)?.to_dtype(self.dtype)?;
         tp.comm.all_reduce_sum(&x.broadcast_mul(&mask)?)
     }

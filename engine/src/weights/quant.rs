@@ -211,6 +211,15 @@ impl StoredMatrix {
         }
     }
 
+    /// Rows of the matrix (its first dimension).
+    pub fn num_rows(&self) -> candle_core::Result<usize> {
+        Ok(match self {
+            StoredMatrix::Dense(t) => t.dim(0)?,
+            StoredMatrix::Quant(q) => q.shape().dims2()?.0,
+            StoredMatrix::Packed(p) => p.rows(),
+        })
+    }
+
     /// A block-quantized matrix on its device: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and
     /// Q6_K on a CPU whose kernel level has packed kernels (`avx2`, `avx512`, `neon`) are repacked for
     /// `llmem_kernels::packed` (`LLMEM_PACKED=0` keeps candle's layout and block dots, to
