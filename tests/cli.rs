@@ -565,8 +565,52 @@ fn bench_tp3_reports_the_collective_share() {
     assert!(run["all_reduce_count"].as_u64().unwrap() > 0);
     let share = run["comm_share"].as_f64().unwrap();
     assert!(share > 0.0 && share < 1.0, "{share}");
-    let err = fails(&["bench", "--tp", "3", "--memory-budget", "2GiB"]);
-    assert!(err.contains("--kv-blocks"), "{err}");
+    // A budget per rank: each rank's planner weights, activations and overhead come off
+    // its own; the shared blocks are the fewest any rank fits.
+    let v = json(&[
+        "bench",
+        "--concurrency",
+        "2",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "2",
+        "--tp",
+        "3",
+        "--memory-budget",
+        "400MiB",
+        "--max-model-len",
+        "1024",
+        "--format",
+        "json",
+    ]);
+    let pb = &v["budget_per_rank"];
+    let ranks = pb["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 3);
+    let budget = 400u64 << 20;
+    let blocks = pb["num_blocks"].as_u64().unwrap();
+    for (r, m) in ranks
+        .iter()
+        .zip(v["runs"][0]["memory_per_rank"].as_array().unwrap())
+    {
+        let n = |k: &str| r[k].as_u64().unwrap();
+        assert_eq!(
+            n("blocks_fit"),
+            (budget - n("weights_bytes") - n("activation_bytes")) / n("block_bytes"),
+            "{r}"
+        );
+        assert!(blocks <= n("blocks_fit"), "{r}");
+        // What the rank holds is what its share of the budget said.
+        assert_eq!(m["weights_bytes"], r["weights_bytes"], "{m}");
+        assert_eq!(
+            m["kv_cache_bytes"].as_u64().unwrap(),
+            blocks * n("block_bytes"),
+            "{m}"
+        );
+    }
+    assert_eq!(v["runs"][0]["kv_blocks_total"], blocks);
+    let err = fails(&["bench", "--tp", "3", "--memory-budget", "200MiB"]);
+    assert!(err.contains("short on stage 0 TP rank 0"), "{err}");
 }
 
 /// `--memory-trace` and `--plot` on random SmolLM2 weights: a cache of 3 blocks for 2

@@ -651,3 +651,70 @@ fn smollm2_rank_bytes_equal_the_planner_at_tp3_and_tp9() {
         assert!(kv.iter().all(|&b| b == 8 * 16 * 2 * 30 * 64 * 4), "{kv:?}");
     }
 }
+
+/// Every rank sized from its budget: its weights and its stage's activations are the
+/// planner's (`llmem plan --tp 3 --pp 2`) for the same deployment, its blocks what is
+/// left of its budget, and the grid takes the fewest; a budget one byte short of one
+/// sequence on the tightest rank is refused naming that rank.
+#[test]
+fn every_rank_is_sized_from_its_budget_as_the_planner_sizes_a_gpu() {
+    let shape = llmem_planner::preset("smollm2-135m").unwrap();
+    let config = EngineConfig {
+        block_size: 16,
+        num_blocks: 0,
+        kv_dtype: KvDtype::F16,
+        max_num_seqs: 8,
+        max_batched_tokens: 512,
+        max_model_len: 1024,
+        kv_layout: KvLayout::Paged,
+    };
+    let budget = 300u64 << 20;
+    for precision in [
+        llmem_planner::Precision::Fp32,
+        llmem_planner::Precision::Q8_0,
+    ] {
+        let fmt = WeightFormat::new(precision).unwrap();
+        let s = spec(3, 2, false);
+        let pb = llmem_engine::engine::parallel_budget(&shape, &fmt, s, &config, budget, 1 << 20)
+            .unwrap();
+        let mut d = llmem_planner::Deployment::new(precision, llmem_planner::custom_gpu(budget));
+        d.tp = 3;
+        d.pp = 2;
+        d.kv_dtype = llmem_planner::KvDtype::Fp16;
+        d.activation_bytes = Some(4);
+        let mut w = llmem_planner::Workload::new(1024, 8);
+        w.max_batched_tokens = 512;
+        let plan = llmem_planner::plan(&shape, &w, &d).unwrap();
+        assert_eq!(pb.ranks.len(), 6);
+        for r in &pb.ranks {
+            let stage = &plan.stages[r.stage];
+            assert_eq!(
+                r.weights_bytes, stage.rank_weights_bytes[r.tp_rank],
+                "{r:?}"
+            );
+            if r.tp_rank == 0 {
+                assert_eq!(r.activation_bytes, stage.per_gpu.activation_bytes, "{r:?}");
+            }
+            // The planner's KV bytes per token of this stage's GPU, per block.
+            assert_eq!(r.block_bytes, stage.kv_bytes_per_token * 16, "{r:?}");
+            let fixed = r.weights_bytes + r.activation_bytes + (1 << 20);
+            assert_eq!(r.blocks_fit, (budget - fixed) / r.block_bytes, "{r:?}");
+        }
+        let fewest = pb.ranks.iter().map(|r| r.blocks_fit).min().unwrap();
+        assert_eq!(pb.num_blocks as u64, fewest);
+        // One byte short of one 1024-token sequence (64 blocks) on the tightest rank.
+        let tight = pb.ranks.iter().min_by_key(|r| r.blocks_fit).unwrap();
+        let short =
+            tight.weights_bytes + tight.activation_bytes + (1 << 20) + 64 * tight.block_bytes - 1;
+        let err = llmem_engine::engine::parallel_budget(&shape, &fmt, s, &config, short, 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "1 B short on stage {} TP rank {}",
+                tight.stage, tight.tp_rank
+            )),
+            "{precision}: {err}"
+        );
+    }
+}

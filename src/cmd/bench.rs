@@ -350,13 +350,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // On a GPU the runtime overhead defaults to the CUDA context + libraries measured
     // at start-up; on the CPU to 0.
     let runtime_overhead = args.kv.overhead(&opened, 0);
-    if parallel && (args.kv.memory_budget.is_some() || utilization.is_some()) {
-        anyhow::bail!(
-            "--memory-budget and --memory-utilization size one model's cache; with --tp/--pp > 1 \
-             give --kv-blocks (each rank allocates that many blocks of its own layers and KV \
-             heads) or leave it out"
-        );
-    }
     let (model, label, dir) = {
         // Under --tp/--pp the driver's whole copy of the model (for its shape and the
         // report) is no rank's: its heap counts on the last slot, not on rank 0's.
@@ -412,11 +405,41 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         utilization,
         KvSizing::Blocks(max_concurrency * max_model_len.div_ceil(block_size)),
     );
-    let (num_blocks, report) = sizing
-        .resolve(model, &config, runtime_overhead)
-        .context("sizing the KV cache")?;
+    // Under TP/PP a budget is per rank: every rank's weights, activations and overhead
+    // come off its own, and the shared blocks are the fewest any rank fits.
+    let (num_blocks, report, per_rank) = match (&source, sizing) {
+        (
+            Source::Parallel {
+                shape,
+                format,
+                spec,
+                ..
+            },
+            KvSizing::Budget(b),
+        ) => {
+            let pb = llmem_engine::engine::parallel_budget(
+                shape,
+                format,
+                *spec,
+                &config,
+                b,
+                runtime_overhead,
+            )
+            .context("sizing every rank's KV cache")?;
+            (pb.num_blocks, None, Some(pb))
+        }
+        _ => {
+            let (n, r) = sizing
+                .resolve(model, &config, runtime_overhead)
+                .context("sizing the KV cache")?;
+            (n, r, None)
+        }
+    };
     config.num_blocks = num_blocks;
-    let mut startup = startup_text(report.as_ref(), utilization, &config, model);
+    let mut startup = match &per_rank {
+        Some(pb) => pb.to_string(),
+        None => startup_text(report.as_ref(), utilization, &config, model),
+    };
     if on_gpu {
         startup = format!("{}\n{startup}", device_text(&opened));
     }
@@ -581,6 +604,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "kv_cache_bytes": num_blocks as u64
                 * llmem_engine::cache::paged::block_bytes(model.shape(), block_size, kv_dtype),
             "budget": budget,
+            "budget_per_rank": per_rank.as_ref().map(|pb| json!({
+                "budget_bytes": pb.budget_bytes,
+                "runtime_overhead_bytes": pb.runtime_overhead_bytes,
+                "num_blocks": pb.num_blocks,
+                "ranks": pb.ranks.iter().map(|r| json!({
+                    "stage": r.stage,
+                    "tp_rank": r.tp_rank,
+                    "weights_bytes": r.weights_bytes,
+                    "activation_bytes": r.activation_bytes,
+                    "block_bytes": r.block_bytes,
+                    "blocks_fit": r.blocks_fit,
+                })).collect::<Vec<_>>(),
+            })),
             "runs": runs,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);

@@ -213,24 +213,42 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
     };
     let built = if args.parallel.is_parallel() {
         let spec = args.parallel.spec(&shape)?;
-        let Some(blocks) = args.kv.kv_blocks else {
-            anyhow::bail!(
-                "--tp/--pp above 1 sizes the KV cache with --kv-blocks N (blocks shared by \
-                 every rank); sizing each rank from a memory budget is not implemented yet"
-            );
+        let fmt = shard_format(args.dtype, &weights);
+        // Each rank sized from the budget (per rank, as the planner's per GPU): the blocks
+        // are shared, so the grid takes the fewest any rank fits. --kv-blocks overrides.
+        let overhead = args.kv.overhead(&opened, baseline_rss);
+        // Without a size, the default budget is the whole process's, split evenly.
+        let ranks = (spec.tp * spec.pp) as u64;
+        let default_budget = llmem_planner::parse_bytes(DEFAULT_MEMORY_BUDGET)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            / ranks;
+        let sizing = args.kv.sizing(
+            args.kv.utilization(&opened)?,
+            KvSizing::Budget(default_budget),
+        );
+        let (blocks, budget_text) = match sizing {
+            KvSizing::Blocks(n) => (n, None),
+            KvSizing::Budget(b) => {
+                let pb =
+                    llmem_engine::engine::parallel_budget(&shape, &fmt, spec, &config, b, overhead)
+                        .context("sizing every rank's KV cache")?;
+                (pb.num_blocks, Some(pb.to_string()))
+            }
         };
         let config = EngineConfig {
-            num_blocks: blocks as usize,
+            num_blocks: blocks,
             ..config
         };
-        let fmt = shard_format(args.dtype, &weights);
         let engine = Engine::new_parallel_with(&shape, weights, &fmt, spec, config)
             .with_context(|| format!("loading {} across ranks", dir.display()))?;
-        let startup = crate::cmd::rank_report(&engine);
+        let startup = match budget_text {
+            Some(t) => format!("{t}\n{}", crate::cmd::rank_report(&engine)),
+            None => crate::cmd::rank_report(&engine),
+        };
         Built {
             engine,
             startup,
-            overhead: args.kv.overhead(&opened, baseline_rss),
+            overhead,
             planned: Err("per-rank plans are beside each rank".into()),
         }
     } else {

@@ -778,6 +778,40 @@ async fn tensor_parallel_serving_reports_every_rank_beside_the_planner() {
     assert!(metrics.contains("llmem_memory_bytes{component=\"weights\",rank=\"2\"} 254944512"));
 }
 
+/// `serve --tp 3 --memory-budget 400MiB`: every rank fits its weights, its planned
+/// activations and the shared blocks in its own 400 MiB, and one more block would not fit
+/// the tightest rank.
+#[tokio::test]
+async fn tensor_parallel_serving_sizes_every_rank_from_its_budget() {
+    let Some((_state, router)) = server(&["--tp", "3", "--memory-budget", "400MiB"]) else {
+        return;
+    };
+    let m = memory(&router).await;
+    let budget = 400u64 << 20;
+    let blocks = m["kv_blocks"]["total"].as_u64().unwrap();
+    let ranks = m["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 3, "{m}");
+    // The runtime overhead given to the sizing (the resident set before loading) comes
+    // off every rank's budget.
+    let overhead = m["plan"]["runtime_overhead_bytes"].as_u64().unwrap();
+    let mut tightest = u64::MAX;
+    for r in ranks {
+        let n = |k: &str| r[k].as_u64().unwrap();
+        let used = n("weights_bytes")
+            + n("kv_cache_reserved_bytes")
+            + r["planned"]["activation_bytes"].as_u64().unwrap()
+            + overhead;
+        assert!(used <= budget, "{r}");
+        // The rank's own planned terms are what it holds.
+        assert_eq!(r["weights_bytes"], r["planned"]["weights_bytes"], "{r}");
+        tightest = tightest.min(budget - used);
+    }
+    // What is left on the tightest rank is less than one of its blocks.
+    let block = ranks[0]["kv_cache_reserved_bytes"].as_u64().unwrap() / blocks;
+    assert!(tightest < block, "{tightest} B left, a block is {block} B");
+    assert!(blocks > 0);
+}
+
 #[tokio::test]
 async fn pipeline_serving_reports_each_stage_beside_the_planner() {
     let Some((_state, router)) = server(&["--pp", "2"]) else {

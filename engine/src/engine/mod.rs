@@ -38,7 +38,8 @@ pub mod scheduler;
 pub mod sizing;
 
 pub use sizing::{
-    budget_report, pass_activation_bytes, planned_terms, BudgetReport, KvSizing, PlannedTerms,
+    budget_report, parallel_budget, pass_activation_bytes, planned_terms, BudgetReport, KvSizing,
+    ParallelBudget, PlannedTerms, RankBudget,
 };
 
 use std::collections::HashMap;

@@ -258,3 +258,183 @@ impl fmt::Display for BudgetReport {
         }
     }
 }
+
+// ---- every rank of a TP x PP grid ------------------------------------------------------
+
+/// One rank's share of a memory budget under TP/PP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankBudget {
+    pub stage: usize,
+    pub tp_rank: usize,
+    /// The planner's weight bytes for this rank, which the loaded shard holds to the byte.
+    pub weights_bytes: u64,
+    /// The activation formula for this rank's largest pass.
+    pub activation_bytes: u64,
+    /// Bytes of one KV block on this rank: its layers, its KV heads.
+    pub block_bytes: u64,
+    /// Blocks this rank's budget holds after its weights, activations and the overhead.
+    pub blocks_fit: u64,
+}
+
+/// A memory budget per rank (per GPU, as the planner counts it) split on every rank of a
+/// TP x PP grid. The blocks are shared (every rank holds its layers and heads of each
+/// block), so the engine allocates the fewest any rank fits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParallelBudget {
+    pub budget_bytes: u64,
+    pub runtime_overhead_bytes: u64,
+    pub pass_tokens: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub max_model_len: usize,
+    /// Stage-major, as `Engine::rank_memory`.
+    pub ranks: Vec<RankBudget>,
+}
+
+/// Size the shared KV blocks of a TP x PP grid from `budget_bytes` per rank: each rank's
+/// planner weights, its activations (the one formula) and `runtime_overhead_bytes` come
+/// off its budget, the rest is whole blocks of its own size, and the grid takes the
+/// minimum. The same arithmetic as `llmem plan --tp N --pp M` per GPU. Errors name the
+/// rank that cannot hold one sequence of `max_model_len` tokens and by how much.
+pub fn parallel_budget(
+    shape: &llmem_planner::ModelShape,
+    fmt: &crate::weights::quant::WeightFormat,
+    spec: crate::parallel::spec::ParallelSpec,
+    config: &EngineConfig,
+    budget_bytes: u64,
+    runtime_overhead_bytes: u64,
+) -> Result<ParallelBudget> {
+    use crate::parallel::spec::ShardSpec;
+    spec.validate(shape)?;
+    if config.block_size == 0 {
+        return Err(Error::InvalidInput(
+            "engine: block_size is 0; it must be a positive integer".into(),
+        ));
+    }
+    let (pass_tokens, rows) = config.largest_pass();
+    let mut d = Deployment::new(fmt.precision, llmem_planner::custom_gpu(budget_bytes));
+    d.tp = spec.tp as u64;
+    d.pp = spec.pp as u64;
+    d.vocab_parallel = spec.vocab_parallel;
+    d.keep_embeddings = fmt.keep_embeddings && fmt.precision.is_quantized();
+    d.kv_dtype = config.kv_dtype.planner();
+    d.activation_bytes = Some(fmt.activation_dtype().size_in_bytes() as u64);
+    let workload = Workload {
+        context_tokens: config.max_model_len as u64,
+        concurrency: config.max_num_seqs as u64,
+        max_batched_tokens: config.max_batched_tokens as u64,
+        attention: AttentionImpl::Fused,
+    };
+    let plan = llmem_planner::plan(shape, &workload, &d)
+        .map_err(|e| Error::InvalidInput(format!("planner: {e}")))?;
+    let min_blocks = config.max_model_len.div_ceil(config.block_size) as u64;
+    let mut ranks = Vec::new();
+    for (stage, s) in plan.stages.iter().enumerate() {
+        for (tp_rank, &weights) in s.rank_weights_bytes.iter().enumerate() {
+            let shard = ShardSpec {
+                tp_rank,
+                pp_stage: stage,
+                parallel: spec,
+            };
+            let activations = crate::model::rank_activation_peak_bytes(
+                shape,
+                fmt.activation_dtype(),
+                shard,
+                fmt.precision.is_quantized(),
+                pass_tokens,
+                rows,
+            );
+            let mut local = shape.clone();
+            local.num_hidden_layers = s.num_layers;
+            local.num_key_value_heads =
+                llmem_planner::plan::kv_heads_per_rank(shape, spec.tp as u64);
+            let per_block = block_bytes(&local, config.block_size, config.kv_dtype);
+            let fixed = weights
+                .saturating_add(activations)
+                .saturating_add(runtime_overhead_bytes);
+            let needed = fixed.saturating_add(min_blocks.saturating_mul(per_block));
+            if budget_bytes < needed {
+                return Err(Error::InvalidInput(format!(
+                    "memory budget of {} per rank is {} B short on stage {stage} TP rank \
+                     {tp_rank}: weights {} + activations {} (one pass of {pass_tokens} \
+                     tokens) + runtime overhead {} + KV for one sequence of max_model_len = \
+                     {} tokens ({min_blocks} blocks of {}) = {}; use a larger budget, more \
+                     ranks, a smaller --max-model-len or --max-batched-tokens",
+                    human_bytes(budget_bytes),
+                    needed - budget_bytes,
+                    human_bytes(weights),
+                    human_bytes(activations),
+                    human_bytes(runtime_overhead_bytes),
+                    config.max_model_len,
+                    human_bytes(per_block),
+                    human_bytes(needed),
+                )));
+            }
+            ranks.push(RankBudget {
+                stage,
+                tp_rank,
+                weights_bytes: weights,
+                activation_bytes: activations,
+                block_bytes: per_block,
+                blocks_fit: (budget_bytes - fixed) / per_block,
+            });
+        }
+    }
+    let num_blocks = ranks
+        .iter()
+        .map(|r| r.blocks_fit)
+        .min()
+        .unwrap_or(0)
+        .min(u64::from(u32::MAX)) as usize;
+    Ok(ParallelBudget {
+        budget_bytes,
+        runtime_overhead_bytes,
+        pass_tokens,
+        block_size: config.block_size,
+        num_blocks,
+        max_model_len: config.max_model_len,
+        ranks,
+    })
+}
+
+impl fmt::Display for ParallelBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let h = human_bytes;
+        writeln!(
+            f,
+            "memory budget {} per rank (runtime overhead {} each; activations of one pass of \
+             {} tokens):",
+            h(self.budget_bytes),
+            h(self.runtime_overhead_bytes),
+            self.pass_tokens
+        )?;
+        writeln!(
+            f,
+            "  stage  tp  {:>12}  {:>12}  {:>12}  {:>10}  {:>12}",
+            "weights", "activations", "KV block", "blocks fit", "KV reserved"
+        )?;
+        for r in &self.ranks {
+            writeln!(
+                f,
+                "  {:>5}  {:>2}  {:>12}  {:>12}  {:>12}  {:>10}  {:>12}",
+                r.stage,
+                r.tp_rank,
+                h(r.weights_bytes),
+                h(r.activation_bytes),
+                h(r.block_bytes),
+                r.blocks_fit,
+                h(r.block_bytes * self.num_blocks as u64)
+            )?;
+        }
+        let per_seq = self.max_model_len.div_ceil(self.block_size).max(1);
+        write!(
+            f,
+            "KV blocks: {} (the fewest any rank fits; blocks are shared) x {} tokens; \
+             sequences of max_model_len = {} tokens that fit at once: {}",
+            self.num_blocks,
+            self.block_size,
+            self.max_model_len,
+            self.num_blocks / per_seq
+        )
+    }
+}
