@@ -718,3 +718,93 @@ fn every_rank_is_sized_from_its_budget_as_the_planner_sizes_a_gpu() {
         );
     }
 }
+
+/// Pipeline micro-batching: PP 2 and TP 2 x PP 2 cut every pass into 1 to 6
+/// micro-batches of whole sequences (chunked prefill, decode, preemption) and give every
+/// request the single model's tokens; a bad micro-batch is an error, its queued
+/// neighbours are drained, and the grid keeps serving.
+#[test]
+fn micro_batches_keep_the_tokens_and_the_grid() {
+    let dir = write_tiny(&Tiny {
+        tie: false,
+        bias: true,
+        seed: 23,
+    });
+    let mut rng = SplitMix64::new(9);
+    let prompts: Vec<Vec<u32>> = (0..6)
+        .map(|i| {
+            (0..4 + 2 * i)
+                .map(|_| (rng.next_u64() % VOCAB as u64) as u32)
+                .collect()
+        })
+        .collect();
+    let model = Model::load_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+    let config = engine_config(14, 6, 16);
+    let want = engine_greedy(&mut Engine::new(model, config).unwrap(), &prompts, 10);
+    for (tp, pp) in [(1, 2), (2, 2), (1, 3)] {
+        for mb in [1, 2, 3, 6] {
+            let weights = WeightFiles::open_dir(&dir).unwrap();
+            let mut engine = Engine::new_parallel(
+                &shape_of(&dir),
+                weights,
+                DType::F32,
+                spec(tp, pp, false),
+                config,
+            )
+            .unwrap();
+            engine.set_micro_batches(mb).unwrap();
+            assert_eq!(engine.micro_batches(), mb);
+            let got = engine_greedy(&mut engine, &prompts, 10);
+            assert_eq!(got, want, "TP {tp} PP {pp} micro-batches {mb}");
+        }
+    }
+
+    // Two sequences in two micro-batches, the second with a token outside the vocabulary.
+    let mut runner = parallel_runner(&dir, spec(1, 2, false), 8, 4);
+    if let Runner::Parallel(p) = &mut runner {
+        p.set_micro_batches(2).unwrap();
+        assert!(p.set_micro_batches(0).is_err());
+    }
+    let two = |second: u32| {
+        let b = ScheduledBatch {
+            seqs: vec![
+                ScheduledSeq {
+                    seq: SeqId(0),
+                    tokens: vec![1, 2, 3],
+                    start_pos: 0,
+                    slots: vec![0, 1, 2],
+                    block_table: vec![0],
+                    sample: true,
+                },
+                ScheduledSeq {
+                    seq: SeqId(1),
+                    tokens: vec![4, second],
+                    start_pos: 0,
+                    slots: vec![4, 5],
+                    block_table: vec![1],
+                    sample: true,
+                },
+            ],
+        };
+        llmem_engine::engine::paged_metadata(&b)
+    };
+    let Runner::Parallel(p) = &mut runner else {
+        unreachable!()
+    };
+    let err = p
+        .forward_paged(&[1, 2, 3, 4, 99], &[0, 1, 2, 0, 1], &two(99), &[2, 4])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("99"), "{err}");
+    let logits = p
+        .forward_paged(&[1, 2, 3, 4, 5], &[0, 1, 2, 0, 1], &two(5), &[2, 4])
+        .unwrap();
+    assert_eq!(logits.dims(), &[2, VOCAB]);
+    // The same two rows as one micro-batch.
+    p.set_micro_batches(1).unwrap();
+    let whole = p
+        .forward_paged(&[1, 2, 3, 4, 5], &[0, 1, 2, 0, 1], &two(5), &[2, 4])
+        .unwrap();
+    let diff = (logits - whole).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+}

@@ -118,6 +118,8 @@ enum Source {
         /// How every rank stores its shard.
         format: llmem_engine::weights::quant::WeightFormat,
         spec: ParallelSpec,
+        /// `--micro-batches` under PP.
+        micro_batches: usize,
     },
 }
 
@@ -131,12 +133,15 @@ impl Source {
                 seed,
                 format,
                 spec,
+                micro_batches,
             } => {
                 let weights = match model {
                     Some(m) => super::load::open_model(m)?.weights,
                     None => llmem_engine::weights::files::WeightFiles::random(*seed),
                 };
-                Engine::new_parallel_with(shape, weights, format, *spec, config)?
+                let mut engine = Engine::new_parallel_with(shape, weights, format, *spec, config)?;
+                engine.set_micro_batches(*micro_batches)?;
+                engine
             }
         })
     }
@@ -292,6 +297,7 @@ fn run_one(
             "prefix_cache_hit_rate": ratio(s.prefix_hit_tokens, s.prefix_query_tokens),
             "tp": spec.tp,
             "pp": spec.pp,
+            "micro_batches": engine.micro_batches(),
             "all_reduce_count": busiest.all_reduce_count,
             "all_reduce_s": busiest.all_reduce_nanos as f64 * 1e-9,
             "all_gather_s": busiest.all_gather_nanos as f64 * 1e-9,
@@ -379,6 +385,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 )?,
             },
             spec,
+            micro_batches: args.parallel.micro_batches(),
         }
     } else {
         Source::Single(model.clone())

@@ -284,6 +284,7 @@ fn run_parallel(args: GenerateArgs) -> anyhow::Result<()> {
                 spec.tp * spec.pp
             )
         })?;
+    engine.set_micro_batches(args.parallel.micro_batches())?;
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
     eprintln!("{}", super::rank_report(&engine));
     let mut stop_ids = args.stop_token_ids.clone();

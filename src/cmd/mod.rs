@@ -87,9 +87,19 @@ pub struct ParallelArgs {
     /// replicating them.
     #[arg(long)]
     pub vocab_parallel: bool,
+    /// Under PP: cut each pass into up to N micro-batches of whole sequences so the
+    /// stages work at the same time. Default 1 (stages one after the other): on the CPU
+    /// the stages share the cores, and each already uses them all (docs/parallel.md).
+    #[arg(long, default_value_t = 1, value_parser = positive_arg)]
+    pub micro_batches: u64,
 }
 
 impl ParallelArgs {
+    /// `--micro-batches`.
+    pub fn micro_batches(&self) -> usize {
+        self.micro_batches as usize
+    }
+
     /// Whether these flags ask for more than one rank.
     pub fn is_parallel(&self) -> bool {
         self.tp > 1 || self.pp > 1

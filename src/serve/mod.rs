@@ -239,8 +239,9 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
             num_blocks: blocks,
             ..config
         };
-        let engine = Engine::new_parallel_with(&shape, weights, &fmt, spec, config)
+        let mut engine = Engine::new_parallel_with(&shape, weights, &fmt, spec, config)
             .with_context(|| format!("loading {} across ranks", dir.display()))?;
+        engine.set_micro_batches(args.parallel.micro_batches())?;
         let startup = match budget_text {
             Some(t) => format!("{t}\n{}", crate::cmd::rank_report(&engine)),
             None => crate::cmd::rank_report(&engine),

@@ -350,6 +350,26 @@ impl Engine {
         )
     }
 
+    /// Micro-batches a pass is cut into under PP (1 without PP).
+    pub fn micro_batches(&self) -> usize {
+        match &self.runner {
+            Runner::Parallel(p) if p.spec().pp > 1 => p.micro_batches(),
+            _ => 1,
+        }
+    }
+
+    /// Cut each pass into up to `n` micro-batches under PP
+    /// ([`ParallelRunner::set_micro_batches`]); no effect without PP; an error for 0.
+    pub fn set_micro_batches(&mut self, n: usize) -> Result<()> {
+        match &mut self.runner {
+            Runner::Parallel(p) => p.set_micro_batches(n),
+            Runner::Single { .. } if n == 0 => Err(Error::InvalidInput(
+                "micro-batches is 0; it must be a positive integer (1: none)".into(),
+            )),
+            Runner::Single { .. } => Ok(()),
+        }
+    }
+
     /// Time each rank spent in collectives (empty unsharded).
     pub fn comm_stats(&self) -> Vec<CommStats> {
         self.runner.comm_stats()
