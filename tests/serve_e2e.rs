@@ -261,3 +261,133 @@ fn tempfile_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Reads what the server sends until it closes the connection or `within` passes: the
+/// bytes, and how long until the close (`None`: still open).
+fn until_closed(s: &mut TcpStream, within: Duration) -> (String, Option<Duration>) {
+    let start = Instant::now();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < within {
+        match s.read(&mut buf) {
+            Ok(0) => return (String::from_utf8_lossy(&got).into(), Some(start.elapsed())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            // Reset by the server: closed.
+            Err(_) => return (String::from_utf8_lossy(&got).into(), Some(start.elapsed())),
+        }
+    }
+    (String::from_utf8_lossy(&got).into(), None)
+}
+
+/// Hostile clients against a real server on loopback, with 1-second timeouts and a cap
+/// of 6 connections: an idle connection, a half-sent head and a Slowloris client (a
+/// header line every 300 ms) are closed within the header timeout, a half-sent body gets
+/// 408 within the body timeout, a connection past the cap gets 503 with Retry-After,
+/// `/health` answers throughout, and no KV block is left in use.
+#[test]
+fn hostile_connections_are_closed_within_the_timeouts() {
+    if !model_available() {
+        return;
+    }
+    let server = serve(&[
+        "--header-timeout",
+        "1",
+        "--body-timeout",
+        "1",
+        "--max-connections",
+        "6",
+    ]);
+    let addr = server.addr.clone();
+    let limit = Duration::from_secs(4);
+
+    // Past the cap: 6 idle connections are open, the 7th is refused at once.
+    let idle: Vec<TcpStream> = (0..6).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut seventh = TcpStream::connect(&addr).unwrap();
+    let (text, closed) = until_closed(&mut seventh, limit);
+    assert!(closed.is_some(), "the 7th connection stayed open");
+    assert!(
+        text.starts_with("HTTP/1.1 503") && text.contains("Retry-After: 1"),
+        "{text}"
+    );
+    // The idle ones are closed by the header timeout.
+    for mut s in idle {
+        let (_, closed) = until_closed(&mut s, limit);
+        let t = closed.expect("an idle connection stayed open");
+        assert!(t < Duration::from_millis(2500), "closed after {t:?}");
+    }
+
+    // A head without its blank line.
+    let mut half_head = TcpStream::connect(&addr).unwrap();
+    half_head
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    // Slowloris: a header line every 300 ms, never the end of the head.
+    let slow_addr = addr.clone();
+    let slowloris = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(&slow_addr).unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+        let start = Instant::now();
+        for i in 0..40 {
+            std::thread::sleep(Duration::from_millis(300));
+            if s.write_all(format!("X-Slow-{i}: y\r\n").as_bytes())
+                .is_err()
+            {
+                return Some(start.elapsed());
+            }
+            // A closed connection shows on read before a write fails.
+            s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+            let mut b = [0u8; 64];
+            if matches!(s.read(&mut b), Ok(0)) {
+                return Some(start.elapsed());
+            }
+        }
+        None
+    });
+    // A body that stops half-way.
+    let mut half_body = TcpStream::connect(&addr).unwrap();
+    half_body
+        .write_all(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"prompt\": \"hi",
+        )
+        .unwrap();
+    // Meanwhile the server answers.
+    let health = http(&addr, "GET", "/health", "");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+
+    let (_, closed) = until_closed(&mut half_head, limit);
+    let t = closed.expect("a half-sent head stayed open");
+    assert!(
+        t < Duration::from_millis(2500),
+        "half head closed after {t:?}"
+    );
+    let (text, _) = until_closed(&mut half_body, limit);
+    assert!(text.starts_with("HTTP/1.1 408"), "half body: {text:?}");
+    assert!(text.contains("--body-timeout"), "{text}");
+    let t = slowloris
+        .join()
+        .unwrap()
+        .expect("the Slowloris client was never cut off");
+    assert!(t < Duration::from_secs(3), "Slowloris cut off after {t:?}");
+
+    // Still serving, and nothing held in the KV cache.
+    let done = http(
+        &addr,
+        "POST",
+        "/v1/completions",
+        r#"{"prompt": "The capital of France is", "max_tokens": 4}"#,
+    );
+    assert!(done.starts_with("HTTP/1.1 200"), "{done}");
+    let memory = http(&addr, "GET", "/v1/memory", "");
+    let body = memory.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["kv_blocks"]["used"], 0, "{v}");
+}

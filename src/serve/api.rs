@@ -73,8 +73,13 @@ pub struct AppState {
 /// `system`); anything else is a 400, as OpenAI answers.
 const CHAT_ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
-/// The router over `state`, with `max_body_bytes` as the request body limit.
-pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+/// The router over `state`, with `max_body_bytes` as the request body limit and
+/// `body_timeout` as the time a body has to arrive in.
+pub fn router(
+    state: Arc<AppState>,
+    max_body_bytes: usize,
+    body_timeout: std::time::Duration,
+) -> Router {
     let protected = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -90,6 +95,9 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .merge(protected)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn(move |request, next| {
+            super::listen::body_deadline(body_timeout, max_body_bytes, request, next)
+        }))
         .with_state(state)
 }
 

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod ledger;
+pub mod listen;
 pub mod metrics;
 pub mod worker;
 
@@ -76,6 +77,16 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value = "1MiB", value_parser = crate::cmd::bytes_arg)]
     pub max_body_bytes: u64,
+    /// Seconds a client has to send a request's head; also how long a kept-alive
+    /// connection may sit idle. Then the connection is closed.
+    #[arg(long, default_value_t = 10, value_parser = crate::cmd::positive_arg)]
+    pub header_timeout: u64,
+    /// Seconds a client has to send a request's body (else 408).
+    #[arg(long, default_value_t = 30, value_parser = crate::cmd::positive_arg)]
+    pub body_timeout: u64,
+    /// Open connections at most; one more gets 503 with Retry-After and is closed.
+    #[arg(long, default_value_t = 512, value_parser = crate::cmd::positive_arg)]
+    pub max_connections: u64,
     #[command(flatten)]
     pub parallel: crate::cmd::ParallelArgs,
     /// Where the model, its KV cache and activations live: cpu, cuda or cuda:N (CUDA
@@ -396,11 +407,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             state.model_id
         );
         let status = tokio::spawn(status_line(state.clone()));
-        let app = api::router(state.clone(), max_body);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal(state.clone()))
-            .await
-            .context("serving")?;
+        let limits = listen::Limits {
+            header_timeout: Duration::from_secs(args.header_timeout),
+            body_timeout: Duration::from_secs(args.body_timeout),
+            max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+        };
+        let app = api::router(state.clone(), max_body, limits.body_timeout);
+        listen::serve(listener, app, limits, shutdown_signal(state.clone())).await;
         status.abort();
         anyhow::Ok(())
     })?;

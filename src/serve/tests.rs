@@ -53,7 +53,11 @@ fn server_as(extra: &[&str]) -> Option<(Arc<AppState>, axum::Router)> {
     let args = Wrap::parse_from(argv).args;
     let server = start(&args).expect("server starts");
     let limit = usize::try_from(args.max_body_bytes).unwrap();
-    let router = super::router(server.state.clone(), limit);
+    let router = super::router(
+        server.state.clone(),
+        limit,
+        std::time::Duration::from_secs(args.body_timeout),
+    );
     Some((server.state, router))
 }
 
