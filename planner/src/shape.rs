@@ -403,15 +403,24 @@ impl RawConfig {
             Architecture::Qwen2 => (true, false),
         };
         // Newer transformers nest the rotary settings in `rope_parameters`.
-        let rope_params = self.rope_parameters.as_ref().filter(|v| v.is_object());
-        let rope_theta = self
-            .rope_theta
-            .or_else(|| {
-                rope_params
-                    .and_then(|p| p.get("rope_theta"))
-                    .and_then(|t| t.as_f64())
-            })
-            .unwrap_or(10_000.0);
+        let rope_params = match &self.rope_parameters {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) if v.is_object() => Some(v),
+            Some(v) => {
+                return Err(PlanError::Config(format!(
+                    "{name}: field `rope_parameters` has value {v}: it must be an object"
+                )))
+            }
+        };
+        let nested_theta = match rope_params.and_then(|p| p.get("rope_theta")) {
+            None => None,
+            Some(t) => Some(t.as_f64().ok_or_else(|| {
+                PlanError::Config(format!(
+                    "{name}: field `rope_parameters.rope_theta` has value {t}: it must be a number"
+                ))
+            })?),
+        };
+        let rope_theta = self.rope_theta.or(nested_theta).unwrap_or(10_000.0);
         let rope_scaling = match (&self.rope_scaling, rope_params) {
             (Some(v), _) => parse_rope_scaling(name, v)?,
             (None, Some(p)) => parse_rope_scaling(name, p)?,

@@ -136,3 +136,109 @@ fn reads_a_model_directory() {
         .to_string();
     assert!(err.contains("missing"), "{err}");
 }
+
+/// A table of broken config.json files, made by breaking one field (or one relation
+/// between fields) of SmolLM2's config at a time: zero, negative, fractional, huge, wrong
+/// type or missing sizes; heads that do not divide the hidden size; KV heads of 0 or
+/// not dividing the heads; vocabularies of 2^40; bad rope and norm constants; garbage
+/// rope scaling; another architecture. Every one is refused with an error that names
+/// the field (or the value), and none panics; the shape is never built, so nothing is
+/// sized from it. (An unknown rope_scaling type is the engine's to refuse, at load: the
+/// plan's bytes do not depend on it.)
+#[test]
+fn a_hundred_broken_configs_are_refused_naming_the_field() {
+    let base: serde_json::Value = serde_json::from_str(SMOLLM2_NEW).unwrap();
+    let mut cases: Vec<(serde_json::Value, String)> = Vec::new();
+    let with = |edits: &[(&str, serde_json::Value)]| {
+        let mut v = base.clone();
+        for (k, x) in edits {
+            if x.is_null() && *k != "rope_scaling" {
+                v.as_object_mut().unwrap().remove(*k);
+            } else {
+                v[*k] = x.clone();
+            }
+        }
+        v
+    };
+    let sizes = [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "head_dim",
+    ];
+    use serde_json::json;
+    for field in sizes {
+        for bad in [
+            json!(0),
+            json!(-1),
+            json!(-4096),
+            json!(1.5),
+            json!(1u64 << 40),
+            json!(u64::MAX),
+            json!("576"),
+            json!(true),
+            json!([576]),
+            json!({"n": 576}),
+        ] {
+            // head_dim 0 and the like; a missing head_dim is allowed (derived).
+            cases.push((with(&[(field, bad)]), field.to_string()));
+        }
+        // Missing: required, except those with a default (head_dim from the hidden size,
+        // KV heads = heads, max_position_embeddings 2048 as transformers' LlamaConfig).
+        if !["head_dim", "num_key_value_heads", "max_position_embeddings"].contains(&field) {
+            cases.push((with(&[(field, serde_json::Value::Null)]), field.to_string()));
+        }
+    }
+    // Relations between fields.
+    for (edits, needle) in [
+        (vec![("hidden_size", json!(577))], "hidden_size"),
+        (vec![("num_attention_heads", json!(7))], "num_attention_heads"),
+        (vec![("num_key_value_heads", json!(2))], "num_key_value_heads"),
+        (vec![("num_key_value_heads", json!(4))], "num_key_value_heads"),
+        (vec![("num_key_value_heads", json!(18))], "num_key_value_heads"),
+        (
+            vec![("num_attention_heads", json!(10)), ("num_key_value_heads", json!(3))],
+            "num_attention_heads",
+        ),
+        (vec![("vocab_size", json!(1u64 << 40))], "vocab_size"),
+        (vec![("hidden_size", json!(1u64 << 33))], "hidden_size"),
+        (vec![("max_position_embeddings", json!(1u64 << 40))], "max_position_embeddings"),
+        (vec![("rms_norm_eps", json!(0.0))], "rms_norm_eps"),
+        (vec![("rms_norm_eps", json!(-1e-5))], "rms_norm_eps"),
+        (vec![("rms_norm_eps", json!("small"))], "rms_norm_eps"),
+        (vec![("rope_parameters", json!({"rope_theta": 0.0}))], "rope_theta"),
+        (vec![("rope_parameters", json!({"rope_theta": -1.0}))], "rope_theta"),
+        (vec![("rope_parameters", json!({"rope_theta": "x"}))], "rope"),
+        (vec![("rope_scaling", json!("linear"))], "rope_scaling"),
+        (vec![("rope_scaling", json!({"rope_type": "linear", "factor": 0.0}))], "factor"),
+        (vec![("rope_scaling", json!({"rope_type": "linear", "factor": -2.0}))], "factor"),
+        (vec![("rope_scaling", json!({"rope_type": "llama3"}))], "factor"),
+        (vec![("architectures", json!(["GPTNeoXForCausalLM"]))], "GPTNeoXForCausalLM"),
+        (vec![("rope_parameters", json!("default"))], "rope_parameters"),
+        (vec![("architectures", json!("LlamaForCausalLM"))], "architectures"),
+        (vec![("hidden_act", json!("gelu"))], "hidden_act"),
+        (vec![("tie_word_embeddings", json!("yes"))], "tie_word_embeddings"),
+    ] {
+        cases.push((with(&edits), needle.to_string()));
+    }
+    assert!(cases.len() >= 100, "{} cases", cases.len());
+    let mut refused = 0;
+    for (config, needle) in &cases {
+        let text = config.to_string();
+        let got = std::panic::catch_unwind(|| ModelShape::from_config_str("m", &text));
+        let result = got.unwrap_or_else(|_| panic!("panicked on {text}"));
+        match result {
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.contains(needle.as_str()), "{needle}: {e}\n{text}");
+                refused += 1;
+            }
+            Ok(s) => panic!("accepted ({needle}): {s:?}\n{text}"),
+        }
+    }
+    println!("{refused} broken configs refused");
+}
