@@ -2,6 +2,7 @@
 //! Planner commands need no model download.
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -933,4 +934,92 @@ fn the_default_model_runs_its_gguf_natively_unless_dtype_asks() {
     let f32 = json(&args);
     assert_eq!(f32["dtype"], "f32");
     assert!(!f32["model"].as_str().unwrap().ends_with(".gguf"));
+}
+
+/// The default model's conversion into the cache, killed (SIGKILL) at 20 pseudo-random
+/// points: afterwards the cache holds either no converted model or a complete one (its
+/// files the size of a full conversion), never a partial one that loads; a later run
+/// clears what the killed ones left and converts. Needs the default model's GGUF (fetched
+/// into the cache when missing); the conversion runs in a scratch cache that links to it.
+#[test]
+fn a_conversion_killed_at_any_point_never_leaves_a_cache_that_loads_wrong() {
+    if !default_model_available() {
+        return;
+    }
+    let real = llmem_engine::weights::hub::cache_root().unwrap();
+    let gguf = llmem_engine::weights::hub::default_gguf_path(&real);
+    let full = llmem_engine::weights::hub::default_model_path(&real);
+    assert!(gguf.is_file(), "{}", gguf.display());
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let home = std::env::temp_dir().join(format!("llmem-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(home.join("gguf")).unwrap();
+    std::os::unix::fs::symlink(&gguf, home.join("gguf").join(gguf.file_name().unwrap())).unwrap();
+    let dir = llmem_engine::weights::hub::default_model_path(&home);
+    let run = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_llmem"));
+        c.args([
+            "generate",
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "2",
+            "--dtype",
+            "f32",
+        ])
+        .args(["--format", "json"])
+        .env("LLMEM_HOME", &home)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+        c
+    };
+    // Kill points spread over the whole conversion (about 2 s here), from a fixed seed.
+    let mut rng = llmem_engine::sample::sampler::SplitMix64::new(20);
+    let mut completed = 0;
+    for i in 0..20 {
+        let mut child = run().spawn().unwrap();
+        let wait = Duration::from_millis(50 + rng.next_u64() % 2500);
+        std::thread::sleep(wait);
+        let _ = child.kill();
+        let _ = child.wait();
+        if dir.exists() {
+            // Complete, or not there at all.
+            assert!(
+                llmem_engine::weights::hub::is_model_dir(&dir),
+                "kill {i} after {wait:?}: a partial model directory"
+            );
+            for f in ["model.safetensors", "config.json", "tokenizer.json"] {
+                assert_eq!(size(&dir.join(f)), size(&full.join(f)), "kill {i}: {f}");
+            }
+            completed += 1;
+            // Convert again next time, to kill it somewhere else.
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+        // At most the temporary of the run just killed is left.
+        let temporaries = std::fs::read_dir(home.join("models"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+                    .count()
+            })
+            .unwrap_or(0);
+        assert!(temporaries <= 1, "kill {i}: {temporaries} temporaries");
+    }
+    // A run to the end converts, loads, and leaves nothing else behind.
+    let out = run().output().unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        size(&dir.join("model.safetensors")),
+        size(&full.join("model.safetensors"))
+    );
+    let left: Vec<String> = std::fs::read_dir(home.join("models"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, vec!["smollm2-135m-instruct".to_string()], "{left:?}");
+    println!("{completed} of 20 killed runs had finished converting");
+    std::fs::remove_dir_all(&home).unwrap();
 }

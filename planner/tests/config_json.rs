@@ -196,32 +196,86 @@ fn a_hundred_broken_configs_are_refused_naming_the_field() {
     // Relations between fields.
     for (edits, needle) in [
         (vec![("hidden_size", json!(577))], "hidden_size"),
-        (vec![("num_attention_heads", json!(7))], "num_attention_heads"),
-        (vec![("num_key_value_heads", json!(2))], "num_key_value_heads"),
-        (vec![("num_key_value_heads", json!(4))], "num_key_value_heads"),
-        (vec![("num_key_value_heads", json!(18))], "num_key_value_heads"),
         (
-            vec![("num_attention_heads", json!(10)), ("num_key_value_heads", json!(3))],
+            vec![("num_attention_heads", json!(7))],
+            "num_attention_heads",
+        ),
+        (
+            vec![("num_key_value_heads", json!(2))],
+            "num_key_value_heads",
+        ),
+        (
+            vec![("num_key_value_heads", json!(4))],
+            "num_key_value_heads",
+        ),
+        (
+            vec![("num_key_value_heads", json!(18))],
+            "num_key_value_heads",
+        ),
+        (
+            vec![
+                ("num_attention_heads", json!(10)),
+                ("num_key_value_heads", json!(3)),
+            ],
             "num_attention_heads",
         ),
         (vec![("vocab_size", json!(1u64 << 40))], "vocab_size"),
         (vec![("hidden_size", json!(1u64 << 33))], "hidden_size"),
-        (vec![("max_position_embeddings", json!(1u64 << 40))], "max_position_embeddings"),
+        (
+            vec![("max_position_embeddings", json!(1u64 << 40))],
+            "max_position_embeddings",
+        ),
         (vec![("rms_norm_eps", json!(0.0))], "rms_norm_eps"),
         (vec![("rms_norm_eps", json!(-1e-5))], "rms_norm_eps"),
         (vec![("rms_norm_eps", json!("small"))], "rms_norm_eps"),
-        (vec![("rope_parameters", json!({"rope_theta": 0.0}))], "rope_theta"),
-        (vec![("rope_parameters", json!({"rope_theta": -1.0}))], "rope_theta"),
-        (vec![("rope_parameters", json!({"rope_theta": "x"}))], "rope"),
+        (
+            vec![("rope_parameters", json!({"rope_theta": 0.0}))],
+            "rope_theta",
+        ),
+        (
+            vec![("rope_parameters", json!({"rope_theta": -1.0}))],
+            "rope_theta",
+        ),
+        (
+            vec![("rope_parameters", json!({"rope_theta": "x"}))],
+            "rope",
+        ),
         (vec![("rope_scaling", json!("linear"))], "rope_scaling"),
-        (vec![("rope_scaling", json!({"rope_type": "linear", "factor": 0.0}))], "factor"),
-        (vec![("rope_scaling", json!({"rope_type": "linear", "factor": -2.0}))], "factor"),
-        (vec![("rope_scaling", json!({"rope_type": "llama3"}))], "factor"),
-        (vec![("architectures", json!(["GPTNeoXForCausalLM"]))], "GPTNeoXForCausalLM"),
-        (vec![("rope_parameters", json!("default"))], "rope_parameters"),
-        (vec![("architectures", json!("LlamaForCausalLM"))], "architectures"),
+        (
+            vec![(
+                "rope_scaling",
+                json!({"rope_type": "linear", "factor": 0.0}),
+            )],
+            "factor",
+        ),
+        (
+            vec![(
+                "rope_scaling",
+                json!({"rope_type": "linear", "factor": -2.0}),
+            )],
+            "factor",
+        ),
+        (
+            vec![("rope_scaling", json!({"rope_type": "llama3"}))],
+            "factor",
+        ),
+        (
+            vec![("architectures", json!(["GPTNeoXForCausalLM"]))],
+            "GPTNeoXForCausalLM",
+        ),
+        (
+            vec![("rope_parameters", json!("default"))],
+            "rope_parameters",
+        ),
+        (
+            vec![("architectures", json!("LlamaForCausalLM"))],
+            "architectures",
+        ),
         (vec![("hidden_act", json!("gelu"))], "hidden_act"),
-        (vec![("tie_word_embeddings", json!("yes"))], "tie_word_embeddings"),
+        (
+            vec![("tie_word_embeddings", json!("yes"))],
+            "tie_word_embeddings",
+        ),
     ] {
         cases.push((with(&edits), needle.to_string()));
     }

