@@ -391,3 +391,60 @@ fn hostile_connections_are_closed_within_the_timeouts() {
     let v: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(v["kv_blocks"]["used"], 0, "{v}");
 }
+
+/// `--request-timeout 1`: a whole response that would run longer gets 504 naming the
+/// option, a stream ends with an error event and `[DONE]`, both within about a second, and
+/// the stopped sequences give their KV blocks back.
+#[test]
+fn a_request_past_its_deadline_is_stopped() {
+    if !model_available() {
+        return;
+    }
+    let server = serve(&["--request-timeout", "1"]);
+    let long = r#"{"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": true"#;
+    let start = Instant::now();
+    let whole = http(
+        &server.addr,
+        "POST",
+        "/v1/completions",
+        &format!("{long}}}"),
+    );
+    let took = start.elapsed();
+    assert!(whole.starts_with("HTTP/1.1 504"), "{whole}");
+    assert!(
+        whole.contains("--request-timeout") && whole.contains("request_timeout"),
+        "{whole}"
+    );
+    assert!(took < Duration::from_millis(2500), "took {took:?}");
+    let start = Instant::now();
+    let stream = http(
+        &server.addr,
+        "POST",
+        "/v1/completions",
+        &format!("{long}, \"stream\": true}}"),
+    );
+    let took = start.elapsed();
+    assert!(stream.starts_with("HTTP/1.1 200"), "{stream}");
+    let (error, done) = (stream.find("request_timeout"), stream.find("data: [DONE]"));
+    assert!(
+        matches!((error, done), (Some(e), Some(d)) if e < d),
+        "{stream}"
+    );
+    assert!(took < Duration::from_millis(2500), "took {took:?}");
+    // The engine frees the stopped sequences at its next step.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let memory = http(&server.addr, "GET", "/v1/memory", "");
+        let body = memory.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        if v["kv_blocks"]["used"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blocks still used: {}",
+            v["kv_blocks"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -65,6 +65,8 @@ pub struct AppState {
     pub cache_tokens: usize,
     pub api_key: Option<String>,
     pub ledger: Ledger,
+    /// A request still running this long after it arrived is stopped (`--request-timeout`).
+    pub request_timeout: Option<std::time::Duration>,
     pub started: Instant,
     pub next_id: AtomicU64,
 }
@@ -573,10 +575,47 @@ struct Collected {
     completion_tokens: usize,
 }
 
-async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Collected, ApiError> {
+/// The error of a request stopped by `--request-timeout`.
+fn timed_out(timeout: std::time::Duration) -> ApiError {
+    ApiError {
+        status: StatusCode::GATEWAY_TIMEOUT,
+        code: Some("request_timeout"),
+        ..ApiError::internal(format!(
+            "the request ran past --request-timeout = {} s and was stopped",
+            timeout.as_secs_f64()
+        ))
+    }
+}
+
+/// When a request that arrived at `arrived` runs out of time, if it can.
+fn deadline(
+    state: &AppState,
+    arrived: Instant,
+) -> Option<(tokio::time::Instant, std::time::Duration)> {
+    state
+        .request_timeout
+        .map(|t| (tokio::time::Instant::from_std(arrived + t), t))
+}
+
+/// The next engine event, or `Err` with the timeout once the deadline has passed.
+async fn next_event(
+    rx: &mut mpsc::UnboundedReceiver<Event>,
+    deadline: Option<(tokio::time::Instant, std::time::Duration)>,
+) -> Result<Option<Event>, std::time::Duration> {
+    match deadline {
+        Some((at, t)) => tokio::time::timeout_at(at, rx.recv()).await.map_err(|_| t),
+        None => Ok(rx.recv().await),
+    }
+}
+
+/// Dropping `rx` (on an error or a timeout) is what stops the request in the engine.
+async fn collect(
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    deadline: Option<(tokio::time::Instant, std::time::Duration)>,
+) -> Result<Collected, ApiError> {
     let mut text = String::new();
     let mut tokens = Vec::new();
-    while let Some(ev) = rx.recv().await {
+    while let Some(ev) = next_event(&mut rx, deadline).await.map_err(timed_out)? {
         match ev {
             Event::Token(t) => {
                 text.push_str(&t.text);
@@ -627,6 +666,7 @@ fn closing_chunks(mut last: Value, include_usage: bool, usage: Value) -> Vec<Val
 
 struct SseState {
     rx: mpsc::UnboundedReceiver<Event>,
+    deadline: Option<(tokio::time::Instant, std::time::Duration)>,
     queue: std::collections::VecDeque<String>,
     finished: bool,
     format: Box<dyn ChunkFormat>,
@@ -639,9 +679,11 @@ fn sse_response(
     rx: mpsc::UnboundedReceiver<Event>,
     first: Vec<Value>,
     format: Box<dyn ChunkFormat>,
+    deadline: Option<(tokio::time::Instant, std::time::Duration)>,
 ) -> Response {
     let state = SseState {
         rx,
+        deadline,
         queue: first.iter().map(Value::to_string).collect(),
         finished: false,
         format,
@@ -654,7 +696,20 @@ fn sse_response(
             if st.finished {
                 return None;
             }
-            match st.rx.recv().await {
+            let event = match next_event(&mut st.rx, st.deadline).await {
+                Ok(event) => event,
+                Err(t) => {
+                    // The stream ends here; dropping the receiver stops the request.
+                    let e = timed_out(t);
+                    let body = json!({"error": {"message": e.message, "type": e.kind,
+                                                "param": null, "code": e.code}});
+                    st.queue.push_back(body.to_string());
+                    st.queue.push_back("[DONE]".into());
+                    st.finished = true;
+                    continue;
+                }
+            };
+            match event {
                 Some(Event::Token(t)) => {
                     if let Some(v) = st.format.token(&t) {
                         st.queue.push_back(v.to_string());
@@ -846,9 +901,14 @@ async fn completions(
         } else {
             vec![format.chunk(&echo, Value::Null, Value::Null)]
         };
-        return Ok(sse_response(rx, first, Box::new(format)));
+        return Ok(sse_response(
+            rx,
+            first,
+            Box::new(format),
+            deadline(&state, arrived),
+        ));
     }
-    let c = collect(rx).await?;
+    let c = collect(rx, deadline(&state, arrived)).await?;
     let logprobs = match k {
         Some(k) => {
             let mut lp = CompletionLogprobs::default();
@@ -1037,9 +1097,14 @@ async fn chat_completions(
             Value::Null,
             Value::Null,
         );
-        return Ok(sse_response(rx, vec![first], Box::new(format)));
+        return Ok(sse_response(
+            rx,
+            vec![first],
+            Box::new(format),
+            deadline(&state, arrived),
+        ));
     }
-    let c = collect(rx).await?;
+    let c = collect(rx, deadline(&state, arrived)).await?;
     let logprobs = match k {
         Some(k) => json!({"content": c.tokens.iter().filter_map(|t| chat_logprob_entry(t, k))
                                      .collect::<Vec<_>>()}),

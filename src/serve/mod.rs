@@ -84,6 +84,10 @@ pub struct ServeArgs {
     /// Seconds a client has to send a request's body (else 408).
     #[arg(long, default_value_t = 30, value_parser = crate::cmd::positive_arg)]
     pub body_timeout: u64,
+    /// Seconds a request may run (waiting included) before it is stopped: 504 for a
+    /// whole response, an error event then `[DONE]` for a stream. Default: no limit.
+    #[arg(long, value_parser = crate::cmd::positive_arg)]
+    pub request_timeout: Option<u64>,
     /// Open connections at most; one more gets 503 with Retry-After and is closed.
     #[arg(long, default_value_t = 512, value_parser = crate::cmd::positive_arg)]
     pub max_connections: u64,
@@ -369,6 +373,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         cache_tokens: engine_cache_tokens,
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         ledger,
+        request_timeout: args.request_timeout.map(Duration::from_secs),
         started: Instant::now(),
         next_id: AtomicU64::new(1),
     });
