@@ -315,7 +315,7 @@ fn run_one(
 fn rank_memory_json(engine: &Engine) -> Value {
     use llmem_engine::heap::{self, Component};
     let counted = super::trace::heap_counted(engine);
-    let measured = engine.measured_activation_bytes().filter(|_| counted);
+    let measured = super::trace::measured_activations(engine);
     let estimates = engine.rank_activation_bytes();
     engine
         .rank_memory()

@@ -38,42 +38,51 @@ pub fn heap_counted(engine: &Engine) -> bool {
     llmem_engine::heap::installed() && engine.model().is_none_or(|m| m.device().is_cpu())
 }
 
+/// Per rank, the pass working sets (last, largest) the counting allocator measured;
+/// `None` where it does not count this engine's memory ([`heap_counted`]).
+pub fn measured_activations(engine: &Engine) -> Option<Vec<(u64, u64)>> {
+    engine
+        .measured_activation_bytes()
+        .filter(|_| heap_counted(engine))
+}
+
+/// The bytes of `blocks_used` of `blocks_total` shared blocks on a rank that reserves
+/// `reserved` for all of them (every rank holds its own heads or layers of each block).
+pub fn kv_used_bytes(reserved: u64, blocks_used: u64, blocks_total: u64) -> u64 {
+    (u128::from(reserved) * u128::from(blocks_used) / u128::from(blocks_total.max(1))) as u64
+}
+
 /// The rows of every rank after the step `engine` just ran.
 pub fn sample(engine: &Engine, run: usize, label: &str, t_ms: f64) -> Vec<TraceRow> {
     let s = engine.stats();
     let (pass_tokens, logit_rows) = engine.last_pass();
-    let counted = heap_counted(engine);
-    let measured = engine.measured_activation_bytes().filter(|_| counted);
+    let measured = measured_activations(engine);
     let estimates = engine.rank_activation_bytes();
     engine
         .rank_memory()
         .iter()
         .enumerate()
-        .map(|(rank, m)| {
-            // Every rank holds the same blocks (its own heads or layers of each).
-            let used = if s.blocks_total > 0 {
-                (m.kv_cache_bytes as u128 * s.blocks_used as u128 / s.blocks_total as u128) as u64
-            } else {
-                0
-            };
-            TraceRow {
-                run,
-                label: label.to_string(),
-                step: s.steps,
-                t_ms,
-                rank,
-                pass_tokens,
-                logit_rows,
-                running: s.running,
-                waiting: s.waiting,
-                preemptions: s.preemptions,
-                kv_blocks_used: s.blocks_used,
-                kv_used_bytes: used,
-                kv_reserved_bytes: m.kv_cache_bytes,
-                weights_bytes: m.weights_bytes,
-                activation_measured_bytes: measured.as_ref().and_then(|v| v.get(rank)).map(|x| x.0),
-                activation_estimate_bytes: estimates.get(rank).map_or(0, |x| x.0),
-            }
+        .map(|(rank, m)| TraceRow {
+            run,
+            label: label.to_string(),
+            step: s.steps,
+            t_ms,
+            rank,
+            pass_tokens,
+            logit_rows,
+            running: s.running,
+            waiting: s.waiting,
+            preemptions: s.preemptions,
+            kv_blocks_used: s.blocks_used,
+            kv_used_bytes: kv_used_bytes(
+                m.kv_cache_bytes,
+                s.blocks_used as u64,
+                s.blocks_total as u64,
+            ),
+            kv_reserved_bytes: m.kv_cache_bytes,
+            weights_bytes: m.weights_bytes,
+            activation_measured_bytes: measured.as_ref().and_then(|v| v.get(rank)).map(|x| x.0),
+            activation_estimate_bytes: estimates.get(rank).map_or(0, |x| x.0),
         })
         .collect()
 }

@@ -258,8 +258,11 @@ impl Ledger {
                     },
                 };
                 RankNow {
-                    kv_used: (u128::from(r.kv_cache_reserved_bytes) * u128::from(used)
-                        / u128::from(total.max(1))) as u64,
+                    kv_used: crate::cmd::trace::kv_used_bytes(
+                        r.kv_cache_reserved_bytes,
+                        used,
+                        total,
+                    ),
                     activation,
                     activation_peak,
                     activation_last_pass: last_pass,

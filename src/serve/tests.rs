@@ -533,6 +533,18 @@ async fn a_full_queue_answers_503_with_retry_after() {
     drop(data);
 }
 
+/// A 4-token greedy completion of a short prompt, which must succeed.
+async fn four_greedy_tokens(router: &axum::Router) -> Value {
+    let (status, v) = post_json(
+        router,
+        "/v1/completions",
+        json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    v
+}
+
 async fn memory(router: &axum::Router) -> Value {
     let (status, _, bytes) = call(router, "GET", "/v1/memory", None, None).await;
     assert_eq!(status, StatusCode::OK);
@@ -821,13 +833,7 @@ async fn pipeline_serving_reports_each_stage_beside_the_planner() {
     let Some((_state, router)) = server(&["--pp", "2"]) else {
         return;
     };
-    let (status, v) = post_json(
-        &router,
-        "/v1/completions",
-        json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{v}");
+    four_greedy_tokens(&router).await;
     let m = memory(&router).await;
     let ranks = m["ranks"].as_array().unwrap();
     assert_eq!(ranks.len(), 2, "{m}");
@@ -853,13 +859,7 @@ async fn quantized_serving_plans_the_bytes_it_holds() {
     let Some((_state, router)) = server(&["--dtype", "q8_0"]) else {
         return;
     };
-    let (status, v) = post_json(
-        &router,
-        "/v1/completions",
-        json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{v}");
+    let v = four_greedy_tokens(&router).await;
     assert_eq!(v["usage"]["completion_tokens"], 4);
     let m = memory(&router).await;
     // `llmem sweep` measured and planned 143,025,408 B for q8_0 SmolLM2 (embedding included).

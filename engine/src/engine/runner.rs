@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use candle_core::{Device, Tensor};
-use llmem_planner::{AttentionImpl, Deployment, ModelShape, Workload};
+use llmem_planner::{AttentionImpl, ModelShape, Workload};
 
 use crate::cache::paged::{KvDtype, PagedKvCache, PagedMetadata};
 use crate::error::{Error, Result};
@@ -79,15 +79,7 @@ pub fn planned_rank_memory(
         max_batched_tokens: pass_tokens.max(1),
         attention: AttentionImpl::Fused,
     };
-    let mut d = Deployment::new(fmt.precision, llmem_planner::custom_gpu(1 << 50));
-    d.keep_embeddings = fmt.keep_embeddings && fmt.precision.is_quantized();
-    d.tp = spec.tp as u64;
-    d.pp = spec.pp as u64;
-    d.vocab_parallel = spec.vocab_parallel;
-    d.kv_dtype = kv_dtype.planner();
-    d.runtime_overhead_bytes = Some(0);
-    d.headroom_fraction = 0.0;
-    d.activation_bytes = Some(fmt.activation_dtype().size_in_bytes() as u64);
+    let d = crate::engine::sizing::engine_deployment(fmt, spec, kv_dtype, 1 << 50, 0);
     let plan = llmem_planner::plan(shape, &workload, &d)
         .map_err(|e| Error::InvalidInput(format!("planner: {e}")))?;
     let mut out = Vec::new();

@@ -87,6 +87,40 @@ impl KvSizing {
     }
 }
 
+/// The planner's view of an engine: weights stored as `fmt` says (the embedding kept at
+/// f16 when it asks), the `spec` grid, `kv_dtype`, activations in the dtype the engine
+/// computes in (f32 for block formats on the CPU), on a device of `gpu_bytes` with
+/// `overhead` bytes of runtime and no headroom. Every plan the engine asks for starts here.
+pub fn engine_deployment(
+    fmt: &crate::weights::quant::WeightFormat,
+    spec: crate::parallel::spec::ParallelSpec,
+    kv_dtype: crate::cache::paged::KvDtype,
+    gpu_bytes: u64,
+    overhead: u64,
+) -> Deployment {
+    let mut d = Deployment::new(fmt.precision, llmem_planner::custom_gpu(gpu_bytes));
+    d.keep_embeddings = fmt.keep_embeddings && fmt.precision.is_quantized();
+    d.tp = spec.tp as u64;
+    d.pp = spec.pp as u64;
+    d.vocab_parallel = spec.vocab_parallel;
+    d.kv_dtype = kv_dtype.planner();
+    d.runtime_overhead_bytes = Some(overhead);
+    d.headroom_fraction = 0.0;
+    d.activation_bytes = Some(fmt.activation_dtype().size_in_bytes() as u64);
+    d
+}
+
+/// What `config` serves, as the planner counts it: `max_num_seqs` sequences of
+/// `max_model_len` tokens, passes of `max_batched_tokens`, the fused paged kernel.
+fn engine_workload(config: &EngineConfig) -> Workload {
+    Workload {
+        context_tokens: config.max_model_len as u64,
+        concurrency: config.max_num_seqs as u64,
+        max_batched_tokens: config.max_batched_tokens as u64,
+        attention: AttentionImpl::Fused,
+    }
+}
+
 /// The planner's figures for `model` under `config` in a device of `budget_bytes`.
 pub fn planned_terms(
     model: &Model,
@@ -95,22 +129,16 @@ pub fn planned_terms(
     overhead: u64,
 ) -> std::result::Result<PlannedTerms, String> {
     // The weights' own format (a block format computes in f32 but stores its blocks).
-    let format = model.weight_format();
-    let workload = Workload {
-        context_tokens: config.max_model_len as u64,
-        concurrency: config.max_num_seqs as u64,
-        max_batched_tokens: config.max_batched_tokens as u64,
-        attention: AttentionImpl::Fused,
-    };
-    let mut deployment = Deployment::new(format.precision, llmem_planner::custom_gpu(budget_bytes));
-    deployment.keep_embeddings = format.keep_embeddings && format.precision.is_quantized();
-    deployment.kv_dtype = config.kv_dtype.planner();
-    deployment.runtime_overhead_bytes = Some(overhead);
+    let workload = engine_workload(config);
+    let mut deployment = engine_deployment(
+        model.weight_format(),
+        model.spec().parallel,
+        config.kv_dtype,
+        budget_bytes,
+        overhead,
+    );
     // A GGUF kept as stored (possibly mixed types): the planner's sum of its tensor table.
     deployment.stored_weights_bytes = model.stored_weights().map(|s| s.bytes);
-    deployment.headroom_fraction = 0.0;
-    // The dtype this engine computes in (f32 for block formats on the CPU).
-    deployment.activation_bytes = Some(model.dtype().size_in_bytes() as u64);
     let plan =
         llmem_planner::plan(model.shape(), &workload, &deployment).map_err(|e| e.to_string())?;
     let max_concurrency = llmem_planner::max_concurrency(model.shape(), &workload, &deployment)
@@ -312,20 +340,14 @@ pub fn parallel_budget(
         ));
     }
     let (pass_tokens, rows) = config.largest_pass();
-    let mut d = Deployment::new(fmt.precision, llmem_planner::custom_gpu(budget_bytes));
-    d.tp = spec.tp as u64;
-    d.pp = spec.pp as u64;
-    d.vocab_parallel = spec.vocab_parallel;
-    d.keep_embeddings = fmt.keep_embeddings && fmt.precision.is_quantized();
-    d.kv_dtype = config.kv_dtype.planner();
-    d.activation_bytes = Some(fmt.activation_dtype().size_in_bytes() as u64);
-    let workload = Workload {
-        context_tokens: config.max_model_len as u64,
-        concurrency: config.max_num_seqs as u64,
-        max_batched_tokens: config.max_batched_tokens as u64,
-        attention: AttentionImpl::Fused,
-    };
-    let plan = llmem_planner::plan(shape, &workload, &d)
+    let d = engine_deployment(
+        fmt,
+        spec,
+        config.kv_dtype,
+        budget_bytes,
+        runtime_overhead_bytes,
+    );
+    let plan = llmem_planner::plan(shape, &engine_workload(config), &d)
         .map_err(|e| Error::InvalidInput(format!("planner: {e}")))?;
     let min_blocks = config.max_model_len.div_ceil(config.block_size) as u64;
     let mut ranks = Vec::new();
