@@ -367,6 +367,7 @@ const CANDLE_TYPE_IDS: [u32; 15] = [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 
 /// every type is readable: the caller then reports candle's own error.
 fn unreadable_tensor_type(file: &File) -> Option<(String, u32)> {
     use std::io::{Read, Seek, SeekFrom};
+    let len = file.metadata().ok()?.len();
     let mut r = BufReader::new(file);
     r.seek(SeekFrom::Start(0)).ok()?;
     fn u32_(r: &mut impl Read) -> Option<u32> {
@@ -379,7 +380,13 @@ fn unreadable_tensor_type(file: &File) -> Option<(String, u32)> {
         r.read_exact(&mut b).ok()?;
         Some(u64::from_le_bytes(b))
     }
-    fn skip(r: &mut (impl Read + Seek), n: u64) -> Option<()> {
+    /// Skip `n` bytes; `None` past the end of the file (seeking there would succeed,
+    /// and a count from a damaged header would then be walked to its end).
+    fn skip(r: &mut (impl Read + Seek), n: u64, len: u64) -> Option<()> {
+        let pos = r.stream_position().ok()?;
+        if n > len.saturating_sub(pos) {
+            return None;
+        }
         r.seek(SeekFrom::Current(i64::try_from(n).ok()?))
             .ok()
             .map(|_| ())
@@ -393,22 +400,35 @@ fn unreadable_tensor_type(file: &File) -> Option<(String, u32)> {
         r.read_exact(&mut b).ok()?;
         Some(String::from_utf8_lossy(&b).into_owned())
     }
-    /// Skip one metadata value of type `t`.
-    fn value(r: &mut (impl Read + Seek), t: u32, depth: u32) -> Option<()> {
+    /// The size of a fixed-size metadata value of type `t`.
+    fn fixed(t: u32) -> Option<u64> {
         match t {
-            0 | 1 | 7 => skip(r, 1),
-            2 | 3 => skip(r, 2),
-            4..=6 => skip(r, 4),
-            10..=12 => skip(r, 8),
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        }
+    }
+    /// Skip one metadata value of type `t`. Every step reads or skips at least one byte
+    /// within the file, so a damaged count ends the walk at the file's end.
+    fn value(r: &mut (impl Read + Seek), t: u32, depth: u32, len: u64) -> Option<()> {
+        if let Some(size) = fixed(t) {
+            return skip(r, size, len);
+        }
+        match t {
             8 => {
-                let len = u64_(r)?;
-                skip(r, len)
+                let n = u64_(r)?;
+                skip(r, n, len)
             }
             9 if depth < 4 => {
                 let et = u32_(r)?;
                 let n = u64_(r)?;
+                if let Some(size) = fixed(et) {
+                    return skip(r, n.checked_mul(size)?, len);
+                }
                 for _ in 0..n {
-                    value(r, et, depth + 1)?;
+                    value(r, et, depth + 1, len)?;
                 }
                 Some(())
             }
@@ -426,7 +446,7 @@ fn unreadable_tensor_type(file: &File) -> Option<(String, u32)> {
     for _ in 0..n_kv {
         string(&mut r)?;
         let t = u32_(&mut r)?;
-        value(&mut r, t, 0)?;
+        value(&mut r, t, 0, len)?;
     }
     for _ in 0..n_tensors {
         let name = string(&mut r)?;
@@ -434,7 +454,7 @@ fn unreadable_tensor_type(file: &File) -> Option<(String, u32)> {
         if n_dims > 8 {
             return None;
         }
-        skip(&mut r, 8 * u64::from(n_dims))?;
+        skip(&mut r, 8 * u64::from(n_dims), len)?;
         let t = u32_(&mut r)?;
         u64_(&mut r)?;
         if !CANDLE_TYPE_IDS.contains(&t) {
