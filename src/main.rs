@@ -6,14 +6,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
-mod cmd;
-mod procfs;
-mod serve;
-
-/// Every heap block is counted per component and rank (`llmem_engine::heap`).
-#[cfg(feature = "heap-stats")]
-#[global_allocator]
-static ALLOC: llmem_engine::heap::CountingAlloc = llmem_engine::heap::CountingAlloc;
+use llmem::{cmd, serve};
 
 #[derive(Parser)]
 #[command(

@@ -29,6 +29,7 @@ pub mod parallel;
 pub mod request;
 pub mod rng;
 pub mod sample;
+pub mod untrusted;
 pub mod weights;
 
 pub use error::{Error, Result};

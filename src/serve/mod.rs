@@ -14,6 +14,7 @@ pub mod api;
 pub mod ledger;
 pub mod listen;
 pub mod metrics;
+pub mod untrusted;
 pub mod worker;
 
 use std::io::IsTerminal;

@@ -1,0 +1,3 @@
+#![no_main]
+//! `llmem_engine::untrusted::configs` on each input.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| llmem_engine::untrusted::configs(data));

@@ -1,0 +1,3 @@
+#![no_main]
+//! `llmem_engine::untrusted::safetensors` on each input.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| llmem_engine::untrusted::safetensors(data));
