@@ -79,12 +79,15 @@ fn add_file(path: &Path, summary: &mut CheckpointSummary) -> Result<(), PlanErro
             .iter()
             .try_fold(1u64, |acc, d| acc.checked_mul(*d))
             .ok_or_else(|| PlanError::Overflow(format!("{name}: shape of {tensor}")))?;
+        // Each tensor's count fits in u64; their sum may not (a header of a few hundred
+        // bytes can declare several 2^63-element tensors with empty data ranges).
+        let overflow = || PlanError::Overflow(format!("{name}: parameter count of {tensor}"));
         let t = summary.by_dtype.entry(entry.dtype).or_default();
         t.tensors += 1;
-        t.params += params;
+        t.params = t.params.checked_add(params).ok_or_else(overflow)?;
         t.bytes += end - begin;
         summary.tensors += 1;
-        summary.params += params;
+        summary.params = summary.params.checked_add(params).ok_or_else(overflow)?;
         summary.bytes += end - begin;
     }
     summary.files.push(
@@ -164,6 +167,21 @@ mod tests {
         std::fs::write(dir.join("model.safetensors"), [1u8, 2, 3]).unwrap();
         let err = read_checkpoint(&dir).unwrap_err().to_string();
         assert!(err.contains("too short"), "{err}");
+    }
+
+    /// Two tensors of 2^63 elements each (empty data ranges) overflow the sum: an
+    /// error naming the file, not a wrapped count or a panic.
+    #[test]
+    fn parameter_counts_past_u64_are_refused() {
+        let dir = tmpdir("overflow");
+        write(
+            &dir,
+            "model.safetensors",
+            r#"{"a":{"dtype":"F32","shape":[4294967296,2147483648],"data_offsets":[0,0]},"b":{"dtype":"F32","shape":[4294967296,2147483648],"data_offsets":[0,0]}}"#,
+            0,
+        );
+        let err = read_checkpoint(&dir).unwrap_err().to_string();
+        assert!(err.contains("model.safetensors"), "{err}");
     }
 
     #[test]

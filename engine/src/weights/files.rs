@@ -84,6 +84,19 @@ impl WeightFiles {
             let mut shards: Vec<String> = index.weight_map.into_values().collect();
             shards.sort();
             shards.dedup();
+            // A shard is a file of this directory: no other folder, no absolute path.
+            if let Some(bad) = shards.iter().find(|s| {
+                let p = Path::new(s.as_str());
+                p.file_name().and_then(|n| n.to_str()) != Some(s.as_str())
+            }) {
+                return Err(Error::Config {
+                    path: index_path.clone(),
+                    message: format!(
+                        "weight_map names shard {bad:?}, which is not a file name in this \
+                         directory"
+                    ),
+                });
+            }
             shards.into_iter().map(|s| dir.join(s)).collect()
         } else if single.exists() {
             vec![single]
@@ -295,6 +308,26 @@ impl WeightFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A shard index pointing outside its directory is refused, naming the shard.
+    #[test]
+    fn shards_outside_the_directory_are_refused() {
+        let dir = std::env::temp_dir().join(format!("llmem-shards-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for bad in ["../model.safetensors", "/etc/passwd", "sub/x.safetensors"] {
+            let index = serde_json::json!({"weight_map": {"a.weight": bad}});
+            std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+            let Err(err) = WeightFiles::open_dir(&dir) else {
+                panic!("{bad} accepted");
+            };
+            let err = err.to_string();
+            assert!(
+                err.contains("not a file name") && err.contains(bad),
+                "{err}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn random_weights_are_seeded_in_the_asked_dtype() {

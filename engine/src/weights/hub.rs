@@ -251,7 +251,8 @@ fn find_wheel(agent: &ureq::Agent, index_url: &str) -> Result<(String, String, S
         let (Some(file), Some(href)) = (u["filename"].as_str(), u["url"].as_str()) else {
             continue;
         };
-        if !file.ends_with(".whl") {
+        // The name becomes a path under downloads/: a plain file name only.
+        if !file.ends_with(".whl") || file.contains(['/', '\\']) || file.starts_with('.') {
             continue;
         }
         let sha = u["digests"]["sha256"]

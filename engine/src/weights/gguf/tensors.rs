@@ -246,9 +246,16 @@ impl GgufWeights {
         for p in self.plans.values() {
             if let Ok(info) = self.file.tensor_info(&p.gguf) {
                 let ty = ggml_type(info.ggml_dtype);
-                let elems = info.shape.elem_count() as u64;
+                // Dimensions come from the file: saturate rather than overflow (the
+                // figure only ranks the types; `summary` refuses such a file).
+                let elems = info
+                    .shape
+                    .dims()
+                    .iter()
+                    .fold(1u64, |acc, &d| acc.saturating_mul(d as u64));
                 let (be, bb) = ty.block();
-                *bytes.entry(ty).or_default() += elems / be * bb;
+                let entry = bytes.entry(ty).or_default();
+                *entry = entry.saturating_add((elems / be.max(1)).saturating_mul(bb));
             }
         }
         let mut by: Vec<(GgmlType, u64)> = bytes.into_iter().collect();
