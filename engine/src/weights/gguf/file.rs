@@ -296,6 +296,15 @@ impl GgufFile {
     /// Read one tensor as stored (quantized or not).
     pub fn read_tensor(&self, name: &str) -> Result<QTensor> {
         let info = self.tensor_info(name)?;
+        // candle views the bytes of an empty tensor through a dangling pointer of the
+        // wrong alignment (a panic with debug assertions); no model has such a tensor.
+        if info.shape.dims().contains(&0) {
+            return Err(Error::GgufTensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                message: format!("has shape {:?}: no elements", info.shape.dims()),
+            });
+        }
         let mut reader = std::io::Cursor::new(&self.map[..]);
         info.read(&mut reader, self.content.tensor_data_offset, &Device::Cpu)
             .map_err(|e| self.tensor_error(name, info.ggml_dtype, e))
