@@ -68,6 +68,22 @@ struct ShardIndex {
     weight_map: HashMap<String, String>,
 }
 
+/// Why a safetensors file cannot be read: the planner's header check names the tensor
+/// that runs past the end of a truncated file, which the safetensors crate does not.
+fn unreadable_safetensors(path: &Path, e: safetensors::SafeTensorError) -> String {
+    match llmem_planner::checkpoint::read_safetensors_file(path) {
+        Err(planner) => {
+            let text = planner.to_string();
+            let prefix = format!("{}: ", path.display());
+            let detail = text
+                .find(&prefix)
+                .map_or(text.as_str(), |i| &text[i + prefix.len()..]);
+            format!("not a readable safetensors file: {detail}")
+        }
+        Ok(_) => format!("not a readable safetensors file (truncated or damaged?): {e}"),
+    }
+}
+
 impl WeightFiles {
     /// Open the weights of a model directory: `model.safetensors`, or the shards named in
     /// `model.safetensors.index.json`.
@@ -124,9 +140,7 @@ impl WeightFiles {
             let (header_len, metadata) =
                 SafeTensors::read_metadata(&mmap).map_err(|e| Error::Weights {
                     path: path.clone(),
-                    message: format!(
-                        "not a readable safetensors file (truncated or damaged?): {e}"
-                    ),
+                    message: unreadable_safetensors(path, e),
                 })?;
             let file_idx = files.len();
             for name in metadata.tensors().keys() {
