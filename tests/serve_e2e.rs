@@ -182,6 +182,17 @@ fn the_official_openai_client_works() {
 
 #[test]
 fn ctrl_c_drains_running_requests_then_exits() {
+    drains_then_exits("-INT");
+}
+
+/// What a service manager sends (`systemctl stop`, `docker stop`, Kubernetes).
+#[test]
+fn sigterm_drains_running_requests_then_exits() {
+    drains_then_exits("-TERM");
+}
+
+/// The server gets `signal` while a stream runs: the stream finishes, then it exits 0.
+fn drains_then_exits(signal: &str) {
     if !model_available() {
         return;
     }
@@ -208,7 +219,7 @@ fn ctrl_c_drains_running_requests_then_exits() {
         first.push_str(&line);
     }
     let pid = server.child.id().to_string();
-    let killed = Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    let killed = Command::new("kill").args([signal, &pid]).status().unwrap();
     assert!(killed.success());
     // The running request still completes.
     let mut rest = String::new();
@@ -223,7 +234,7 @@ fn ctrl_c_drains_running_requests_then_exits() {
         }
         assert!(
             Instant::now() < deadline,
-            "llmem serve did not exit after Ctrl-C"
+            "llmem serve did not exit after kill {signal}"
         );
         std::thread::sleep(Duration::from_millis(50));
     };

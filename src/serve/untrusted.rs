@@ -59,7 +59,7 @@ fn fixture() -> Option<&'static Fixture> {
                 "20",
             ])
             .args;
-            let server = start(&args).expect("the server starts on the cached model");
+            let server = start(&args).expect("the server starts on the tiny model");
             let router = super::api::router(
                 server.state.clone(),
                 usize::try_from(args.max_body_bytes).unwrap_or(usize::MAX),
