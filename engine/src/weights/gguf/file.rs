@@ -305,6 +305,34 @@ impl GgufFile {
                 message: format!("has shape {:?}: no elements", info.shape.dims()),
             });
         }
+        // candle multiplies the dimensions unchecked (an overflow panics with debug
+        // assertions and wraps without): check the element count and that the bytes lie
+        // inside the file before it reads.
+        let dims = info.shape.dims();
+        let elems = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let block = info.ggml_dtype.block_size();
+        let bytes = elems
+            .filter(|n| n % block == 0)
+            .and_then(|n| (n / block).checked_mul(info.ggml_dtype.type_size()));
+        let end = bytes
+            .and_then(|b| b.checked_add(usize::try_from(info.offset).ok()?))
+            .and_then(|b| b.checked_add(usize::try_from(self.content.tensor_data_offset).ok()?));
+        match end {
+            Some(end) if end <= self.map.len() => {}
+            _ => {
+                return Err(Error::GgufTensor {
+                    path: self.path.clone(),
+                    tensor: name.to_string(),
+                    message: format!(
+                        "shape {dims:?} of {:?} at data offset {} does not fit the file's {} \
+                         bytes (truncated or damaged)",
+                        info.ggml_dtype,
+                        info.offset,
+                        self.map.len()
+                    ),
+                })
+            }
+        }
         let mut reader = std::io::Cursor::new(&self.map[..]);
         info.read(&mut reader, self.content.tensor_data_offset, &Device::Cpu)
             .map_err(|e| self.tensor_error(name, info.ggml_dtype, e))
