@@ -36,8 +36,12 @@ pub fn render_chat(
     add_generation_prompt: bool,
 ) -> Result<String> {
     let mut env = Environment::new();
-    env.set_trim_blocks(true);
-    env.set_lstrip_blocks(true);
+    let syntax = minijinja::syntax::SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .build()
+        .map_err(|e| Error::ChatTemplate(format!("syntax: {e}")))?;
+    env.set_syntax(syntax);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function(
         "raise_exception",
@@ -54,7 +58,7 @@ pub fn render_chat(
         .get_template("chat")
         .map_err(|e| Error::ChatTemplate(e.to_string()))?;
     tmpl.render(context! {
-        messages => messages,
+        messages => minijinja::Value::from(minijinja::value::Serde(messages)),
         add_generation_prompt => add_generation_prompt,
         bos_token => bos_token.unwrap_or(""),
         eos_token => eos_token.unwrap_or(""),

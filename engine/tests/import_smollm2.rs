@@ -90,7 +90,7 @@ fn chat_template_reproduces_the_reference_chat_prompt() {
             .get_template("chat")
             .unwrap()
             .render(minijinja::context! {
-                messages => case["messages"].clone(),
+                messages => minijinja::Value::from(minijinja::value::Serde(case["messages"].clone())),
                 add_generation_prompt => true,
             })
             .unwrap();
