@@ -9,6 +9,20 @@
 //! cargo run --release --example load_test -- --url http://127.0.0.1:8000 --clients 64 --duration 30
 //! ```
 //!
+//! `--scenario` picks what the clients do (default `steady`, the above):
+//! - `burst`: `--clients` requests sent at the same instant, once;
+//! - `disconnect`: a storm of streams dropped after 0 to 3 tokens, for `--duration`;
+//! - `slow-readers`: half the clients read their stream 250 ms per chunk, the other half
+//!   at full speed (their latency is the figure);
+//! - `slowloris`: `--clients` connections send one header line every 2 s and never end the
+//!   head, while /health and a completion are probed every second: the run reports how
+//!   long the server let them live, and fails if any is still open 5 s after `--duration`
+//!   (make it longer than the server's `--header-timeout`) or a probe fails;
+//! - `soak`: `steady`, with the server's RSS sampled every 5 s from /v1/memory; the drift
+//!   from the first sample after a minute to the last is reported.
+//!
+//! Every scenario ends by checking that no KV block is left in use.
+//!
 //! The same command measures llama.cpp's `llama-server` (add `--no-memory-check`): both
 //! speak `/v1/completions` with `stream: true`. A token is one streamed chunk with text.
 //! The client is a minimal HTTP/1.1 one (chunked transfer decoding, `Connection: close`)
@@ -28,6 +42,17 @@ struct Args {
     model: Option<String>,
     api_key: Option<String>,
     memory_check: bool,
+    scenario: Scenario,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Scenario {
+    Steady,
+    Burst,
+    Disconnect,
+    SlowReaders,
+    Slowloris,
+    Soak,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -39,6 +64,7 @@ fn parse_args() -> Result<Args, String> {
         model: None,
         api_key: std::env::var("LLMEM_API_KEY").ok(),
         memory_check: true,
+        scenario: Scenario::Steady,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -61,6 +87,22 @@ fn parse_args() -> Result<Args, String> {
             "--model" => args.model = Some(value("--model")?),
             "--api-key" => args.api_key = Some(value("--api-key")?),
             "--no-memory-check" => args.memory_check = false,
+            "--scenario" => {
+                args.scenario = match value("--scenario")?.as_str() {
+                    "steady" => Scenario::Steady,
+                    "burst" => Scenario::Burst,
+                    "disconnect" => Scenario::Disconnect,
+                    "slow-readers" => Scenario::SlowReaders,
+                    "slowloris" => Scenario::Slowloris,
+                    "soak" => Scenario::Soak,
+                    other => {
+                        return Err(format!(
+                            "--scenario {other:?}: one of steady, burst, disconnect, \
+                             slow-readers, slowloris, soak"
+                        ))
+                    }
+                }
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -165,7 +207,22 @@ async fn next_piece(
     Ok(Some(buf))
 }
 
+/// How a client reads its stream.
+#[derive(Clone, Copy)]
+enum Reading {
+    /// As fast as it comes.
+    Full,
+    /// Waiting this long before each chunk.
+    Slow(Duration),
+    /// Dropping the connection after this many tokens.
+    DropAfter(usize),
+}
+
 async fn one_request(args: &Args, prompt: &str) -> Outcome {
+    request_with(args, prompt, Reading::Full).await
+}
+
+async fn request_with(args: &Args, prompt: &str, reading: Reading) -> Outcome {
     let mut body = serde_json::json!({
         "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0,
         "stream": true, "ignore_eos": true,
@@ -190,6 +247,15 @@ async fn one_request(args: &Args, prompt: &str) -> Outcome {
     let mut pending = String::new();
     let mut last = None;
     loop {
+        match reading {
+            Reading::Slow(d) => tokio::time::sleep(d).await,
+            Reading::DropAfter(n) if out.tokens >= n => {
+                // Hang up mid-stream: the server must notice and free the sequence.
+                out.ok = true;
+                return out;
+            }
+            _ => {}
+        }
         let piece = match next_piece(&mut reader, chunked).await {
             Ok(Some(p)) => p,
             Ok(None) => break,
@@ -290,29 +356,92 @@ async fn main() {
         }
     }
     let start = Instant::now();
-    let deadline = start + args.duration;
-    let mut tasks = Vec::new();
-    for c in 0..args.clients {
-        let args = args.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut outcomes = Vec::new();
-            let mut n = 0;
-            while Instant::now() < deadline {
-                let o = one_request(&args, &prompt(c, n)).await;
-                if o.error.is_some() {
-                    // No tight loop of failures: count it, pause, go on.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                outcomes.push(o);
-                n += 1;
+    let mut failed = false;
+    let all = match args.scenario {
+        Scenario::Steady => clients(&args, Reading::Full, args.clients).await,
+        Scenario::Burst => {
+            let tasks: Vec<_> = (0..args.clients)
+                .map(|c| {
+                    let args = args.clone();
+                    tokio::spawn(async move { one_request(&args, &prompt(c, 0)).await })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.ok());
             }
-            outcomes
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap_or_default());
-    }
+            all
+        }
+        Scenario::Disconnect => {
+            let tasks: Vec<_> = (0..args.clients)
+                .map(|c| {
+                    let args = args.clone();
+                    tokio::spawn(async move {
+                        let mut outcomes = Vec::new();
+                        let mut n = 0;
+                        while start.elapsed() < args.duration {
+                            let drop = Reading::DropAfter((c + n) % 4);
+                            outcomes.push(request_with(&args, &prompt(c, n), drop).await);
+                            n += 1;
+                        }
+                        outcomes
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.unwrap_or_default());
+            }
+            println!("{} streams dropped after 0-3 tokens", all.len());
+            all
+        }
+        Scenario::SlowReaders => {
+            let slow = args.clients / 2;
+            let (a, b) = tokio::join!(
+                clients(&args, Reading::Slow(Duration::from_millis(250)), slow),
+                clients(&args, Reading::Full, args.clients - slow),
+            );
+            let mut fast_ttft: Vec<Duration> = b.iter().filter_map(|o| o.ttft).collect();
+            let mut fast_gaps: Vec<Duration> = b.iter().flat_map(|o| o.gaps.clone()).collect();
+            println!(
+                "{} slow readers ({} requests), {} full-speed clients ({} requests): \
+                 full-speed TTFT p50 {:.0} ms p99 {:.0} ms, inter-token p50 {:.1} ms p99 {:.1} ms",
+                slow,
+                a.len(),
+                args.clients - slow,
+                b.len(),
+                percentile_ms(&mut fast_ttft, 50.0),
+                percentile_ms(&mut fast_ttft, 99.0),
+                percentile_ms(&mut fast_gaps, 50.0),
+                percentile_ms(&mut fast_gaps, 99.0),
+            );
+            a.into_iter().chain(b).collect()
+        }
+        Scenario::Slowloris => {
+            let (all, ok) = slowloris(&args).await;
+            failed |= !ok;
+            all
+        }
+        Scenario::Soak => {
+            let sampler = {
+                let args = args.clone();
+                tokio::spawn(async move {
+                    let mut samples = Vec::new();
+                    while start.elapsed() < args.duration {
+                        if let Some(rss) = server_rss(&args).await {
+                            samples.push((start.elapsed(), rss));
+                        }
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                    samples
+                })
+            };
+            let all = clients(&args, Reading::Full, args.clients).await;
+            let samples = sampler.await.unwrap_or_default();
+            report_rss(&samples);
+            all
+        }
+    };
     let wall = start.elapsed();
     let completed = all.iter().filter(|o| o.ok && o.error.is_none()).count();
     let errors: Vec<&String> = all.iter().filter_map(|o| o.error.as_ref()).collect();
@@ -337,7 +466,7 @@ async fn main() {
     for e in errors.iter().take(5) {
         println!("  error: {e}");
     }
-    let mut failed = !errors.is_empty();
+    failed |= !errors.is_empty();
     if args.memory_check {
         // Give the engine one iteration to publish the last frees.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -369,4 +498,154 @@ async fn main() {
     if failed {
         std::process::exit(1);
     }
+}
+
+/// `n` clients sending requests one after another until `--duration` has passed.
+async fn clients(args: &std::sync::Arc<Args>, reading: Reading, n: usize) -> Vec<Outcome> {
+    let deadline = Instant::now() + args.duration;
+    let tasks: Vec<_> = (0..n)
+        .map(|c| {
+            let args = args.clone();
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                let mut i = 0;
+                while Instant::now() < deadline {
+                    let o = request_with(&args, &prompt(c, i), reading).await;
+                    if o.error.is_some() {
+                        // No tight loop of failures: count it, pause, go on.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    outcomes.push(o);
+                    i += 1;
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    all
+}
+
+/// GET a path; its JSON body.
+async fn get_json(args: &Args, path: &str) -> Option<serde_json::Value> {
+    let (status, chunked, mut reader) = send(args, "GET", path, "").await.ok()?;
+    if status != 200 {
+        return None;
+    }
+    let mut body = Vec::new();
+    while let Ok(Some(p)) = next_piece(&mut reader, chunked).await {
+        body.extend(p);
+    }
+    serde_json::from_slice(&body).ok()
+}
+
+/// The server's resident memory, from the first `process_rss_bytes` in /v1/memory.
+async fn server_rss(args: &Args) -> Option<u64> {
+    fn find(v: &serde_json::Value) -> Option<u64> {
+        match v {
+            serde_json::Value::Object(m) => m
+                .get("process_rss_bytes")
+                .and_then(|x| x.as_u64())
+                .or_else(|| m.values().find_map(find)),
+            serde_json::Value::Array(a) => a.iter().find_map(find),
+            _ => None,
+        }
+    }
+    find(&get_json(args, "/v1/memory").await?)
+}
+
+fn report_rss(samples: &[(Duration, u64)]) {
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let Some(&(_, last)) = samples.last() else {
+        println!("RSS: no samples (is the server llmem serve?)");
+        return;
+    };
+    let warm = samples
+        .iter()
+        .find(|(t, _)| *t >= Duration::from_secs(60))
+        .or(samples.first())
+        .map_or(last, |s| s.1);
+    let max = samples.iter().map(|s| s.1).max().unwrap_or(last);
+    println!(
+        "RSS: {} samples, first {:.1} MiB, after 1 min {:.1} MiB, last {:.1} MiB, max {:.1} MiB; \
+         drift from 1 min to the end {:+.1} MiB",
+        samples.len(),
+        mib(samples[0].1),
+        mib(warm),
+        mib(last),
+        mib(max),
+        mib(last) - mib(warm),
+    );
+}
+
+/// Slowloris: connections that never finish their head, while the server is probed.
+/// Returns the probes' completions and whether every connection was cut in time and
+/// every probe answered.
+async fn slowloris(args: &std::sync::Arc<Args>) -> (Vec<Outcome>, bool) {
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..args.clients)
+        .map(|_| {
+            let args = args.clone();
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(&args.host_port).await.ok()?;
+                let head = format!(
+                    "POST /v1/completions HTTP/1.1\r\nHost: {}\r\n",
+                    args.host_port
+                );
+                s.write_all(head.as_bytes()).await.ok()?;
+                let opened = Instant::now();
+                let mut buf = [0u8; 256];
+                loop {
+                    // One header line every 2 s; the server closing (read 0 or an
+                    // error) ends it.
+                    let tick = tokio::time::sleep(Duration::from_secs(2));
+                    tokio::select! {
+                        r = s.read(&mut buf) => match r {
+                            Ok(0) | Err(_) => return Some(opened.elapsed()),
+                            Ok(_) => {}
+                        },
+                        _ = tick => {
+                            if s.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                                return Some(opened.elapsed());
+                            }
+                        }
+                    }
+                    if opened.elapsed() > args.duration + Duration::from_secs(5) {
+                        return None;
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut probes = Vec::new();
+    let (mut health_ok, mut health_n) = (0, 0);
+    while start.elapsed() < args.duration {
+        health_n += 1;
+        if matches!(send(args, "GET", "/health", "").await, Ok((200, ..))) {
+            health_ok += 1;
+        }
+        probes.push(one_request(args, "Hello").await);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let mut cut: Vec<Duration> = Vec::new();
+    let mut open = 0;
+    for t in tasks {
+        match t.await.ok().flatten() {
+            Some(d) => cut.push(d),
+            None => open += 1,
+        }
+    }
+    let longest = cut.iter().max().copied().unwrap_or_default();
+    println!(
+        "slowloris: {} connections, {} cut by the server (longest open {:.1} s), {} still open \
+         past the run; /health answered {health_ok}/{health_n}",
+        args.clients,
+        cut.len(),
+        longest.as_secs_f64(),
+        open
+    );
+    (probes, open == 0 && health_ok == health_n)
 }
