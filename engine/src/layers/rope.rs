@@ -1,18 +1,22 @@
-//! Rotary position embeddings: the tables, computed once at load in f32 the way Hugging
-//! Face computes them (with Llama-3 / linear `rope_scaling`).
+//! Rotary position embeddings: the inverse frequencies, computed once at load in f32 the
+//! way Hugging Face computes them (with Llama-3 / linear `rope_scaling`), and the cos/sin
+//! rows of each pass's positions, computed per pass. No table of every position is kept:
+//! its size would follow the model's declared context (a damaged or hostile header
+//! declaring 600 million positions made a load allocate and compute for minutes, found
+//! by the gguf fuzz target), and a pass needs only its own rows.
 
 use candle_core::{DType, Device, Tensor};
 use llmem_planner::ModelShape;
 
 use crate::error::{Error, Result};
 
-/// Rotary embedding tables, indexed by absolute position.
+/// Rotary embeddings: cos/sin rows for any absolute position.
 #[derive(Debug, Clone)]
 pub struct Rope {
-    /// (max_positions, head_dim / 2), model dtype.
-    pub(crate) cos: Tensor,
-    /// (max_positions, head_dim / 2), model dtype.
-    pub(crate) sin: Tensor,
+    /// head_dim / 2 inverse frequencies.
+    inv: Vec<f32>,
+    dtype: DType,
+    device: Device,
 }
 
 /// Inverse frequencies, f32 as Hugging Face computes them, with `rope_scaling` applied.
@@ -68,26 +72,31 @@ pub fn rope_inv_freq(shape: &ModelShape) -> Result<Vec<f32>> {
 }
 
 impl Rope {
-    pub(crate) fn new(
-        shape: &ModelShape,
-        max_positions: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let inv = rope_inv_freq(shape)?;
-        let half = inv.len();
-        let mut cos = Vec::with_capacity(max_positions * half);
-        let mut sin = Vec::with_capacity(max_positions * half);
-        for p in 0..max_positions {
-            for &f in &inv {
+    pub(crate) fn new(shape: &ModelShape, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Rope {
+            inv: rope_inv_freq(shape)?,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The cos and sin rows of `positions`: two `(positions.len(), head_dim / 2)`
+    /// tensors in the model's dtype, on its device.
+    pub(crate) fn at(&self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
+        let (n, half) = (positions.len(), self.inv.len());
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for &p in positions {
+            for &f in &self.inv {
                 // The angle is rounded to f32 as in HF; its cosine is then exact.
                 let angle = (p as f32 * f) as f64;
                 cos.push(angle.cos() as f32);
                 sin.push(angle.sin() as f32);
             }
         }
-        let cos = Tensor::from_vec(cos, (max_positions, half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (max_positions, half), device)?.to_dtype(dtype)?;
-        Ok(Rope { cos, sin })
+        let table = |v: Vec<f32>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, (n, half), &self.device)?.to_dtype(self.dtype)?)
+        };
+        Ok((table(cos)?, table(sin)?))
     }
 }

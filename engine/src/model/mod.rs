@@ -291,7 +291,7 @@ impl Model {
         local_shape.num_attention_heads = shape.num_attention_heads / p.tp as u64;
         local_shape.num_key_value_heads =
             llmem_planner::plan::kv_heads_per_rank(shape, p.tp as u64);
-        let rope = Rope::new(shape, shape.max_position_embeddings as usize, dtype, device)?;
+        let rope = Rope::new(shape, dtype, device)?;
         Ok(Model {
             shape: shape.clone(),
             local_shape,
@@ -456,8 +456,7 @@ impl Model {
         let num_tokens = input_ids.dim(0)?;
         let (embed_tokens, norm) = self.whole()?;
         self.check_pass(num_tokens, meta, caches)?;
-        let cos = self.rope.cos.index_select(positions, 0)?;
-        let sin = self.rope.sin.index_select(positions, 0)?;
+        let (cos, sin) = self.rope.at(&positions.to_vec1::<u32>()?)?;
         let masks = (0..meta.num_seqs())
             .map(|s| causal_mask(meta.cached_lens[s], meta.query_lens[s], &self.device))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -613,9 +612,7 @@ impl Model {
                 )))
             }
         };
-        let positions = Tensor::new(positions, &self.device)?;
-        let cos = self.rope.cos.index_select(&positions, 0)?;
-        let sin = self.rope.sin.index_select(&positions, 0)?;
+        let (cos, sin) = self.rope.at(positions)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer
                 .forward(x, |attn, h| {
