@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use crate::cache::CacheShape;
-use crate::{check_len, CacheElem, KernelError};
+use crate::{check_len, CacheElem, CacheStore, KernelError};
 
 /// Geometry and scale of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -190,6 +190,47 @@ fn weighted_sum_dispatch<T: CacheElem>(
     }
 }
 
+/// Single elements: the inner loops above, element by element.
+impl<T: CacheElem> CacheStore for T {
+    const NAME: &'static str = <T as CacheElem>::NAME;
+    const ELEMS: usize = 1;
+
+    fn store(src: &[f32], dst: &mut [Self]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = T::from_f32(*s);
+        }
+    }
+
+    fn load(row: &[Self], out: &mut [f32]) {
+        for (o, v) in out.iter_mut().zip(row) {
+            *o = v.to_f32();
+        }
+    }
+
+    #[inline(always)]
+    fn scores(q: &[f32], rows: &[Self], stride: usize, scale: f32, s: &mut [f32], simd: bool) {
+        scores_dispatch(q, rows, stride, scale, s, simd)
+    }
+
+    #[inline(always)]
+    fn weighted_sum(acc: &mut [f32], w: &[f32], rows: &[Self], stride: usize, simd: bool) {
+        weighted_sum_dispatch(acc, w, rows, stride, simd)
+    }
+}
+
+/// A cache of `T` can hold rows of `head_dim` values only when they start on a unit.
+pub(crate) fn check_units<T: CacheStore>(shape: &CacheShape) -> Result<(), KernelError> {
+    if shape.head_dim % T::ELEMS != 0 {
+        return Err(KernelError::Invalid(format!(
+            "a {} cache stores blocks of {} values; head_dim {} is not a multiple of it",
+            T::NAME,
+            T::ELEMS,
+            shape.head_dim
+        )));
+    }
+    Ok(())
+}
+
 /// AVX2 + FMA + F16C forms of the two inner loops, for every cache element type.
 #[cfg(target_arch = "x86_64")]
 mod simd {
@@ -343,12 +384,13 @@ mod simd {
 /// `out[q] = softmax(scale * query[q] . K[0..len]) V[0..len]` per head.
 ///
 /// - `out`, `query`: `[num_queries, num_heads, head_dim]`, f32
-/// - `key_cache`, `value_cache`: `[num_blocks, block_size, kv_heads, head_dim]`
+/// - `key_cache`, `value_cache`: `[num_blocks, block_size, kv_heads, head_dim]` values,
+///   in units of `T` (one value each, or blocks of 32 for [`crate::BlockQ8`])
 /// - `block_tables`: `[num_seqs, max_blocks_per_seq]`, block ids (unused tail ignored)
 /// - `query_seq`: `[num_queries]`, the block-table row of each query
 /// - `context_lens`: `[num_queries]`, tokens each query attends to (at least 1)
 #[allow(clippy::too_many_arguments)]
-pub fn paged_attention<T: CacheElem>(
+pub fn paged_attention<T: CacheStore>(
     out: &mut [f32],
     query: &[f32],
     key_cache: &[T],
@@ -363,11 +405,12 @@ pub fn paged_attention<T: CacheElem>(
         query_seq,
         context_lens,
     };
+    check_units::<T>(&p.cache)?;
     let lens = Lens {
         out: out.len(),
         query: query.len(),
-        key_cache: key_cache.len(),
-        value_cache: value_cache.len(),
+        key_cache: key_cache.len().saturating_mul(T::ELEMS),
+        value_cache: value_cache.len().saturating_mul(T::ELEMS),
     };
     check(lens, &checked, p)?;
     let group = p.num_heads / p.cache.kv_heads;
@@ -417,18 +460,19 @@ struct TaskIo<'a, 'b, T> {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn attend_avx2<T: CacheElem>(task: usize, io: TaskIo<'_, '_, T>, p: &AttentionParams) {
+unsafe fn attend_avx2<T: CacheStore>(task: usize, io: TaskIo<'_, '_, T>, p: &AttentionParams) {
     attend(task, io, p, true)
 }
 
 /// Task `task` = (query, KV head): the group's query heads over the query's context,
 /// block by block with a running maximum.
 #[inline(always)]
-fn attend<T: CacheElem>(task: usize, io: TaskIo<'_, '_, T>, p: &AttentionParams, simd: bool) {
+fn attend<T: CacheStore>(task: usize, io: TaskIo<'_, '_, T>, p: &AttentionParams, simd: bool) {
     let c = p.cache;
     let hd = c.head_dim;
     let group = p.num_heads / c.kv_heads;
-    let token_elems = c.token_elems();
+    // Strides and offsets in units of `T` (`head_dim` is a multiple of T::ELEMS).
+    let (token_units, hd_units) = (c.token_elems() / T::ELEMS, hd / T::ELEMS);
     let TaskIo {
         out_g,
         query,
@@ -456,12 +500,12 @@ fn attend<T: CacheElem>(task: usize, io: TaskIo<'_, '_, T>, p: &AttentionParams,
     out_g.fill(0.0);
     for (b, &block) in table[..len.div_ceil(c.block_size)].iter().enumerate() {
         let n = (len - b * c.block_size).min(c.block_size);
-        let base = block as usize * c.block_size * token_elems + kvh * hd;
+        let base = block as usize * c.block_size * token_units + kvh * hd_units;
+        let end = base + (n - 1) * token_units + hd_units;
         for g in 0..group {
             let q = &q_g[g * hd..][..hd];
             let s = &mut scores[..n];
-            let rows = &key_cache[base..base + (n - 1) * token_elems + hd];
-            scores_dispatch(q, rows, token_elems, p.scale, s, simd);
+            T::scores(q, &key_cache[base..end], token_units, p.scale, s, simd);
             // Rescale what was accumulated when the running max grows.
             let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let new_max = max[g].max(block_max);
@@ -474,8 +518,7 @@ fn attend<T: CacheElem>(task: usize, io: TaskIo<'_, '_, T>, p: &AttentionParams,
             s.iter_mut().for_each(|x| *x -= new_max);
             exp_in_place(s);
             denom[g] = denom[g] * correction + s.iter().sum::<f32>();
-            let rows = &value_cache[base..base + (n - 1) * token_elems + hd];
-            weighted_sum_dispatch(acc, s, rows, token_elems, simd);
+            T::weighted_sum(acc, s, &value_cache[base..end], token_units, simd);
         }
     }
     for g in 0..group {
@@ -496,7 +539,7 @@ fn exp_in_place(xs: &mut [f32]) {
 /// The slow reference: gather each query's keys and values into contiguous rows, then
 /// softmax(q K^T * scale) V in f64 with the maximum subtracted.
 #[allow(clippy::too_many_arguments)]
-pub fn paged_attention_reference<T: CacheElem>(
+pub fn paged_attention_reference<T: CacheStore>(
     query: &[f32],
     key_cache: &[T],
     value_cache: &[T],
@@ -516,9 +559,13 @@ pub fn paged_attention_reference<T: CacheElem>(
             let gather = |cache: &[T], t: usize| -> Vec<f64> {
                 let block = table[t / c.block_size] as usize;
                 let slot = block * c.block_size + t % c.block_size;
-                (0..hd)
-                    .map(|d| cache[(slot * c.kv_heads + kvh) * hd + d].to_f32() as f64)
-                    .collect()
+                let mut row = vec![0f32; hd];
+                let units = hd / T::ELEMS;
+                T::load(
+                    &cache[(slot * c.kv_heads + kvh) * units..][..units],
+                    &mut row,
+                );
+                row.into_iter().map(f64::from).collect()
             };
             let q = &query[(qi * p.num_heads + h) * hd..][..hd];
             let scores: Vec<f64> = (0..len as usize)
@@ -563,7 +610,7 @@ pub(crate) mod tests {
         scale_up: f32,
     }
 
-    fn run<T: CacheElem>(case: &Case, seed: u64, tol: f32) {
+    fn run<T: CacheStore>(case: &Case, seed: u64, tol: f32) {
         let mut rng = Rng::new(seed);
         let max_blocks = case
             .seq_lens
@@ -596,12 +643,14 @@ pub(crate) mod tests {
                 next += 1;
             }
         }
-        let kc: Vec<T> = (0..shape.elems())
-            .map(|_| T::from_f32(rng.uniform() * case.scale_up))
-            .collect();
-        let vc: Vec<T> = (0..shape.elems())
-            .map(|_| T::from_f32(rng.uniform()))
-            .collect();
+        let mut store = |scale: f32| {
+            let values: Vec<f32> = (0..shape.elems()).map(|_| rng.uniform() * scale).collect();
+            let mut cache = vec![T::default(); shape.elems() / T::ELEMS];
+            T::store(&values, &mut cache);
+            cache
+        };
+        let kc = store(case.scale_up);
+        let vc = store(1.0);
         let (mut query_seq, mut context_lens) = (Vec::new(), Vec::new());
         for (s, &len) in case.seq_lens.iter().enumerate() {
             for i in (0..case.queries_per_seq.min(len)).rev() {
@@ -697,6 +746,88 @@ pub(crate) mod tests {
             run::<f16>(c, 100 + i as u64, 1e-4);
             run::<bf16>(c, 200 + i as u64, 1e-4);
         }
+    }
+
+    #[test]
+    fn matches_reference_q8_0() {
+        // The reference dequantizes the same blocks: only f32 accumulation differs.
+        for (i, c) in cases().iter().enumerate() {
+            if c.head_dim % crate::Q8_BLOCK == 0 {
+                run::<crate::BlockQ8>(c, 300 + i as u64, 1e-4);
+            }
+        }
+        let wide = Case {
+            block_size: 16,
+            num_heads: 8,
+            kv_heads: 2,
+            head_dim: 128,
+            seq_lens: vec![3, 50, 129],
+            queries_per_seq: 4,
+            scale_up: 4.0,
+        };
+        run::<crate::BlockQ8>(&wide, 399, 1e-4);
+    }
+
+    /// Attention over a q8_0 cache stays close to attention over the f32 values it was
+    /// quantized from: the error a q8_0 KV cache adds, per output value.
+    #[test]
+    fn q8_0_cache_is_close_to_f32() {
+        let shape = CacheShape {
+            num_blocks: 8,
+            block_size: 16,
+            kv_heads: 2,
+            head_dim: 64,
+        };
+        let mut rng = Rng::new(11);
+        let k: Vec<f32> = (0..shape.elems()).map(|_| rng.uniform() * 3.0).collect();
+        let v: Vec<f32> = (0..shape.elems()).map(|_| rng.uniform()).collect();
+        let mut k8 = vec![crate::BlockQ8::default(); shape.elems() / 32];
+        let mut v8 = k8.clone();
+        crate::BlockQ8::store(&k, &mut k8);
+        crate::BlockQ8::store(&v, &mut v8);
+        let p = AttentionParams {
+            num_heads: 6,
+            scale: 0.125,
+            cache: shape,
+            max_blocks_per_seq: 8,
+        };
+        let tables: Vec<u32> = (0..8).collect();
+        let q: Vec<f32> = (0..2 * 6 * 64).map(|_| rng.uniform() * 3.0).collect();
+        let (seq, lens) = ([0u32, 0], [100u32, 128]);
+        let mut exact = vec![0f32; q.len()];
+        let mut quant = vec![0f32; q.len()];
+        paged_attention(&mut exact, &q, &k, &v, &tables, &seq, &lens, &p).unwrap();
+        paged_attention(&mut quant, &q, &k8, &v8, &tables, &seq, &lens, &p).unwrap();
+        let worst = exact
+            .iter()
+            .zip(&quant)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        // Values in [-1, 1): a q8_0 step is at most 1/127 of the block's largest.
+        assert!(worst < 0.01, "largest difference {worst}");
+        assert!(worst > 0.0, "q8_0 changed nothing: is it stored as f32?");
+    }
+
+    #[test]
+    fn q8_0_needs_head_dim_a_multiple_of_32() {
+        let shape = CacheShape {
+            num_blocks: 2,
+            block_size: 4,
+            kv_heads: 1,
+            head_dim: 48,
+        };
+        let p = AttentionParams {
+            num_heads: 1,
+            scale: 1.0,
+            cache: shape,
+            max_blocks_per_seq: 2,
+        };
+        let kc = vec![crate::BlockQ8::default(); 12];
+        let mut out = vec![0f32; 48];
+        let e = paged_attention(&mut out, &[0.0; 48], &kc, &kc, &[0, 1], &[0], &[1], &p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("head_dim 48 is not a multiple"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `reshape_and_cache`: write the new tokens' K and V into their cache slots.
 
-use crate::{check_len, CacheElem, KernelError};
+use crate::attention::check_units;
+use crate::{check_len, CacheStore, KernelError};
 
 /// The cache geometry shared by the cache kernels and attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,8 +39,9 @@ impl CacheShape {
 /// Write `key` and `value` (each `[num_tokens, kv_heads, head_dim]`, f32, contiguous)
 /// into `key_cache` and `value_cache` (each `[num_blocks, block_size, kv_heads, head_dim]`)
 /// at the slots `slot_mapping[t]` (`[num_tokens]`; slot = block * block_size + offset).
-/// A slot of `None` skips its token (padding).
-pub fn reshape_and_cache<T: CacheElem>(
+/// A slot of `None` skips its token (padding). The caches are in units of `T` (values,
+/// or blocks of 32 for [`crate::BlockQ8`], each head's row quantized on its own).
+pub fn reshape_and_cache<T: CacheStore>(
     key: &[f32],
     value: &[f32],
     key_cache: &mut [T],
@@ -47,25 +49,23 @@ pub fn reshape_and_cache<T: CacheElem>(
     slot_mapping: &[Option<usize>],
     shape: CacheShape,
 ) -> Result<(), KernelError> {
+    check_units::<T>(&shape)?;
     check_cache_write(
         key.len(),
         value.len(),
-        key_cache.len(),
-        value_cache.len(),
+        key_cache.len().saturating_mul(T::ELEMS),
+        value_cache.len().saturating_mul(T::ELEMS),
         slot_mapping,
         shape,
     )?;
     let n = shape.token_elems();
+    let units = n / T::ELEMS;
     for (t, slot) in slot_mapping.iter().enumerate() {
         let Some(slot) = *slot else { continue };
         let src = t * n..(t + 1) * n;
-        let dst = slot * n..(slot + 1) * n;
-        for (d, s) in key_cache[dst.clone()].iter_mut().zip(&key[src.clone()]) {
-            *d = T::from_f32(*s);
-        }
-        for (d, s) in value_cache[dst].iter_mut().zip(&value[src]) {
-            *d = T::from_f32(*s);
-        }
+        let dst = slot * units..(slot + 1) * units;
+        T::store(&key[src.clone()], &mut key_cache[dst.clone()]);
+        T::store(&value[src], &mut value_cache[dst]);
     }
     Ok(())
 }
@@ -103,8 +103,8 @@ pub(crate) fn check_cache_write(
     Ok(())
 }
 
-/// The slow reference: the same write, element by element through explicit indices.
-pub fn reshape_and_cache_reference<T: CacheElem>(
+/// The slow reference: the same write, head row by head row through explicit indices.
+pub fn reshape_and_cache_reference<T: CacheStore>(
     key: &[f32],
     value: &[f32],
     key_cache: &mut [T],
@@ -115,14 +115,14 @@ pub fn reshape_and_cache_reference<T: CacheElem>(
     for (t, slot) in slot_mapping.iter().enumerate() {
         let Some(slot) = *slot else { continue };
         let (block, offset) = (slot / shape.block_size, slot % shape.block_size);
+        let units = shape.head_dim / T::ELEMS;
         for h in 0..shape.kv_heads {
-            for d in 0..shape.head_dim {
-                let src = (t * shape.kv_heads + h) * shape.head_dim + d;
-                let dst =
-                    ((block * shape.block_size + offset) * shape.kv_heads + h) * shape.head_dim + d;
-                key_cache[dst] = T::from_f32(key[src]);
-                value_cache[dst] = T::from_f32(value[src]);
-            }
+            let src = (t * shape.kv_heads + h) * shape.head_dim;
+            let src = src..src + shape.head_dim;
+            let dst = ((block * shape.block_size + offset) * shape.kv_heads + h) * units;
+            let dst = dst..dst + units;
+            T::store(&key[src.clone()], &mut key_cache[dst.clone()]);
+            T::store(&value[src], &mut value_cache[dst]);
         }
     }
 }
@@ -133,17 +133,22 @@ mod tests {
     use crate::testutil::Rng;
     use half::{bf16, f16};
 
-    fn check<T: CacheElem + PartialEq + std::fmt::Debug>(block_size: usize) {
+    fn check<T: CacheStore + PartialEq + std::fmt::Debug>(block_size: usize) {
+        check_dim::<T>(block_size, 8)
+    }
+
+    fn check_dim<T: CacheStore + PartialEq + std::fmt::Debug>(block_size: usize, hd: usize) {
         let shape = CacheShape {
             num_blocks: 16,
             block_size,
             kv_heads: 3,
-            head_dim: 8,
+            head_dim: hd,
         };
         let mut rng = Rng::new(block_size as u64);
         let tokens = 11;
-        let key: Vec<f32> = (0..tokens * 24).map(|_| rng.uniform()).collect();
-        let value: Vec<f32> = (0..tokens * 24).map(|_| rng.uniform()).collect();
+        let n = tokens * shape.token_elems();
+        let key: Vec<f32> = (0..n).map(|_| rng.uniform()).collect();
+        let value: Vec<f32> = (0..n).map(|_| rng.uniform()).collect();
         // Distinct random slots, one token padded.
         let mut slots: Vec<usize> = (0..shape.slots()).collect();
         for i in (1..slots.len()).rev() {
@@ -151,8 +156,8 @@ mod tests {
         }
         let mut mapping: Vec<Option<usize>> = slots[..tokens].iter().map(|s| Some(*s)).collect();
         mapping[4] = None;
-        let mut kc = vec![T::default(); shape.elems()];
-        let mut vc = vec![T::default(); shape.elems()];
+        let mut kc = vec![T::default(); shape.elems() / T::ELEMS];
+        let mut vc = vec![T::default(); shape.elems() / T::ELEMS];
         let (mut kr, mut vr) = (kc.clone(), vc.clone());
         reshape_and_cache(&key, &value, &mut kc, &mut vc, &mapping, shape).unwrap();
         reshape_and_cache_reference(&key, &value, &mut kr, &mut vr, &mapping, shape);
@@ -166,7 +171,35 @@ mod tests {
             check::<f32>(bs);
             check::<f16>(bs);
             check::<bf16>(bs);
+            check_dim::<crate::BlockQ8>(bs, 64);
         }
+    }
+
+    #[test]
+    fn q8_0_blocks_round_trip_within_a_step() {
+        let mut rng = Rng::new(5);
+        let x: Vec<f32> = (0..64).map(|_| rng.uniform() * 10.0).collect();
+        let mut blocks = [crate::BlockQ8::default(); 2];
+        crate::BlockQ8::store(&x, &mut blocks);
+        let mut back = [0f32; 64];
+        crate::BlockQ8::load(&blocks, &mut back);
+        for (b, chunk) in blocks.iter().zip(x.chunks(32)) {
+            let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(
+                (b.d.to_f32() * 127.0 - amax).abs() <= amax * 1e-3,
+                "scale {:?}",
+                b.d
+            );
+            // The largest value maps to +-127; every value is within half a step.
+            assert_eq!(b.qs.iter().map(|q| q.unsigned_abs()).max(), Some(127));
+        }
+        for (i, (a, b)) in x.iter().zip(&back).enumerate() {
+            let step = blocks[i / 32].d.to_f32();
+            assert!((a - b).abs() <= 0.5 * step * 1.01, "{i}: {a} vs {b}");
+        }
+        // All zeros stay zeros (no division by a zero scale).
+        let zero = crate::BlockQ8::quantize(&[0.0; 32]);
+        assert_eq!(zero, crate::BlockQ8::default());
     }
 
     #[test]

@@ -57,3 +57,121 @@ impl CacheElem for bf16 {
         bf16::from_f32(x)
     }
 }
+
+/// What a KV cache buffer is made of: single elements (every [`CacheElem`]: f32, f16,
+/// bf16) or [`BlockQ8`]s of 32 values. The kernels index a buffer in units of `Self`:
+/// the value at element offset `e` lies in unit `e / ELEMS`. A row (one KV head of one
+/// token, `head_dim` values) starts on a unit boundary, so `head_dim` must be a multiple
+/// of `ELEMS` (checked by the kernels).
+pub trait CacheStore: Copy + Send + Sync + Default + 'static {
+    const NAME: &'static str;
+    /// Values per unit.
+    const ELEMS: usize;
+    /// Store the values `src` (`dst.len() * ELEMS` of them) into `dst`.
+    fn store(src: &[f32], dst: &mut [Self]);
+    /// Read the values of `row` into `out` (`row.len() * ELEMS` of them), as f32.
+    fn load(row: &[Self], out: &mut [f32]);
+    /// `s[t] = scale * q . k_t` for the `s.len()` keys of one cache block, key `t` at
+    /// unit `t * stride` of `rows`; `simd` when the caller checked that the CPU has AVX2,
+    /// FMA and F16C.
+    fn scores(q: &[f32], rows: &[Self], stride: usize, scale: f32, s: &mut [f32], simd: bool);
+    /// `acc += sum_t w[t] * v_t` over the values of one cache block, value `t` at unit
+    /// `t * stride` of `rows`.
+    fn weighted_sum(acc: &mut [f32], w: &[f32], rows: &[Self], stride: usize, simd: bool);
+}
+
+/// Values in one [`BlockQ8`].
+pub const Q8_BLOCK: usize = 32;
+
+/// 32 cache values as `d * qs[i]`: ggml's q8_0 block (34 bytes; `d` in f16), the unit of
+/// the q8_0 KV cache. A row of `head_dim` values is `head_dim / 32` blocks, each with its
+/// own scale, so a quantized key or value keeps about 8 significant bits per value
+/// relative to the largest of its 32.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BlockQ8 {
+    pub d: f16,
+    pub qs: [i8; Q8_BLOCK],
+}
+
+impl BlockQ8 {
+    /// Quantize 32 values: the scale maps the largest magnitude to 127, each value
+    /// rounds to the nearest step (the stored f16 scale is the one divided by, so
+    /// `d * qs[i]` is what the quantization chose).
+    #[inline]
+    pub fn quantize(x: &[f32]) -> BlockQ8 {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = f16::from_f32(amax / 127.0);
+        let inv = if d.to_f32() > 0.0 {
+            1.0 / d.to_f32()
+        } else {
+            0.0
+        };
+        let mut qs = [0i8; Q8_BLOCK];
+        for (q, v) in qs.iter_mut().zip(x) {
+            *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        }
+        BlockQ8 { d, qs }
+    }
+
+    /// `q . self` over the block's 32 values.
+    #[inline(always)]
+    fn dot(&self, q: &[f32]) -> f32 {
+        let mut lanes = [0f32; 8];
+        for (qc, kc) in q.chunks_exact(8).zip(self.qs.chunks_exact(8)) {
+            for i in 0..8 {
+                lanes[i] = qc[i].mul_add(kc[i] as f32, lanes[i]);
+            }
+        }
+        lanes.iter().sum::<f32>() * self.d.to_f32()
+    }
+}
+
+impl CacheStore for BlockQ8 {
+    const NAME: &'static str = "q8_0";
+    const ELEMS: usize = Q8_BLOCK;
+
+    fn store(src: &[f32], dst: &mut [Self]) {
+        for (b, x) in dst.iter_mut().zip(src.chunks_exact(Q8_BLOCK)) {
+            *b = BlockQ8::quantize(x);
+        }
+    }
+
+    fn load(row: &[Self], out: &mut [f32]) {
+        for (b, o) in row.iter().zip(out.chunks_exact_mut(Q8_BLOCK)) {
+            let d = b.d.to_f32();
+            for (o, q) in o.iter_mut().zip(&b.qs) {
+                *o = d * *q as f32;
+            }
+        }
+    }
+
+    // Plain loops over whole blocks: inlined into the kernel's AVX2 form (`simd`), the
+    // compiler vectorizes them with its features, so one body serves both forms.
+    #[inline(always)]
+    fn scores(q: &[f32], rows: &[Self], stride: usize, scale: f32, s: &mut [f32], _simd: bool) {
+        let blocks = q.len() / Q8_BLOCK;
+        for (t, s) in s.iter_mut().enumerate() {
+            let row = &rows[t * stride..][..blocks];
+            let mut sum = 0f32;
+            for (b, qb) in row.iter().zip(q.chunks_exact(Q8_BLOCK)) {
+                sum += b.dot(qb);
+            }
+            *s = sum * scale;
+        }
+    }
+
+    #[inline(always)]
+    fn weighted_sum(acc: &mut [f32], w: &[f32], rows: &[Self], stride: usize, _simd: bool) {
+        let blocks = acc.len() / Q8_BLOCK;
+        for (t, &wt) in w.iter().enumerate() {
+            let row = &rows[t * stride..][..blocks];
+            for (b, a) in row.iter().zip(acc.chunks_exact_mut(Q8_BLOCK)) {
+                let wd = wt * b.d.to_f32();
+                for (a, q) in a.iter_mut().zip(&b.qs) {
+                    *a = wd.mul_add(*q as f32, *a);
+                }
+            }
+        }
+    }
+}

@@ -768,8 +768,7 @@ fn tensor_groups(shape: &ModelShape, d: &Deployment) -> Result<Vec<TensorGroup>,
 pub fn plan(shape: &ModelShape, w: &Workload, d: &Deployment) -> Result<Plan, PlanError> {
     validate(shape, w, d)?;
     let params = shape.params();
-    let kv_dtype_bytes = d.kv_dtype.bytes();
-    let kv_bytes_per_token = shape.kv_bytes_per_token(kv_dtype_bytes);
+    let kv_bytes_per_token = shape.kv_bytes_per_token_in(d.kv_dtype);
     let concurrency = w.concurrency.div_ceil(d.replicas);
     let overhead = d
         .runtime_overhead_bytes
@@ -785,7 +784,8 @@ pub fn plan(shape: &ModelShape, w: &Workload, d: &Deployment) -> Result<Plan, Pl
         let stage = stage as u64;
         let holds_embedding = stage == 0;
         let holds_lm_head = stage == d.pp - 1;
-        let kv_tok = 2 * layers * kv_heads_per_rank(shape, d.tp) * shape.head_dim * kv_dtype_bytes;
+        let kv_tok =
+            2 * layers * kv_heads_per_rank(shape, d.tp) * d.kv_dtype.row_bytes(shape.head_dim);
         let kv_cache = ck(
             kv_tok
                 .checked_mul(concurrency)
@@ -985,9 +985,9 @@ fn assumptions(
         }
     }
     out.push(format!(
-        "KV cache at {} ({} bytes per element), sized for {} sequences x {} tokens",
+        "KV cache at {} ({} per element), sized for {} sequences x {} tokens",
         d.kv_dtype,
-        d.kv_dtype.bytes(),
+        d.kv_dtype.describe_bytes(),
         w.concurrency,
         w.context_tokens
     ));

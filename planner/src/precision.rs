@@ -238,22 +238,46 @@ pub enum KvDtype {
     Bf16,
     Fp8,
     Int8,
+    /// ggml's q8_0 blocks: 32 int8 values and one f16 scale (34 bytes per 32 values),
+    /// the quantized cache llmem's engine runs.
+    #[serde(rename = "q8_0")]
+    Q8_0,
 }
 
 impl KvDtype {
-    pub const ALL: [KvDtype; 5] = [
+    pub const ALL: [KvDtype; 6] = [
         KvDtype::Fp32,
         KvDtype::Fp16,
         KvDtype::Bf16,
         KvDtype::Fp8,
         KvDtype::Int8,
+        KvDtype::Q8_0,
     ];
 
+    /// Bytes per value, rounded down for the block formats (q8_0: 1; its scales are in
+    /// [`KvDtype::row_bytes`], which sizes the cache).
     pub fn bytes(self) -> u64 {
         match self {
             Self::Fp32 => 4,
             Self::Fp16 | Self::Bf16 => 2,
-            Self::Fp8 | Self::Int8 => 1,
+            Self::Fp8 | Self::Int8 | Self::Q8_0 => 1,
+        }
+    }
+
+    /// Bytes of a row of `values` values (one KV head of one token), scales included:
+    /// q8_0 stores `ceil(values / 32)` blocks of 34 bytes.
+    pub fn row_bytes(self, values: u64) -> u64 {
+        match self {
+            Self::Q8_0 => values.div_ceil(32) * 34,
+            other => values * other.bytes(),
+        }
+    }
+
+    /// The size of one value in words: "2 bytes", or "34 bytes per 32 values" for q8_0.
+    pub fn describe_bytes(self) -> String {
+        match self {
+            Self::Q8_0 => "34 bytes per 32 values".to_string(),
+            other => format!("{} bytes", other.bytes()),
         }
     }
 
@@ -264,6 +288,7 @@ impl KvDtype {
             Self::Bf16 => "bf16",
             Self::Fp8 => "fp8",
             Self::Int8 => "int8",
+            Self::Q8_0 => "q8_0",
         }
     }
 
@@ -294,6 +319,7 @@ impl FromStr for KvDtype {
             "bf16" | "bfloat16" => Ok(Self::Bf16),
             "fp8" | "f8" | "e4m3" => Ok(Self::Fp8),
             "int8" | "i8" => Ok(Self::Int8),
+            "q8_0" | "q8" => Ok(Self::Q8_0),
             _ => Err(PlanError::Invalid(format!(
                 "unknown KV cache dtype {s:?}; accepted: {}",
                 KvDtype::ALL.map(|k| k.name()).join(", ")
@@ -305,6 +331,24 @@ impl FromStr for KvDtype {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn q8_0_kv_rows_count_their_scales() {
+        let q8: KvDtype = "q8_0".parse().unwrap();
+        assert_eq!(q8, KvDtype::Q8_0);
+        assert_eq!(q8.row_bytes(64), 68);
+        assert_eq!(q8.row_bytes(128), 136);
+        // A row that does not fill its last block still stores it whole.
+        assert_eq!(q8.row_bytes(80), 102);
+        assert_eq!(KvDtype::Fp16.row_bytes(64), 128);
+        let shape = crate::preset("smollm2-135m").unwrap();
+        assert_eq!(shape.kv_bytes_per_token_in(q8), 2 * 30 * 3 * 68);
+        assert_eq!(
+            shape.kv_bytes_per_token_in(KvDtype::Fp16),
+            shape.kv_bytes_per_token(2)
+        );
+        assert_eq!(serde_json::to_string(&q8).unwrap(), "\"q8_0\"");
+    }
 
     #[test]
     fn bits_per_weight_include_scales() {

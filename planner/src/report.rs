@@ -358,12 +358,12 @@ pub fn explain(p: &Plan, shape: &ModelShape, answer: Option<&Plan>) -> String {
     let _ = writeln!(
         s,
         "\n2. KV cache. Each token keeps a key and a value per layer per KV head: \
-         2 x {} layers x {} KV heads x {} head_dim x {} bytes ({}) = {} B ({}) per token. \
+         2 x {} layers x {} KV heads x {} head_dim x {} ({}) = {} B ({}) per token. \
          For {} sequences x {} tokens that is {} B ({}). Per GPU: {}.",
         shape.num_hidden_layers,
         shape.num_key_value_heads,
         shape.head_dim,
-        d.kv_dtype.bytes(),
+        d.kv_dtype.describe_bytes(),
         d.kv_dtype,
         grouped(p.kv_bytes_per_token),
         human_bytes(p.kv_bytes_per_token),

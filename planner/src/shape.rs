@@ -174,6 +174,13 @@ impl ModelShape {
         2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * kv_dtype_bytes
     }
 
+    /// Bytes of K and V for one token over all layers in `kv`, block scales included:
+    /// 2 x layers x kv_heads x `kv.row_bytes(head_dim)`. Equal to
+    /// [`ModelShape::kv_bytes_per_token`] for the element formats.
+    pub fn kv_bytes_per_token_in(&self, kv: crate::KvDtype) -> u64 {
+        2 * self.num_hidden_layers * self.num_key_value_heads * kv.row_bytes(self.head_dim)
+    }
+
     /// Check the invariants a forward pass relies on.
     pub fn validate(&self) -> Result<(), PlanError> {
         let positive = [

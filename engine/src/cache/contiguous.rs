@@ -5,21 +5,43 @@
 //! `0..len`; the model writes rows `cached_len..cached_len + query_len` in a pass and the
 //! cache advances once after all layers wrote. A paged cache replaces it without touching
 //! the layers, since the model only calls [`KvCache::write`].
+//!
+//! A q8_0 cache ([`KvCache::new_in`] with `KvDtype::Q8_0`) is a [`PagedKvCache`] whose
+//! blocks are the sequence's rows in order (block `b` holds positions `16b..16b + 16`):
+//! candle's tensors cannot hold q8_0 blocks, and the paged attention kernel reads them
+//! directly, so the layers attend through it ([`KvCache::attend_q8`]) instead of
+//! [`KvCache::write`].
 
 use candle_core::{DType, Device, Tensor};
 use llmem_planner::ModelShape;
 
+use crate::cache::paged::{KvDtype, PagedKvCache, PagedMetadata};
 use crate::error::{Error, Result};
 
-#[derive(Debug)]
+/// Tokens per block of a q8_0 contiguous cache.
+const Q8_ROWS_PER_BLOCK: usize = 16;
+
 pub struct KvCache {
-    /// Per layer: (capacity, kv_heads, head_dim).
+    /// Per layer: (capacity, kv_heads, head_dim); empty for a q8_0 cache.
     k: Vec<Tensor>,
-    /// Per layer: (capacity, kv_heads, head_dim).
+    /// Per layer: (capacity, kv_heads, head_dim); empty for a q8_0 cache.
     v: Vec<Tensor>,
+    /// The q8_0 form's blocks.
+    q8: Option<PagedKvCache>,
     len: usize,
     capacity: usize,
     bytes: u64,
+}
+
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache")
+            .field("q8_0", &self.q8.is_some())
+            .field("len", &self.len)
+            .field("capacity", &self.capacity)
+            .field("bytes", &self.bytes)
+            .finish()
+    }
 }
 
 impl KvCache {
@@ -43,10 +65,79 @@ impl KvCache {
         Ok(KvCache {
             k,
             v,
+            q8: None,
             len: 0,
             capacity,
             bytes,
         })
+    }
+
+    /// [`KvCache::new`] for a KV cache level: f32, f16 and bf16 as tensors of that
+    /// dtype; q8_0 as blocks on the CPU (its bytes round `capacity` up to whole blocks of
+    /// 16 tokens).
+    pub fn new_in(
+        shape: &ModelShape,
+        capacity: usize,
+        kv: KvDtype,
+        device: &Device,
+    ) -> Result<Self> {
+        if let Some(dtype) = kv.dtype() {
+            return Self::new(shape, capacity, dtype, device);
+        }
+        if !device.is_cpu() {
+            return Err(Error::InvalidInput(
+                "--kv-dtype q8_0 runs on the CPU only; on a GPU use f16 or bf16".into(),
+            ));
+        }
+        let blocks = capacity.div_ceil(Q8_ROWS_PER_BLOCK).max(1);
+        let cache = PagedKvCache::new(shape, blocks, Q8_ROWS_PER_BLOCK, kv)?;
+        Ok(KvCache {
+            k: Vec::new(),
+            v: Vec::new(),
+            bytes: cache.bytes(),
+            q8: Some(cache),
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Whether the layers must attend through [`KvCache::attend_q8`].
+    pub(crate) fn is_q8(&self) -> bool {
+        self.q8.is_some()
+    }
+
+    /// The q8_0 form of [`KvCache::write`] plus attention: write k, v (`(n, kv_heads,
+    /// head_dim)`) of layer `layer` at positions `offset..offset + n`, then attend q
+    /// (`(n, heads, head_dim)`, causal) over positions `0..offset + n` with the paged
+    /// kernel. Returns `(n, heads * head_dim)` f32.
+    pub(crate) fn attend_q8(
+        &mut self,
+        layer: usize,
+        offset: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let n = q.dim(0)?;
+        let capacity = self.capacity;
+        let Some(cache) = self.q8.as_mut() else {
+            return Err(Error::InvalidInput("not a q8_0 cache".into()));
+        };
+        if offset + n > capacity {
+            return Err(Error::InvalidInput(format!(
+                "KV cache of {capacity} tokens cannot hold positions {offset}..{}",
+                offset + n
+            )));
+        }
+        let blocks = cache.shape().num_blocks;
+        let meta = PagedMetadata {
+            slot_mapping: (offset..offset + n).map(Some).collect(),
+            block_tables: (0..blocks as u32).collect(),
+            max_blocks_per_seq: blocks,
+            query_seq: vec![0; n],
+            context_lens: (offset + 1..=offset + n).map(|c| c as u32).collect(),
+        };
+        cache.write_and_attend_tensors(layer, q, k, v, &meta)
     }
 
     /// Tokens cached.
@@ -79,7 +170,9 @@ impl KvCache {
         v_new: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let n = k_new.dim(0)?;
-        let (k, v) = (&self.k[layer], &self.v[layer]);
+        let (Some(k), Some(v)) = (self.k.get(layer), self.v.get(layer)) else {
+            candle_core::bail!("no tensor cache for layer {layer} (a q8_0 cache attends by blocks)")
+        };
         k.slice_set(&k_new.to_dtype(k.dtype())?, 0, offset)?;
         v.slice_set(&v_new.to_dtype(v.dtype())?, 0, offset)?;
         Ok((k.narrow(0, 0, offset + n)?, v.narrow(0, 0, offset + n)?))

@@ -12,7 +12,8 @@
 
 use half::{bf16, f16};
 use llmem_kernels::{
-    paged_attention, reshape_and_cache, AttentionParams, CacheElem, CacheShape, KernelError,
+    paged_attention, reshape_and_cache, AttentionParams, BlockQ8, CacheShape, CacheStore,
+    KernelError, Q8_BLOCK,
 };
 use llmem_planner::ModelShape;
 
@@ -24,6 +25,10 @@ pub enum KvDtype {
     F32,
     F16,
     Bf16,
+    /// ggml's q8_0 blocks ([`BlockQ8`]: 32 int8 values and an f16 scale per block of
+    /// one head's row), read directly by the attention kernel; CPU only, and `head_dim`
+    /// a multiple of 32.
+    Q8_0,
 }
 
 impl KvDtype {
@@ -33,30 +38,30 @@ impl KvDtype {
             KvDtype::F32 => llmem_planner::KvDtype::Fp32,
             KvDtype::F16 => llmem_planner::KvDtype::Fp16,
             KvDtype::Bf16 => llmem_planner::KvDtype::Bf16,
+            KvDtype::Q8_0 => llmem_planner::KvDtype::Q8_0,
         }
     }
 
-    pub fn bytes(self) -> u64 {
-        match self {
-            KvDtype::F32 => 4,
-            KvDtype::F16 | KvDtype::Bf16 => 2,
-        }
-    }
+    /// Every level, in the order `llmem sweep` reports them.
+    pub const ALL: [KvDtype; 4] = [KvDtype::F32, KvDtype::F16, KvDtype::Bf16, KvDtype::Q8_0];
 
     pub fn name(self) -> &'static str {
         match self {
             KvDtype::F32 => "f32",
             KvDtype::F16 => "f16",
             KvDtype::Bf16 => "bf16",
+            KvDtype::Q8_0 => "q8_0",
         }
     }
 
-    /// The candle dtype of the same element type.
-    pub fn dtype(self) -> candle_core::DType {
+    /// The candle dtype of the same element type; `None` for q8_0, which candle's
+    /// tensors do not hold (its caches are [`PagedKvCache`] buffers).
+    pub fn dtype(self) -> Option<candle_core::DType> {
         match self {
-            KvDtype::F32 => candle_core::DType::F32,
-            KvDtype::F16 => candle_core::DType::F16,
-            KvDtype::Bf16 => candle_core::DType::BF16,
+            KvDtype::F32 => Some(candle_core::DType::F32),
+            KvDtype::F16 => Some(candle_core::DType::F16),
+            KvDtype::Bf16 => Some(candle_core::DType::BF16),
+            KvDtype::Q8_0 => None,
         }
     }
 
@@ -65,16 +70,18 @@ impl KvDtype {
             "f32" | "fp32" | "float32" => Ok(KvDtype::F32),
             "f16" | "fp16" | "float16" => Ok(KvDtype::F16),
             "bf16" | "bfloat16" => Ok(KvDtype::Bf16),
+            "q8_0" | "q8" => Ok(KvDtype::Q8_0),
             other => Err(Error::InvalidInput(format!(
-                "unknown KV cache dtype {other:?}; accepted: f32, f16, bf16"
+                "unknown KV cache dtype {other:?}; accepted: f32, f16, bf16, q8_0"
             ))),
         }
     }
 }
 
-/// Bytes of one block: block_size x the planner's kv_bytes_per_token.
+/// Bytes of one block: block_size x the planner's kv_bytes_per_token (q8_0's scales
+/// included).
 pub fn block_bytes(shape: &ModelShape, block_size: usize, dtype: KvDtype) -> u64 {
-    block_size as u64 * shape.kv_bytes_per_token(dtype.bytes())
+    block_size as u64 * shape.kv_bytes_per_token_in(dtype.planner())
 }
 
 /// Blocks that fit in `budget_bytes` (floor).
@@ -91,6 +98,8 @@ enum Buffer {
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
+    /// q8_0 blocks: `elems / 32` of them.
+    Q8(Vec<BlockQ8>),
     /// Device memory on a CUDA GPU, zeroed at allocation.
     #[cfg(feature = "cuda")]
     Cuda(cuda::DeviceBuffer),
@@ -116,6 +125,10 @@ impl Buffer {
             KvDtype::F32 => Buffer::F32(resident(vec![0.0; n], 0.0)),
             KvDtype::F16 => Buffer::F16(resident(vec![f16::ZERO; n], f16::ZERO)),
             KvDtype::Bf16 => Buffer::Bf16(resident(vec![bf16::ZERO; n], bf16::ZERO)),
+            KvDtype::Q8_0 => Buffer::Q8(resident(
+                vec![BlockQ8::default(); n / Q8_BLOCK],
+                BlockQ8::default(),
+            )),
         }
     }
 }
@@ -152,6 +165,11 @@ mod cuda {
                 KvDtype::F32 => DeviceBuffer::F32(dev.alloc_zeros(n)?),
                 KvDtype::F16 => DeviceBuffer::F16(dev.alloc_zeros(n)?),
                 KvDtype::Bf16 => DeviceBuffer::Bf16(dev.alloc_zeros(n)?),
+                KvDtype::Q8_0 => {
+                    return Err(Error::InvalidInput(
+                        "--kv-dtype q8_0 runs on the CPU only; on a GPU use f16 or bf16".into(),
+                    ))
+                }
             })
         }
     }
@@ -360,6 +378,13 @@ impl PagedKvCache {
             kv_heads: model.num_key_value_heads as usize,
             head_dim: model.head_dim as usize,
         };
+        if dtype == KvDtype::Q8_0 && shape.head_dim % Q8_BLOCK != 0 {
+            return Err(Error::InvalidInput(format!(
+                "--kv-dtype q8_0 stores blocks of {Q8_BLOCK} values of one head; this model's \
+                 head_dim {} is not a multiple of {Q8_BLOCK} (use f16 or bf16)",
+                shape.head_dim
+            )));
+        }
         let bytes = (num_blocks as u64)
             .checked_mul(block_bytes(model, block_size, dtype))
             .ok_or_else(|| Error::InvalidInput("KV cache size overflows".to_string()))?;
@@ -508,7 +533,7 @@ impl PagedKvCache {
             return Err(Error::InvalidInput(format!("no cache for layer {layer}")));
         };
         let mut out = vec![0f32; q.len()];
-        fn run<T: CacheElem>(
+        fn run<T: CacheStore>(
             kc: &mut [T],
             vc: &mut [T],
             (q, k, v, out): (&[f32], &[f32], &[f32], &mut [f32]),
@@ -533,6 +558,7 @@ impl PagedKvCache {
             (Buffer::F32(kc), Buffer::F32(vc)) => run(kc, vc, io, meta, shape, &params),
             (Buffer::F16(kc), Buffer::F16(vc)) => run(kc, vc, io, meta, shape, &params),
             (Buffer::Bf16(kc), Buffer::Bf16(vc)) => run(kc, vc, io, meta, shape, &params),
+            (Buffer::Q8(kc), Buffer::Q8(vc)) => run(kc, vc, io, meta, shape, &params),
             _ => {
                 return Err(Error::InvalidInput(
                     "write_and_attend takes host slices; this cache is on a GPU".into(),
@@ -556,5 +582,28 @@ mod tests {
         assert_eq!(blocks_for_budget(&shape, 16, KvDtype::F32, 1 << 30), 1456);
         let cache = PagedKvCache::new(&shape, 10, 16, KvDtype::Bf16).unwrap();
         assert_eq!(cache.bytes(), 10 * 16 * shape.kv_bytes_per_token(2));
+        // q8_0: 64 values of a head are two 34-byte blocks: 2 x 30 x 3 x 68 per token.
+        assert_eq!(block_bytes(&shape, 16, KvDtype::Q8_0), 16 * 12_240);
+        let q8 = PagedKvCache::new(&shape, 10, 16, KvDtype::Q8_0).unwrap();
+        assert_eq!(q8.bytes(), 10 * 16 * 12_240);
+        let Buffer::Q8(blocks) = &q8.layers[0].k else {
+            panic!("a q8_0 cache holds q8_0 blocks")
+        };
+        // What the cache holds is what it reports: 30 layers x K and V.
+        assert_eq!(
+            60 * std::mem::size_of_val(blocks.as_slice()) as u64,
+            q8.bytes()
+        );
+    }
+
+    #[test]
+    fn q8_0_needs_a_head_dim_of_whole_blocks() {
+        let mut shape = llmem_planner::preset("smollm2-135m").unwrap();
+        shape.head_dim = 48;
+        let e = PagedKvCache::new(&shape, 2, 16, KvDtype::Q8_0)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("head_dim 48"), "{e}");
     }
 }

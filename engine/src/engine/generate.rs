@@ -103,7 +103,7 @@ pub fn generate(
     let capacity =
         (prompt_len + req.max_tokens.saturating_sub(1)).clamp(prompt_len, max_context - 1);
     let mut cache = match req.kv_dtype {
-        Some(kv) => KvCache::new(model.shape(), capacity, kv.dtype(), model.device())?,
+        Some(kv) => KvCache::new_in(model.shape(), capacity, kv, model.device())?,
         None => model.new_cache(capacity)?,
     };
 

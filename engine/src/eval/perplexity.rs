@@ -8,6 +8,8 @@
 
 use serde::Serialize;
 
+use crate::cache::contiguous::KvCache;
+use crate::cache::paged::KvDtype;
 use crate::error::{Error, Result};
 use crate::model::{AttnMetadata, Model};
 use crate::sample::sampler::log_softmax;
@@ -36,6 +38,19 @@ pub fn perplexity(
     model: &Model,
     ids: &[u32],
     window: usize,
+    on_window: impl FnMut(usize, f64),
+) -> Result<PerplexityReport> {
+    perplexity_kv(model, ids, window, None, on_window)
+}
+
+/// [`perplexity`] with the KV cache at level `kv` (`None`: the model's dtype). Each
+/// window's attention reads its keys and values back from that cache, so the figure
+/// carries the cache's rounding.
+pub fn perplexity_kv(
+    model: &Model,
+    ids: &[u32],
+    window: usize,
+    kv: Option<KvDtype>,
     mut on_window: impl FnMut(usize, f64),
 ) -> Result<PerplexityReport> {
     if window < 2 {
@@ -59,7 +74,7 @@ pub fn perplexity(
     let mut window_nll = Vec::with_capacity(windows);
     for w in 0..windows {
         let chunk = &ids[w * window..(w + 1) * window];
-        let nll = window_nll_of(model, chunk, |_| {})?;
+        let nll = window_nll_in(model, chunk, kv, |_| {})?;
         on_window(w, nll);
         window_nll.push(nll);
     }
@@ -78,13 +93,22 @@ pub fn perplexity(
 /// One window scored from an empty cache: the summed negative log-likelihood of tokens
 /// `1..W` given the ones before, in f64. `on_position` sees each predicting position's
 /// log-softmax row (vocab entries), in order. Shared by perplexity and `llmem sweep`.
-pub fn window_nll_of(
+pub fn window_nll_of(model: &Model, chunk: &[u32], on_position: impl FnMut(&[f64])) -> Result<f64> {
+    window_nll_in(model, chunk, None, on_position)
+}
+
+/// [`window_nll_of`] with the KV cache at level `kv` (`None`: the model's dtype).
+pub fn window_nll_in(
     model: &Model,
     chunk: &[u32],
+    kv: Option<KvDtype>,
     mut on_position: impl FnMut(&[f64]),
 ) -> Result<f64> {
     let w = chunk.len();
-    let mut cache = model.new_cache(w)?;
+    let mut cache = match kv {
+        Some(kv) => KvCache::new_in(model.shape(), w, kv, model.device())?,
+        None => model.new_cache(w)?,
+    };
     let logits = model.forward_all_logits(chunk, &AttnMetadata::single(0, w), &mut [&mut cache])?;
     let vocab = logits.dim(1)?;
     let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;

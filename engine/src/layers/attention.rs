@@ -247,6 +247,20 @@ impl Attention {
         let mut start = 0;
         for (s, cache) in caches.iter_mut().enumerate() {
             let qlen = meta.query_lens[s];
+            if cache.is_q8() {
+                let o = cache
+                    .attend_q8(
+                        layer_idx,
+                        meta.cached_lens[s],
+                        &q.narrow(0, start, qlen)?,
+                        &k.narrow(0, start, qlen)?,
+                        &v.narrow(0, start, qlen)?,
+                    )
+                    .map_err(candle_core::Error::wrap)?;
+                outs.push(o.to_dtype(x.dtype())?);
+                start += qlen;
+                continue;
+            }
             let (k_all, v_all) = cache.write(
                 layer_idx,
                 meta.cached_lens[s],
