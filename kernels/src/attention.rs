@@ -12,6 +12,7 @@
 use rayon::prelude::*;
 
 use crate::cache::CacheShape;
+use crate::elem::check_units;
 use crate::{check_len, CacheElem, CacheStore, KernelError};
 
 /// Geometry and scale of one attention call.
@@ -216,19 +217,6 @@ impl<T: CacheElem> CacheStore for T {
     fn weighted_sum(acc: &mut [f32], w: &[f32], rows: &[Self], stride: usize, simd: bool) {
         weighted_sum_dispatch(acc, w, rows, stride, simd)
     }
-}
-
-/// A cache of `T` can hold rows of `head_dim` values only when they start on a unit.
-pub(crate) fn check_units<T: CacheStore>(shape: &CacheShape) -> Result<(), KernelError> {
-    if shape.head_dim % T::ELEMS != 0 {
-        return Err(KernelError::Invalid(format!(
-            "a {} cache stores blocks of {} values; head_dim {} is not a multiple of it",
-            T::NAME,
-            T::ELEMS,
-            shape.head_dim
-        )));
-    }
-    Ok(())
 }
 
 /// AVX2 + FMA + F16C forms of the two inner loops, for every cache element type.

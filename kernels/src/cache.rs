@@ -1,6 +1,6 @@
 //! `reshape_and_cache`: write the new tokens' K and V into their cache slots.
 
-use crate::attention::check_units;
+use crate::elem::check_units;
 use crate::{check_len, CacheStore, KernelError};
 
 /// The cache geometry shared by the cache kernels and attention.

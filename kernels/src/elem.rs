@@ -175,3 +175,18 @@ impl CacheStore for BlockQ8 {
         }
     }
 }
+
+/// A cache of `T` can hold rows of `head_dim` values only when they start on a unit.
+pub(crate) fn check_units<T: CacheStore>(
+    shape: &crate::CacheShape,
+) -> Result<(), crate::KernelError> {
+    if shape.head_dim % T::ELEMS != 0 {
+        return Err(crate::KernelError::Invalid(format!(
+            "a {} cache stores blocks of {} values; head_dim {} is not a multiple of it",
+            T::NAME,
+            T::ELEMS,
+            shape.head_dim
+        )));
+    }
+    Ok(())
+}
