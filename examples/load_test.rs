@@ -373,25 +373,8 @@ async fn main() {
             all
         }
         Scenario::Disconnect => {
-            let tasks: Vec<_> = (0..args.clients)
-                .map(|c| {
-                    let args = args.clone();
-                    tokio::spawn(async move {
-                        let mut outcomes = Vec::new();
-                        let mut n = 0;
-                        while start.elapsed() < args.duration {
-                            let drop = Reading::DropAfter((c + n) % 4);
-                            outcomes.push(request_with(&args, &prompt(c, n), drop).await);
-                            n += 1;
-                        }
-                        outcomes
-                    })
-                })
-                .collect();
-            let mut all = Vec::new();
-            for t in tasks {
-                all.extend(t.await.unwrap_or_default());
-            }
+            let drop = |c, n| Reading::DropAfter((c + n) % 4);
+            let all = clients_with(&args, drop, args.clients).await;
             println!("{} streams dropped after 0-3 tokens", all.len());
             all
         }
@@ -502,6 +485,15 @@ async fn main() {
 
 /// `n` clients sending requests one after another until `--duration` has passed.
 async fn clients(args: &std::sync::Arc<Args>, reading: Reading, n: usize) -> Vec<Outcome> {
+    clients_with(args, move |_, _| reading, n).await
+}
+
+/// [`clients`], reading request `i` of client `c` as `reading(c, i)` says.
+async fn clients_with(
+    args: &std::sync::Arc<Args>,
+    reading: impl Fn(usize, usize) -> Reading + Copy + Send + 'static,
+    n: usize,
+) -> Vec<Outcome> {
     let deadline = Instant::now() + args.duration;
     let tasks: Vec<_> = (0..n)
         .map(|c| {
@@ -510,7 +502,7 @@ async fn clients(args: &std::sync::Arc<Args>, reading: Reading, n: usize) -> Vec
                 let mut outcomes = Vec::new();
                 let mut i = 0;
                 while Instant::now() < deadline {
-                    let o = request_with(&args, &prompt(c, i), reading).await;
+                    let o = request_with(&args, &prompt(c, i), reading(c, i)).await;
                     if o.error.is_some() {
                         // No tight loop of failures: count it, pause, go on.
                         tokio::time::sleep(Duration::from_millis(100)).await;

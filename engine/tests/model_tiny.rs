@@ -1079,19 +1079,27 @@ fn paged_logits(
     out
 }
 
-#[test]
-fn paged_forward_equals_contiguous_forward() {
-    let spec = Spec::default();
-    let (dir, _) = spec.write("paged");
-    let a: &[u32] = &IDS;
-    let b: &[u32] = &[4, 4, 19, 33, 1];
-    // Prefill (A 4 tokens, B 3 together), a chunk of A beside a one-token B, then decodes.
+/// Steps of a paged run: per step, `(sequence, tokens fed)`.
+type Steps = Vec<Vec<(usize, usize)>>;
+
+/// Two sequences A (`IDS`) and B and a schedule for `paged_logits`: a prefill of A's 4
+/// tokens and B's 3 together, a chunk of A beside a one-token B, then decodes.
+fn two_sequences() -> ([&'static [u32]; 2], Steps) {
+    const B: [u32; 5] = [4, 4, 19, 33, 1];
     let steps = vec![
         vec![(0, 4), (1, 3)],
         vec![(0, 3), (1, 1)],
         vec![(1, 1), (0, 1)],
         vec![(0, 1)],
     ];
+    ([&IDS, &B], steps)
+}
+
+#[test]
+fn paged_forward_equals_contiguous_forward() {
+    let spec = Spec::default();
+    let (dir, _) = spec.write("paged");
+    let ([a, b], steps) = two_sequences();
     for model_dtype in [DType::F32, DType::BF16] {
         let model = load(&dir, model_dtype);
         let want = [full_logits(&model, a), full_logits(&model, b)];
@@ -1136,14 +1144,7 @@ fn q8_0_kv_cache_paged_and_contiguous() {
     };
     let (dir, _) = spec.write("q8kv");
     let model = load(&dir, DType::F32);
-    let a: &[u32] = &IDS;
-    let b: &[u32] = &[4, 4, 19, 33, 1];
-    let steps = vec![
-        vec![(0, 4), (1, 3)],
-        vec![(0, 3), (1, 1)],
-        vec![(1, 1), (0, 1)],
-        vec![(0, 1)],
-    ];
+    let ([a, b], steps) = two_sequences();
     let want = [full_logits(&model, a), full_logits(&model, b)];
     let paged = paged_logits(&model, &[a, b], &steps, 16, KvDtype::Q8_0);
     for (s, (g, w)) in paged.iter().zip(&want).enumerate() {

@@ -437,7 +437,7 @@ impl Model {
     pub fn forward_hidden(
         &self,
         input_ids: &Tensor,
-        positions: &Tensor,
+        positions: &[u32],
         meta: &AttnMetadata,
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor> {
@@ -449,14 +449,14 @@ impl Model {
     fn forward_hidden_here(
         &self,
         input_ids: &Tensor,
-        positions: &Tensor,
+        positions: &[u32],
         meta: &AttnMetadata,
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor> {
         let num_tokens = input_ids.dim(0)?;
         let (embed_tokens, norm) = self.whole()?;
         self.check_pass(num_tokens, meta, caches)?;
-        let (cos, sin) = self.rope.at(&positions.to_vec1::<u32>()?)?;
+        let (cos, sin) = self.rope.at(positions)?;
         let masks = (0..meta.num_seqs())
             .map(|s| causal_mask(meta.cached_lens[s], meta.query_lens[s], &self.device))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -514,8 +514,7 @@ impl Model {
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor> {
         let ids = self.token_tensor(input_ids)?;
-        let positions = Tensor::new(meta.positions().as_slice(), &self.device)?;
-        let hidden = self.forward_hidden(&ids, &positions, meta, caches)?;
+        let hidden = self.forward_hidden(&ids, &meta.positions(), meta, caches)?;
         let rows = Tensor::new(meta.last_token_rows().as_slice(), &self.device)?;
         self.logits(&hidden.index_select(&rows, 0)?)
     }
@@ -528,8 +527,7 @@ impl Model {
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor> {
         let ids = self.token_tensor(input_ids)?;
-        let positions = Tensor::new(meta.positions().as_slice(), &self.device)?;
-        let hidden = self.forward_hidden(&ids, &positions, meta, caches)?;
+        let hidden = self.forward_hidden(&ids, &meta.positions(), meta, caches)?;
         self.logits(&hidden)
     }
 
