@@ -356,6 +356,21 @@ fn patch_type(path: &Path, tensor: &str, new_type: u32) {
     std::fs::write(path, bytes).unwrap();
 }
 
+/// Overwrite the u32 value of metadata `key` in a GGUF (key string, u32 type 4, value).
+fn patch_u32_key(path: &Path, key: &str, value: u32) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mut pat = (key.len() as u64).to_le_bytes().to_vec();
+    pat.extend_from_slice(key.as_bytes());
+    pat.extend_from_slice(&4u32.to_le_bytes());
+    let at = bytes
+        .windows(pat.len())
+        .position(|w| w == pat.as_slice())
+        .unwrap()
+        + pat.len();
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
 fn open_err(path: &Path) -> Error {
     match Model::load_gguf(path, None, &Device::Cpu) {
         Ok(_) => panic!("{} loaded", path.display()),
@@ -399,6 +414,18 @@ fn errors_name_the_file_and_the_tensor_or_key() {
     write_gguf(&iq, "llama", false, &all(GgmlDType::Q8_0), None);
     patch_type(&iq, "blk.0.attn_v.weight", 16);
     check(&open_err(&iq), &iq, &["blk.0.attn_v.weight", "16"]);
+
+    // A block count the tensor table cannot hold is refused before anything is listed
+    // per layer (the fuzzer's file declared 2 billion layers and a load ran out of
+    // memory naming them).
+    let layers = p("layers.gguf");
+    write_gguf(&layers, "llama", false, &all(GgmlDType::Q8_0), None);
+    patch_u32_key(&layers, "llama.block_count", 2_080_407_041);
+    check(
+        &open_err(&layers),
+        &layers,
+        &["llama.block_count", "2080407041", "at most 2"],
+    );
 
     let truncated = p("truncated.gguf");
     write_gguf(&truncated, "llama", false, &all(GgmlDType::Q8_0), None);

@@ -396,6 +396,9 @@ fn ggml_type_name(id: u32) -> &'static str {
     }
 }
 
+/// Tensors each Llama layer holds in a GGUF: two norms, q, k, v, o, gate, up, down.
+const LAYER_TENSORS: usize = 9;
+
 /// The type ids candle 0.11 reads (`GgmlDType`).
 const CANDLE_TYPE_IDS: [u32; 15] = [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 30];
 
@@ -663,7 +666,21 @@ impl LlamaParams {
                 });
             }
         }
-        let num_hidden_layers = n("llama.block_count")?;
+        let num_hidden_layers = positive("llama.block_count", n("llama.block_count")?)?;
+        // Every layer has 9 tensors of its own: a block count the tensor table cannot hold
+        // is refused here, before anything is sized or listed per layer.
+        let tensors = g.content().tensor_infos.len();
+        if num_hidden_layers > tensors / LAYER_TENSORS {
+            return Err(Error::GgufBadValue {
+                path: g.path().to_path_buf(),
+                key: "llama.block_count".to_string(),
+                found: num_hidden_layers.to_string(),
+                expected: format!(
+                    "at most {} (the file has {tensors} tensors, {LAYER_TENSORS} per layer)",
+                    tensors / LAYER_TENSORS
+                ),
+            });
+        }
         let intermediate_size = n("llama.feed_forward_length")?;
         let max_position_embeddings = n("llama.context_length")?;
         let rms_norm_eps = g.f32("llama.attention.layer_norm_rms_epsilon")?;
