@@ -26,6 +26,19 @@ impl ChatMessage {
     }
 }
 
+/// The work one render may do, in minijinja fuel (about one unit per instruction run
+/// and per 64 bytes created): a fixed allowance, plus some per message and per byte of
+/// content. Real templates use a few dozen units per message; a template from an
+/// untrusted file that loops over loops (or multiplies strings) stops with a clear
+/// error instead of running for seconds or filling memory.
+fn fuel_for(messages: &[ChatMessage]) -> u64 {
+    let content: usize = messages
+        .iter()
+        .map(|m| m.content.len() + m.role.len())
+        .sum();
+    1_000_000 + 1_000 * messages.len() as u64 + content as u64 / 4
+}
+
 /// Render `template` over `messages`. The result is the prompt text, special tokens
 /// included as text (the tokenizer maps them to their ids).
 pub fn render_chat(
@@ -42,6 +55,7 @@ pub fn render_chat(
         .build()
         .map_err(|e| Error::ChatTemplate(format!("syntax: {e}")))?;
     env.set_syntax(syntax);
+    env.set_fuel(Some(fuel_for(messages)));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function(
         "raise_exception",
@@ -63,7 +77,15 @@ pub fn render_chat(
         bos_token => bos_token.unwrap_or(""),
         eos_token => eos_token.unwrap_or(""),
     })
-    .map_err(|e| Error::ChatTemplate(format!("cannot render: {e}")))
+    .map_err(|e| match e.kind() {
+        minijinja::ErrorKind::OutOfFuel => Error::ChatTemplate(format!(
+            "cannot render: the template ran past its work budget of {} steps for {} \
+             messages (a loop that never ends or grows too fast)",
+            fuel_for(messages),
+            messages.len()
+        )),
+        _ => Error::ChatTemplate(format!("cannot render: {e}")),
+    })
 }
 
 #[cfg(test)]
@@ -96,5 +118,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("bad role"), "{err}");
+    }
+
+    #[test]
+    fn a_runaway_template_stops_at_its_budget_and_long_chats_fit_in_it() {
+        // Three nested loops of 1000 steps each: a billion steps without a budget.
+        let t = "{% for a in range(1000) %}{% for b in range(1000) %}{% for c in range(1000) %}x{% endfor %}{% endfor %}{% endfor %}";
+        let err = render_chat(t, &[ChatMessage::user("hi")], None, None, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("work budget"), "{err}");
+        // A string doubled 40 times would be a terabyte.
+        let t = "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}";
+        let err = render_chat(t, &[ChatMessage::user("hi")], None, None, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("work budget"), "{err}");
+        // A real template over a long conversation of long messages stays inside it.
+        let long: Vec<ChatMessage> = (0..4000)
+            .map(|i| ChatMessage::user("word ".repeat(400 + i % 7)))
+            .collect();
+        let out = render_chat(SMOLLM, &long, None, None, true).unwrap();
+        assert!(out.len() > 4000 * 2000, "{}", out.len());
     }
 }
