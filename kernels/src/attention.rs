@@ -373,7 +373,8 @@ mod simd {
 ///
 /// - `out`, `query`: `[num_queries, num_heads, head_dim]`, f32
 /// - `key_cache`, `value_cache`: `[num_blocks, block_size, kv_heads, head_dim]` values,
-///   in units of `T` (one value each, or blocks of 32 for [`crate::BlockQ8`])
+///   in units of `T` (one value each, or blocks of 32 for [`crate::BlockQ8`] and
+///   [`crate::BlockQ4`])
 /// - `block_tables`: `[num_seqs, max_blocks_per_seq]`, block ids (unused tail ignored)
 /// - `query_seq`: `[num_queries]`, the block-table row of each query
 /// - `context_lens`: `[num_queries]`, tokens each query attends to (at least 1)
@@ -737,11 +738,12 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn matches_reference_q8_0() {
+    fn matches_reference_q8_0_and_q4_0() {
         // The reference dequantizes the same blocks: only f32 accumulation differs.
         for (i, c) in cases().iter().enumerate() {
             if c.head_dim % crate::Q8_BLOCK == 0 {
                 run::<crate::BlockQ8>(c, 300 + i as u64, 1e-4);
+                run::<crate::BlockQ4>(c, 400 + i as u64, 1e-4);
             }
         }
         let wide = Case {
@@ -754,12 +756,12 @@ pub(crate) mod tests {
             scale_up: 4.0,
         };
         run::<crate::BlockQ8>(&wide, 399, 1e-4);
+        run::<crate::BlockQ4>(&wide, 499, 1e-4);
     }
 
-    /// Attention over a q8_0 cache stays close to attention over the f32 values it was
-    /// quantized from: the error a q8_0 KV cache adds, per output value.
-    #[test]
-    fn q8_0_cache_is_close_to_f32() {
+    /// Attention over a block-quantized cache against attention over the f32 values it
+    /// was quantized from: the largest error per output value.
+    fn quantized_cache_error<T: CacheStore>() -> f32 {
         let shape = CacheShape {
             num_blocks: 8,
             block_size: 16,
@@ -769,10 +771,10 @@ pub(crate) mod tests {
         let mut rng = Rng::new(11);
         let k: Vec<f32> = (0..shape.elems()).map(|_| rng.uniform() * 3.0).collect();
         let v: Vec<f32> = (0..shape.elems()).map(|_| rng.uniform()).collect();
-        let mut k8 = vec![crate::BlockQ8::default(); shape.elems() / 32];
-        let mut v8 = k8.clone();
-        crate::BlockQ8::store(&k, &mut k8);
-        crate::BlockQ8::store(&v, &mut v8);
+        let mut kq = vec![T::default(); shape.elems() / T::ELEMS];
+        let mut vq = kq.clone();
+        T::store(&k, &mut kq);
+        T::store(&v, &mut vq);
         let p = AttentionParams {
             num_heads: 6,
             scale: 0.125,
@@ -785,15 +787,25 @@ pub(crate) mod tests {
         let mut exact = vec![0f32; q.len()];
         let mut quant = vec![0f32; q.len()];
         paged_attention(&mut exact, &q, &k, &v, &tables, &seq, &lens, &p).unwrap();
-        paged_attention(&mut quant, &q, &k8, &v8, &tables, &seq, &lens, &p).unwrap();
-        let worst = exact
+        paged_attention(&mut quant, &q, &kq, &vq, &tables, &seq, &lens, &p).unwrap();
+        exact
             .iter()
             .zip(&quant)
             .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        // Values in [-1, 1): a q8_0 step is at most 1/127 of the block's largest.
-        assert!(worst < 0.01, "largest difference {worst}");
-        assert!(worst > 0.0, "q8_0 changed nothing: is it stored as f32?");
+            .fold(0f32, f32::max)
+    }
+
+    #[test]
+    fn q8_0_and_q4_0_caches_are_close_to_f32() {
+        // Values in [-1, 1): a q8_0 step is at most 1/127 of the block's largest, a q4_0
+        // step 1/8 of it. Keys of up to 3 move each score by about sqrt(64) x 3/16 x
+        // 0.125 at q4_0, which moves the softmax weights: a q4_0 cache costs tenths.
+        let q8 = quantized_cache_error::<crate::BlockQ8>();
+        assert!(q8 < 0.01, "q8_0: largest difference {q8}");
+        assert!(q8 > 0.0, "q8_0 changed nothing: is it stored as f32?");
+        let q4 = quantized_cache_error::<crate::BlockQ4>();
+        assert!(q4 < 0.25, "q4_0: largest difference {q4}");
+        assert!(q4 > q8, "q4_0 ({q4}) should lose more than q8_0 ({q8})");
     }
 
     #[test]

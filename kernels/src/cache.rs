@@ -172,6 +172,7 @@ mod tests {
             check::<f16>(bs);
             check::<bf16>(bs);
             check_dim::<crate::BlockQ8>(bs, 64);
+            check_dim::<crate::BlockQ4>(bs, 64);
         }
     }
 
@@ -200,6 +201,39 @@ mod tests {
         // All zeros stay zeros (no division by a zero scale).
         let zero = crate::BlockQ8::quantize(&[0.0; 32]);
         assert_eq!(zero, crate::BlockQ8::default());
+    }
+
+    #[test]
+    fn q4_0_blocks_round_trip_within_a_step() {
+        let mut rng = Rng::new(6);
+        let x: Vec<f32> = (0..64).map(|_| rng.uniform() * 10.0 - 5.0).collect();
+        let mut blocks = [crate::BlockQ4::default(); 2];
+        crate::BlockQ4::store(&x, &mut blocks);
+        let mut back = [0f32; 64];
+        crate::BlockQ4::load(&blocks, &mut back);
+        for (b, chunk) in blocks.iter().zip(x.chunks(32)) {
+            // The value of largest magnitude is the scale times -8, exact up to f16.
+            let max = chunk
+                .iter()
+                .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            assert!((b.d.to_f32() * -8.0 - max).abs() <= max.abs() * 1e-3);
+        }
+        for (i, (a, b)) in x.iter().zip(&back).enumerate() {
+            let step = blocks[i / 32].d.to_f32().abs();
+            assert!((a - b).abs() <= 0.5 * step * 1.01, "{i}: {a} vs {b}");
+        }
+        // ggml's nibble order: value i in the low half of byte i, value i + 16 in the high.
+        let mut ramp = [0f32; 32];
+        ramp[0] = -8.0;
+        ramp[16] = 7.0;
+        let b = crate::BlockQ4::quantize(&ramp);
+        assert_eq!(b.d.to_f32(), 1.0);
+        assert_eq!(b.qs[0], 0x0F << 4);
+        assert_eq!(b.qs[1], 0x88);
+        let zero = crate::BlockQ4::quantize(&[0.0; 32]);
+        let mut back = [1f32; 32];
+        crate::BlockQ4::load(&[zero], &mut back);
+        assert_eq!(back, [0f32; 32]);
     }
 
     #[test]

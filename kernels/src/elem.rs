@@ -1,4 +1,5 @@
-//! Element types the KV cache can hold: f32, f16 and bf16. Arithmetic is always in f32.
+//! Element types the KV cache can hold: f32, f16 and bf16, and ggml's q8_0 and q4_0
+//! blocks. Arithmetic is always in f32.
 
 use half::{bf16, f16};
 
@@ -59,7 +60,7 @@ impl CacheElem for bf16 {
 }
 
 /// What a KV cache buffer is made of: single elements (every [`CacheElem`]: f32, f16,
-/// bf16) or [`BlockQ8`]s of 32 values. The kernels index a buffer in units of `Self`:
+/// bf16) or blocks of 32 values ([`BlockQ8`], [`BlockQ4`]). The kernels index a buffer in units of `Self`:
 /// the value at element offset `e` lies in unit `e / ELEMS`. A row (one KV head of one
 /// token, `head_dim` values) starts on a unit boundary, so `head_dim` must be a multiple
 /// of `ELEMS` (checked by the kernels).
@@ -170,6 +171,117 @@ impl CacheStore for BlockQ8 {
                 let wd = wt * b.d.to_f32();
                 for (a, q) in a.iter_mut().zip(&b.qs) {
                     *a = wd.mul_add(*q as f32, *a);
+                }
+            }
+        }
+    }
+}
+
+/// Values in one [`BlockQ4`].
+pub const Q4_BLOCK: usize = 32;
+
+/// 32 cache values as `d * (q - 8)` with 4-bit `q`: ggml's q4_0 block (18 bytes; `d` in
+/// f16), the unit of the q4_0 KV cache. Value `i < 16` is the low nibble of `qs[i]`,
+/// value `i + 16` its high nibble (ggml's order). The scale maps the value of largest
+/// magnitude to -8, so that value is exact and the others keep 4 bits relative to it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BlockQ4 {
+    pub d: f16,
+    pub qs: [u8; Q4_BLOCK / 2],
+}
+
+impl BlockQ4 {
+    /// Quantize 32 values (ggml's rule: `d = max / -8` for the signed value `max` of
+    /// largest magnitude; `q = round(x / d) + 8`, clamped to 0..=15).
+    #[inline]
+    pub fn quantize(x: &[f32]) -> BlockQ4 {
+        let max = x
+            .iter()
+            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let d = f16::from_f32(max / -8.0);
+        let inv = if d.to_f32() != 0.0 {
+            1.0 / d.to_f32()
+        } else {
+            0.0
+        };
+        let q = |v: f32| ((v * inv).round() + 8.0).clamp(0.0, 15.0) as u8;
+        let mut qs = [0u8; Q4_BLOCK / 2];
+        for (i, b) in qs.iter_mut().enumerate() {
+            *b = q(x[i]) | (q(x[i + Q4_BLOCK / 2]) << 4);
+        }
+        BlockQ4 { d, qs }
+    }
+
+    /// The 32 values as `q - 8` in f32 (not yet scaled).
+    #[inline(always)]
+    fn levels(&self) -> [f32; Q4_BLOCK] {
+        let mut out = [0f32; Q4_BLOCK];
+        let (lo, hi) = out.split_at_mut(Q4_BLOCK / 2);
+        for ((l, h), &b) in lo.iter_mut().zip(hi.iter_mut()).zip(&self.qs) {
+            *l = f32::from(b & 0x0F) - 8.0;
+            *h = f32::from(b >> 4) - 8.0;
+        }
+        out
+    }
+
+    /// `q . self` over the block's 32 values.
+    #[inline(always)]
+    fn dot(&self, q: &[f32]) -> f32 {
+        let k = self.levels();
+        let mut lanes = [0f32; 8];
+        for (qc, kc) in q.chunks_exact(8).zip(k.chunks_exact(8)) {
+            for i in 0..8 {
+                lanes[i] = qc[i].mul_add(kc[i], lanes[i]);
+            }
+        }
+        lanes.iter().sum::<f32>() * self.d.to_f32()
+    }
+}
+
+impl CacheStore for BlockQ4 {
+    const NAME: &'static str = "q4_0";
+    const ELEMS: usize = Q4_BLOCK;
+
+    fn store(src: &[f32], dst: &mut [Self]) {
+        for (b, x) in dst.iter_mut().zip(src.chunks_exact(Q4_BLOCK)) {
+            *b = BlockQ4::quantize(x);
+        }
+    }
+
+    fn load(row: &[Self], out: &mut [f32]) {
+        for (b, o) in row.iter().zip(out.chunks_exact_mut(Q4_BLOCK)) {
+            let d = b.d.to_f32();
+            for (o, l) in o.iter_mut().zip(b.levels()) {
+                *o = d * l;
+            }
+        }
+    }
+
+    // Plain block loops, vectorized by the compiler in the kernel's AVX2 form, as for
+    // [`BlockQ8`].
+    #[inline(always)]
+    fn scores(q: &[f32], rows: &[Self], stride: usize, scale: f32, s: &mut [f32], _simd: bool) {
+        let blocks = q.len() / Q4_BLOCK;
+        for (t, s) in s.iter_mut().enumerate() {
+            let row = &rows[t * stride..][..blocks];
+            let mut sum = 0f32;
+            for (b, qb) in row.iter().zip(q.chunks_exact(Q4_BLOCK)) {
+                sum += b.dot(qb);
+            }
+            *s = sum * scale;
+        }
+    }
+
+    #[inline(always)]
+    fn weighted_sum(acc: &mut [f32], w: &[f32], rows: &[Self], stride: usize, _simd: bool) {
+        let blocks = acc.len() / Q4_BLOCK;
+        for (t, &wt) in w.iter().enumerate() {
+            let row = &rows[t * stride..][..blocks];
+            for (b, a) in row.iter().zip(acc.chunks_exact_mut(Q4_BLOCK)) {
+                let wd = wt * b.d.to_f32();
+                for (a, l) in a.iter_mut().zip(b.levels()) {
+                    *a = wd.mul_add(l, *a);
                 }
             }
         }

@@ -24,7 +24,7 @@ pub mod packed;
 
 pub use attention::{paged_attention, paged_attention_reference, AttentionParams};
 pub use cache::{reshape_and_cache, reshape_and_cache_reference, CacheShape};
-pub use elem::{BlockQ8, CacheElem, CacheStore, ElemKind, Q8_BLOCK};
+pub use elem::{BlockQ4, BlockQ8, CacheElem, CacheStore, ElemKind, Q4_BLOCK, Q8_BLOCK};
 
 /// Errors: a shape or index that does not match the parameters. Kernels check their
 /// inputs up front and never index out of bounds.

@@ -242,42 +242,56 @@ pub enum KvDtype {
     /// the quantized cache llmem's engine runs.
     #[serde(rename = "q8_0")]
     Q8_0,
+    /// ggml's q4_0 blocks: 32 4-bit values and one f16 scale (18 bytes per 32 values).
+    #[serde(rename = "q4_0")]
+    Q4_0,
 }
 
 impl KvDtype {
-    pub const ALL: [KvDtype; 6] = [
+    pub const ALL: [KvDtype; 7] = [
         KvDtype::Fp32,
         KvDtype::Fp16,
         KvDtype::Bf16,
         KvDtype::Fp8,
         KvDtype::Int8,
         KvDtype::Q8_0,
+        KvDtype::Q4_0,
     ];
 
-    /// Bytes per value, rounded down for the block formats (q8_0: 1; its scales are in
-    /// [`KvDtype::row_bytes`], which sizes the cache).
+    /// Bytes per value, rounded down for the block formats (q8_0: 1, q4_0: 0; their
+    /// scales and half bytes are in [`KvDtype::row_bytes`], which sizes the cache).
     pub fn bytes(self) -> u64 {
         match self {
             Self::Fp32 => 4,
             Self::Fp16 | Self::Bf16 => 2,
             Self::Fp8 | Self::Int8 | Self::Q8_0 => 1,
+            Self::Q4_0 => 0,
+        }
+    }
+
+    /// The block of a block format: (values, bytes).
+    fn block(self) -> Option<(u64, u64)> {
+        match self {
+            Self::Q8_0 => Some((32, 34)),
+            Self::Q4_0 => Some((32, 18)),
+            _ => None,
         }
     }
 
     /// Bytes of a row of `values` values (one KV head of one token), scales included:
-    /// q8_0 stores `ceil(values / 32)` blocks of 34 bytes.
+    /// q8_0 stores `ceil(values / 32)` blocks of 34 bytes, q4_0 blocks of 18.
     pub fn row_bytes(self, values: u64) -> u64 {
-        match self {
-            Self::Q8_0 => values.div_ceil(32) * 34,
-            other => values * other.bytes(),
+        match self.block() {
+            Some((n, bytes)) => values.div_ceil(n) * bytes,
+            None => values * self.bytes(),
         }
     }
 
     /// The size of one value in words: "2 bytes", or "34 bytes per 32 values" for q8_0.
     pub fn describe_bytes(self) -> String {
-        match self {
-            Self::Q8_0 => "34 bytes per 32 values".to_string(),
-            other => format!("{} bytes", other.bytes()),
+        match self.block() {
+            Some((n, bytes)) => format!("{bytes} bytes per {n} values"),
+            None => format!("{} bytes", self.bytes()),
         }
     }
 
@@ -289,6 +303,7 @@ impl KvDtype {
             Self::Fp8 => "fp8",
             Self::Int8 => "int8",
             Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
         }
     }
 
@@ -320,6 +335,7 @@ impl FromStr for KvDtype {
             "fp8" | "f8" | "e4m3" => Ok(Self::Fp8),
             "int8" | "i8" => Ok(Self::Int8),
             "q8_0" | "q8" => Ok(Self::Q8_0),
+            "q4_0" | "q4" => Ok(Self::Q4_0),
             _ => Err(PlanError::Invalid(format!(
                 "unknown KV cache dtype {s:?}; accepted: {}",
                 KvDtype::ALL.map(|k| k.name()).join(", ")
@@ -341,6 +357,10 @@ mod tests {
         // A row that does not fill its last block still stores it whole.
         assert_eq!(q8.row_bytes(80), 102);
         assert_eq!(KvDtype::Fp16.row_bytes(64), 128);
+        let q4: KvDtype = "q4_0".parse().unwrap();
+        assert_eq!(q4.row_bytes(64), 36);
+        assert_eq!(q4.row_bytes(80), 54);
+        assert_eq!(q4.describe_bytes(), "18 bytes per 32 values");
         let shape = crate::preset("smollm2-135m").unwrap();
         assert_eq!(shape.kv_bytes_per_token_in(q8), 2 * 30 * 3 * 68);
         assert_eq!(

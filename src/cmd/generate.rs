@@ -75,8 +75,8 @@ pub struct GenerateArgs {
     /// Do not stop at the model's EOS tokens.
     #[arg(long)]
     pub ignore_eos: bool,
-    /// KV cache element type: f32, f16 or bf16 (default: the model's activation dtype;
-    /// f32 for quantized weights).
+    /// KV cache element type: f32, f16, bf16, or the block formats q8_0 and q4_0 (CPU)
+    /// (default: the model's activation dtype; f32 for quantized weights).
     #[arg(long, value_parser = super::kv::parse_kv_dtype)]
     pub kv_dtype: Option<KvDtype>,
     #[command(flatten)]

@@ -40,8 +40,8 @@ pub struct KvArgs {
     /// Tokens in one forward pass at most (prefill chunks plus decodes).
     #[arg(long, default_value_t = 2048, value_parser = super::positive_arg)]
     pub max_batched_tokens: u64,
-    /// KV cache element type: f32, f16 or bf16 (default: the weights' dtype; f32 under a
-    /// block format or a GGUF run as stored).
+    /// KV cache element type: f32, f16, bf16, or the block formats q8_0 and q4_0 (CPU)
+    /// (default: the weights' dtype; f32 under a block format or a GGUF run as stored).
     #[arg(long, value_parser = parse_kv_dtype)]
     pub kv_dtype: Option<KvDtype>,
 }

@@ -6,11 +6,11 @@
 //! cache advances once after all layers wrote. A paged cache replaces it without touching
 //! the layers, since the model only calls [`KvCache::write`].
 //!
-//! A q8_0 cache ([`KvCache::new_in`] with `KvDtype::Q8_0`) is a [`PagedKvCache`] whose
-//! blocks are the sequence's rows in order (block `b` holds positions `16b..16b + 16`):
-//! candle's tensors cannot hold q8_0 blocks, and the paged attention kernel reads them
-//! directly, so the layers attend through it ([`KvCache::attend_q8`]) instead of
-//! [`KvCache::write`].
+//! A q8_0 or q4_0 cache ([`KvCache::new_in`] with `KvDtype::Q8_0` or `Q4_0`) is a
+//! [`PagedKvCache`] whose blocks are the sequence's rows in order (block `b` holds
+//! positions `16b..16b + 16`): candle's tensors cannot hold quantized blocks, and the
+//! paged attention kernel reads them directly, so the layers attend through it
+//! ([`KvCache::attend_blocks`]) instead of [`KvCache::write`].
 
 use candle_core::{DType, Device, Tensor};
 use llmem_planner::ModelShape;
@@ -18,16 +18,16 @@ use llmem_planner::ModelShape;
 use crate::cache::paged::{KvDtype, PagedKvCache, PagedMetadata};
 use crate::error::{Error, Result};
 
-/// Tokens per block of a q8_0 contiguous cache.
-const Q8_ROWS_PER_BLOCK: usize = 16;
+/// Tokens per block of a quantized contiguous cache.
+const ROWS_PER_BLOCK: usize = 16;
 
 pub struct KvCache {
-    /// Per layer: (capacity, kv_heads, head_dim); empty for a q8_0 cache.
+    /// Per layer: (capacity, kv_heads, head_dim); empty for a quantized cache.
     k: Vec<Tensor>,
-    /// Per layer: (capacity, kv_heads, head_dim); empty for a q8_0 cache.
+    /// Per layer: (capacity, kv_heads, head_dim); empty for a quantized cache.
     v: Vec<Tensor>,
-    /// The q8_0 form's blocks.
-    q8: Option<PagedKvCache>,
+    /// The quantized form's blocks (q8_0 or q4_0).
+    blocks: Option<PagedKvCache>,
     len: usize,
     capacity: usize,
     bytes: u64,
@@ -36,7 +36,7 @@ pub struct KvCache {
 impl std::fmt::Debug for KvCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvCache")
-            .field("q8_0", &self.q8.is_some())
+            .field("kv_dtype", &self.blocks.as_ref().map(|c| c.dtype().name()))
             .field("len", &self.len)
             .field("capacity", &self.capacity)
             .field("bytes", &self.bytes)
@@ -65,7 +65,7 @@ impl KvCache {
         Ok(KvCache {
             k,
             v,
-            q8: None,
+            blocks: None,
             len: 0,
             capacity,
             bytes,
@@ -73,8 +73,8 @@ impl KvCache {
     }
 
     /// [`KvCache::new`] for a KV cache level: f32, f16 and bf16 as tensors of that
-    /// dtype; q8_0 as blocks on the CPU (its bytes round `capacity` up to whole blocks of
-    /// 16 tokens).
+    /// dtype; q8_0 and q4_0 as blocks on the CPU (their bytes round `capacity` up to
+    /// whole blocks of 16 tokens).
     pub fn new_in(
         shape: &ModelShape,
         capacity: usize,
@@ -85,32 +85,33 @@ impl KvCache {
             return Self::new(shape, capacity, dtype, device);
         }
         if !device.is_cpu() {
-            return Err(Error::InvalidInput(
-                "--kv-dtype q8_0 runs on the CPU only; on a GPU use f16 or bf16".into(),
-            ));
+            return Err(Error::InvalidInput(format!(
+                "--kv-dtype {} runs on the CPU only; on a GPU use f16 or bf16",
+                kv.name()
+            )));
         }
-        let blocks = capacity.div_ceil(Q8_ROWS_PER_BLOCK).max(1);
-        let cache = PagedKvCache::new(shape, blocks, Q8_ROWS_PER_BLOCK, kv)?;
+        let blocks = capacity.div_ceil(ROWS_PER_BLOCK).max(1);
+        let cache = PagedKvCache::new(shape, blocks, ROWS_PER_BLOCK, kv)?;
         Ok(KvCache {
             k: Vec::new(),
             v: Vec::new(),
             bytes: cache.bytes(),
-            q8: Some(cache),
+            blocks: Some(cache),
             len: 0,
             capacity,
         })
     }
 
-    /// Whether the layers must attend through [`KvCache::attend_q8`].
-    pub(crate) fn is_q8(&self) -> bool {
-        self.q8.is_some()
+    /// Whether the layers must attend through [`KvCache::attend_blocks`].
+    pub(crate) fn is_blocks(&self) -> bool {
+        self.blocks.is_some()
     }
 
-    /// The q8_0 form of [`KvCache::write`] plus attention: write k, v (`(n, kv_heads,
+    /// The quantized form of [`KvCache::write`] plus attention: write k, v (`(n, kv_heads,
     /// head_dim)`) of layer `layer` at positions `offset..offset + n`, then attend q
     /// (`(n, heads, head_dim)`, causal) over positions `0..offset + n` with the paged
     /// kernel. Returns `(n, heads * head_dim)` f32.
-    pub(crate) fn attend_q8(
+    pub(crate) fn attend_blocks(
         &mut self,
         layer: usize,
         offset: usize,
@@ -120,8 +121,8 @@ impl KvCache {
     ) -> Result<Tensor> {
         let n = q.dim(0)?;
         let capacity = self.capacity;
-        let Some(cache) = self.q8.as_mut() else {
-            return Err(Error::InvalidInput("not a q8_0 cache".into()));
+        let Some(cache) = self.blocks.as_mut() else {
+            return Err(Error::InvalidInput("not a block-quantized cache".into()));
         };
         if offset + n > capacity {
             return Err(Error::InvalidInput(format!(
@@ -171,7 +172,7 @@ impl KvCache {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let n = k_new.dim(0)?;
         let (Some(k), Some(v)) = (self.k.get(layer), self.v.get(layer)) else {
-            candle_core::bail!("no tensor cache for layer {layer} (a q8_0 cache attends by blocks)")
+            candle_core::bail!("no tensor cache for layer {layer} (a quantized cache attends by blocks)")
         };
         k.slice_set(&k_new.to_dtype(k.dtype())?, 0, offset)?;
         v.slice_set(&v_new.to_dtype(v.dtype())?, 0, offset)?;

@@ -12,8 +12,8 @@
 
 use half::{bf16, f16};
 use llmem_kernels::{
-    paged_attention, reshape_and_cache, AttentionParams, BlockQ8, CacheShape, CacheStore,
-    KernelError, Q8_BLOCK,
+    paged_attention, reshape_and_cache, AttentionParams, BlockQ4, BlockQ8, CacheShape,
+    CacheStore, KernelError,
 };
 use llmem_planner::ModelShape;
 
@@ -29,6 +29,9 @@ pub enum KvDtype {
     /// one head's row), read directly by the attention kernel; CPU only, and `head_dim`
     /// a multiple of 32.
     Q8_0,
+    /// ggml's q4_0 blocks ([`BlockQ4`]: 32 4-bit values and an f16 scale), under the same
+    /// terms as q8_0.
+    Q4_0,
 }
 
 impl KvDtype {
@@ -39,11 +42,18 @@ impl KvDtype {
             KvDtype::F16 => llmem_planner::KvDtype::Fp16,
             KvDtype::Bf16 => llmem_planner::KvDtype::Bf16,
             KvDtype::Q8_0 => llmem_planner::KvDtype::Q8_0,
+            KvDtype::Q4_0 => llmem_planner::KvDtype::Q4_0,
         }
     }
 
     /// Every level, in the order `llmem sweep` reports them.
-    pub const ALL: [KvDtype; 4] = [KvDtype::F32, KvDtype::F16, KvDtype::Bf16, KvDtype::Q8_0];
+    pub const ALL: [KvDtype; 5] = [
+        KvDtype::F32,
+        KvDtype::F16,
+        KvDtype::Bf16,
+        KvDtype::Q8_0,
+        KvDtype::Q4_0,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -51,17 +61,27 @@ impl KvDtype {
             KvDtype::F16 => "f16",
             KvDtype::Bf16 => "bf16",
             KvDtype::Q8_0 => "q8_0",
+            KvDtype::Q4_0 => "q4_0",
         }
     }
 
-    /// The candle dtype of the same element type; `None` for q8_0, which candle's
-    /// tensors do not hold (its caches are [`PagedKvCache`] buffers).
+    /// Values per block of a block format (q8_0, q4_0); `None` for the element types.
+    pub fn block_values(self) -> Option<usize> {
+        match self {
+            KvDtype::Q8_0 => Some(BlockQ8::ELEMS),
+            KvDtype::Q4_0 => Some(BlockQ4::ELEMS),
+            _ => None,
+        }
+    }
+
+    /// The candle dtype of the same element type; `None` for q8_0 and q4_0, which
+    /// candle's tensors do not hold (their caches are [`PagedKvCache`] buffers).
     pub fn dtype(self) -> Option<candle_core::DType> {
         match self {
             KvDtype::F32 => Some(candle_core::DType::F32),
             KvDtype::F16 => Some(candle_core::DType::F16),
             KvDtype::Bf16 => Some(candle_core::DType::BF16),
-            KvDtype::Q8_0 => None,
+            KvDtype::Q8_0 | KvDtype::Q4_0 => None,
         }
     }
 
@@ -71,15 +91,16 @@ impl KvDtype {
             "f16" | "fp16" | "float16" => Ok(KvDtype::F16),
             "bf16" | "bfloat16" => Ok(KvDtype::Bf16),
             "q8_0" | "q8" => Ok(KvDtype::Q8_0),
+            "q4_0" | "q4" => Ok(KvDtype::Q4_0),
             other => Err(Error::InvalidInput(format!(
-                "unknown KV cache dtype {other:?}; accepted: f32, f16, bf16, q8_0"
+                "unknown KV cache dtype {other:?}; accepted: f32, f16, bf16, q8_0, q4_0"
             ))),
         }
     }
 }
 
-/// Bytes of one block: block_size x the planner's kv_bytes_per_token (q8_0's scales
-/// included).
+/// Bytes of one block: block_size x the planner's kv_bytes_per_token (q8_0's and
+/// q4_0's scales included).
 pub fn block_bytes(shape: &ModelShape, block_size: usize, dtype: KvDtype) -> u64 {
     block_size as u64 * shape.kv_bytes_per_token_in(dtype.planner())
 }
@@ -100,6 +121,8 @@ enum Buffer {
     Bf16(Vec<bf16>),
     /// q8_0 blocks: `elems / 32` of them.
     Q8(Vec<BlockQ8>),
+    /// q4_0 blocks: `elems / 32` of them.
+    Q4(Vec<BlockQ4>),
     /// Device memory on a CUDA GPU, zeroed at allocation.
     #[cfg(feature = "cuda")]
     Cuda(cuda::DeviceBuffer),
@@ -126,8 +149,12 @@ impl Buffer {
             KvDtype::F16 => Buffer::F16(resident(vec![f16::ZERO; n], f16::ZERO)),
             KvDtype::Bf16 => Buffer::Bf16(resident(vec![bf16::ZERO; n], bf16::ZERO)),
             KvDtype::Q8_0 => Buffer::Q8(resident(
-                vec![BlockQ8::default(); n / Q8_BLOCK],
+                vec![BlockQ8::default(); n / BlockQ8::ELEMS],
                 BlockQ8::default(),
+            )),
+            KvDtype::Q4_0 => Buffer::Q4(resident(
+                vec![BlockQ4::default(); n / BlockQ4::ELEMS],
+                BlockQ4::default(),
             )),
         }
     }
@@ -165,10 +192,11 @@ mod cuda {
                 KvDtype::F32 => DeviceBuffer::F32(dev.alloc_zeros(n)?),
                 KvDtype::F16 => DeviceBuffer::F16(dev.alloc_zeros(n)?),
                 KvDtype::Bf16 => DeviceBuffer::Bf16(dev.alloc_zeros(n)?),
-                KvDtype::Q8_0 => {
-                    return Err(Error::InvalidInput(
-                        "--kv-dtype q8_0 runs on the CPU only; on a GPU use f16 or bf16".into(),
-                    ))
+                KvDtype::Q8_0 | KvDtype::Q4_0 => {
+                    return Err(Error::InvalidInput(format!(
+                        "--kv-dtype {} runs on the CPU only; on a GPU use f16 or bf16",
+                        dtype.name()
+                    )))
                 }
             })
         }
@@ -378,12 +406,15 @@ impl PagedKvCache {
             kv_heads: model.num_key_value_heads as usize,
             head_dim: model.head_dim as usize,
         };
-        if dtype == KvDtype::Q8_0 && shape.head_dim % Q8_BLOCK != 0 {
-            return Err(Error::InvalidInput(format!(
-                "--kv-dtype q8_0 stores blocks of {Q8_BLOCK} values of one head; this model's \
-                 head_dim {} is not a multiple of {Q8_BLOCK} (use f16 or bf16)",
-                shape.head_dim
-            )));
+        if let Some(n) = dtype.block_values() {
+            if shape.head_dim % n != 0 {
+                return Err(Error::InvalidInput(format!(
+                    "--kv-dtype {} stores blocks of {n} values of one head; this model's \
+                     head_dim {} is not a multiple of {n} (use f16 or bf16)",
+                    dtype.name(),
+                    shape.head_dim
+                )));
+            }
         }
         let bytes = (num_blocks as u64)
             .checked_mul(block_bytes(model, block_size, dtype))
@@ -559,6 +590,7 @@ impl PagedKvCache {
             (Buffer::F16(kc), Buffer::F16(vc)) => run(kc, vc, io, meta, shape, &params),
             (Buffer::Bf16(kc), Buffer::Bf16(vc)) => run(kc, vc, io, meta, shape, &params),
             (Buffer::Q8(kc), Buffer::Q8(vc)) => run(kc, vc, io, meta, shape, &params),
+            (Buffer::Q4(kc), Buffer::Q4(vc)) => run(kc, vc, io, meta, shape, &params),
             _ => {
                 return Err(Error::InvalidInput(
                     "write_and_attend takes host slices; this cache is on a GPU".into(),
@@ -593,6 +625,16 @@ mod tests {
         assert_eq!(
             60 * std::mem::size_of_val(blocks.as_slice()) as u64,
             q8.bytes()
+        );
+        // q4_0: two 18-byte blocks per head row.
+        assert_eq!(block_bytes(&shape, 16, KvDtype::Q4_0), 16 * 2 * 30 * 3 * 36);
+        let q4 = PagedKvCache::new(&shape, 10, 16, KvDtype::Q4_0).unwrap();
+        let Buffer::Q4(blocks) = &q4.layers[0].k else {
+            panic!("a q4_0 cache holds q4_0 blocks")
+        };
+        assert_eq!(
+            60 * std::mem::size_of_val(blocks.as_slice()) as u64,
+            q4.bytes()
         );
     }
 

@@ -247,9 +247,9 @@ impl Attention {
         let mut start = 0;
         for (s, cache) in caches.iter_mut().enumerate() {
             let qlen = meta.query_lens[s];
-            if cache.is_q8() {
+            if cache.is_blocks() {
                 let o = cache
-                    .attend_q8(
+                    .attend_blocks(
                         layer_idx,
                         meta.cached_lens[s],
                         &q.narrow(0, start, qlen)?,
