@@ -692,6 +692,11 @@ fn unknown_weight_dtypes_list_the_valid_ones() {
     );
     let err = fails(&["sweep", "--dtypes", "int4"]);
     assert!(err.contains("planner") && err.contains("q4_0"), "{err}");
+    let err = fails(&["sweep", "--kv-dtypes", "f16,q2_k"]);
+    assert!(
+        err.contains("--kv-dtypes") && err.contains("q2_k") && err.contains("q4_0"),
+        "{err}"
+    );
     // clap lists the accepted values of --dtype itself.
     let out = llmem(&["generate", "--prompt", "x", "--dtype", "q3_k"]);
     assert_eq!(out.status.code(), Some(2));
@@ -757,6 +762,39 @@ fn sweep_json_contract_and_plot() {
     assert!(bytes(0) < bytes(2) && bytes(2) < bytes(1));
     // q4_0 drifts further from f32 than q8_0 does.
     assert!(levels[0]["kl_divergence"].as_f64() > levels[2]["kl_divergence"].as_f64());
+    // The KV levels (the default list) with the reference weights, f32 first.
+    let kv = v["kv_levels"].as_array().unwrap();
+    let kv_names: Vec<&str> = kv.iter().map(|l| l["kv_dtype"].as_str().unwrap()).collect();
+    assert_eq!(kv_names, ["f32", "f16", "q8_0", "q4_0"]);
+    for l in kv {
+        assert_eq!(l["weights"], "f32");
+        for key in [
+            "kv_bytes_per_token",
+            "perplexity",
+            "kl_divergence",
+            "top1_agreement",
+            "prefill_tokens_per_s",
+            "decode_tokens_per_s",
+            "decode_tokens_per_s_batch16",
+        ] {
+            assert!(
+                l[key].is_number(),
+                "{}: {key} missing in {l}",
+                l["kv_dtype"]
+            );
+        }
+    }
+    // f32 KV with f32 weights is the f32 weight level itself.
+    assert_eq!(kv[0]["perplexity"], f32_level["perplexity"]);
+    assert_eq!(kv[0]["kl_divergence"].as_f64().unwrap(), 0.0);
+    // SmolLM2: 30 layers x 3 KV heads x 64 values, K and V.
+    let per_token = |i: usize| kv[i]["kv_bytes_per_token"].as_u64().unwrap();
+    assert_eq!(
+        [per_token(0), per_token(1), per_token(2), per_token(3)],
+        [46_080, 23_040, 12_240, 6_480]
+    );
+    let kl = |i: usize| kv[i]["kl_divergence"].as_f64().unwrap();
+    assert!(kl(1) < kl(2) && kl(2) < kl(3), "KL by KV level: {kv:?}");
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.starts_with("<svg") && chart.contains("q4_0") && chart.ends_with("</svg>\n"));
     std::fs::remove_dir_all(dir).unwrap();

@@ -1154,7 +1154,10 @@ fn quantized_kv_cache_paged_and_contiguous(kv: KvDtype, block_bytes: u64, tolera
         for (g, w) in g.iter().zip(w) {
             let scale = w.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
             let d = max_diff(g, &w.iter().map(|&x| x as f64).collect::<Vec<_>>());
-            assert!(d < tolerance * scale, "seq {s}: {kv:?} paged differs by {d} of {scale}");
+            assert!(
+                d < tolerance * scale,
+                "seq {s}: {kv:?} paged differs by {d} of {scale}"
+            );
             worst = worst.max(d);
         }
         assert!(worst > 0.0, "seq {s}: a {kv:?} cache changed nothing");

@@ -5,13 +5,18 @@
 //!
 //! JSON contract: `levels[]` with `dtype`, `weights_bytes_planned`,
 //! `weights_bytes_measured`, `load_ms`, `perplexity`, `kl_divergence`, `top1_agreement`,
-//! `prefill_tokens_per_s`, `decode_tokens_per_s`, `decode_tokens_per_s_batch16`.
+//! `prefill_tokens_per_s`, `decode_tokens_per_s`, `decode_tokens_per_s_batch16`;
+//! `kv_levels[]` (the reference weights with each KV cache level, f32 first) with
+//! `kv_dtype`, `weights`, `kv_bytes_per_token`, `perplexity`, `kl_divergence`,
+//! `top1_agreement`, `prefill_tokens_per_s`, `decode_tokens_per_s`,
+//! `decode_tokens_per_s_batch16`.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
+use llmem_engine::cache::paged::KvDtype;
 use llmem_engine::eval::sweep::{sweep, Level, Progress, Quiet, SweepOptions, SweepReport};
 use llmem_engine::weights::quant::parse_weight_dtype;
 use llmem_planner::human_bytes;
@@ -33,6 +38,11 @@ pub struct SweepArgs {
     /// reference for KL and top-1 agreement.
     #[arg(long, default_value = "f32,bf16,q8_0,q4_k,q4_0", value_delimiter = ',')]
     pub dtypes: Vec<String>,
+    /// Comma-separated KV cache levels (f32, f16, bf16, q8_0, q4_0), each measured with
+    /// the reference weights: perplexity, KL and top-1 against an f32 cache (measured
+    /// first), bytes per token and decode speed. `none` skips them.
+    #[arg(long, default_value = "f32,f16,q8_0,q4_0", value_delimiter = ',')]
+    pub kv_dtypes: Vec<String>,
     /// Text to score (default: the tinyshakespeare sample shipped in data/).
     #[arg(long)]
     pub text: Option<PathBuf>,
@@ -105,6 +115,17 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         }
         levels.push(l);
     }
+    let mut kv_levels: Vec<KvDtype> = Vec::new();
+    for d in &args.kv_dtypes {
+        if d.eq_ignore_ascii_case("none") {
+            continue;
+        }
+        let kv = KvDtype::parse(d).context("--kv-dtypes")?;
+        if kv_levels.contains(&kv) {
+            anyhow::bail!("--kv-dtypes lists {d} twice");
+        }
+        kv_levels.push(kv);
+    }
     let text = match &args.text {
         Some(path) => {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
@@ -137,6 +158,7 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         window: args.window.min(args.tokens),
         decode_prompt_tokens: args.prompt_tokens,
         decode_tokens: args.decode_tokens,
+        kv_levels,
     };
     let report = if std::io::stderr().is_terminal() {
         sweep(&shape, &weights, &ids, &opts, &mut Bars { bar: None })?
@@ -211,6 +233,36 @@ fn text_table(r: &SweepReport, model: &str) -> String {
             l.decode_tokens_per_s_batch16
         ));
     }
+    if let Some(first) = r.kv_levels.first() {
+        out.push_str(&format!(
+            "\nKV cache levels with {} weights, compared with an f32 cache:\n",
+            first.weights
+        ));
+        out.push_str(&format!(
+            "{:<6} {:>12} {:>10} {:>9} {:>7} {:>10} {:>9} {:>10}\n",
+            "kv",
+            "bytes/token",
+            "perplexity",
+            "KL nats",
+            "top-1",
+            "prefill/s",
+            "decode/s",
+            "decode16/s"
+        ));
+        for l in &r.kv_levels {
+            out.push_str(&format!(
+                "{:<6} {:>12} {:>10.4} {:>9.5} {:>6.1}% {:>10.1} {:>9.1} {:>10.1}\n",
+                l.kv_dtype,
+                l.kv_bytes_per_token,
+                l.perplexity,
+                l.kl_divergence,
+                100.0 * l.top1_agreement,
+                l.prefill_tokens_per_s,
+                l.decode_tokens_per_s,
+                l.decode_tokens_per_s_batch16
+            ));
+        }
+    }
     out
 }
 
@@ -238,6 +290,30 @@ fn markdown_table(r: &SweepReport) -> String {
             l.decode_tokens_per_s,
             l.decode_tokens_per_s_batch16
         ));
+    }
+    if let Some(first) = r.kv_levels.first() {
+        out.push_str(&format!(
+            "\nKV cache levels with {} weights, compared with an f32 cache.\n\n",
+            first.weights
+        ));
+        out.push_str(
+            "| KV cache | bytes per token | perplexity | KL (nats) | top-1 | prefill tok/s \
+             | decode tok/s | decode tok/s (batch 16) |\n",
+        );
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+        for l in &r.kv_levels {
+            out.push_str(&format!(
+                "| {} | {} | {:.4} | {:.5} | {:.1}% | {:.1} | {:.1} | {:.1} |\n",
+                l.kv_dtype,
+                l.kv_bytes_per_token,
+                l.perplexity,
+                l.kl_divergence,
+                100.0 * l.top1_agreement,
+                l.prefill_tokens_per_s,
+                l.decode_tokens_per_s,
+                l.decode_tokens_per_s_batch16
+            ));
+        }
     }
     out
 }

@@ -172,7 +172,9 @@ impl KvCache {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let n = k_new.dim(0)?;
         let (Some(k), Some(v)) = (self.k.get(layer), self.v.get(layer)) else {
-            candle_core::bail!("no tensor cache for layer {layer} (a quantized cache attends by blocks)")
+            candle_core::bail!(
+                "no tensor cache for layer {layer} (a quantized cache attends by blocks)"
+            )
         };
         k.slice_set(&k_new.to_dtype(k.dtype())?, 0, offset)?;
         v.slice_set(&v_new.to_dtype(v.dtype())?, 0, offset)?;

@@ -12,8 +12,8 @@
 
 use half::{bf16, f16};
 use llmem_kernels::{
-    paged_attention, reshape_and_cache, AttentionParams, BlockQ4, BlockQ8, CacheShape,
-    CacheStore, KernelError,
+    paged_attention, reshape_and_cache, AttentionParams, BlockQ4, BlockQ8, CacheShape, CacheStore,
+    KernelError,
 };
 use llmem_planner::ModelShape;
 

@@ -90,14 +90,10 @@ pub fn perplexity_kv(
     })
 }
 
-/// One window scored from an empty cache: the summed negative log-likelihood of tokens
-/// `1..W` given the ones before, in f64. `on_position` sees each predicting position's
-/// log-softmax row (vocab entries), in order. Shared by perplexity and `llmem sweep`.
-pub fn window_nll_of(model: &Model, chunk: &[u32], on_position: impl FnMut(&[f64])) -> Result<f64> {
-    window_nll_in(model, chunk, None, on_position)
-}
-
-/// [`window_nll_of`] with the KV cache at level `kv` (`None`: the model's dtype).
+/// One window scored from an empty cache with the KV cache at level `kv` (`None`: the
+/// model's dtype): the summed negative log-likelihood of tokens `1..W` given the ones
+/// before, in f64. `on_position` sees each predicting position's log-softmax row (vocab
+/// entries), in order. Shared by perplexity and `llmem sweep`.
 pub fn window_nll_in(
     model: &Model,
     chunk: &[u32],

@@ -12,6 +12,12 @@
 //! `decode_tokens` tokens after a prompt of the text's first ids through the contiguous
 //! cache; decode at batch 16 runs 16 requests through the paged [`Engine`] and counts
 //! only the steps in which every sequence decodes.
+//!
+//! KV levels. With `kv_levels`, the reference weight level is measured again with its
+//! KV cache at each level (f32 first, the reference of KL and top-1): the windows attend
+//! through that cache ([`window_nll_in`]), decode at batch 1 uses a contiguous cache of
+//! that level and decode at batch 16 a paged one. The bytes per token are the planner's,
+//! which the caches hold.
 
 use std::time::Instant;
 
@@ -19,10 +25,11 @@ use llmem_planner::{ModelShape, Precision};
 use serde::Serialize;
 
 use crate::cache::block_manager::KvLayout;
+use crate::cache::contiguous::KvCache;
 use crate::cache::paged::KvDtype;
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
-use crate::eval::perplexity::window_nll_of;
+use crate::eval::perplexity::window_nll_in;
 use crate::model::{AttnMetadata, Model};
 use crate::request::SamplingParams;
 use crate::request::StopConditions;
@@ -64,6 +71,28 @@ pub struct SweepOptions {
     pub decode_prompt_tokens: usize,
     /// Tokens generated per sequence in the decode measurements.
     pub decode_tokens: usize,
+    /// KV cache levels to measure with the reference weights (empty: none); f32 is
+    /// added first when missing, as their reference.
+    pub kv_levels: Vec<KvDtype>,
+}
+
+/// One KV cache level's measurements with the reference weights; the field names are
+/// the JSON contract.
+#[derive(Debug, Clone, Serialize)]
+pub struct KvLevelReport {
+    pub kv_dtype: String,
+    /// The weight level these ran with (the sweep's reference).
+    pub weights: String,
+    /// K and V of one token over all layers, block scales included (planner = held).
+    pub kv_bytes_per_token: u64,
+    pub perplexity: f64,
+    /// Mean KL(f32 KV || this level) in nats per position; 0 for f32.
+    pub kl_divergence: f64,
+    /// Fraction of positions whose argmax equals the f32 KV cache's.
+    pub top1_agreement: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub decode_tokens_per_s_batch16: f64,
 }
 
 /// One level's measurements; the field names are the JSON contract.
@@ -95,6 +124,8 @@ pub struct SweepReport {
     pub positions: usize,
     pub keep_embeddings: bool,
     pub levels: Vec<LevelReport>,
+    /// The KV cache levels, f32 first; empty when none were asked for.
+    pub kv_levels: Vec<KvLevelReport>,
 }
 
 /// Progress of one level: a stage name, and steps done out of a total.
@@ -130,10 +161,10 @@ struct WindowScores {
     nll: f64,
 }
 
-fn score_window(model: &Model, chunk: &[u32]) -> Result<(WindowScores, f64)> {
+fn score_window(model: &Model, chunk: &[u32], kv: Option<KvDtype>) -> Result<(WindowScores, f64)> {
     let mut log_probs = Vec::with_capacity(chunk.len().saturating_sub(1));
     let start = Instant::now();
-    let nll = window_nll_of(model, chunk, |lp| {
+    let nll = window_nll_in(model, chunk, kv, |lp| {
         log_probs.push(lp.iter().map(|&x| x as f32).collect())
     })?;
     Ok((
@@ -158,9 +189,13 @@ pub fn kl_divergence(log_p: &[f32], log_q: &[f32]) -> f64 {
         .sum()
 }
 
-/// Greedy decode of `n` tokens after `prompt` at batch 1; decode tokens per second.
-fn decode_batch1(model: &Model, prompt: &[u32], n: usize) -> Result<f64> {
-    let mut cache = model.new_cache(prompt.len() + n)?;
+/// Greedy decode of `n` tokens after `prompt` at batch 1, the cache at level `kv`
+/// (`None`: the model's dtype); decode tokens per second.
+fn decode_batch1(model: &Model, prompt: &[u32], n: usize, kv: Option<KvDtype>) -> Result<f64> {
+    let mut cache = match kv {
+        Some(kv) => KvCache::new_in(model.shape(), prompt.len() + n, kv, model.device())?,
+        None => model.new_cache(prompt.len() + n)?,
+    };
     let logits = model.forward(
         prompt,
         &AttnMetadata::single(0, prompt.len()),
@@ -179,15 +214,15 @@ fn decode_batch1(model: &Model, prompt: &[u32], n: usize) -> Result<f64> {
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-/// [`BATCH`] sequences through the paged engine; tokens per second over the steps in
-/// which all of them decode (prefill steps left out).
-fn decode_batched(model: &Model, prompt: &[u32], n: usize) -> Result<f64> {
+/// [`BATCH`] sequences through the paged engine, its cache at level `kv`; tokens per
+/// second over the steps in which all of them decode (prefill steps left out).
+fn decode_batched(model: &Model, prompt: &[u32], n: usize, kv: KvDtype) -> Result<f64> {
     let block_size = 16;
     let max_model_len = prompt.len() + n;
     let config = EngineConfig {
         block_size,
         num_blocks: BATCH * max_model_len.div_ceil(block_size),
-        kv_dtype: KvDtype::F32,
+        kv_dtype: kv,
         max_num_seqs: BATCH,
         max_batched_tokens: (BATCH * prompt.len()).max(BATCH),
         max_model_len,
@@ -294,6 +329,7 @@ pub fn sweep(
 
     let mut ref_scores: Vec<Vec<Vec<f32>>> = Vec::new();
     let mut reports: Vec<Option<LevelReport>> = vec![None; opts.levels.len()];
+    let mut reference_model: Option<Model> = None;
     for i in order {
         let level = opts.levels[i];
         let name = level.name();
@@ -327,7 +363,7 @@ pub fn sweep(
         let (mut kl_sum, mut agree, mut positions) = (0f64, 0usize, 0usize);
         for w in 0..windows {
             let chunk = &scored[w * opts.window..(w + 1) * opts.window];
-            let (scores, secs) = score_window(&model, chunk)?;
+            let (scores, secs) = score_window(&model, chunk, None)?;
             nll += scores.nll;
             prefill_s += secs;
             if i == ref_idx {
@@ -344,9 +380,9 @@ pub fn sweep(
         if i == ref_idx {
             agree = positions;
         }
-        let decode = decode_batch1(&model, prompt, opts.decode_tokens)?;
+        let decode = decode_batch1(&model, prompt, opts.decode_tokens, None)?;
         progress.step("decode batch 1");
-        let decode16 = decode_batched(&model, prompt, opts.decode_tokens)?;
+        let decode16 = decode_batched(&model, prompt, opts.decode_tokens, KvDtype::F32)?;
         progress.step("decode batch 16");
         reports[i] = Some(LevelReport {
             dtype: name.to_string(),
@@ -362,7 +398,16 @@ pub fn sweep(
             fallbacks,
         });
         progress.level_done();
+        if i == ref_idx {
+            reference_model = Some(model);
+        }
     }
+    let kv_levels = match reference_model {
+        Some(model) if !opts.kv_levels.is_empty() => {
+            kv_sweep(&model, reference.name(), scored, prompt, opts, progress)?
+        }
+        _ => Vec::new(),
+    };
     Ok(SweepReport {
         reference: reference.name().to_string(),
         tokens: scored.len(),
@@ -370,7 +415,66 @@ pub fn sweep(
         positions: windows * (opts.window - 1),
         keep_embeddings: opts.keep_embeddings,
         levels: reports.into_iter().flatten().collect(),
+        kv_levels,
     })
+}
+
+/// The KV levels of [`SweepOptions::kv_levels`] with `model` (the reference weights).
+fn kv_sweep(
+    model: &Model,
+    weights: &str,
+    scored: &[u32],
+    prompt: &[u32],
+    opts: &SweepOptions,
+    progress: &mut dyn Progress,
+) -> Result<Vec<KvLevelReport>> {
+    let mut levels = vec![KvDtype::F32];
+    for &kv in &opts.kv_levels {
+        if !levels.contains(&kv) {
+            levels.push(kv);
+        }
+    }
+    let windows = scored.len() / opts.window;
+    let mut ref_scores: Vec<Vec<Vec<f32>>> = Vec::new();
+    let mut out = Vec::with_capacity(levels.len());
+    for kv in levels {
+        progress.level_start(&format!("kv {}", kv.name()), (windows + 2) as u64);
+        let (mut nll, mut prefill_s) = (0f64, 0f64);
+        let (mut kl_sum, mut agree, mut positions) = (0f64, 0usize, 0usize);
+        for (w, chunk) in scored.chunks_exact(opts.window).enumerate() {
+            let (scores, secs) = score_window(model, chunk, Some(kv))?;
+            nll += scores.nll;
+            prefill_s += secs;
+            if kv == KvDtype::F32 {
+                agree += scores.log_probs.len();
+                ref_scores.push(scores.log_probs);
+            } else {
+                for (r, q) in ref_scores[w].iter().zip(&scores.log_probs) {
+                    kl_sum += kl_divergence(r, q);
+                    agree += usize::from(argmax(r) == argmax(q));
+                }
+            }
+            positions += opts.window - 1;
+            progress.step("perplexity window");
+        }
+        let decode = decode_batch1(model, prompt, opts.decode_tokens, Some(kv))?;
+        progress.step("decode batch 1");
+        let decode16 = decode_batched(model, prompt, opts.decode_tokens, kv)?;
+        progress.step("decode batch 16");
+        out.push(KvLevelReport {
+            kv_dtype: kv.name().to_string(),
+            weights: weights.to_string(),
+            kv_bytes_per_token: model.shape().kv_bytes_per_token_in(kv.planner()),
+            perplexity: (nll / positions as f64).exp(),
+            kl_divergence: kl_sum / positions as f64,
+            top1_agreement: agree as f64 / positions as f64,
+            prefill_tokens_per_s: scored.len() as f64 / prefill_s,
+            decode_tokens_per_s: decode,
+            decode_tokens_per_s_batch16: decode16,
+        });
+        progress.level_done();
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
