@@ -525,3 +525,134 @@ fn a_tp_grid_loads_a_gguf_the_same_way_every_time() {
     let diff = max_abs_diff(first.as_ref().unwrap(), &want);
     assert!(diff < 1e-3, "TP 2 x PP 2 vs whole model: max |diff| {diff}");
 }
+
+/// Issue 19: a GGUF run as stored splits across TP ranks and PP stages natively, each
+/// rank reading its slices from the map in their stored types (Q8_0, and a mix of nine
+/// types including k-quants). The grid's logits equal the whole native model's up to
+/// float summation order, and every rank holds exactly the weight bytes the planner cuts
+/// from the file's tensor table.
+#[test]
+fn a_stored_gguf_splits_natively_and_every_rank_holds_the_planned_bytes() {
+    use llmem_engine::cache::block_manager::SeqId;
+    use llmem_engine::cache::paged::KvDtype;
+    use llmem_engine::engine::runner::{planned_rank_memory, ParallelRunner};
+    use llmem_engine::engine::scheduler::{ScheduledBatch, ScheduledSeq};
+    use llmem_engine::parallel::spec::ParallelSpec;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let n = 24usize;
+    let ids: Vec<u32> = (0..n).map(|i| ((i * 37 + 5) % 258) as u32).collect();
+    let positions: Vec<u32> = (0..n as u32).collect();
+    let batch = ScheduledBatch {
+        seqs: vec![ScheduledSeq {
+            seq: SeqId(0),
+            tokens: ids.clone(),
+            start_pos: 0,
+            slots: (0..n).collect(),
+            block_table: (0..n.div_ceil(16) as u32).collect(),
+            sample: true,
+        }],
+    };
+    let meta = llmem_engine::engine::paged_metadata(&batch);
+    let rows: Vec<usize> = (0..n).collect();
+    let q8 = all(GgmlDType::Q8_0);
+    let files: [(&str, DtypeOf, bool); 3] = [
+        ("q8_0", &q8, false),
+        ("mixed", &mixed, true),
+        ("mixed-tied", &mixed, false),
+    ];
+    for (label, dtype_of, untied) in files {
+        let path = dir.path().join(format!("{label}.gguf"));
+        write_gguf(&path, "llama", untied, dtype_of, None);
+        let whole = native(&path);
+        let mut cache = whole.new_cache(n).unwrap();
+        let want: Vec<f32> = whole
+            .forward_all_logits(&ids, &AttnMetadata::single(0, n), &mut [&mut cache])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (tp, pp, vocab_parallel) in [(2, 1, false), (2, 1, true), (1, 2, false), (2, 2, true)] {
+            let what = format!("{label}: TP {tp} PP {pp} vocab-parallel {vocab_parallel}");
+            let spec = ParallelSpec {
+                tp,
+                pp,
+                vocab_parallel,
+            };
+            let g = GgufModel::open(&path).unwrap();
+            let fmt = WeightFormat::gguf_as_stored(g.weights.gguf().unwrap().main_precision());
+            let stored = Arc::new(g.weights.gguf().unwrap().stored_tensors().unwrap());
+            let mut runner = ParallelRunner::new(
+                &g.shape,
+                Arc::new(g.weights),
+                fmt,
+                spec,
+                4,
+                16,
+                KvDtype::F32,
+            )
+            .unwrap();
+            let got: Vec<f32> = runner
+                .forward_paged(&ids, &positions, &meta, &rows)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff < 1e-3 * scale, "{what}: max |diff| {diff} of {scale}");
+            let planned = planned_rank_memory(
+                &g.shape,
+                &fmt,
+                Some(stored),
+                spec,
+                KvDtype::F32,
+                64,
+                n as u64,
+            )
+            .unwrap();
+            let held = runner.rank_memory(n, n);
+            assert_eq!(held.len(), planned.len(), "{what}");
+            for (h, p) in held.iter().zip(&planned) {
+                assert_eq!(
+                    h.weights_bytes, p.weights_bytes,
+                    "{what}: stage {} rank {}",
+                    h.stage, h.tp_rank
+                );
+            }
+            // Split ranks hold less than the whole model.
+            assert!(held.iter().all(|h| h.weights_bytes < whole.weights_bytes()));
+        }
+    }
+    // TP 4 would keep 128 of down_proj's 512 columns per rank: half a 256-value q6_K
+    // block. The load and the plan both refuse, naming the tensor.
+    let path = dir.path().join("mixed.gguf");
+    let g = GgufModel::open(&path).unwrap();
+    let fmt = WeightFormat::gguf_as_stored(g.weights.gguf().unwrap().main_precision());
+    let stored = Arc::new(g.weights.gguf().unwrap().stored_tensors().unwrap());
+    let spec = ParallelSpec {
+        tp: 4,
+        pp: 1,
+        vocab_parallel: false,
+    };
+    let e = planned_rank_memory(&g.shape, &fmt, Some(stored), spec, KvDtype::F32, 64, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ffn_down") && e.contains("256"), "{e}");
+    let e = ParallelRunner::new(
+        &g.shape,
+        Arc::new(g.weights),
+        fmt,
+        spec,
+        4,
+        16,
+        KvDtype::F32,
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(e.contains("ffn_down") && e.contains("cuts"), "{e}");
+}

@@ -113,6 +113,10 @@ fn with(d: &Deployment, precision: Precision, tp: u64, pp: u64) -> Deployment {
         replicas: 1,
         // A file's stored bytes hold only at its own precision.
         stored_weights_bytes: d.stored_weights_bytes.filter(|_| precision == d.precision),
+        stored_tensors: d
+            .stored_tensors
+            .clone()
+            .filter(|_| precision == d.precision),
         ..d.clone()
     }
 }
@@ -388,6 +392,7 @@ fn with_kv(d: &Deployment, p: Precision) -> Deployment {
     Deployment {
         precision: p,
         stored_weights_bytes: d.stored_weights_bytes.filter(|_| p == d.precision),
+        stored_tensors: d.stored_tensors.clone().filter(|_| p == d.precision),
         ..d.clone()
     }
 }

@@ -22,7 +22,9 @@ pub mod report;
 pub mod shape;
 
 pub use fit::{fit, levers, max_concurrency, max_context, FitLimits, FitReport};
-pub use gguf::{gguf_tensor_bytes, gguf_weights, GgmlType};
+pub use gguf::{
+    gguf_rank_weights, gguf_tensor_bytes, gguf_weights, GgmlType, RankPart, StoredTensor,
+};
 pub use gpu::{catalog, custom_gpu, gpu, human_bytes, parse_bytes, Gpu};
 pub use plan::{
     model_weights_bytes, pass_phases, plan, AttentionImpl, Deployment, PassPhases, Plan, RankPass,

@@ -75,8 +75,13 @@ pub struct Deployment {
     /// The weight bytes of a file whose tensors are loaded as stored (a GGUF's tensor
     /// table summed by [`crate::gguf_weights`]; mixed types have no one precision). Used
     /// for a rank that holds the whole model (TP = PP = 1) instead of the estimate at
-    /// `precision`; a split plan still uses the estimate.
+    /// `precision`; a split plan uses `stored_tensors` when given, else the estimate.
     pub stored_weights_bytes: Option<u64>,
+    /// The tensor table of a GGUF loaded as stored: each rank's weight bytes are then the
+    /// bytes of its slices of these tensors ([`crate::gguf_rank_weights`]), exact for
+    /// files that mix types by layer or by tensor.
+    #[serde(skip)]
+    pub stored_tensors: Option<std::sync::Arc<Vec<crate::StoredTensor>>>,
     /// Bytes per activation value. `None`: the precision's ([`Precision::activation_bytes`]:
     /// 4 at fp32, else 2, as GPU kernels compute quantized weights in 16 bits). llmem's
     /// CPU engine computes block formats in f32 and sets 4.
@@ -97,6 +102,7 @@ impl Deployment {
             vocab_parallel: false,
             keep_embeddings: false,
             stored_weights_bytes: None,
+            stored_tensors: None,
             activation_bytes: None,
         }
     }
@@ -389,15 +395,28 @@ pub fn layer_bytes(
     })
 }
 
-/// Weight bytes of one TP rank of one stage.
+/// Weight bytes of one TP rank of the stage holding layers `first_layer..first_layer +
+/// layers`.
 fn rank_weights(
     shape: &ModelShape,
     d: &Deployment,
-    layers: u64,
+    (first_layer, layers): (u64, u64),
     holds_embedding: bool,
     holds_lm_head: bool,
     rank: u64,
 ) -> Result<u64, PlanError> {
+    if let Some(table) = &d.stored_tensors {
+        let part = crate::RankPart {
+            tp: d.tp,
+            rank,
+            first_layer,
+            layers,
+            holds_embedding,
+            holds_lm_head,
+            vocab_parallel: d.vocab_parallel,
+        };
+        return crate::gguf_rank_weights(shape, table, &part);
+    }
     if let Some(bytes) = d.stored_weights_bytes {
         if d.tp == 1 && holds_embedding && holds_lm_head && layers == shape.num_hidden_layers {
             return Ok(bytes);
@@ -441,7 +460,7 @@ pub fn model_weights_bytes(
         keep_embeddings,
         ..Deployment::new(precision, crate::gpu::custom_gpu(0))
     };
-    rank_weights(shape, &d, shape.num_hidden_layers, true, true, 0)
+    rank_weights(shape, &d, (0, shape.num_hidden_layers), true, true, 0)
 }
 
 /// KV heads one TP rank holds (one when TP exceeds the KV heads: replicated).
@@ -796,7 +815,14 @@ pub fn plan(shape: &ModelShape, w: &Workload, d: &Deployment) -> Result<Plan, Pl
         let mut rank_weights_bytes = Vec::with_capacity(d.tp as usize);
         let mut worst = Terms::default();
         for rank in 0..d.tp {
-            let weights = rank_weights(shape, d, layers, holds_embedding, holds_lm_head, rank)?;
+            let weights = rank_weights(
+                shape,
+                d,
+                (first_layer, layers),
+                holds_embedding,
+                holds_lm_head,
+                rank,
+            )?;
             rank_weights_bytes.push(weights);
             let terms = finish_terms(
                 Terms {
@@ -848,7 +874,8 @@ pub fn plan(shape: &ModelShape, w: &Workload, d: &Deployment) -> Result<Plan, Pl
         vocab_parallel: false,
         ..d.clone()
     };
-    let weights_bytes_model = rank_weights(shape, &whole, shape.num_hidden_layers, true, true, 0)?;
+    let weights_bytes_model =
+        rank_weights(shape, &whole, (0, shape.num_hidden_layers), true, true, 0)?;
     let kv_cache_bytes_model = ck(
         kv_bytes_per_token
             .checked_mul(w.concurrency)

@@ -120,6 +120,8 @@ enum Source {
         spec: ParallelSpec,
         /// `--micro-batches` under PP.
         micro_batches: usize,
+        /// A GGUF run as stored: its tensor table (the planner's per-rank bytes).
+        stored: Option<std::sync::Arc<Vec<llmem_planner::StoredTensor>>>,
     },
 }
 
@@ -134,6 +136,7 @@ impl Source {
                 format,
                 spec,
                 micro_batches,
+                ..
             } => {
                 let weights = match model {
                     Some(m) => super::load::open_model(m)?.weights,
@@ -371,21 +374,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let source = if parallel {
         let shape = model.shape().clone();
         let spec = args.parallel.spec(&shape)?;
+        let (format, stored) = match dir {
+            Some(_) => {
+                let weights = super::load::open_model(&args.model)?.weights;
+                let format = super::load::shard_format(args.dtype, &weights);
+                let stored = super::load::stored_tensors(&format, &weights)?;
+                (format, stored)
+            }
+            None => (
+                llmem_engine::weights::quant::WeightFormat::new(
+                    args.dtype.unwrap_or(DtypeArg::F32).precision(),
+                )?,
+                None,
+            ),
+        };
         Source::Parallel {
             shape,
             model: dir.as_ref().map(|_| args.model.clone()),
             seed: args.seed,
-            format: match dir {
-                Some(_) => super::load::shard_format(
-                    args.dtype,
-                    &super::load::open_model(&args.model)?.weights,
-                ),
-                None => llmem_engine::weights::quant::WeightFormat::new(
-                    args.dtype.unwrap_or(DtypeArg::F32).precision(),
-                )?,
-            },
+            format,
             spec,
             micro_batches: args.parallel.micro_batches(),
+            stored,
         }
     } else {
         Source::Single(model.clone())
@@ -420,6 +430,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 shape,
                 format,
                 spec,
+                stored,
                 ..
             },
             KvSizing::Budget(b),
@@ -427,6 +438,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let pb = llmem_engine::engine::parallel_budget(
                 shape,
                 format,
+                stored.clone(),
                 *spec,
                 &config,
                 b,

@@ -42,7 +42,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
     let precision: Precision = args.precision.parse()?;
     let (shape, stored) = match super::load::gguf_shape(&args.model)? {
         // A GGUF: its own tensor table, summed per ggml type by the planner.
-        Some((shape, summary, _)) => (shape, Some(summary)),
+        Some(t) => (t.shape, Some(t.summary)),
         None => {
             let shape = llmem_planner::resolve_shape(&args.model)?;
             let path = Path::new(&args.model);

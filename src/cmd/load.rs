@@ -66,22 +66,28 @@ pub struct ModelParts {
 /// A GGUF's shape and its tensor table summed per ggml type by the planner, when `model`
 /// names a file (`llmem plan` / `llmem inspect`); `None` for presets, config.json files
 /// and directories, which the planner resolves itself.
-pub fn gguf_shape(
-    model: &str,
-) -> anyhow::Result<
-    Option<(
-        llmem_planner::ModelShape,
-        llmem_planner::checkpoint::CheckpointSummary,
-        llmem_planner::Precision,
-    )>,
-> {
+pub fn gguf_shape(model: &str) -> anyhow::Result<Option<GgufTable>> {
     let path = std::path::Path::new(model);
     let is_config = path.extension().is_some_and(|e| e == "json");
     if is_config || !(path.is_file() || llmem_engine::weights::source::is_gguf_path(path)) {
         return Ok(None);
     }
     let (shape, weights) = llmem_engine::weights::source::GgufModel::shape_and_tensors(path)?;
-    Ok(Some((shape, weights.summary()?, weights.main_precision())))
+    Ok(Some(GgufTable {
+        shape,
+        summary: weights.summary()?,
+        main: weights.main_precision(),
+        tensors: weights.stored_tensors()?,
+    }))
+}
+
+/// What the planner reads of a GGUF: its shape, tensor table (summed per type, and
+/// tensor by tensor for per-rank bytes) and the precision holding most of its bytes.
+pub struct GgufTable {
+    pub shape: llmem_planner::ModelShape,
+    pub summary: llmem_planner::checkpoint::CheckpointSummary,
+    pub main: llmem_planner::Precision,
+    pub tensors: Vec<llmem_planner::StoredTensor>,
 }
 
 /// Open what `--model` names. A path to a file (or any path ending in `.gguf`) is read
@@ -177,20 +183,36 @@ pub fn weight_format(
 /// dequantized first, which a note on stderr says: its blocks are not sliced as stored
 /// yet.
 pub fn shard_format(dtype: Option<DtypeArg>, weights: &WeightFiles) -> WeightFormat {
-    let d = dtype.unwrap_or(DtypeArg::F32);
     if let Some(g) = weights.gguf() {
-        eprintln!(
-            "note: {}: --tp/--pp: the GGUF is dequantized and every rank's slices are stored \
-             as {}",
-            g.path().display(),
-            d.name()
-        );
+        match dtype {
+            // Each rank reads its slices of the file's tensors, in their stored types.
+            None => return WeightFormat::gguf_as_stored(g.main_precision()),
+            Some(d) => eprintln!(
+                "note: {}: --tp/--pp with --dtype {}: the GGUF is dequantized and every \
+                 rank's slices are stored as {}",
+                g.path().display(),
+                d.name(),
+                d.name()
+            ),
+        }
     }
+    let d = dtype.unwrap_or(DtypeArg::F32);
     WeightFormat {
         precision: d.precision(),
         keep_embeddings: false,
         as_stored: false,
     }
+}
+
+/// The tensor table the planner cuts per rank when `fmt` runs a GGUF as stored.
+pub fn stored_tensors(
+    fmt: &WeightFormat,
+    weights: &WeightFiles,
+) -> anyhow::Result<Option<std::sync::Arc<Vec<llmem_planner::StoredTensor>>>> {
+    Ok(match (fmt.as_stored, weights.gguf()) {
+        (true, Some(g)) => Some(std::sync::Arc::new(g.stored_tensors()?)),
+        _ => None,
+    })
 }
 
 /// The report name of a loaded model's format: `--dtype`'s name, or for a GGUF kept as

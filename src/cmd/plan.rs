@@ -115,18 +115,21 @@ pub fn run(args: PlanArgs) -> Result<()> {
     // A GGUF planned as stored: its own bytes, at the precision of its main type (which
     // sets the KV and activation defaults), unless --precision asks for another.
     let (shape, stored) = match super::load::gguf_shape(&args.model)? {
-        Some((shape, summary, main)) => (shape, Some((summary, main))),
+        Some(t) => (t.shape, Some((t.summary, t.main, t.tensors))),
         None => (llmem_planner::resolve_shape(&args.model)?, None),
     };
     let precision: Precision = match (&args.precision, &stored) {
         (Some(p), _) => p.parse()?,
-        (None, Some((_, main))) => *main,
+        (None, Some((_, main, _))) => *main,
         (None, None) => Precision::Fp16,
     };
-    let stored_weights_bytes = stored
+    // The file's own bytes (per rank: its tensors cut as the engine cuts them) unless
+    // --precision asks for another level.
+    let as_stored = stored
         .as_ref()
-        .filter(|(_, main)| args.precision.is_none() || *main == precision)
-        .map(|(s, _)| s.bytes);
+        .filter(|(_, main, _)| args.precision.is_none() || *main == precision);
+    let stored_weights_bytes = as_stored.map(|(s, _, _)| s.bytes);
+    let stored_tensors = as_stored.map(|(_, _, table)| std::sync::Arc::new(table.clone()));
     let kv_dtype = match &args.kv_dtype {
         Some(k) => k.parse::<KvDtype>()?,
         None => KvDtype::default_for(precision),
@@ -167,6 +170,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         vocab_parallel: args.vocab_parallel,
         keep_embeddings: args.keep_embeddings,
         stored_weights_bytes,
+        stored_tensors,
         activation_bytes: args.activation_bytes,
     };
     let plan = llmem_planner::plan(&shape, &workload, &deployment)?;
@@ -210,7 +214,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
             if let Some((key, n)) = solved {
                 value["solve"] = json!({ key: n });
             }
-            if let Some((summary, _)) = &stored {
+            if let Some((summary, _, _)) = &stored {
                 value["gguf"] = serde_json::to_value(summary)?;
             }
             println!("{}", serde_json::to_string_pretty(&value)?);
@@ -247,7 +251,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
             if let Some((key, n)) = solved {
                 println!("\n--solve: {key} = {n}");
             }
-            if let Some((summary, _)) = &stored {
+            if let Some((summary, _, _)) = &stored {
                 println!();
                 print!("{}", super::inspect::stored_text(summary));
                 match stored_weights_bytes {

@@ -245,9 +245,11 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         let (blocks, budget_text) = match sizing {
             KvSizing::Blocks(n) => (n, None),
             KvSizing::Budget(b) => {
-                let pb =
-                    llmem_engine::engine::parallel_budget(&shape, &fmt, spec, &config, b, overhead)
-                        .context("sizing every rank's KV cache")?;
+                let stored = crate::cmd::load::stored_tensors(&fmt, &weights)?;
+                let pb = llmem_engine::engine::parallel_budget(
+                    &shape, &fmt, stored, spec, &config, b, overhead,
+                )
+                .context("sizing every rank's KV cache")?;
                 (pb.num_blocks, Some(pb.to_string()))
             }
         };

@@ -343,6 +343,7 @@ impl Engine {
         crate::engine::runner::planned_rank_memory(
             self.runner.shape(),
             self.runner.format(),
+            self.runner.stored_tensors(),
             self.runner.spec(),
             self.config.kv_dtype,
             (self.config.num_blocks * self.config.block_size) as u64,

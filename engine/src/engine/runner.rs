@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use candle_core::{Device, Tensor};
-use llmem_planner::{AttentionImpl, ModelShape, Workload};
+use llmem_planner::{AttentionImpl, ModelShape, StoredTensor, Workload};
 
 use crate::cache::paged::{KvDtype, PagedKvCache, PagedMetadata};
 use crate::error::{Error, Result};
@@ -68,6 +68,7 @@ pub struct PlannedRank {
 pub fn planned_rank_memory(
     shape: &ModelShape,
     fmt: &WeightFormat,
+    stored: Option<Arc<Vec<StoredTensor>>>,
     spec: ParallelSpec,
     kv_dtype: KvDtype,
     kv_tokens: u64,
@@ -79,7 +80,8 @@ pub fn planned_rank_memory(
         max_batched_tokens: pass_tokens.max(1),
         attention: AttentionImpl::Fused,
     };
-    let d = crate::engine::sizing::engine_deployment(fmt, spec, kv_dtype, 1 << 50, 0);
+    let mut d = crate::engine::sizing::engine_deployment(fmt, spec, kv_dtype, 1 << 50, 0);
+    d.stored_tensors = stored;
     let plan = llmem_planner::plan(shape, &workload, &d)
         .map_err(|e| Error::InvalidInput(format!("planner: {e}")))?;
     let mut out = Vec::new();
@@ -199,6 +201,8 @@ pub struct ParallelRunner {
     broken: Option<String>,
     /// Micro-batches a pass is cut into under PP (1: none).
     micro_batches: usize,
+    /// A GGUF loaded as stored: its tensor table (the planner cuts each rank's bytes).
+    stored_tensors: Option<Arc<Vec<StoredTensor>>>,
 }
 
 impl ParallelRunner {
@@ -214,6 +218,10 @@ impl ParallelRunner {
         kv_dtype: KvDtype,
     ) -> Result<Self> {
         spec.validate(shape)?;
+        let stored_tensors = match (format.as_stored, weights.gguf()) {
+            (true, Some(g)) => Some(Arc::new(g.stored_tensors()?)),
+            _ => None,
+        };
         let split = spec.stage_layers(shape);
         let mut workers = Vec::with_capacity(spec.tp * spec.pp);
         let mut ready = Vec::with_capacity(spec.tp * spec.pp);
@@ -310,6 +318,7 @@ impl ParallelRunner {
             memory,
             broken: None,
             micro_batches: 1,
+            stored_tensors,
         };
         match first_err {
             // Dropping the runner stops the threads that did load.
@@ -329,6 +338,11 @@ impl ParallelRunner {
     /// How every rank stores its weights.
     pub fn format(&self) -> &WeightFormat {
         &self.format
+    }
+
+    /// A GGUF loaded as stored: its tensor table.
+    pub fn stored_tensors(&self) -> Option<Arc<Vec<StoredTensor>>> {
+        self.stored_tensors.clone()
     }
 
     /// Micro-batches a pass is cut into under PP (default 1: none).
@@ -593,6 +607,14 @@ impl Runner {
         match self {
             Runner::Single { model, .. } => model.weight_format(),
             Runner::Parallel(p) => p.format(),
+        }
+    }
+
+    /// A GGUF loaded as stored: its tensor table (see [`Model::stored_tensors`]).
+    pub fn stored_tensors(&self) -> Option<Arc<Vec<StoredTensor>>> {
+        match self {
+            Runner::Single { model, .. } => model.stored_tensors(),
+            Runner::Parallel(p) => p.stored_tensors(),
         }
     }
 

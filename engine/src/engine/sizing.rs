@@ -4,8 +4,9 @@
 //! for the same model and workload ([`planned_terms`]), so start-up can print both.
 
 use std::fmt;
+use std::sync::Arc;
 
-use llmem_planner::{human_bytes, AttentionImpl, Deployment, Workload};
+use llmem_planner::{human_bytes, AttentionImpl, Deployment, StoredTensor, Workload};
 
 use crate::cache::paged::block_bytes;
 use crate::engine::EngineConfig;
@@ -137,8 +138,10 @@ pub fn planned_terms(
         budget_bytes,
         overhead,
     );
-    // A GGUF kept as stored (possibly mixed types): the planner's sum of its tensor table.
+    // A GGUF kept as stored (possibly mixed types): the planner's sum of its tensor table,
+    // cut per rank.
     deployment.stored_weights_bytes = model.stored_weights().map(|s| s.bytes);
+    deployment.stored_tensors = model.stored_tensors();
     let plan =
         llmem_planner::plan(model.shape(), &workload, &deployment).map_err(|e| e.to_string())?;
     let max_concurrency = llmem_planner::max_concurrency(model.shape(), &workload, &deployment)
@@ -327,6 +330,7 @@ pub struct ParallelBudget {
 pub fn parallel_budget(
     shape: &llmem_planner::ModelShape,
     fmt: &crate::weights::quant::WeightFormat,
+    stored: Option<Arc<Vec<StoredTensor>>>,
     spec: crate::parallel::spec::ParallelSpec,
     config: &EngineConfig,
     budget_bytes: u64,
@@ -340,13 +344,14 @@ pub fn parallel_budget(
         ));
     }
     let (pass_tokens, rows) = config.largest_pass();
-    let d = engine_deployment(
+    let mut d = engine_deployment(
         fmt,
         spec,
         config.kv_dtype,
         budget_bytes,
         runtime_overhead_bytes,
     );
+    d.stored_tensors = stored;
     let plan = llmem_planner::plan(shape, &engine_workload(config), &d)
         .map_err(|e| Error::InvalidInput(format!("planner: {e}")))?;
     let min_blocks = config.max_model_len.div_ceil(config.block_size) as u64;

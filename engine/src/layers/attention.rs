@@ -12,6 +12,7 @@ use crate::layers::linear::Linear;
 use crate::parallel::spec::TpShard;
 use crate::parallel::tp::TpReduce;
 use crate::weights::files::WeightFiles;
+use crate::weights::gguf::tensors::Part;
 use crate::weights::quant::WeightFormat;
 
 /// Attention bookkeeping for one forward pass, passed explicitly (no global context).
@@ -137,10 +138,12 @@ impl Attention {
 
     /// One TP rank's shard: its `heads / tp` query heads, the KV heads they read (split
     /// when TP divides the KV heads, the one shared head replicated when TP exceeds
-    /// them), and the matching columns of `o_proj`. The matrices are sliced from the
-    /// dense tensors (f32 for a block format) and then stored as `fmt` says: a block
-    /// format quantizes each slice, so a slice on block boundaries holds the same blocks
-    /// the unsharded model does.
+    /// them), and the matching columns of `o_proj`. A GGUF run as stored gives each
+    /// rank its slices as the file stores them, read from the map alone (a column split
+    /// must fall on the type's blocks). Otherwise the matrices are sliced from the dense
+    /// tensors (f32 for a block format) and then stored as `fmt` says: a block format
+    /// quantizes each slice, so a slice on block boundaries holds the same blocks the
+    /// unsharded model does.
     pub(crate) fn load_shard(
         w: &WeightFiles,
         prefix: &str,
@@ -149,14 +152,59 @@ impl Attention {
         device: &Device,
         shard: &TpShard,
     ) -> Result<Self> {
-        let dense = WeightFormat::dense(fmt.activation_dtype())?;
-        let full = Self::load(w, prefix, shape, &dense, device)?;
-        let (nh, nkv, hd) = (full.num_heads, full.num_kv_heads, full.head_dim);
+        let (nh, nkv, hd) = (
+            shape.num_attention_heads as usize,
+            shape.num_key_value_heads as usize,
+            shape.head_dim as usize,
+        );
         let heads_r = nh / shard.tp;
         let kv_r = (nkv / shard.tp).max(1);
         let group = nh / nkv;
         let q0 = shard.rank * heads_r;
         let kv0 = q0 / group;
+        let reduce = |bias| {
+            Some(TpReduce {
+                comm: shard.comm.clone(),
+                bias,
+            })
+        };
+        // A GGUF run as stored: each matrix's slice read from the map in its own type
+        // (a llama GGUF has no attention biases).
+        if let (true, Some(g)) = (fmt.as_stored, w.gguf()) {
+            let h = shape.hidden_size as usize;
+            let rows = |name: &str, total: usize, start: usize, len: usize| {
+                let part = Part::Rows {
+                    start: start * hd,
+                    len: len * hd,
+                };
+                g.load_stored_part(
+                    &format!("{prefix}.{name}.weight"),
+                    total * hd,
+                    h,
+                    part,
+                    device,
+                )
+                .map(|m| Linear::new(m, None))
+            };
+            let cols = Part::Cols {
+                start: q0 * hd,
+                len: heads_r * hd,
+            };
+            let o =
+                g.load_stored_part(&format!("{prefix}.o_proj.weight"), h, nh * hd, cols, device)?;
+            return Ok(Attention {
+                q_proj: rows("q_proj", nh, q0, heads_r)?,
+                k_proj: rows("k_proj", nkv, kv0, kv_r)?,
+                v_proj: rows("v_proj", nkv, kv0, kv_r)?,
+                o_proj: Linear::new(o, None),
+                num_heads: heads_r,
+                num_kv_heads: kv_r,
+                head_dim: hd,
+                tp: reduce(None),
+            });
+        }
+        let dense = WeightFormat::dense(fmt.activation_dtype())?;
+        let full = Self::load(w, prefix, shape, &dense, device)?;
         let store = |l: Linear, name: &str| l.stored_as(fmt.precision, &format!("{prefix}.{name}"));
         let heads = |l: &Linear, start: usize, len: usize, name: &str| {
             store(l.output_shard(start * hd, len * hd)?, name)
@@ -170,10 +218,7 @@ impl Attention {
             num_heads: heads_r,
             num_kv_heads: kv_r,
             head_dim: hd,
-            tp: Some(TpReduce {
-                comm: shard.comm.clone(),
-                bias: o_bias,
-            }),
+            tp: reduce(o_bias),
         })
     }
 

@@ -8,6 +8,7 @@ use crate::layers::linear::Linear;
 use crate::parallel::spec::TpShard;
 use crate::parallel::tp::TpReduce;
 use crate::weights::files::WeightFiles;
+use crate::weights::gguf::tensors::Part;
 use crate::weights::quant::WeightFormat;
 
 /// `mlp`: SwiGLU, `down_proj(silu(gate_proj(x)) * up_proj(x))`. Under tensor
@@ -63,9 +64,28 @@ impl Mlp {
         device: &Device,
         shard: &TpShard,
     ) -> Result<Self> {
+        let (start, len) = TpShard::share(shape.intermediate_size as usize, shard.tp, shard.rank);
+        // A GGUF run as stored: each slice read from the map in its own type (a llama
+        // GGUF has no MLP biases).
+        if let (true, Some(g)) = (fmt.as_stored, w.gguf()) {
+            let (h, i) = (shape.hidden_size as usize, shape.intermediate_size as usize);
+            let load = |name: &str, rows: usize, cols: usize, part: Part| {
+                g.load_stored_part(&format!("{prefix}.{name}.weight"), rows, cols, part, device)
+                    .map(|m| Linear::new(m, None))
+            };
+            let out_rows = Part::Rows { start, len };
+            return Ok(Mlp {
+                gate_proj: load("gate_proj", i, h, out_rows)?,
+                up_proj: load("up_proj", i, h, out_rows)?,
+                down_proj: load("down_proj", h, i, Part::Cols { start, len })?,
+                tp: Some(TpReduce {
+                    comm: shard.comm.clone(),
+                    bias: None,
+                }),
+            });
+        }
         let dense = WeightFormat::dense(fmt.activation_dtype())?;
         let full = Self::load(w, prefix, shape, &dense, device)?;
-        let (start, len) = TpShard::share(shape.intermediate_size as usize, shard.tp, shard.rank);
         let store = |l: Linear, name: &str| l.stored_as(fmt.precision, &format!("{prefix}.{name}"));
         let (down_proj, d_bias) = full.down_proj.input_shard(start, len)?;
         Ok(Mlp {

@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use llmem_planner::checkpoint::CheckpointSummary;
-use llmem_planner::ModelShape;
+use llmem_planner::{ModelShape, StoredTensor};
 
 use crate::cache::contiguous::KvCache;
 use crate::cache::paged::{check_paged_pass, PagedKvCache, PagedMetadata};
@@ -52,6 +52,7 @@ use crate::layers::rope::Rope;
 use crate::parallel::comm::Communicator;
 use crate::parallel::spec::{ShardSpec, TpShard};
 use crate::weights::files::WeightFiles;
+use crate::weights::gguf::tensors::Part;
 use crate::weights::quant::{StoredMatrix, WeightFormat};
 
 /// A loaded Llama-family model: the whole model, or one rank's shard of it under
@@ -109,6 +110,8 @@ pub struct Model {
     /// For a GGUF loaded as stored: its tensor table summed per ggml type (the planner's
     /// figure for these weights, which `weights_bytes` equals).
     stored: Option<CheckpointSummary>,
+    /// The same file's tensor table, from which the planner cuts each rank's bytes.
+    stored_tensors: Option<Arc<Vec<StoredTensor>>>,
 }
 
 impl Model {
@@ -160,8 +163,8 @@ impl Model {
     /// Load rank `spec`'s shard stored as `fmt` says, its TP group meeting through
     /// `comm`. Every tensor is read whole, checked, and sliced; a block format quantizes
     /// each slice (see [`crate::layers::linear::Linear::stored_as`]). A GGUF kept as
-    /// stored cannot be sliced yet (its blocks would have to be cut as stored): it is
-    /// refused.
+    /// stored gives each rank its slices in their stored types, read from the map alone
+    /// (see `crate::weights::gguf::tensors::GgufWeights::load_stored_part`).
     pub fn load_shard(
         shape: &ModelShape,
         w: &WeightFiles,
@@ -170,13 +173,6 @@ impl Model {
         spec: ShardSpec,
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
-        if fmt.as_stored && w.gguf().is_some() && spec.parallel.tp > 1 {
-            return Err(Error::InvalidInput(
-                "a GGUF kept as stored cannot be split across TP ranks yet: give --dtype \
-                 (its tensors are dequantized and each rank's slices stored at that level)"
-                    .into(),
-            ));
-        }
         if comm.world_size() != spec.parallel.tp || comm.rank() != spec.tp_rank {
             return Err(Error::InvalidInput(format!(
                 "shard of TP rank {} of {} given communicator rank {} of {}",
@@ -240,6 +236,13 @@ impl Model {
             if vocab_len == vocab {
                 return w.load_matrix(name, vocab, h, ep, fmt.as_stored, device);
             }
+            if let (true, Some(g)) = (fmt.as_stored, w.gguf()) {
+                let part = Part::Rows {
+                    start: vocab_start,
+                    len: vocab_len,
+                };
+                return g.load_stored_part(name, vocab, h, part, device);
+            }
             let t = w.load(name, &[vocab, h], dtype, device)?;
             let rows = crate::layers::linear::narrow_copy(&t, 0, vocab_start, vocab_len)?;
             crate::weights::quant::store_matrix(&rows, ep, name)
@@ -281,9 +284,9 @@ impl Model {
             }
         }
         // A GGUF kept as stored: the planner's figure is the file's own tensor table.
-        let stored = match (fmt.as_stored, w.gguf()) {
-            (true, Some(g)) => Some(g.summary()?),
-            _ => None,
+        let (stored, stored_tensors) = match (fmt.as_stored, w.gguf()) {
+            (true, Some(g)) => (Some(g.summary()?), Some(Arc::new(g.stored_tensors()?))),
+            _ => (None, None),
         };
 
         let mut local_shape = shape.clone();
@@ -309,6 +312,7 @@ impl Model {
             weights_bytes,
             format: *fmt,
             stored,
+            stored_tensors,
         })
     }
 
@@ -332,6 +336,11 @@ impl Model {
     /// [`Model::weights_bytes`].
     pub fn stored_weights(&self) -> Option<&CheckpointSummary> {
         self.stored.as_ref()
+    }
+
+    /// For a GGUF loaded as stored: its tensor table, for the planner's per-rank bytes.
+    pub fn stored_tensors(&self) -> Option<Arc<Vec<StoredTensor>>> {
+        self.stored_tensors.clone()
     }
 
     /// Open a GGUF file and load it: as stored when `fmt` is `None` (block formats stay

@@ -296,6 +296,17 @@ impl GgufFile {
     /// Read one tensor as stored (quantized or not).
     pub fn read_tensor(&self, name: &str) -> Result<QTensor> {
         let info = self.tensor_info(name)?;
+        self.tensor_data(name)?;
+        let mut reader = std::io::Cursor::new(&self.map[..]);
+        info.read(&mut reader, self.content.tensor_data_offset, &Device::Cpu)
+            .map_err(|e| self.tensor_error(name, info.ggml_dtype, e))
+    }
+
+    /// The bytes of one tensor in the map, with its type: checked to have elements, a
+    /// whole number of blocks and to lie inside the file. Rank loaders read only their
+    /// slices of it.
+    pub fn tensor_data(&self, name: &str) -> Result<(GgmlDType, &[u8])> {
+        let info = self.tensor_info(name)?;
         // candle views the bytes of an empty tensor through a dangling pointer of the
         // wrong alignment (a panic with debug assertions); no model has such a tensor.
         if info.shape.dims().contains(&0) {
@@ -314,28 +325,27 @@ impl GgufFile {
         let bytes = elems
             .filter(|n| n % block == 0)
             .and_then(|n| (n / block).checked_mul(info.ggml_dtype.type_size()));
-        let end = bytes
-            .and_then(|b| b.checked_add(usize::try_from(info.offset).ok()?))
-            .and_then(|b| b.checked_add(usize::try_from(self.content.tensor_data_offset).ok()?));
-        match end {
-            Some(end) if end <= self.map.len() => {}
-            _ => {
-                return Err(Error::GgufTensor {
-                    path: self.path.clone(),
-                    tensor: name.to_string(),
-                    message: format!(
-                        "shape {dims:?} of {:?} at data offset {} does not fit the file's {} \
-                         bytes (truncated or damaged)",
-                        info.ggml_dtype,
-                        info.offset,
-                        self.map.len()
-                    ),
-                })
-            }
+        let start = usize::try_from(info.offset)
+            .ok()
+            .and_then(|o| o.checked_add(usize::try_from(self.content.tensor_data_offset).ok()?));
+        let range = match (start, bytes) {
+            (Some(start), Some(bytes)) => start.checked_add(bytes).map(|end| start..end),
+            _ => None,
+        };
+        match range {
+            Some(range) if range.end <= self.map.len() => Ok((info.ggml_dtype, &self.map[range])),
+            _ => Err(Error::GgufTensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                message: format!(
+                    "shape {dims:?} of {:?} at data offset {} does not fit the file's {} \
+                     bytes (truncated or damaged)",
+                    info.ggml_dtype,
+                    info.offset,
+                    self.map.len()
+                ),
+            }),
         }
-        let mut reader = std::io::Cursor::new(&self.map[..]);
-        info.read(&mut reader, self.content.tensor_data_offset, &Device::Cpu)
-            .map_err(|e| self.tensor_error(name, info.ggml_dtype, e))
     }
 
     /// Read one tensor and dequantize it to f32, row-major, in Hugging Face shape.

@@ -24,7 +24,7 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use llmem_planner::checkpoint::CheckpointSummary;
-use llmem_planner::{GgmlType, Precision};
+use llmem_planner::{GgmlType, Precision, StoredTensor};
 
 use crate::error::candle_message;
 use crate::error::{Error, Result};
@@ -51,6 +51,13 @@ pub fn ggml_type(d: GgmlDType) -> GgmlType {
         GgmlDType::Q6K => GgmlType::Q6K,
         GgmlDType::Q8K => GgmlType::Q8K,
     }
+}
+
+/// Which part of a matrix a TP rank reads: output rows or input columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Rows { start: usize, len: usize },
+    Cols { start: usize, len: usize },
 }
 
 /// The tensors of a llama GGUF, by Hugging Face name.
@@ -212,6 +219,109 @@ impl GgufWeights {
             )),
             None => StoredMatrix::from_qtensor(
                 qtensor_from_ggml(dtype, &raw, vec![rows, cols], device).map_err(wrap)?,
+            )
+            .map_err(wrap),
+        }
+    }
+
+    /// The file's tensor table as the planner reads it (llama.cpp names, ggml types,
+    /// shapes in Hugging Face order), for per-rank bytes ([`llmem_planner::gguf_rank_weights`]).
+    pub fn stored_tensors(&self) -> Result<Vec<StoredTensor>> {
+        let mut plans: Vec<&TensorPlan> = self.plans.values().collect();
+        plans.sort_by(|a, b| a.gguf.cmp(&b.gguf));
+        plans
+            .into_iter()
+            .map(|p| {
+                let info = self.file.tensor_info(&p.gguf)?;
+                Ok(StoredTensor {
+                    name: p.gguf.clone(),
+                    ty: ggml_type(info.ggml_dtype),
+                    dims: info.shape.dims().iter().map(|&d| d as u64).collect(),
+                })
+            })
+            .collect()
+    }
+
+    /// Part of the matrix `hf_name` (rows, cols) in the type the file stores, read from
+    /// the map without touching the rest of the tensor: whole rows (`Part::Rows`, a TP
+    /// rank's output rows; q/k rows un-permuted within the heads kept) or a range of
+    /// columns of every row (`Part::Cols`, a rank's input columns), which must start and
+    /// end on the type's blocks.
+    pub fn load_stored_part(
+        &self,
+        hf_name: &str,
+        rows: usize,
+        cols: usize,
+        part: Part,
+        device: &Device,
+    ) -> Result<StoredMatrix> {
+        let plan = self.plan(hf_name, &[rows, cols])?;
+        let (dtype, bytes) = self.file.tensor_data(&plan.gguf)?;
+        let (block, type_size) = (dtype.block_size(), dtype.type_size());
+        let err = |m: String| self.tensor_err(&plan.gguf, m);
+        if cols % block != 0 || bytes.len() != rows * (cols / block) * type_size {
+            return Err(err(format!(
+                "{} bytes do not hold {rows} rows of {cols} {dtype:?} values",
+                bytes.len()
+            )));
+        }
+        let row_bytes = cols / block * type_size;
+        let (data, shape) = match part {
+            Part::Rows { start, len } => {
+                let Some(range) = start
+                    .checked_add(len)
+                    .filter(|&end| end <= rows && len > 0)
+                    .map(|end| start * row_bytes..end * row_bytes)
+                else {
+                    return Err(err(format!("rows {start}..+{len} of {rows}")));
+                };
+                let data = bytes[range].to_vec();
+                let data = match plan.unpermute_heads {
+                    None => data,
+                    Some(heads) => {
+                        let head_rows = rows / heads.max(1);
+                        if head_rows == 0 || start % head_rows != 0 || len % head_rows != 0 {
+                            return Err(err(format!(
+                                "rows {start}..+{len} are not whole heads of {head_rows} rows"
+                            )));
+                        }
+                        unpermute_rows(&data, len, row_bytes, len / head_rows)
+                            .map_err(|m| err(format!("un-permuting rows: {m}")))?
+                    }
+                };
+                (data, vec![len, cols])
+            }
+            Part::Cols { start, len } => {
+                if start % block != 0 || len % block != 0 || len == 0 || start + len > cols {
+                    return Err(err(format!(
+                        "a tensor-parallel split keeps columns {start}..{} of {cols}, which \
+                         cuts its {block}-value {dtype:?} blocks (use a TP size whose share \
+                         of the columns is a multiple of {block}, or --dtype to requantize)",
+                        start + len
+                    )));
+                }
+                let (from, n) = (start / block * type_size, len / block * type_size);
+                let mut data = Vec::with_capacity(rows * n);
+                for row in bytes.chunks_exact(row_bytes) {
+                    data.extend_from_slice(&row[from..from + n]);
+                }
+                (data, vec![rows, len])
+            }
+        };
+        let wrap =
+            |e: candle_core::Error| err(format!("loading {dtype:?} data: {}", candle_message(e)));
+        let dense = match dtype {
+            GgmlDType::F32 => Some(DType::F32),
+            GgmlDType::F16 => Some(DType::F16),
+            GgmlDType::BF16 => Some(DType::BF16),
+            _ => None,
+        };
+        match dense {
+            Some(d) => Ok(StoredMatrix::Dense(
+                Tensor::from_raw_buffer(&data, d, &shape, device).map_err(wrap)?,
+            )),
+            None => StoredMatrix::from_qtensor(
+                qtensor_from_ggml(dtype, &data, shape, device).map_err(wrap)?,
             )
             .map_err(wrap),
         }
