@@ -656,3 +656,105 @@ fn a_stored_gguf_splits_natively_and_every_rank_holds_the_planned_bytes() {
     .to_string();
     assert!(e.contains("ffn_down") && e.contains("cuts"), "{e}");
 }
+
+/// A rank's part of a matrix, read alone (`WeightFiles::load_part`), equals the same
+/// rows or columns of the whole matrix: from a GGUF (dequantizing only the part's
+/// blocks, q/k rows un-permuted per head; a column range that cuts blocks falls back to
+/// the whole matrix) and from the safetensors directory `llmem import` writes.
+#[test]
+fn a_part_read_alone_equals_the_same_part_of_the_whole_matrix() {
+    use llmem_engine::weights::files::WeightFiles;
+    use llmem_engine::weights::gguf::tensors::Part;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q8.gguf");
+    write_gguf(&path, "llama", true, &all(GgmlDType::Q8_0), None);
+    let out = dir.path().join("imported");
+    convert_gguf(&path, &out, &ConvertOptions::default()).unwrap();
+    let gguf = GgufModel::open(&path).unwrap().weights;
+    let st = WeightFiles::open_dir(&out).unwrap();
+    let q = "model.layers.1.self_attn.q_proj.weight";
+    let o = "model.layers.0.self_attn.o_proj.weight";
+    let down = "model.layers.0.mlp.down_proj.weight";
+    let cases = [
+        (
+            q,
+            HIDDEN,
+            HIDDEN,
+            Part::Rows {
+                start: HEAD_DIM,
+                len: 2 * HEAD_DIM,
+            },
+        ),
+        (
+            o,
+            HIDDEN,
+            HIDDEN,
+            Part::Cols {
+                start: 128,
+                len: 64,
+            },
+        ),
+        (
+            o,
+            HIDDEN,
+            HIDDEN,
+            Part::Cols {
+                start: 40,
+                len: 100,
+            },
+        ),
+        (
+            down,
+            HIDDEN,
+            FFN,
+            Part::Cols {
+                start: 256,
+                len: 256,
+            },
+        ),
+    ];
+    for w in [&gguf, &st] {
+        for (name, rows, cols, part) in cases {
+            let whole = w
+                .load(name, &[rows, cols], candle_core::DType::F32, &Device::Cpu)
+                .unwrap();
+            let want = match part {
+                Part::Rows { start, len } => whole.narrow(0, start, len),
+                Part::Cols { start, len } => whole.narrow(1, start, len),
+            }
+            .unwrap();
+            let got = w
+                .load_part(
+                    name,
+                    rows,
+                    cols,
+                    part,
+                    candle_core::DType::F32,
+                    &Device::Cpu,
+                )
+                .unwrap();
+            assert_eq!(got.dims(), want.dims(), "{name} {part:?}");
+            let (g, w): (Vec<f32>, Vec<f32>) = (
+                got.flatten_all().unwrap().to_vec1().unwrap(),
+                want.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(g, w, "{name} {part:?}");
+        }
+        // Out of range: an error naming the tensor, not a panic.
+        let e = w
+            .load_part(
+                o,
+                HIDDEN,
+                HIDDEN,
+                Part::Rows {
+                    start: 200,
+                    len: 100,
+                },
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("o_proj") || e.contains("attn_output"), "{e}");
+    }
+}

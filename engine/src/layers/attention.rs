@@ -140,8 +140,8 @@ impl Attention {
     /// when TP divides the KV heads, the one shared head replicated when TP exceeds
     /// them), and the matching columns of `o_proj`. A GGUF run as stored gives each
     /// rank its slices as the file stores them, read from the map alone (a column split
-    /// must fall on the type's blocks). Otherwise the matrices are sliced from the dense
-    /// tensors (f32 for a block format) and then stored as `fmt` says: a block format
+    /// must fall on the type's blocks). Otherwise each slice is read alone in the compute
+    /// dtype (f32 for a block format) and then stored as `fmt` says: a block format
     /// quantizes each slice, so a slice on block boundaries holds the same blocks the
     /// unsharded model does.
     pub(crate) fn load_shard(
@@ -203,18 +203,31 @@ impl Attention {
                 tp: reduce(None),
             });
         }
+        // Otherwise each slice is read alone in the compute dtype, then stored as `fmt`
+        // says.
         let dense = WeightFormat::dense(fmt.activation_dtype())?;
-        let full = Self::load(w, prefix, shape, &dense, device)?;
-        let store = |l: Linear, name: &str| l.stored_as(fmt.precision, &format!("{prefix}.{name}"));
-        let heads = |l: &Linear, start: usize, len: usize, name: &str| {
-            store(l.output_shard(start * hd, len * hd)?, name)
+        let h = shape.hidden_size as usize;
+        let load = |name: &str, dims: (usize, usize), part: Part, bias: bool| {
+            let prefix = format!("{prefix}.{name}");
+            Linear::load_part(w, &prefix, dims, part, bias, &dense, fmt.precision, device)
         };
-        let (o_proj, o_bias) = full.o_proj.input_shard(q0 * hd, heads_r * hd)?;
+        let heads = |name: &str, total: usize, start: usize, len: usize| {
+            let part = Part::Rows {
+                start: start * hd,
+                len: len * hd,
+            };
+            Ok::<_, crate::error::Error>(load(name, (total * hd, h), part, shape.qkv_bias)?.0)
+        };
+        let cols = Part::Cols {
+            start: q0 * hd,
+            len: heads_r * hd,
+        };
+        let (o_proj, o_bias) = load("o_proj", (h, nh * hd), cols, shape.o_bias)?;
         Ok(Attention {
-            q_proj: heads(&full.q_proj, q0, heads_r, "q_proj")?,
-            k_proj: heads(&full.k_proj, kv0, kv_r, "k_proj")?,
-            v_proj: heads(&full.v_proj, kv0, kv_r, "v_proj")?,
-            o_proj: store(o_proj, "o_proj")?,
+            q_proj: heads("q_proj", nh, q0, heads_r)?,
+            k_proj: heads("k_proj", nkv, kv0, kv_r)?,
+            v_proj: heads("v_proj", nkv, kv0, kv_r)?,
+            o_proj,
             num_heads: heads_r,
             num_kv_heads: kv_r,
             head_dim: hd,

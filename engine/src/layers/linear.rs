@@ -28,6 +28,7 @@ use llmem_kernels::packed::PackedMatrix;
 
 use crate::error::Result;
 use crate::weights::files::WeightFiles;
+use crate::weights::gguf::tensors::Part;
 use crate::weights::quant::{StoredMatrix, WeightFormat};
 
 /// Rows up to which [`Linear::forward`] uses `llmem_kernels::matvec` instead of gemm, by weight
@@ -85,6 +86,49 @@ impl Linear {
         Ok(Linear::new(weight, bias))
     }
 
+    /// One TP rank's part of `{prefix}.weight` (out_features, in_features), read alone
+    /// from the file in `dense`'s dtype ([`WeightFiles::load_part`]), then stored at
+    /// `precision` (a block format quantizes the slice). Output rows take the same rows
+    /// of the bias; input columns leave the bias whole, returned beside the projection to
+    /// be added once after the all-reduce that sums the shards.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn load_part(
+        w: &WeightFiles,
+        prefix: &str,
+        (out_features, in_features): (usize, usize),
+        part: Part,
+        bias: bool,
+        dense: &WeightFormat,
+        precision: llmem_planner::Precision,
+        device: &Device,
+    ) -> Result<(Linear, Option<Tensor>)> {
+        let name = format!("{prefix}.weight");
+        let weight = w.load_part(
+            &name,
+            out_features,
+            in_features,
+            part,
+            dense.activation_dtype(),
+            device,
+        )?;
+        let bias = if bias {
+            Some(w.load(
+                &format!("{prefix}.bias"),
+                &[out_features],
+                dense.vector_dtype(),
+                device,
+            )?)
+        } else {
+            None
+        };
+        let (own_bias, reduce_bias) = match (part, bias) {
+            (Part::Rows { start, len }, Some(b)) => (Some(narrow_copy(&b, 0, start, len)?), None),
+            (_, b) => (None, b),
+        };
+        let stored = crate::weights::quant::store_matrix(&weight, precision, &name)?;
+        Ok((Linear::new(stored, own_bias), reduce_bias))
+    }
+
     /// A projection over a stored matrix (a tied LM head shares the embedding's storage).
     pub fn new(weight: StoredMatrix, bias: Option<Tensor>) -> Self {
         Linear { weight, bias }
@@ -93,55 +137,6 @@ impl Linear {
     /// Wrap an existing weight (a tied LM head shares the embedding's storage).
     pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Self {
         Linear::new(StoredMatrix::Dense(weight), bias)
-    }
-
-    /// The dense weight, for tensor parallelism to slice into shards; an error for a
-    /// block-quantized weight (its shards would have to be re-blocked).
-    fn dense_weight(&self) -> candle_core::Result<&Tensor> {
-        match &self.weight {
-            StoredMatrix::Dense(w) => Ok(w),
-            StoredMatrix::Quant(_) | StoredMatrix::Packed(_) => Err(candle_core::Error::Msg(
-                "tensor parallelism shards dense weights only; block-quantized weights \
-                 (q8_0, q4_0, ...) cannot be split yet"
-                    .into(),
-            )),
-        }
-    }
-
-    /// A column-parallel shard: output features `start..start + len` (rows of the
-    /// weight, and of the bias).
-    pub fn output_shard(&self, start: usize, len: usize) -> candle_core::Result<Linear> {
-        Ok(Linear::from_weight(
-            narrow_copy(self.dense_weight()?, 0, start, len)?,
-            self.bias
-                .as_ref()
-                .map(|b| narrow_copy(b, 0, start, len))
-                .transpose()?,
-        ))
-    }
-
-    /// A row-parallel shard: input features `start..start + len` (columns of the weight),
-    /// without the bias, which is returned beside it to be added once after the
-    /// all-reduce that sums the shards.
-    pub fn input_shard(
-        &self,
-        start: usize,
-        len: usize,
-    ) -> candle_core::Result<(Linear, Option<Tensor>)> {
-        let weight = narrow_copy(self.dense_weight()?, 1, start, len)?;
-        Ok((Linear::from_weight(weight, None), self.bias.clone()))
-    }
-
-    /// This projection with its dense weight stored at `precision` (a block format
-    /// quantizes it, after the row-length fallback; a float format keeps or casts it):
-    /// how a shard sliced from a dense matrix gets its rank's format. `name` is the
-    /// checkpoint tensor, for messages.
-    pub fn stored_as(self, precision: llmem_planner::Precision, name: &str) -> Result<Linear> {
-        let weight = match self.weight {
-            StoredMatrix::Dense(w) => crate::weights::quant::store_matrix(&w, precision, name)?,
-            stored => stored,
-        };
-        Ok(Linear::new(weight, self.bias))
     }
 
     /// True when the weight is held in a GGUF block format (packed or not).

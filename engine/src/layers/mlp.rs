@@ -84,14 +84,24 @@ impl Mlp {
                 }),
             });
         }
+        // Otherwise each slice is read alone in the compute dtype, then stored as `fmt`
+        // says.
         let dense = WeightFormat::dense(fmt.activation_dtype())?;
-        let full = Self::load(w, prefix, shape, &dense, device)?;
-        let store = |l: Linear, name: &str| l.stored_as(fmt.precision, &format!("{prefix}.{name}"));
-        let (down_proj, d_bias) = full.down_proj.input_shard(start, len)?;
+        let (h, i, b) = (
+            shape.hidden_size as usize,
+            shape.intermediate_size as usize,
+            shape.mlp_bias,
+        );
+        let load = |name: &str, dims: (usize, usize), part: Part| {
+            let prefix = format!("{prefix}.{name}");
+            Linear::load_part(w, &prefix, dims, part, b, &dense, fmt.precision, device)
+        };
+        let rows = Part::Rows { start, len };
+        let (down_proj, d_bias) = load("down_proj", (h, i), Part::Cols { start, len })?;
         Ok(Mlp {
-            gate_proj: store(full.gate_proj.output_shard(start, len)?, "gate_proj")?,
-            up_proj: store(full.up_proj.output_shard(start, len)?, "up_proj")?,
-            down_proj: store(down_proj, "down_proj")?,
+            gate_proj: load("gate_proj", (i, h), rows)?.0,
+            up_proj: load("up_proj", (i, h), rows)?.0,
+            down_proj,
             tp: Some(TpReduce {
                 comm: shard.comm.clone(),
                 bias: d_bias,

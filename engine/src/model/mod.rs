@@ -161,8 +161,9 @@ impl Model {
     }
 
     /// Load rank `spec`'s shard stored as `fmt` says, its TP group meeting through
-    /// `comm`. Every tensor is read whole, checked, and sliced; a block format quantizes
-    /// each slice (see [`crate::layers::linear::Linear::stored_as`]). A GGUF kept as
+    /// `comm`. Each rank reads only its slices of the split matrices (see
+    /// [`crate::weights::files::WeightFiles::load_part`]); a block format quantizes each
+    /// slice. A GGUF kept as
     /// stored gives each rank its slices in their stored types, read from the map alone
     /// (see `crate::weights::gguf::tensors::GgufWeights::load_stored_part`).
     pub fn load_shard(
@@ -243,8 +244,11 @@ impl Model {
                 };
                 return g.load_stored_part(name, vocab, h, part, device);
             }
-            let t = w.load(name, &[vocab, h], dtype, device)?;
-            let rows = crate::layers::linear::narrow_copy(&t, 0, vocab_start, vocab_len)?;
+            let part = Part::Rows {
+                start: vocab_start,
+                len: vocab_len,
+            };
+            let rows = w.load_part(name, vocab, h, part, dtype, device)?;
             crate::weights::quant::store_matrix(&rows, ep, name)
         };
         let embed_tokens = if holds_embedding || (holds_head && shape.tie_word_embeddings) {

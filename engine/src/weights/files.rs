@@ -25,7 +25,7 @@ use safetensors::tensor::{Dtype as StDtype, Metadata};
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
-use crate::weights::gguf::tensors::GgufWeights;
+use crate::weights::gguf::tensors::{GgufWeights, Part};
 use crate::weights::quant::{dense_dtype, store_matrix, StoredMatrix};
 use crate::weights::random::random_tensor;
 use llmem_planner::Precision;
@@ -248,24 +248,74 @@ impl WeightFiles {
         store_matrix(&t, precision, name)
     }
 
-    /// Load tensor `name`, check that its shape is exactly `shape`, and convert it to
-    /// `dtype` on `device`.
-    pub fn load(
+    /// Part of the matrix `name` (rows, cols) in `dtype`: a TP rank's output rows or
+    /// input columns, read from the mapped file without converting the rest (a GGUF
+    /// dequantizes only the part's blocks; random weights are generated whole, so a part
+    /// holds the same values the whole matrix does).
+    pub fn load_part(
         &self,
         name: &str,
-        shape: &[usize],
+        rows: usize,
+        cols: usize,
+        part: Part,
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
         if let Some(g) = &self.gguf {
-            return g.load_dense(name, shape, dtype, device);
+            return g.load_dense_part(name, rows, cols, part, dtype, device);
         }
-        if let Some(seed) = self.random_seed {
-            return random_tensor(name, shape, dtype, device, seed).map_err(|e| Error::Tensor {
-                context: format!("generating random weight {name}"),
-                message: crate::error::candle_message(e),
-            });
+        let bad = |message: String| Error::Weights {
+            path: self.first_path(),
+            message: format!("loading {name}: {message}"),
+        };
+        let (dim, start, len, total) = match part {
+            Part::Rows { start, len } => (0, start, len, rows),
+            Part::Cols { start, len } => (1, start, len, cols),
+        };
+        if len == 0 || start.checked_add(len).is_none_or(|end| end > total) {
+            return Err(bad(format!(
+                "part {start}..+{len} of dimension {dim} ({total} long)"
+            )));
         }
+        if self.random_seed.is_some() {
+            return self
+                .load(name, &[rows, cols], dtype, device)?
+                .narrow(dim, start, len)
+                .and_then(|t| t.force_contiguous())
+                .map_err(|e| bad(e.to_string()));
+        }
+        let (file, stored, bytes) = self.raw(name, &[rows, cols])?;
+        let bad = |message: String| Error::Weights {
+            path: file.path.clone(),
+            message: format!("loading {name}: {message}"),
+        };
+        let elem = stored.size_in_bytes();
+        let (data, shape) = match part {
+            Part::Rows { start, len } => (
+                bytes[start * cols * elem..(start + len) * cols * elem].to_vec(),
+                [len, cols],
+            ),
+            Part::Cols { start, len } => {
+                let mut data = Vec::with_capacity(rows * len * elem);
+                for row in bytes.chunks_exact(cols * elem) {
+                    data.extend_from_slice(&row[start * elem..(start + len) * elem]);
+                }
+                (data, [rows, len])
+            }
+        };
+        let t = Tensor::from_raw_buffer(&data, stored, &shape, device)
+            .map_err(|e| bad(format!("inconsistent tensor record: {e}")))?;
+        if stored == dtype {
+            Ok(t)
+        } else {
+            t.to_dtype(dtype)
+                .map_err(|e| bad(format!("converting {stored:?} to {dtype:?}: {e}")))
+        }
+    }
+
+    /// The file, stored dtype and bytes of safetensors tensor `name`, checked to have
+    /// exactly `shape`.
+    fn raw(&self, name: &str, shape: &[usize]) -> Result<(&MappedFile, DType, &[u8])> {
         let Some(&file_idx) = self.index.get(name) else {
             let path = if self.files.len() == 1 {
                 self.first_path()
@@ -306,6 +356,39 @@ impl WeightFiles {
             .mmap
             .get(file.data_start + begin..file.data_start + end)
             .ok_or_else(|| bad(format!("data offsets {begin}..{end} lie outside the file")))?;
+        let want = shape.iter().product::<usize>() * stored.size_in_bytes();
+        if bytes.len() != want {
+            return Err(bad(format!(
+                "{} bytes, expected {want} for shape {shape:?} in {stored:?}",
+                bytes.len()
+            )));
+        }
+        Ok((file, stored, bytes))
+    }
+
+    /// Load tensor `name`, check that its shape is exactly `shape`, and convert it to
+    /// `dtype` on `device`.
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        if let Some(g) = &self.gguf {
+            return g.load_dense(name, shape, dtype, device);
+        }
+        if let Some(seed) = self.random_seed {
+            return random_tensor(name, shape, dtype, device, seed).map_err(|e| Error::Tensor {
+                context: format!("generating random weight {name}"),
+                message: crate::error::candle_message(e),
+            });
+        }
+        let (file, stored, bytes) = self.raw(name, shape)?;
+        let bad = |message: String| Error::Weights {
+            path: file.path.clone(),
+            message: format!("loading {name}: {message}"),
+        };
         let tensor = Tensor::from_raw_buffer(bytes, stored, shape, device)
             .map_err(|e| bad(format!("inconsistent tensor record: {e}")))?;
         debug_assert_eq!(tensor.dtype(), stored);

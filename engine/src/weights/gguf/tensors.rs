@@ -60,6 +60,27 @@ pub enum Part {
     Cols { start: usize, len: usize },
 }
 
+impl Part {
+    /// Whether a column range starts and ends on blocks of `block` values (rows always
+    /// do: a row holds whole blocks).
+    pub fn on_blocks(self, block: usize) -> bool {
+        match self {
+            Part::Rows { .. } => true,
+            Part::Cols { start, len } => start % block == 0 && len % block == 0,
+        }
+    }
+}
+
+/// The candle dtype of a float ggml type; `None` for the block formats.
+fn dense_of(d: GgmlDType) -> Option<DType> {
+    match d {
+        GgmlDType::F32 => Some(DType::F32),
+        GgmlDType::F16 => Some(DType::F16),
+        GgmlDType::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
 /// The tensors of a llama GGUF, by Hugging Face name.
 pub struct GgufWeights {
     file: GgufFile,
@@ -202,12 +223,7 @@ impl GgufWeights {
                 format!("loading {dtype:?} data: {}", candle_message(e)),
             )
         };
-        let dense = match dtype {
-            GgmlDType::F32 => Some(DType::F32),
-            GgmlDType::F16 => Some(DType::F16),
-            GgmlDType::BF16 => Some(DType::BF16),
-            _ => None,
-        };
+        let dense = dense_of(dtype);
         if dense.is_none() && plan.unpermute_heads.is_none() {
             return StoredMatrix::from_qtensor(q).map_err(wrap);
         }
@@ -242,19 +258,19 @@ impl GgufWeights {
             .collect()
     }
 
-    /// Part of the matrix `hf_name` (rows, cols) in the type the file stores, read from
-    /// the map without touching the rest of the tensor: whole rows (`Part::Rows`, a TP
-    /// rank's output rows; q/k rows un-permuted within the heads kept) or a range of
-    /// columns of every row (`Part::Cols`, a rank's input columns), which must start and
-    /// end on the type's blocks.
-    pub fn load_stored_part(
+    /// The bytes of part of the matrix `hf_name` (rows, cols) as the file stores them,
+    /// read from the map without touching the rest of the tensor: whole rows
+    /// (`Part::Rows`, a TP rank's output rows; q/k rows un-permuted within the heads
+    /// kept) or a range of columns of every row (`Part::Cols`, a rank's input columns),
+    /// which must start and end on the type's blocks. Returns the type, the bytes and
+    /// the part's shape.
+    fn part_data(
         &self,
         hf_name: &str,
         rows: usize,
         cols: usize,
         part: Part,
-        device: &Device,
-    ) -> Result<StoredMatrix> {
+    ) -> Result<(GgmlDType, Vec<u8>, Vec<usize>)> {
         let plan = self.plan(hf_name, &[rows, cols])?;
         let (dtype, bytes) = self.file.tensor_data(&plan.gguf)?;
         let (block, type_size) = (dtype.block_size(), dtype.type_size());
@@ -266,7 +282,7 @@ impl GgufWeights {
             )));
         }
         let row_bytes = cols / block * type_size;
-        let (data, shape) = match part {
+        Ok(match part {
             Part::Rows { start, len } => {
                 let Some(range) = start
                     .checked_add(len)
@@ -289,10 +305,10 @@ impl GgufWeights {
                             .map_err(|m| err(format!("un-permuting rows: {m}")))?
                     }
                 };
-                (data, vec![len, cols])
+                (dtype, data, vec![len, cols])
             }
             Part::Cols { start, len } => {
-                if start % block != 0 || len % block != 0 || len == 0 || start + len > cols {
+                if !part.on_blocks(block) || len == 0 || start + len > cols {
                     return Err(err(format!(
                         "a tensor-parallel split keeps columns {start}..{} of {cols}, which \
                          cuts its {block}-value {dtype:?} blocks (use a TP size whose share \
@@ -305,18 +321,29 @@ impl GgufWeights {
                 for row in bytes.chunks_exact(row_bytes) {
                     data.extend_from_slice(&row[from..from + n]);
                 }
-                (data, vec![rows, len])
+                (dtype, data, vec![rows, len])
             }
+        })
+    }
+
+    /// [`GgufWeights::part_data`] kept in the type the file stores: a block format as
+    /// a (packed) quantized matrix, f32/f16/bf16 as a dense tensor of that dtype.
+    pub fn load_stored_part(
+        &self,
+        hf_name: &str,
+        rows: usize,
+        cols: usize,
+        part: Part,
+        device: &Device,
+    ) -> Result<StoredMatrix> {
+        let (dtype, data, shape) = self.part_data(hf_name, rows, cols, part)?;
+        let wrap = |e: candle_core::Error| {
+            self.tensor_err(
+                hf_name,
+                format!("loading {dtype:?} data: {}", candle_message(e)),
+            )
         };
-        let wrap =
-            |e: candle_core::Error| err(format!("loading {dtype:?} data: {}", candle_message(e)));
-        let dense = match dtype {
-            GgmlDType::F32 => Some(DType::F32),
-            GgmlDType::F16 => Some(DType::F16),
-            GgmlDType::BF16 => Some(DType::BF16),
-            _ => None,
-        };
-        match dense {
+        match dense_of(dtype) {
             Some(d) => Ok(StoredMatrix::Dense(
                 Tensor::from_raw_buffer(&data, d, &shape, device).map_err(wrap)?,
             )),
@@ -324,6 +351,49 @@ impl GgufWeights {
                 qtensor_from_ggml(dtype, &data, shape, device).map_err(wrap)?,
             )
             .map_err(wrap),
+        }
+    }
+
+    /// [`GgufWeights::part_data`] dequantized to f32 and cast to `dtype` (a rank's
+    /// slice for `--dtype`). A column range that cuts the type's blocks dequantizes the
+    /// whole matrix and keeps the columns.
+    pub(crate) fn load_dense_part(
+        &self,
+        hf_name: &str,
+        rows: usize,
+        cols: usize,
+        part: Part,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let plan = self.plan(hf_name, &[rows, cols])?;
+        let block = self.file.tensor_info(&plan.gguf)?.ggml_dtype.block_size();
+        if let Part::Cols { start, len } = part {
+            if !part.on_blocks(block) {
+                let whole = self.load_dense(hf_name, &[rows, cols], dtype, device)?;
+                return whole
+                    .narrow(1, start, len)
+                    .and_then(|t| t.force_contiguous())
+                    .map_err(|e| self.tensor_err(&plan.gguf, candle_message(e)));
+            }
+        }
+        let (ty, data, shape) = self.part_data(hf_name, rows, cols, part)?;
+        let wrap = |e: candle_core::Error| {
+            self.tensor_err(
+                &plan.gguf,
+                format!("loading {ty:?} data: {}", candle_message(e)),
+            )
+        };
+        let t = match dense_of(ty) {
+            Some(d) => Tensor::from_raw_buffer(&data, d, &shape, device).map_err(wrap)?,
+            None => qtensor_from_ggml(ty, &data, shape, &Device::Cpu)
+                .and_then(|q| q.dequantize(device))
+                .map_err(wrap)?,
+        };
+        if t.dtype() == dtype {
+            Ok(t)
+        } else {
+            t.to_dtype(dtype).map_err(wrap)
         }
     }
 
