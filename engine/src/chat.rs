@@ -40,6 +40,61 @@ fn fuel_for(messages: &[ChatMessage]) -> u64 {
     100_000 + 2_000 * messages.len() as u64 + content as u64 / 4
 }
 
+/// Bytes of output one unit of fuel pays for (minijinja's rate).
+const BYTES_PER_FUEL: u64 = 64;
+
+/// A writer that forwards to `out` until `left` bytes are spent, then fails.
+struct Capped<'a, W: std::fmt::Write> {
+    out: &'a mut W,
+    left: u64,
+    over: bool,
+}
+
+impl<W: std::fmt::Write> std::fmt::Write for Capped<'_, W> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        match self.left.checked_sub(s.len() as u64) {
+            Some(left) => {
+                self.left = left;
+                self.out.write_str(s)
+            }
+            None => {
+                self.over = true;
+                Err(std::fmt::Error)
+            }
+        }
+    }
+}
+
+/// minijinja's formatter, stopped at the fuel left: minijinja charges a value's output
+/// after writing it, so `{{ [1] * 9999999 }}` (a lazy list, cheap to make) would write
+/// megabytes before the budget saw them. Values print as they would without it.
+fn capped_formatter(
+    out: &mut minijinja::Output,
+    state: &mut minijinja::State,
+    value: &minijinja::Value,
+) -> std::result::Result<(), minijinja::Error> {
+    use std::fmt::Write;
+    if *state.auto_escape() != minijinja::AutoEscape::None {
+        return minijinja::escape_formatter(out, state, value);
+    }
+    let left = state
+        .fuel_levels()
+        .map_or(u64::MAX, |(_, left)| left.saturating_mul(BYTES_PER_FUEL));
+    let mut w = Capped {
+        out,
+        left,
+        over: false,
+    };
+    match write!(w, "{value}") {
+        Ok(()) => Ok(()),
+        Err(_) if w.over => Err(minijinja::Error::new(
+            minijinja::ErrorKind::OutOfFuel,
+            "a printed value is larger than the budget left",
+        )),
+        Err(e) => Err(minijinja::Error::from(e)),
+    }
+}
+
 /// Render `template` over `messages`. The result is the prompt text, special tokens
 /// included as text (the tokenizer maps them to their ids).
 pub fn render_chat(
@@ -57,6 +112,7 @@ pub fn render_chat(
         .map_err(|e| Error::ChatTemplate(format!("syntax: {e}")))?;
     env.set_syntax(syntax);
     env.set_fuel(Some(fuel_for(messages)));
+    env.set_formatter(capped_formatter);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function(
         "raise_exception",
@@ -125,6 +181,13 @@ mod tests {
     fn a_runaway_template_stops_at_its_budget_and_long_chats_fit_in_it() {
         // Three nested loops of 1000 steps each: a billion steps without a budget.
         let t = "{% for a in range(1000) %}{% for b in range(1000) %}{% for c in range(1000) %}x{% endfor %}{% endfor %}{% endfor %}";
+        let err = render_chat(t, &[ChatMessage::user("hi")], None, None, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("work budget"), "{err}");
+        // A lazy list of ten million numbers costs nothing to make; printing it would
+        // write 180 MB before minijinja charged for the output.
+        let t = "{{ [99999999999999999] * 9999990 }}";
         let err = render_chat(t, &[ChatMessage::user("hi")], None, None, false)
             .unwrap_err()
             .to_string();
