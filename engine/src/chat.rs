@@ -65,6 +65,41 @@ impl<W: std::fmt::Write> std::fmt::Write for Capped<'_, W> {
     }
 }
 
+/// Items one printed value may hold, nested ones included: a prompt never prints a list
+/// this long.
+const MAX_PRINTED_ITEMS: u64 = 100_000;
+
+/// Whether `value` holds more than `budget` items, counting nested sequences and maps;
+/// visits at most `budget` items (a lazy sequence knows its length without them).
+fn too_many_items(value: &minijinja::Value, budget: &mut u64) -> bool {
+    use minijinja::value::ValueKind;
+    let kind = value.kind();
+    if !matches!(kind, ValueKind::Seq | ValueKind::Map | ValueKind::Iterable) {
+        return false;
+    }
+    if value.len().is_some_and(|n| n as u64 > *budget) {
+        return true;
+    }
+    let Ok(iter) = value.try_iter() else {
+        return false;
+    };
+    for item in iter {
+        if *budget == 0 {
+            return true;
+        }
+        *budget -= 1;
+        let inner = if kind == ValueKind::Map {
+            value.get_item(&item).unwrap_or_default()
+        } else {
+            item
+        };
+        if too_many_items(&inner, budget) {
+            return true;
+        }
+    }
+    false
+}
+
 /// minijinja's formatter, stopped at the fuel left: minijinja charges a value's output
 /// after writing it, so `{{ [1] * 9999999 }}` (a lazy list, cheap to make) would write
 /// megabytes before the budget saw them. Values print as they would without it.
@@ -80,6 +115,16 @@ fn capped_formatter(
     let left = state
         .fuel_levels()
         .map_or(u64::MAX, |(_, left)| left.saturating_mul(BYTES_PER_FUEL));
+    // Each item prints at least two bytes (its text and a separator): a container with
+    // more items than the bytes left could pay for is refused before any is printed
+    // (printing a lazy `[x] * 9999990` visits every item even after the output fails).
+    let mut items = (left / 2).min(MAX_PRINTED_ITEMS);
+    if too_many_items(value, &mut items) {
+        return Err(minijinja::Error::new(
+            minijinja::ErrorKind::OutOfFuel,
+            "a printed value holds more items than the budget left",
+        ));
+    }
     let mut w = Capped {
         out,
         left,
@@ -192,6 +237,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("work budget"), "{err}");
+        // The same list nested in another.
+        let t = "{{ [[99999999999999999998] * 9999990] }}";
+        let err = render_chat(t, &[ChatMessage::user("hi")], None, None, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("work budget"), "{err}");
+        // Lists and maps of ordinary size print as minijinja prints them.
+        let t = "{{ [1, 'a', [2, 3]] }} {{ {'k': [4]} }}";
+        let out = render_chat(t, &[ChatMessage::user("hi")], None, None, false).unwrap();
+        assert_eq!(out, "[1, 'a', [2, 3]] {'k': [4]}");
         // A string doubled 40 times would be a terabyte.
         let t = "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}";
         let err = render_chat(t, &[ChatMessage::user("hi")], None, None, false)
