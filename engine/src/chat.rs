@@ -4,10 +4,14 @@
 //! special tokens as `bos_token` / `eos_token`, a `raise_exception` function, and Python
 //! string methods (`.strip()`, `.startswith()`...) through minijinja's pycompat layer.
 
+use std::collections::BTreeMap;
+
+use minijinja::machinery::Instructions;
 use minijinja::{context, Environment};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::template_budget;
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -40,106 +44,6 @@ fn fuel_for(messages: &[ChatMessage]) -> u64 {
     100_000 + 2_000 * messages.len() as u64 + content as u64 / 4
 }
 
-/// Bytes of output one unit of fuel pays for (minijinja's rate).
-const BYTES_PER_FUEL: u64 = 64;
-
-/// A writer that forwards to `out` until `left` bytes are spent, then fails.
-struct Capped<'a, W: std::fmt::Write> {
-    out: &'a mut W,
-    left: u64,
-    over: bool,
-}
-
-impl<W: std::fmt::Write> std::fmt::Write for Capped<'_, W> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        match self.left.checked_sub(s.len() as u64) {
-            Some(left) => {
-                self.left = left;
-                self.out.write_str(s)
-            }
-            None => {
-                self.over = true;
-                Err(std::fmt::Error)
-            }
-        }
-    }
-}
-
-/// Items one printed value may hold, nested ones included: a prompt never prints a list
-/// this long.
-const MAX_PRINTED_ITEMS: u64 = 100_000;
-
-/// Whether `value` holds more than `budget` items, counting nested sequences and maps;
-/// visits at most `budget` items (a lazy sequence knows its length without them).
-fn too_many_items(value: &minijinja::Value, budget: &mut u64) -> bool {
-    use minijinja::value::ValueKind;
-    let kind = value.kind();
-    if !matches!(kind, ValueKind::Seq | ValueKind::Map | ValueKind::Iterable) {
-        return false;
-    }
-    if value.len().is_some_and(|n| n as u64 > *budget) {
-        return true;
-    }
-    let Ok(iter) = value.try_iter() else {
-        return false;
-    };
-    for item in iter {
-        if *budget == 0 {
-            return true;
-        }
-        *budget -= 1;
-        let inner = if kind == ValueKind::Map {
-            value.get_item(&item).unwrap_or_default()
-        } else {
-            item
-        };
-        if too_many_items(&inner, budget) {
-            return true;
-        }
-    }
-    false
-}
-
-/// minijinja's formatter, stopped at the fuel left: minijinja charges a value's output
-/// after writing it, so `{{ [1] * 9999999 }}` (a lazy list, cheap to make) would write
-/// megabytes before the budget saw them. Values print as they would without it.
-fn capped_formatter(
-    out: &mut minijinja::Output,
-    state: &mut minijinja::State,
-    value: &minijinja::Value,
-) -> std::result::Result<(), minijinja::Error> {
-    use std::fmt::Write;
-    if *state.auto_escape() != minijinja::AutoEscape::None {
-        return minijinja::escape_formatter(out, state, value);
-    }
-    let left = state
-        .fuel_levels()
-        .map_or(u64::MAX, |(_, left)| left.saturating_mul(BYTES_PER_FUEL));
-    // Each item prints at least two bytes (its text and a separator): a container with
-    // more items than the bytes left could pay for is refused before any is printed
-    // (printing a lazy `[x] * 9999990` visits every item even after the output fails).
-    let mut items = (left / 2).min(MAX_PRINTED_ITEMS);
-    if too_many_items(value, &mut items) {
-        return Err(minijinja::Error::new(
-            minijinja::ErrorKind::OutOfFuel,
-            "a printed value holds more items than the budget left",
-        ));
-    }
-    let mut w = Capped {
-        out,
-        left,
-        over: false,
-    };
-    match write!(w, "{value}") {
-        Ok(()) => Ok(()),
-        Err(_) if w.over => Err(minijinja::Error::new(
-            minijinja::ErrorKind::OutOfFuel,
-            "a printed value is larger than the budget left",
-        )),
-        Err(e) => Err(minijinja::Error::from(e)),
-    }
-}
-
 /// Render `template` over `messages`. The result is the prompt text, special tokens
 /// included as text (the tokenizer maps them to their ids).
 pub fn render_chat(
@@ -155,9 +59,17 @@ pub fn render_chat(
         .lstrip_blocks(true)
         .build()
         .map_err(|e| Error::ChatTemplate(format!("syntax: {e}")))?;
+    template_budget::check_folded_repeats(template, syntax.clone()).map_err(|at| {
+        Error::ChatTemplate(format!(
+            "cannot parse: `*` next to a bracket or parenthesis ({at}): a repeated list \
+             is built while the template compiles, outside any work budget, so llmem \
+             refuses it"
+        ))
+    })?;
     env.set_syntax(syntax);
     env.set_fuel(Some(fuel_for(messages)));
-    env.set_formatter(capped_formatter);
+    env.set_formatter(template_budget::capped_formatter);
+    template_budget::register(&mut env);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function(
         "raise_exception",
@@ -173,13 +85,29 @@ pub fn render_chat(
     let tmpl = env
         .get_template("chat")
         .map_err(|e| Error::ChatTemplate(e.to_string()))?;
-    tmpl.render(context! {
+    // The compiled template with `+`, `*` and `~` budgeted (see `template_budget`), run
+    // as `Template::render` runs it.
+    let compiled = minijinja::machinery::get_compiled_template(&tmpl);
+    let instructions = template_budget::budgeted(&compiled.instructions);
+    let blocks: BTreeMap<&str, Instructions> = compiled
+        .blocks
+        .iter()
+        .map(|(name, block)| (*name, template_budget::budgeted(block)))
+        .collect();
+    let ctx = context! {
         messages => minijinja::Value::from(minijinja::value::Serde(messages)),
         add_generation_prompt => add_generation_prompt,
         bos_token => bos_token.unwrap_or(""),
         eos_token => eos_token.unwrap_or(""),
-    })
-    .map_err(|e| match e.kind() {
+    };
+    let mut text = String::new();
+    let mut out = minijinja::machinery::make_string_output(&mut text);
+    let auto_escape = compiled.initial_auto_escape.clone();
+    let rendered =
+        minijinja::machinery::eval(&env, &instructions, ctx, &blocks, &mut out, auto_escape)
+            .map(|_| ());
+    drop(out);
+    rendered.map(|()| text).map_err(|e| match e.kind() {
         minijinja::ErrorKind::OutOfFuel => Error::ChatTemplate(format!(
             "cannot render: the template ran past its work budget of {} steps for {} \
              messages (a loop that never ends or grows too fast)",
@@ -247,6 +175,46 @@ mod tests {
         let t = "{{ [1, 'a', [2, 3]] }} {{ {'k': [4]} }}";
         let out = render_chat(t, &[ChatMessage::user("hi")], None, None, false).unwrap();
         assert_eq!(out, "[1, 'a', [2, 3]] {'k': [4]}");
+        // A constant repeated list is refused before minijinja folds it while compiling.
+        for t in [
+            "{{ [9999] * 99909999 ~ 9 }}",
+            "{{ 1000 * ([1]) }}",
+            "{{ (1,) * 5 }}",
+        ] {
+            let err = render_chat(t, &[ChatMessage::user("hi")], None, None, false)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("next to a bracket"), "{t}: {err}");
+        }
+        // `~` turns a lazily repeated list into a string: 100 million items.
+        for t in [
+            "{% set l = [9999] %}{{ l * 99909999 ~ 9 }}",
+            "{% set l = [1] %}{{ 'x' ~ (l * 99999999) }}",
+            "{% set ns = namespace(l=[1]) %}{% for i in range(60) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l | length }}",
+            "{{ 'xxxxxxxxxxxxxxxx' * 99999999 }}",
+            "{% set l = ['x' * 1000] %}{{ (l * 100000) ~ '' }}",
+        ] {
+            let err = render_chat(t, &[ChatMessage::user("hi")], None, None, false)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("work budget"), "{t}: {err}");
+        }
+        // Ordinary arithmetic, repeats and joins render as minijinja renders them.
+        let t = "{{ 1 + 2 }} {{ 2 * 3.5 }} {{ 'ab' * 3 }} {% set l = [1, 2] %}{{ l * 2 }} {{ [1] + [2] }} \
+                 {{ 'a' ~ 1 ~ none ~ [3] ~ {'k': 2} }} {{ 'a' + 'b' }} {{ -2 * 2 }} \
+                 {% for x in [1, 2, 3] if x > 1 %}{{ loop.index }}{% endfor %}\
+                 {{ messages[0].content ~ '!' }} {{ 2 ** 10 }} {{ 7 // 2 }} {{ 'x' in 'xyz' }}";
+        let msgs = [ChatMessage::user("hi")];
+        let out = render_chat(t, &msgs, None, None, false).unwrap();
+        let mut stock = Environment::new();
+        stock.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        let want = stock
+            .render_str(
+                t,
+                context! { messages => minijinja::Value::from(minijinja::value::Serde(&msgs)) },
+            )
+            .unwrap();
+        assert_eq!(out, want);
         // A string doubled 40 times would be a terabyte.
         let t = "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}";
         let err = render_chat(t, &[ChatMessage::user("hi")], None, None, false)

@@ -29,6 +29,7 @@ pub mod parallel;
 pub mod request;
 pub mod rng;
 pub mod sample;
+mod template_budget;
 pub mod untrusted;
 pub mod weights;
 
