@@ -300,3 +300,51 @@ pub(crate) fn concat(state: &State, a: Value, b: Value) -> Result<Value, Error> 
     charge_bytes(state, text.len() as u64)?;
     Ok(joined(text, &a, &b))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_turned_into_text_stop_at_their_byte_and_item_caps() {
+        let list = Value::from((0..10).collect::<Vec<i32>>());
+        let mut text = String::new();
+        assert_eq!(write_capped(&mut text, &list, 1000).unwrap(), 30);
+        assert_eq!(text, "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]");
+        // 30 bytes do not fit in 29.
+        let e = write_capped(&mut String::new(), &list, 29).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::OutOfFuel);
+        // More items than the bytes could print is refused before printing any.
+        let mut text = String::new();
+        let e = write_capped(&mut text, &list, 19).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::OutOfFuel);
+        assert!(text.is_empty());
+        // Nested items count, up to the budget.
+        let nested = Value::from(vec![Value::from(vec![1, 2, 3]), Value::from(vec![4])]);
+        let mut budget = 6;
+        assert!(!too_many_items(&nested, &mut budget));
+        assert_eq!(budget, 0);
+        let mut budget = 5;
+        assert!(too_many_items(&nested, &mut budget));
+        // Strings and numbers are not containers.
+        assert!(!too_many_items(&Value::from("abc"), &mut 0));
+    }
+
+    #[test]
+    fn folded_repeats_are_found_by_line_and_products_pass() {
+        let syntax = minijinja::syntax::SyntaxConfig::default();
+        let check = |t: &str| check_folded_repeats(t, syntax.clone());
+        assert_eq!(check("a\n{{ [1] * 3 }}"), Err("line 2".into()));
+        assert_eq!(check("{{ 3 * (1,) }}"), Err("line 1".into()));
+        assert_eq!(check("{{ (2) * 3 }}"), Err("line 1".into()));
+        for ok in [
+            "{{ 2 * 3 }}",
+            "{{ '-' * 3 }}",
+            "{{ a * b }}",
+            "{{ x ** 2 }}",
+            "[1] * 3",
+        ] {
+            assert_eq!(check(ok), Ok(()), "{ok}");
+        }
+    }
+}

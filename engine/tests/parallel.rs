@@ -625,30 +625,96 @@ fn smollm2_quantized_shards_equal_tp1_at_the_same_level() {
 }
 
 /// The default model's shipped GGUF (Q4_1, with q8_0/q6_K tensors where llama.cpp put
-/// them) run as stored, split natively: every rank reads its slices in their stored
+/// them), when cached.
+fn smol_gguf() -> Option<PathBuf> {
+    smol_dir()?;
+    let root = llmem_engine::weights::hub::cache_root().ok()?;
+    let path = llmem_engine::weights::hub::default_gguf_path(&root);
+    if !path.is_file() {
+        eprintln!("skipped: {} is not cached", path.display());
+        return None;
+    }
+    Some(path)
+}
+
+#[test]
+fn smollm2_native_gguf_shards_agree_with_tp1_and_hold_the_planned_bytes() {
+    let Some(path) = smol_gguf() else { return };
+    native_gguf_shards_agree_with_tp1(&path, "Q4_1");
+}
+
+/// Rewrite the GGUF at `src` into `dst` with every matrix requantized to `ty_of(name,
+/// cols)` (rows kept in the file's order; norms stay f32), as llama-quantize would.
+fn requantized_gguf(
+    src: &Path,
+    dst: &Path,
+    ty_of: &dyn Fn(&str, usize) -> candle_core::quantized::GgmlDType,
+) {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let mut f = std::fs::File::open(src).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let tensors: Vec<(String, QTensor)> = names
+        .into_iter()
+        .map(|name| {
+            let q = content.tensor(&mut f, name, &Device::Cpu).unwrap();
+            let t = q.dequantize(&Device::Cpu).unwrap();
+            let out = match t.dims() {
+                [_, cols] => QTensor::quantize(&t, ty_of(name, *cols)).unwrap(),
+                _ => q,
+            };
+            (name.clone(), out)
+        })
+        .collect();
+    let meta: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut out = std::fs::File::create(dst).unwrap();
+    gguf_file::write(&mut out, &meta, &refs).unwrap();
+}
+
+/// The same check on the default model requantized to Q8_0, and to a Q4_K_M-like mix
+/// (q4_K where a row holds whole 256-value blocks, that is `down_proj`; q8_0 for
+/// `attn_v`, the embedding and `down_proj`'s fallback; q5_0 elsewhere).
+#[test]
+fn smollm2_native_q8_0_and_k_mix_gguf_shards_agree_with_tp1() {
+    use candle_core::quantized::GgmlDType;
+    let Some(path) = smol_gguf() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let q8 = dir.path().join("smol-q8_0.gguf");
+    requantized_gguf(&path, &q8, &|_, _| GgmlDType::Q8_0);
+    native_gguf_shards_agree_with_tp1(&q8, "Q8_0");
+    let mix = dir.path().join("smol-k-mix.gguf");
+    requantized_gguf(&path, &mix, &|name, cols| {
+        if cols % 256 == 0 {
+            GgmlDType::Q4K
+        } else if name.contains("attn_v") || name.contains("token_embd") {
+            GgmlDType::Q8_0
+        } else {
+            GgmlDType::Q5_0
+        }
+    });
+    native_gguf_shards_agree_with_tp1(&mix, "Q4_K mix");
+}
+
+/// A GGUF run as stored, split natively: every rank reads its slices in their stored
 /// types. Every rank holds the planner's bytes cut from the file's tensor table, and TP
 /// 3, PP 2 and both agree with TP 1 teacher-forced: fed the reference prompts followed
 /// by TP 1's greedy continuation, the grid's top-1 at every continued position equals
 /// TP 1's (allowing one near-tie per layout). Logits differ by a few percent of the
 /// largest: row-parallel partial sums add in another order, and a last-bit change in an
 /// activation can flip its rounding when the next layer quantizes it to 8 bits, which
-/// compounds over 30 layers (measured 3.6%; shards of `--dtype q8_0` from the same file
-/// measure the same 3.7%, while f32 shards agree to 1e-4).
-#[test]
-fn smollm2_native_gguf_shards_agree_with_tp1_and_hold_the_planned_bytes() {
+/// compounds over 30 layers (measured 3.6% on the shipped file; shards of `--dtype q8_0`
+/// from the same file measure the same 3.7%, while f32 shards agree to 1e-4).
+fn native_gguf_shards_agree_with_tp1(path: &Path, label: &str) {
     use llmem_engine::weights::source::GgufModel;
-    let Some(_) = smol_dir() else { return };
-    let Ok(root) = llmem_engine::weights::hub::cache_root() else {
-        return;
-    };
-    let path = llmem_engine::weights::hub::default_gguf_path(&root);
-    if !path.is_file() {
-        eprintln!("skipped: {} is not cached", path.display());
-        return;
-    }
     let prompts = reference_prompts(3);
     let config = smol_config();
-    let (model, _) = Model::load_gguf(&path, None, &Device::Cpu).unwrap();
+    let (model, _) = Model::load_gguf(path, None, &Device::Cpu).unwrap();
     let fmt = *model.weight_format();
     assert!(fmt.as_stored);
     let mut single = Engine::new(model.clone(), config).unwrap();
@@ -681,13 +747,13 @@ fn smollm2_native_gguf_shards_agree_with_tp1_and_hold_the_planned_bytes() {
             .0
     };
     for (tp, pp, vp) in [(3, 1, false), (1, 2, false), (3, 2, true)] {
-        let what = format!("SmolLM2 GGUF as stored, TP {tp} PP {pp} vocab-parallel {vp}");
-        let g = GgufModel::open(&path).unwrap();
+        let what = format!("SmolLM2 {label} GGUF as stored, TP {tp} PP {pp} vocab-parallel {vp}");
+        let g = GgufModel::open(path).unwrap();
         let engine =
             Engine::new_parallel_with(&g.shape, g.weights, &fmt, spec(tp, pp, vp), config).unwrap();
         assert_ranks_match_planner(&engine, &what);
         drop(engine);
-        let g = GgufModel::open(&path).unwrap();
+        let g = GgufModel::open(path).unwrap();
         let mut runner = Runner::Parallel(Box::new(
             ParallelRunner::new(
                 &g.shape,

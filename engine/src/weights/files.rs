@@ -356,10 +356,12 @@ impl WeightFiles {
             .mmap
             .get(file.data_start + begin..file.data_start + end)
             .ok_or_else(|| bad(format!("data offsets {begin}..{end} lie outside the file")))?;
-        let want = shape.iter().product::<usize>() * stored.size_in_bytes();
-        if bytes.len() != want {
+        let want = shape
+            .iter()
+            .try_fold(stored.size_in_bytes(), |n, &d| n.checked_mul(d));
+        if want != Some(bytes.len()) {
             return Err(bad(format!(
-                "{} bytes, expected {want} for shape {shape:?} in {stored:?}",
+                "{} bytes do not hold shape {shape:?} in {stored:?}",
                 bytes.len()
             )));
         }
