@@ -329,7 +329,7 @@ pub fn sweep(
 
     let mut ref_scores: Vec<Vec<Vec<f32>>> = Vec::new();
     let mut reports: Vec<Option<LevelReport>> = vec![None; opts.levels.len()];
-    let mut reference_model: Option<Model> = None;
+    let mut kv_levels = Vec::new();
     for i in order {
         let level = opts.levels[i];
         let name = level.name();
@@ -398,16 +398,12 @@ pub fn sweep(
             fallbacks,
         });
         progress.level_done();
-        if i == ref_idx {
-            reference_model = Some(model);
+        // The KV levels reuse the reference weights while they are loaded (measured
+        // first), so no two levels' weights are ever held at once.
+        if i == ref_idx && !opts.kv_levels.is_empty() {
+            kv_levels = kv_sweep(&model, reference.name(), scored, prompt, opts, progress)?;
         }
     }
-    let kv_levels = match reference_model {
-        Some(model) if !opts.kv_levels.is_empty() => {
-            kv_sweep(&model, reference.name(), scored, prompt, opts, progress)?
-        }
-        _ => Vec::new(),
-    };
     Ok(SweepReport {
         reference: reference.name().to_string(),
         tokens: scored.len(),
