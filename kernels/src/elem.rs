@@ -114,17 +114,17 @@ impl BlockQ8 {
         }
         BlockQ8 { d, qs }
     }
+}
 
-    /// `q . self` over the block's 32 values.
+impl ScaledBlock for BlockQ8 {
     #[inline(always)]
-    fn dot(&self, q: &[f32]) -> f32 {
-        let mut lanes = [0f32; 8];
-        for (qc, kc) in q.chunks_exact(8).zip(self.qs.chunks_exact(8)) {
-            for i in 0..8 {
-                lanes[i] = qc[i].mul_add(kc[i] as f32, lanes[i]);
-            }
-        }
-        lanes.iter().sum::<f32>() * self.d.to_f32()
+    fn scale(&self) -> f32 {
+        self.d.to_f32()
+    }
+
+    #[inline(always)]
+    fn levels(&self) -> [f32; BLOCK] {
+        self.qs.map(f32::from)
     }
 }
 
@@ -139,41 +139,17 @@ impl CacheStore for BlockQ8 {
     }
 
     fn load(row: &[Self], out: &mut [f32]) {
-        for (b, o) in row.iter().zip(out.chunks_exact_mut(Q8_BLOCK)) {
-            let d = b.d.to_f32();
-            for (o, q) in o.iter_mut().zip(&b.qs) {
-                *o = d * *q as f32;
-            }
-        }
+        block_load(row, out)
     }
 
-    // Plain loops over whole blocks: inlined into the kernel's AVX2 form (`simd`), the
-    // compiler vectorizes them with its features, so one body serves both forms.
     #[inline(always)]
     fn scores(q: &[f32], rows: &[Self], stride: usize, scale: f32, s: &mut [f32], _simd: bool) {
-        let blocks = q.len() / Q8_BLOCK;
-        for (t, s) in s.iter_mut().enumerate() {
-            let row = &rows[t * stride..][..blocks];
-            let mut sum = 0f32;
-            for (b, qb) in row.iter().zip(q.chunks_exact(Q8_BLOCK)) {
-                sum += b.dot(qb);
-            }
-            *s = sum * scale;
-        }
+        block_scores(q, rows, stride, scale, s)
     }
 
     #[inline(always)]
     fn weighted_sum(acc: &mut [f32], w: &[f32], rows: &[Self], stride: usize, _simd: bool) {
-        let blocks = acc.len() / Q8_BLOCK;
-        for (t, &wt) in w.iter().enumerate() {
-            let row = &rows[t * stride..][..blocks];
-            for (b, a) in row.iter().zip(acc.chunks_exact_mut(Q8_BLOCK)) {
-                let wd = wt * b.d.to_f32();
-                for (a, q) in a.iter_mut().zip(&b.qs) {
-                    *a = wd.mul_add(*q as f32, *a);
-                }
-            }
-        }
+        block_weighted_sum(acc, w, rows, stride)
     }
 }
 
@@ -212,30 +188,24 @@ impl BlockQ4 {
         }
         BlockQ4 { d, qs }
     }
+}
 
-    /// The 32 values as `q - 8` in f32 (not yet scaled).
+impl ScaledBlock for BlockQ4 {
     #[inline(always)]
-    fn levels(&self) -> [f32; Q4_BLOCK] {
-        let mut out = [0f32; Q4_BLOCK];
-        let (lo, hi) = out.split_at_mut(Q4_BLOCK / 2);
+    fn scale(&self) -> f32 {
+        self.d.to_f32()
+    }
+
+    /// The 32 values as `q - 8`.
+    #[inline(always)]
+    fn levels(&self) -> [f32; BLOCK] {
+        let mut out = [0f32; BLOCK];
+        let (lo, hi) = out.split_at_mut(BLOCK / 2);
         for ((l, h), &b) in lo.iter_mut().zip(hi.iter_mut()).zip(&self.qs) {
             *l = f32::from(b & 0x0F) - 8.0;
             *h = f32::from(b >> 4) - 8.0;
         }
         out
-    }
-
-    /// `q . self` over the block's 32 values.
-    #[inline(always)]
-    fn dot(&self, q: &[f32]) -> f32 {
-        let k = self.levels();
-        let mut lanes = [0f32; 8];
-        for (qc, kc) in q.chunks_exact(8).zip(k.chunks_exact(8)) {
-            for i in 0..8 {
-                lanes[i] = qc[i].mul_add(kc[i], lanes[i]);
-            }
-        }
-        lanes.iter().sum::<f32>() * self.d.to_f32()
     }
 }
 
@@ -250,39 +220,79 @@ impl CacheStore for BlockQ4 {
     }
 
     fn load(row: &[Self], out: &mut [f32]) {
-        for (b, o) in row.iter().zip(out.chunks_exact_mut(Q4_BLOCK)) {
-            let d = b.d.to_f32();
-            for (o, l) in o.iter_mut().zip(b.levels()) {
-                *o = d * l;
-            }
-        }
+        block_load(row, out)
     }
 
-    // Plain block loops, vectorized by the compiler in the kernel's AVX2 form, as for
-    // [`BlockQ8`].
     #[inline(always)]
     fn scores(q: &[f32], rows: &[Self], stride: usize, scale: f32, s: &mut [f32], _simd: bool) {
-        let blocks = q.len() / Q4_BLOCK;
-        for (t, s) in s.iter_mut().enumerate() {
-            let row = &rows[t * stride..][..blocks];
-            let mut sum = 0f32;
-            for (b, qb) in row.iter().zip(q.chunks_exact(Q4_BLOCK)) {
-                sum += b.dot(qb);
-            }
-            *s = sum * scale;
-        }
+        block_scores(q, rows, stride, scale, s)
     }
 
     #[inline(always)]
     fn weighted_sum(acc: &mut [f32], w: &[f32], rows: &[Self], stride: usize, _simd: bool) {
-        let blocks = acc.len() / Q4_BLOCK;
-        for (t, &wt) in w.iter().enumerate() {
-            let row = &rows[t * stride..][..blocks];
-            for (b, a) in row.iter().zip(acc.chunks_exact_mut(Q4_BLOCK)) {
-                let wd = wt * b.d.to_f32();
-                for (a, l) in a.iter_mut().zip(b.levels()) {
-                    *a = wd.mul_add(l, *a);
-                }
+        block_weighted_sum(acc, w, rows, stride)
+    }
+}
+
+/// Values in one block of either quantized cache format.
+const BLOCK: usize = 32;
+
+/// A block of 32 values stored as `scale * levels[i]`: what the quantized caches' loops
+/// need of their blocks.
+trait ScaledBlock {
+    fn scale(&self) -> f32;
+    /// The 32 values before scaling, in f32. Widening the whole block once, then one
+    /// f32 loop, is the form the compiler vectorizes (in the kernel's AVX2 form too).
+    fn levels(&self) -> [f32; BLOCK];
+}
+
+/// `q . b` over one block's values.
+#[inline(always)]
+fn block_dot<B: ScaledBlock>(b: &B, q: &[f32]) -> f32 {
+    let k = b.levels();
+    let mut lanes = [0f32; 8];
+    for (qc, kc) in q.chunks_exact(8).zip(k.chunks_exact(8)) {
+        for i in 0..8 {
+            lanes[i] = qc[i].mul_add(kc[i], lanes[i]);
+        }
+    }
+    lanes.iter().sum::<f32>() * b.scale()
+}
+
+/// [`CacheStore::load`] for block formats.
+fn block_load<B: ScaledBlock>(row: &[B], out: &mut [f32]) {
+    for (b, o) in row.iter().zip(out.chunks_exact_mut(BLOCK)) {
+        let d = b.scale();
+        for (o, l) in o.iter_mut().zip(b.levels()) {
+            *o = d * l;
+        }
+    }
+}
+
+/// [`CacheStore::scores`] for block formats.
+#[inline(always)]
+fn block_scores<B: ScaledBlock>(q: &[f32], rows: &[B], stride: usize, scale: f32, s: &mut [f32]) {
+    let blocks = q.len() / BLOCK;
+    for (t, s) in s.iter_mut().enumerate() {
+        let row = &rows[t * stride..][..blocks];
+        let mut sum = 0f32;
+        for (b, qb) in row.iter().zip(q.chunks_exact(BLOCK)) {
+            sum += block_dot(b, qb);
+        }
+        *s = sum * scale;
+    }
+}
+
+/// [`CacheStore::weighted_sum`] for block formats.
+#[inline(always)]
+fn block_weighted_sum<B: ScaledBlock>(acc: &mut [f32], w: &[f32], rows: &[B], stride: usize) {
+    let blocks = acc.len() / BLOCK;
+    for (t, &wt) in w.iter().enumerate() {
+        let row = &rows[t * stride..][..blocks];
+        for (b, a) in row.iter().zip(acc.chunks_exact_mut(BLOCK)) {
+            let wd = wt * b.scale();
+            for (a, l) in a.iter_mut().zip(b.levels()) {
+                *a = wd.mul_add(l, *a);
             }
         }
     }

@@ -167,7 +167,7 @@ pub fn gguf_rank_weights(
     part: &RankPart,
 ) -> Result<u64, PlanError> {
     let tp = part.tp.max(1);
-    let share = |n: u64| n / tp + u64::from(part.rank < n % tp);
+    let share = |n: u64| crate::plan::share(n, tp, part.rank);
     let hd = shape.head_dim;
     let q_rows = shape.num_attention_heads / tp * hd;
     let kv_rows = crate::plan::kv_heads_per_rank(shape, tp) * hd;

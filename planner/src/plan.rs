@@ -250,7 +250,7 @@ fn sum(values: &[u64], what: &str) -> Result<u64, PlanError> {
 }
 
 /// Rank `rank`'s share when `n` is split over `parts` (the first `n % parts` get one more).
-fn share(n: u64, parts: u64, rank: u64) -> u64 {
+pub(crate) fn share(n: u64, parts: u64, rank: u64) -> u64 {
     n / parts + u64::from(rank < n % parts)
 }
 

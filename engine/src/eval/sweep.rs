@@ -173,6 +173,52 @@ fn score_window(model: &Model, chunk: &[u32], kv: Option<KvDtype>) -> Result<(Wi
     ))
 }
 
+/// A level's quality and prefill speed over the scored windows.
+struct Quality {
+    perplexity: f64,
+    /// Mean KL(reference || level) per position; 0 for the reference.
+    kl_divergence: f64,
+    top1_agreement: f64,
+    prefill_tokens_per_s: f64,
+}
+
+/// Score every whole window of `scored` with `model`, its cache at level `kv` (`None`:
+/// the model's dtype). `(true, scores)`: this is the reference level, whose per-window
+/// log-probabilities are pushed into `scores`; `(false, scores)`: compared with them.
+fn score_level(
+    model: &Model,
+    scored: &[u32],
+    window: usize,
+    kv: Option<KvDtype>,
+    (is_reference, reference): (bool, &mut Vec<Vec<Vec<f32>>>),
+    progress: &mut dyn Progress,
+) -> Result<Quality> {
+    let (mut nll, mut prefill_s) = (0f64, 0f64);
+    let (mut kl_sum, mut agree, mut positions) = (0f64, 0usize, 0usize);
+    for (w, chunk) in scored.chunks_exact(window).enumerate() {
+        let (scores, secs) = score_window(model, chunk, kv)?;
+        nll += scores.nll;
+        prefill_s += secs;
+        if is_reference {
+            agree += scores.log_probs.len();
+            reference.push(scores.log_probs);
+        } else {
+            for (r, q) in reference[w].iter().zip(&scores.log_probs) {
+                kl_sum += kl_divergence(r, q);
+                agree += usize::from(argmax(r) == argmax(q));
+            }
+        }
+        positions += window - 1;
+        progress.step("perplexity window");
+    }
+    Ok(Quality {
+        perplexity: (nll / positions as f64).exp(),
+        kl_divergence: kl_sum / positions as f64,
+        top1_agreement: agree as f64 / positions as f64,
+        prefill_tokens_per_s: scored.len() as f64 / prefill_s,
+    })
+}
+
 /// KL(p || q) for log-probabilities, in nats.
 pub fn kl_divergence(log_p: &[f32], log_q: &[f32]) -> f64 {
     log_p
@@ -359,27 +405,14 @@ pub fn sweep(
         let load_ms = start.elapsed().as_secs_f64() * 1e3;
         progress.step("loaded");
 
-        let (mut nll, mut prefill_s) = (0f64, 0f64);
-        let (mut kl_sum, mut agree, mut positions) = (0f64, 0usize, 0usize);
-        for w in 0..windows {
-            let chunk = &scored[w * opts.window..(w + 1) * opts.window];
-            let (scores, secs) = score_window(&model, chunk, None)?;
-            nll += scores.nll;
-            prefill_s += secs;
-            if i == ref_idx {
-                ref_scores.push(scores.log_probs);
-            } else {
-                for (r, q) in ref_scores[w].iter().zip(&scores.log_probs) {
-                    kl_sum += kl_divergence(r, q);
-                    agree += usize::from(argmax(r) == argmax(q));
-                }
-            }
-            positions += opts.window - 1;
-            progress.step("perplexity window");
-        }
-        if i == ref_idx {
-            agree = positions;
-        }
+        let quality = score_level(
+            &model,
+            scored,
+            opts.window,
+            None,
+            (i == ref_idx, &mut ref_scores),
+            progress,
+        )?;
         let decode = decode_batch1(&model, prompt, opts.decode_tokens, None)?;
         progress.step("decode batch 1");
         let decode16 = decode_batched(&model, prompt, opts.decode_tokens, KvDtype::F32)?;
@@ -389,10 +422,10 @@ pub fn sweep(
             weights_bytes_planned: planned,
             weights_bytes_measured: model.weights_bytes(),
             load_ms,
-            perplexity: (nll / positions as f64).exp(),
-            kl_divergence: kl_sum / positions as f64,
-            top1_agreement: agree as f64 / positions as f64,
-            prefill_tokens_per_s: scored.len() as f64 / prefill_s,
+            perplexity: quality.perplexity,
+            kl_divergence: quality.kl_divergence,
+            top1_agreement: quality.top1_agreement,
+            prefill_tokens_per_s: quality.prefill_tokens_per_s,
             decode_tokens_per_s: decode,
             decode_tokens_per_s_batch16: decode16,
             fallbacks,
@@ -435,24 +468,14 @@ fn kv_sweep(
     let mut out = Vec::with_capacity(levels.len());
     for kv in levels {
         progress.level_start(&format!("kv {}", kv.name()), (windows + 2) as u64);
-        let (mut nll, mut prefill_s) = (0f64, 0f64);
-        let (mut kl_sum, mut agree, mut positions) = (0f64, 0usize, 0usize);
-        for (w, chunk) in scored.chunks_exact(opts.window).enumerate() {
-            let (scores, secs) = score_window(model, chunk, Some(kv))?;
-            nll += scores.nll;
-            prefill_s += secs;
-            if kv == KvDtype::F32 {
-                agree += scores.log_probs.len();
-                ref_scores.push(scores.log_probs);
-            } else {
-                for (r, q) in ref_scores[w].iter().zip(&scores.log_probs) {
-                    kl_sum += kl_divergence(r, q);
-                    agree += usize::from(argmax(r) == argmax(q));
-                }
-            }
-            positions += opts.window - 1;
-            progress.step("perplexity window");
-        }
+        let quality = score_level(
+            model,
+            scored,
+            opts.window,
+            Some(kv),
+            (kv == KvDtype::F32, &mut ref_scores),
+            progress,
+        )?;
         let decode = decode_batch1(model, prompt, opts.decode_tokens, Some(kv))?;
         progress.step("decode batch 1");
         let decode16 = decode_batched(model, prompt, opts.decode_tokens, kv)?;
@@ -461,10 +484,10 @@ fn kv_sweep(
             kv_dtype: kv.name().to_string(),
             weights: weights.to_string(),
             kv_bytes_per_token: model.shape().kv_bytes_per_token_in(kv.planner()),
-            perplexity: (nll / positions as f64).exp(),
-            kl_divergence: kl_sum / positions as f64,
-            top1_agreement: agree as f64 / positions as f64,
-            prefill_tokens_per_s: scored.len() as f64 / prefill_s,
+            perplexity: quality.perplexity,
+            kl_divergence: quality.kl_divergence,
+            top1_agreement: quality.top1_agreement,
+            prefill_tokens_per_s: quality.prefill_tokens_per_s,
             decode_tokens_per_s: decode,
             decode_tokens_per_s_batch16: decode16,
         });

@@ -73,17 +73,29 @@ impl Linear {
             fmt.as_stored,
             device,
         )?;
-        let bias = if bias {
-            Some(w.load(
-                &format!("{prefix}.bias"),
-                &[out_features],
-                fmt.vector_dtype(),
-                device,
-            )?)
-        } else {
-            None
-        };
+        let bias = Self::load_bias(w, prefix, out_features, bias, fmt, device)?;
         Ok(Linear::new(weight, bias))
+    }
+
+    /// `{prefix}.bias` (out_features,) in `fmt`'s vector dtype, when `bias`.
+    fn load_bias(
+        w: &WeightFiles,
+        prefix: &str,
+        out_features: usize,
+        bias: bool,
+        fmt: &WeightFormat,
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
+        if !bias {
+            return Ok(None);
+        }
+        let name = format!("{prefix}.bias");
+        Ok(Some(w.load(
+            &name,
+            &[out_features],
+            fmt.vector_dtype(),
+            device,
+        )?))
     }
 
     /// One TP rank's part of `{prefix}.weight` (out_features, in_features), read alone
@@ -111,16 +123,7 @@ impl Linear {
             dense.activation_dtype(),
             device,
         )?;
-        let bias = if bias {
-            Some(w.load(
-                &format!("{prefix}.bias"),
-                &[out_features],
-                dense.vector_dtype(),
-                device,
-            )?)
-        } else {
-            None
-        };
+        let bias = Self::load_bias(w, prefix, out_features, bias, dense, device)?;
         let (own_bias, reduce_bias) = match (part, bias) {
             (Part::Rows { start, len }, Some(b)) => (Some(narrow_copy(&b, 0, start, len)?), None),
             (_, b) => (None, b),

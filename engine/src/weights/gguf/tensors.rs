@@ -405,15 +405,11 @@ impl GgufWeights {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let mut plans: Vec<&TensorPlan> = self.plans.values().collect();
-        plans.sort_by(|a, b| a.gguf.cmp(&b.gguf));
-        let mut table = Vec::with_capacity(plans.len());
-        for p in plans {
-            let info = self.file.tensor_info(&p.gguf)?;
-            let dims = info.shape.dims().iter().map(|&d| d as u64).collect();
-            table.push((p.gguf.as_str(), ggml_type(info.ggml_dtype), dims));
-        }
-        llmem_planner::gguf_weights(&file_name, table).map_err(|e| Error::GgufRead {
+        let table = self.stored_tensors()?;
+        let rows = table
+            .iter()
+            .map(|t| (t.name.as_str(), t.ty, t.dims.clone()));
+        llmem_planner::gguf_weights(&file_name, rows).map_err(|e| Error::GgufRead {
             path: self.path().to_path_buf(),
             message: e.to_string(),
         })
