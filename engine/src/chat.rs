@@ -150,13 +150,18 @@ mod tests {
         assert!(err.contains("bad role"), "{err}");
     }
 
+    /// The error `t` renders to over one user message (it must fail).
+    fn refusal(t: &str) -> String {
+        render_chat(t, &[ChatMessage::user("hi")], None, None, false)
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn a_runaway_template_stops_at_its_budget_and_long_chats_fit_in_it() {
         // Three nested loops of 1000 steps each: a billion steps without a budget.
         let t = "{% for a in range(1000) %}{% for b in range(1000) %}{% for c in range(1000) %}x{% endfor %}{% endfor %}{% endfor %}";
-        let err = render_chat(t, &[ChatMessage::user("hi")], None, None, false)
-            .unwrap_err()
-            .to_string();
+        let err = refusal(t);
         assert!(err.contains("work budget"), "{err}");
         // A lazy list of ten million numbers costs nothing to make; printing it would
         // write 180 MB before minijinja charged for the output. Alone and nested.
@@ -164,9 +169,7 @@ mod tests {
             "{% set l = [99999999999999999] %}{{ l * 9999990 }}",
             "{% set l = [99999999999999999998] %}{{ [l * 9999990] }}",
         ] {
-            let err = render_chat(t, &[ChatMessage::user("hi")], None, None, false)
-                .unwrap_err()
-                .to_string();
+            let err = refusal(t);
             assert!(err.contains("ran past its work budget"), "{t}: {err}");
         }
         // Lists and maps of ordinary size print as minijinja prints them.
@@ -179,9 +182,7 @@ mod tests {
             "{{ 1000 * ([1]) }}",
             "{{ (1,) * 5 }}",
         ] {
-            let err = render_chat(t, &[ChatMessage::user("hi")], None, None, false)
-                .unwrap_err()
-                .to_string();
+            let err = refusal(t);
             assert!(err.contains("next to a bracket"), "{t}: {err}");
         }
         // `~` turns a lazily repeated list into a string: 100 million items.
@@ -192,9 +193,7 @@ mod tests {
             "{{ 'xxxxxxxxxxxxxxxx' * 99999999 }}",
             "{% set l = ['x' * 1000] %}{{ (l * 100000) ~ '' }}",
         ] {
-            let err = render_chat(t, &[ChatMessage::user("hi")], None, None, false)
-                .unwrap_err()
-                .to_string();
+            let err = refusal(t);
             assert!(err.contains("work budget"), "{t}: {err}");
         }
         // Ordinary arithmetic, repeats and joins render as minijinja renders them.
@@ -215,9 +214,7 @@ mod tests {
         assert_eq!(out, want);
         // A string doubled 40 times would be a terabyte.
         let t = "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}";
-        let err = render_chat(t, &[ChatMessage::user("hi")], None, None, false)
-            .unwrap_err()
-            .to_string();
+        let err = refusal(t);
         assert!(err.contains("work budget"), "{err}");
         // A real template over a long conversation of long messages stays inside it.
         let long: Vec<ChatMessage> = (0..4000)

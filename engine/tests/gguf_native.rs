@@ -442,6 +442,63 @@ fn errors_name_the_file_and_the_tensor_or_key() {
     assert!(GgufModel::open(&missing).is_err());
 }
 
+/// One prompt prefilled in a single paged pass, every row sampled: what the TP grid
+/// tests feed a runner and the whole model alike.
+struct Prompt {
+    ids: Vec<u32>,
+    positions: Vec<u32>,
+    meta: llmem_engine::cache::paged::PagedMetadata,
+    rows: Vec<usize>,
+}
+
+impl Prompt {
+    fn new(n: usize) -> Prompt {
+        use llmem_engine::cache::block_manager::SeqId;
+        use llmem_engine::engine::scheduler::{ScheduledBatch, ScheduledSeq};
+        let ids: Vec<u32> = (0..n).map(|i| ((i * 37 + 5) % 258) as u32).collect();
+        let batch = ScheduledBatch {
+            seqs: vec![ScheduledSeq {
+                seq: SeqId(0),
+                tokens: ids.clone(),
+                start_pos: 0,
+                slots: (0..n).collect(),
+                block_table: (0..n.div_ceil(16) as u32).collect(),
+                sample: true,
+            }],
+        };
+        Prompt {
+            ids,
+            positions: (0..n as u32).collect(),
+            meta: llmem_engine::engine::paged_metadata(&batch),
+            rows: (0..n).collect(),
+        }
+    }
+
+    /// Every row's logits from a TP x PP grid.
+    fn grid_logits(&self, runner: &mut llmem_engine::engine::runner::ParallelRunner) -> Vec<f32> {
+        runner
+            .forward_paged(&self.ids, &self.positions, &self.meta, &self.rows)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// Every row's logits from the whole model.
+    fn whole_logits(&self, model: &Model) -> Vec<f32> {
+        let n = self.ids.len();
+        let mut cache = model.new_cache(n).unwrap();
+        model
+            .forward_all_logits(&self.ids, &AttnMetadata::single(0, n), &mut [&mut cache])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+}
+
 /// Regression test for the GGUF + `--tp` load race (issue 19): the ranks of a TP grid
 /// read one Q8_0 GGUF's tensors from their own threads at once. Loaded eight times, the
 /// grid gives bit-identical logits every time (a load that read a tensor at another
@@ -449,31 +506,15 @@ fn errors_name_the_file_and_the_tensor_or_key() {
 /// same file within float summation order.
 #[test]
 fn a_tp_grid_loads_a_gguf_the_same_way_every_time() {
-    use llmem_engine::cache::block_manager::SeqId;
     use llmem_engine::cache::paged::KvDtype;
     use llmem_engine::engine::runner::ParallelRunner;
-    use llmem_engine::engine::scheduler::{ScheduledBatch, ScheduledSeq};
     use llmem_engine::parallel::spec::ParallelSpec;
     use std::sync::Arc;
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q8.gguf");
     write_gguf(&path, "llama", true, &all(GgmlDType::Q8_0), None);
-    let n = 24usize;
-    let ids: Vec<u32> = (0..n).map(|i| ((i * 37 + 5) % 258) as u32).collect();
-    let positions: Vec<u32> = (0..n as u32).collect();
-    let batch = ScheduledBatch {
-        seqs: vec![ScheduledSeq {
-            seq: SeqId(0),
-            tokens: ids.clone(),
-            start_pos: 0,
-            slots: (0..n).collect(),
-            block_table: (0..n.div_ceil(16) as u32).collect(),
-            sample: true,
-        }],
-    };
-    let meta = llmem_engine::engine::paged_metadata(&batch);
-    let rows: Vec<usize> = (0..n).collect();
+    let prompt = Prompt::new(24);
     let spec = ParallelSpec {
         tp: 2,
         pp: 2,
@@ -492,13 +533,7 @@ fn a_tp_grid_loads_a_gguf_the_same_way_every_time() {
             KvDtype::F32,
         )
         .unwrap();
-        let got: Vec<f32> = runner
-            .forward_paged(&ids, &positions, &meta, &rows)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got = prompt.grid_logits(&mut runner);
         assert!(got.iter().all(|x| x.is_finite()), "load {load}: NaN logits");
         match &first {
             None => first = Some(got),
@@ -514,14 +549,7 @@ fn a_tp_grid_loads_a_gguf_the_same_way_every_time() {
     let whole = Model::load_gguf(&path, Some(&f32_fmt()), &Device::Cpu)
         .unwrap()
         .0;
-    let mut cache = whole.new_cache(n).unwrap();
-    let want: Vec<f32> = whole
-        .forward_all_logits(&ids, &AttnMetadata::single(0, n), &mut [&mut cache])
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let want = prompt.whole_logits(&whole);
     let diff = max_abs_diff(first.as_ref().unwrap(), &want);
     assert!(diff < 1e-3, "TP 2 x PP 2 vs whole model: max |diff| {diff}");
 }
@@ -533,29 +561,14 @@ fn a_tp_grid_loads_a_gguf_the_same_way_every_time() {
 /// from the file's tensor table.
 #[test]
 fn a_stored_gguf_splits_natively_and_every_rank_holds_the_planned_bytes() {
-    use llmem_engine::cache::block_manager::SeqId;
     use llmem_engine::cache::paged::KvDtype;
     use llmem_engine::engine::runner::{planned_rank_memory, ParallelRunner};
-    use llmem_engine::engine::scheduler::{ScheduledBatch, ScheduledSeq};
     use llmem_engine::parallel::spec::ParallelSpec;
     use std::sync::Arc;
 
     let dir = tempfile::tempdir().unwrap();
-    let n = 24usize;
-    let ids: Vec<u32> = (0..n).map(|i| ((i * 37 + 5) % 258) as u32).collect();
-    let positions: Vec<u32> = (0..n as u32).collect();
-    let batch = ScheduledBatch {
-        seqs: vec![ScheduledSeq {
-            seq: SeqId(0),
-            tokens: ids.clone(),
-            start_pos: 0,
-            slots: (0..n).collect(),
-            block_table: (0..n.div_ceil(16) as u32).collect(),
-            sample: true,
-        }],
-    };
-    let meta = llmem_engine::engine::paged_metadata(&batch);
-    let rows: Vec<usize> = (0..n).collect();
+    let prompt = Prompt::new(24);
+    let n = prompt.ids.len();
     let q8 = all(GgmlDType::Q8_0);
     let files: [(&str, DtypeOf, bool); 3] = [
         ("q8_0", &q8, false),
@@ -566,14 +579,7 @@ fn a_stored_gguf_splits_natively_and_every_rank_holds_the_planned_bytes() {
         let path = dir.path().join(format!("{label}.gguf"));
         write_gguf(&path, "llama", untied, dtype_of, None);
         let whole = native(&path);
-        let mut cache = whole.new_cache(n).unwrap();
-        let want: Vec<f32> = whole
-            .forward_all_logits(&ids, &AttnMetadata::single(0, n), &mut [&mut cache])
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let want = prompt.whole_logits(&whole);
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
         for (tp, pp, vocab_parallel) in [(2, 1, false), (2, 1, true), (1, 2, false), (2, 2, true)] {
             let what = format!("{label}: TP {tp} PP {pp} vocab-parallel {vocab_parallel}");
@@ -595,13 +601,7 @@ fn a_stored_gguf_splits_natively_and_every_rank_holds_the_planned_bytes() {
                 KvDtype::F32,
             )
             .unwrap();
-            let got: Vec<f32> = runner
-                .forward_paged(&ids, &positions, &meta, &rows)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let got = prompt.grid_logits(&mut runner);
             let diff = max_abs_diff(&got, &want);
             assert!(diff < 1e-3 * scale, "{what}: max |diff| {diff} of {scale}");
             let planned = planned_rank_memory(
