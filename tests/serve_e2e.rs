@@ -124,29 +124,34 @@ fn dashboard_draws_in_headless_chromium() {
     assert!(out_dir.join("dashboard.png").exists());
 }
 
-/// A TP 3 server: the dashboard offers every rank, lists them, and charts the one asked
-/// for in the address.
+/// A PP 2 server (2 ranks) and a TP 3 server: the dashboard offers every rank, lists
+/// them, and charts the one asked for in the address.
 #[test]
-fn dashboard_shows_every_rank_of_a_tensor_parallel_server() {
+fn dashboard_shows_every_rank_of_a_parallel_server() {
     if std::env::var("LLMEM_SKIP_BROWSER").as_deref() == Ok("1") || !model_available() {
         return;
     }
     let chromium = std::env::var("LLMEM_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(Path::new(&chromium).exists(), "no Chromium at {chromium}");
-    let server = serve(&["--tp", "3"]);
-    let _ = http(
-        &server.addr,
-        "POST",
-        "/v1/completions",
-        r#"{"prompt": "The capital of France is", "max_tokens": 4}"#,
-    );
-    let out_dir = tempfile_dir("dashboard-tp3");
-    let mut cmd = Command::new("python3");
-    cmd.arg(repo().join("tests/browser/check_dashboard.py"))
-        .arg(format!("http://{}/", server.addr))
-        .arg(&out_dir)
-        .args(["--chromium", &chromium, "--ranks", "3"]);
-    run_checker(cmd, "tests/browser/check_dashboard.py --ranks 3");
+    for (flag, ranks) in [("--pp", "2"), ("--tp", "3")] {
+        let server = serve(&[flag, ranks]);
+        let _ = http(
+            &server.addr,
+            "POST",
+            "/v1/completions",
+            r#"{"prompt": "The capital of France is", "max_tokens": 4}"#,
+        );
+        let out_dir = tempfile_dir(&format!("dashboard{flag}{ranks}"));
+        let mut cmd = Command::new("python3");
+        cmd.arg(repo().join("tests/browser/check_dashboard.py"))
+            .arg(format!("http://{}/", server.addr))
+            .arg(&out_dir)
+            .args(["--chromium", &chromium, "--ranks", ranks]);
+        run_checker(
+            cmd,
+            &format!("tests/browser/check_dashboard.py --ranks {ranks} ({flag} {ranks})"),
+        );
+    }
 }
 
 #[test]

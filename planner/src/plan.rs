@@ -488,8 +488,9 @@ pub struct RankPass {
     /// The weights are in a block format, whose kernels take the activations quantized
     /// to bytes.
     pub block_quantized: bool,
-    /// Unfused attention: the f32 scores of each local head over this many keys (the
-    /// longest context in the pass). `None`: a fused kernel keeps no score matrix.
+    /// Unfused attention: the f32 scores and probabilities of each local head over this
+    /// many keys (the longest context in the pass). `None`: a fused kernel keeps no score
+    /// matrix.
     pub unfused_keys: Option<u64>,
 }
 
@@ -528,8 +529,12 @@ impl PassPhases {
 ///   positions (`4 t` bytes);
 /// - attention: q, k, v and their rotated copies (`2 t (q + 2 kv)` values), the f32 copies
 ///   handed to the paged kernel (`4 t (q + 2 kv)` bytes), its f32 output (`4 t q` bytes)
-///   and the output cast back (`t q` values); unfused attention adds the f32 scores of
-///   each local head over the longest context;
+///   and the output cast back (`t q` values). Unfused attention (score matrices, as the
+///   contiguous cache's prefill and eager implementations compute it) has no copies for a
+///   kernel; it holds instead the f32 scores of each local head over the longest
+///   context and their softmax, alive together, and the causal mask (`(2 x 4 heads + 4)
+///   t keys` bytes), and with 16-bit values f32 copies of q and of the context's keys and
+///   values (`4 t q + 8 keys kv` bytes);
 /// - MLP: gate, up, silu(gate) x up (one fused step: `3 t i` values) and the down output
 ///   (`t h`); block formats add the down projection's input quantized to bytes with an
 ///   f32 scale per 32 (`t (i + i/8)` bytes);
@@ -566,21 +571,36 @@ pub fn pass_phases(shape: &ModelShape, p: &RankPass) -> Result<PassPhases, PlanE
     let resident = rows(2 * h + shape.head_dim, 4, "resident activations")?;
     let projected = rows(h * (1 + (tp - 1).min(2)), 0, "all-reduce activations")?;
     let (attention, mlp) = if p.holds_layers {
-        let mut attention = rows(
-            2 * (q + 2 * kv) + q,
-            4 * (q + 2 * kv) + 4 * q,
-            "attention activations",
-        )?;
-        if let Some(keys) = p.unfused_keys {
-            let scores = ck(
-                heads
-                    .checked_mul(t)
-                    .and_then(|x| x.checked_mul(keys))
-                    .and_then(|x| x.checked_mul(4)),
-                "attention scores",
-            )?;
-            attention = ck(attention.checked_add(scores), "attention activations")?;
-        }
+        let attention = match p.unfused_keys {
+            None => rows(
+                2 * (q + 2 * kv) + q,
+                4 * (q + 2 * kv) + 4 * q,
+                "attention activations",
+            )?,
+            Some(keys) => {
+                // Scores and probabilities of each local head, and the causal mask.
+                let per_key = heads.checked_mul(2 * 4).and_then(|x| x.checked_add(4));
+                let scores = per_key
+                    .and_then(|x| x.checked_mul(t))
+                    .and_then(|x| x.checked_mul(keys));
+                // 16-bit values are multiplied in f32: a copy of q and of the context's
+                // keys and values.
+                let copies = if e == 4 {
+                    Some(0)
+                } else {
+                    keys.checked_mul(8 * kv)
+                        .and_then(|x| x.checked_add(4 * q * t))
+                };
+                let own = rows(2 * (q + 2 * kv) + q, 4 * q, "attention activations")?;
+                ck(
+                    scores
+                        .zip(copies)
+                        .and_then(|(s, c)| s.checked_add(c))
+                        .and_then(|x| x.checked_add(own)),
+                    "attention scores",
+                )?
+            }
+        };
         let quantized_input = if p.block_quantized { i + i / 8 } else { 0 };
         let mlp = rows(3 * i + h, quantized_input, "MLP activations")?;
         (attention.max(projected), mlp.max(projected))
@@ -1144,8 +1164,11 @@ mod tests {
         // 2 x ((64 + 100) x 2 + 100 x 4)
         assert_eq!(p.logits, 1456);
         assert_eq!(p.peak(), (2920 + 14080, "attention"));
-        // Block weights add 10 x (128 + 16) bytes to the MLP; unfused attention adds 4
-        // heads x 10 tokens x 7 keys x 4 bytes.
+        // Block weights add 10 x (128 + 16) bytes to the MLP. Unfused attention drops the
+        // kernel's f32 copies of q, k and v (10 x 4 x 128 bytes) and adds the scores,
+        // probabilities and mask ((2 x 4 heads x 4 + 4) x 10 tokens x 7 keys) and, with
+        // 16-bit values, f32 copies of q (4 x 10 x 64) and of 7 keys' and values' 32
+        // values each (8 x 7 x 32).
         let q = pass_phases(
             &shape,
             &RankPass {
@@ -1156,7 +1179,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(q.mlp, 8960 + 1440);
-        assert_eq!(q.attention, 14080 + 1120);
+        assert_eq!(q.attention, 14080 - 5120 + 36 * 70 + 2560 + 1792);
         // TP 2, rank 1, vocabulary split: q 32, kv 16 (one KV head), intermediate 64,
         // 50 vocabulary rows; the f32 logits stay whole.
         let r = pass_phases(

@@ -171,7 +171,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 t.decode_tokens_per_s,
                 llmem_planner::human_bytes(m.weights_bytes),
                 llmem_planner::human_bytes(m.kv_cache_bytes),
-                llmem_planner::human_bytes(m.activation_peak_bytes),
+                match m.activation_peak_measured_bytes {
+                    Some(b) => format!(
+                        "{} measured ({} planned)",
+                        llmem_planner::human_bytes(b),
+                        llmem_planner::human_bytes(m.activation_peak_bytes)
+                    ),
+                    None => format!("{} planned", llmem_planner::human_bytes(m.activation_peak_bytes)),
+                },
                 super::rss_text(),
             );
         }

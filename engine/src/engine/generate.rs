@@ -53,8 +53,13 @@ pub struct MemoryReport {
     pub weights_bytes: u64,
     /// Bytes allocated for this sequence's KV cache.
     pub kv_cache_bytes: u64,
-    /// [`Model::activation_peak_bytes`] of the largest pass (an estimate, not measured).
+    /// [`Model::contiguous_activation_peak_bytes`] of the largest pass: the planner's
+    /// formula (an estimate).
     pub activation_peak_bytes: u64,
+    /// The largest working set of one pass as the counting allocator saw it (the heap's
+    /// activations above where they stood before the pass); `None` where
+    /// [`crate::heap::CountingAlloc`] is not the global allocator.
+    pub activation_peak_measured_bytes: Option<u64>,
 }
 
 /// A finished generation.
@@ -109,7 +114,15 @@ pub fn generate(
 
     let prefill_meta = AttnMetadata::single(0, prompt_len);
     let start = Instant::now();
-    let logits = model.forward(&req.prompt_ids, &prefill_meta, &mut [&mut cache])?;
+    let mut measured_peak = 0u64;
+    let mut pass = |ids: &[u32], meta: &AttnMetadata, cache: &mut KvCache| {
+        let (out, peak) = crate::heap::measure(crate::heap::Component::Activations, 0, || {
+            model.forward(ids, meta, &mut [cache])
+        });
+        measured_peak = measured_peak.max(peak);
+        out
+    };
+    let logits = pass(&req.prompt_ids, &prefill_meta, &mut cache)?;
     let mut logits: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
     let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
 
@@ -145,7 +158,7 @@ pub fn generate(
         }
         let step = Instant::now();
         let meta = AttnMetadata::single(cache.len(), 1);
-        let out = model.forward(&[token], &meta, &mut [&mut cache])?;
+        let out = pass(&[token], &meta, &mut cache)?;
         logits = out.squeeze(0)?.to_vec1()?;
         decode_ms += step.elapsed().as_secs_f64() * 1e3;
         decode_passes += 1;
@@ -159,10 +172,9 @@ pub fn generate(
         }
     }
 
-    let decode_meta = AttnMetadata::single(capacity.saturating_sub(1), 1);
     let activation_peak_bytes = model
-        .activation_peak_bytes(&prefill_meta, 1)
-        .max(model.activation_peak_bytes(&decode_meta, 1));
+        .contiguous_activation_peak_bytes(&cache, prompt_len, prompt_len)
+        .max(model.contiguous_activation_peak_bytes(&cache, 1, capacity));
     Ok(GenerateOutput {
         prompt_token_ids: req.prompt_ids.clone(),
         token_ids,
@@ -178,6 +190,7 @@ pub fn generate(
             weights_bytes: model.weights_bytes(),
             kv_cache_bytes: cache.bytes(),
             activation_peak_bytes,
+            activation_peak_measured_bytes: crate::heap::installed().then_some(measured_peak),
         },
         top_logprobs: all_top,
     })

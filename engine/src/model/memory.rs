@@ -1,55 +1,40 @@
-//! What one forward pass holds at its peak, estimated from the pass's own tensors (not
-//! measured): the figure the engine reserves for activations when it sizes the KV cache
-//! from a budget, and the one it reports per rank. The paged figure is the planner's
-//! formula; the contiguous cache's (`Model::activation_peak_bytes`, with score matrices)
-//! is its own.
+//! What one forward pass holds at its peak, estimated (not measured) by the planner's
+//! activation formula, the one formula: the figure the engine reserves for activations
+//! when it sizes the KV cache from a budget, the one it reports per rank as planned, and
+//! the contiguous cache's (one-rank `llmem generate`), with score matrices where that path
+//! computes them.
 
 use llmem_planner::ModelShape;
 
-use crate::layers::attention::AttnMetadata;
+use crate::cache::contiguous::KvCache;
 use crate::parallel::spec::ShardSpec;
 
 use super::Model;
 use candle_core::DType;
 
 impl Model {
-    /// Estimated peak bytes of activations alive at once in one pass of `meta` that
-    /// computes logits for `logits_rows` rows.
-    ///
-    /// This is arithmetic over this forward pass's own tensors, not a measurement: the
-    /// residual stream and its normed copy are alive throughout; on top of them the
-    /// largest of (a) attention: q, k, v, their rotated copies, and per sequence the f32
-    /// scores and probabilities of the longest sequence plus its output, (b) MLP: gate,
-    /// up, silu(gate) x up (one fused step) and the down output, (c) LM head: the selected rows,
-    /// the logits in the model dtype and their f32 copy. Rope tables and masks are small
-    /// and left out.
-    pub fn activation_peak_bytes(&self, meta: &AttnMetadata, logits_rows: usize) -> u64 {
-        let s = &self.shape;
-        let e = self.dtype.size_in_bytes() as u64;
-        let t = meta.num_tokens() as u64;
-        let (h, q, kv, i, v) = (
-            s.hidden_size,
-            s.q_dim(),
-            s.kv_dim(),
-            s.intermediate_size,
-            s.vocab_size,
+    /// Estimated peak bytes of activations alive at once in one pass of a single
+    /// sequence through the contiguous cache `cache`: `query_len` new tokens over a
+    /// context of `context_len` tokens, logits for one row. The planner's formula
+    /// ([`llmem_planner::pass_phases`]) with unfused attention where this path computes
+    /// score matrices (more than one query on a float cache, or any pass off the CPU);
+    /// one query on the CPU and the block-quantized caches run the fused kernel.
+    pub fn contiguous_activation_peak_bytes(
+        &self,
+        cache: &KvCache,
+        query_len: usize,
+        context_len: usize,
+    ) -> u64 {
+        let fused = cache.is_blocks() || (query_len == 1 && self.device.is_cpu());
+        let mut pass = rank_pass(
+            self.dtype,
+            self.spec,
+            self.format.precision.is_quantized(),
+            query_len,
+            1,
         );
-        let resident = 2 * t * h * e;
-        let longest_scores = (0..meta.num_seqs())
-            .map(|n| {
-                let (ql, ctx) = (meta.query_lens[n] as u64, meta.context_len(n) as u64);
-                // f32 q, scores, probs, output
-                4 * (ql * q + 2 * s.num_attention_heads * ql * ctx + ql * q + 2 * ctx * kv)
-            })
-            .max()
-            .unwrap_or(0);
-        let attention = 2 * t * (q + 2 * kv) * e + longest_scores + t * q * e;
-        let mlp = t * (3 * i + h) * e;
-        let rows = logits_rows as u64;
-        // The f32 copy for sampling is the same tensor when the model dtype is f32.
-        let f32_copy = if e == 4 { 0 } else { rows * v * 4 };
-        let logits = rows * h * e + rows * v * e + f32_copy;
-        resident + attention.max(mlp).max(logits)
+        pass.unfused_keys = (!fused).then_some(context_len as u64);
+        peak(&self.shape, &pass)
     }
 
     /// Estimated peak bytes of activations alive at once in one paged pass of
@@ -86,8 +71,27 @@ pub fn rank_activation_peak_bytes(
     num_tokens: usize,
     logits_rows: usize,
 ) -> u64 {
+    peak(
+        shape,
+        &rank_pass(dtype, spec, block_quantized, num_tokens, logits_rows),
+    )
+}
+
+/// The peak of `pass`; a figure that overflows 64 bits reads as `u64::MAX`.
+fn peak(shape: &ModelShape, pass: &llmem_planner::RankPass) -> u64 {
+    llmem_planner::pass_phases(shape, pass).map_or(u64::MAX, |phases| phases.peak().0)
+}
+
+/// One rank's pass as the planner's formula takes it (fused attention).
+fn rank_pass(
+    dtype: DType,
+    spec: ShardSpec,
+    block_quantized: bool,
+    num_tokens: usize,
+    logits_rows: usize,
+) -> llmem_planner::RankPass {
     let p = spec.parallel;
-    let pass = llmem_planner::RankPass {
+    llmem_planner::RankPass {
         tokens: num_tokens as u64,
         logit_rows: logits_rows as u64,
         value_bytes: dtype.size_in_bytes() as u64,
@@ -99,6 +103,5 @@ pub fn rank_activation_peak_bytes(
         vocab_parallel: p.vocab_parallel,
         block_quantized,
         unfused_keys: None,
-    };
-    llmem_planner::pass_phases(shape, &pass).map_or(u64::MAX, |phases| phases.peak().0)
+    }
 }

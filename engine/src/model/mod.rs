@@ -470,8 +470,12 @@ impl Model {
         let (embed_tokens, norm) = self.whole()?;
         self.check_pass(num_tokens, meta, caches)?;
         let (cos, sin) = self.rope.at(positions)?;
+        // A block-quantized cache attends through the fused kernel, which needs no mask.
         let masks = (0..meta.num_seqs())
-            .map(|s| causal_mask(meta.cached_lens[s], meta.query_lens[s], &self.device))
+            .map(|s| match caches.get(s).is_some_and(|c| c.is_blocks()) {
+                true => Ok(None),
+                false => causal_mask(meta.cached_lens[s], meta.query_lens[s], &self.device),
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let pass = PassInputs {
             cos,
