@@ -7,6 +7,10 @@
 //! quantized matmul on the same blocks, for SmolLM2-135M's gate projection (1536 x 576)
 //! at 1, 32 and 512 input rows, Q8_0 and Q4_1 (candle has no SIMD Q4_1 dot).
 //!
+//! Third: the dense gemm's register tiles (`llmem_kernels::gemm`) against the matvec and
+//! candle's f32 matmul (with the transposed weight it takes), f32 and f16 weights, the
+//! gate projection's shape at 2, 32 and 512 input rows, on the level `LLMEM_CPU` allows.
+//!
 //! Run: `RAYON_NUM_THREADS=2 cargo bench --bench kernels`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -166,5 +170,41 @@ fn bench_packed(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench, bench_packed);
+fn bench_gemm(c: &mut Criterion) {
+    use candle_core::{Device, Tensor};
+    use half::f16;
+    use llmem_kernels::{gemm::gemm, matvec::matvec};
+
+    let level = llmem_kernels::cpu::init().unwrap();
+    if !llmem_kernels::gemm::tiled() {
+        eprintln!(
+            "no gemm tiles at the {} level: gemm would be the matvec",
+            level.name()
+        );
+        return;
+    }
+    let (n, k) = (1536, 576);
+    let mut rng = Values(0x6E33);
+    let w: Vec<f32> = (0..n * k).map(|_| rng.next_f32() * 0.1).collect();
+    let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+    let wt = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap();
+    let wt = wt.t().unwrap();
+    for m in [2usize, 32, 512] {
+        let x: Vec<f32> = (0..m * k).map(|_| rng.next_f32()).collect();
+        let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+        let mut out = vec![0f32; m * n];
+        let mut group = c.benchmark_group(format!("gemm/{}_{n}x{k}_rows{m}", level.name()));
+        group.throughput(Throughput::Elements((m * n * k) as u64));
+        group.sample_size(10);
+        group.bench_function("tiles_f32", |b| b.iter(|| gemm(&x, m, &w, n, k, &mut out)));
+        group.bench_function("tiles_f16", |b| b.iter(|| gemm(&x, m, &wh, n, k, &mut out)));
+        group.bench_function("matvec_f32", |b| {
+            b.iter(|| matvec(&x, m, &w, n, k, &mut out))
+        });
+        group.bench_function("candle_f32", |b| b.iter(|| xt.matmul(&wt).unwrap()));
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench, bench_packed, bench_gemm);
 criterion_main!(benches);

@@ -50,6 +50,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    llmem::procfs::keep_freed_blocks();
     // The kernel level first: a bad LLMEM_CPU stops here, before any work.
     let level = match llmem_kernels::cpu::init() {
         Ok(l) => l,

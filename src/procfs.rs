@@ -80,6 +80,30 @@ pub fn allocator_free_bytes() -> Option<u64> {
     None
 }
 
+/// Blocks up to this size come from malloc's heap, not from a fresh `mmap` each.
+pub const MMAP_THRESHOLD: usize = 32 << 20;
+/// Free memory at the top of malloc's heap kept for reuse, up to this size.
+pub const TRIM_THRESHOLD: usize = 128 << 20;
+
+/// Tune glibc's malloc for a forward pass's tensors (a no-op elsewhere). With glibc's
+/// defaults (a threshold of 128 KiB that moves as blocks are freed) a pass's large
+/// tensors kept coming from fresh `mmap`s, unmapped when freed, so their pages faulted
+/// in and were zeroed by the kernel on every pass: 6-7% of a 512-token prefill's profile.
+/// Blocks up to [`MMAP_THRESHOLD`] now come from the heap, and up to [`TRIM_THRESHOLD`]
+/// of free heap is kept for the next pass (docs/results.md section 13 has the measured
+/// prefill). What is kept is counted: it is the ledger's allocator free memory
+/// ([`allocator_free_bytes`]).
+pub fn keep_freed_blocks() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only sets the allocator's parameters; called before threads start.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as libc::c_int);
+        }
+    }
+}
+
 /// Machine memory in use (`MemTotal - MemAvailable`), if /proc says.
 pub fn machine_used_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

@@ -485,12 +485,23 @@ impl Prompt {
             .unwrap()
     }
 
-    /// Every row's logits from the whole model.
+    /// Every row's logits from the whole model, through the same paged pass as the grid
+    /// (blocks of 16). Block formats quantize the activations to bytes, so float order
+    /// alone (the contiguous cache's one block of every key against the grid's blocks of
+    /// 16 in the running softmax) can move a logit by a quantization step.
     fn whole_logits(&self, model: &Model) -> Vec<f32> {
-        let n = self.ids.len();
-        let mut cache = model.new_cache(n).unwrap();
+        let blocks = self.ids.len().div_ceil(16);
+        let mut cache = model
+            .new_paged_cache(blocks, 16, llmem_engine::cache::paged::KvDtype::F32)
+            .unwrap();
         model
-            .forward_all_logits(&self.ids, &AttnMetadata::single(0, n), &mut [&mut cache])
+            .forward_paged(
+                &self.ids,
+                &self.positions,
+                &self.meta,
+                &mut cache,
+                &self.rows,
+            )
             .unwrap()
             .flatten_all()
             .unwrap()

@@ -219,8 +219,13 @@ fn every_rank_of_a_grid_counts_its_own_shard() {
             assert!(*last > 0, "rank {r}");
         }
         drop(engine);
+        // Every weight block is freed. One block may stay counted: rayon's global queue
+        // (crossbeam's injector) keeps its newest block of 63 job slots, 1,520 B, for
+        // good, made by whichever thread queued the job that filled the one before; a
+        // rank thread queueing the random weights' fill at load makes it under `Weights`.
         for (r, before) in weights_before.iter().enumerate() {
-            assert_eq!(heap::live(Component::Weights, r), *before, "rank {r} freed");
+            let left = heap::live(Component::Weights, r) - *before;
+            assert!(left == 0 || left == 1520, "rank {r} freed all but {left} B");
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod elem;
+pub mod gemm;
 pub mod matvec;
 pub mod ops;
 pub mod packed;

@@ -326,9 +326,9 @@ impl Attention {
                 &v.narrow(0, start, qlen)?,
             )?;
             let q_s = q.narrow(0, start, qlen)?;
-            // The direct decode loop reads host memory; a GPU takes the general path.
-            outs.push(if qlen == 1 && q_s.device().is_cpu() {
-                attend_one_query(&q_s, &k_all, &v_all)?
+            // The fused kernel reads host memory; a GPU takes the general path.
+            outs.push(if q_s.device().is_cpu() {
+                attend_fused(&q_s, &k_all, &v_all, meta.cached_lens[s])?
             } else {
                 self.attend(&q_s, &k_all, &v_all, pass.masks[s].as_ref())?
             });
@@ -392,23 +392,34 @@ impl Attention {
     }
 }
 
-/// Decode attention of one query token over the contiguous cache, by the paged decode
-/// kernel (SIMD, f32 accumulation, K/V read in the cache's dtype).
+/// Attention of a sequence's new queries over the contiguous cache, by the paged kernel
+/// (SIMD, f32 accumulation, K/V read in the cache's dtype, a running softmax per query:
+/// no score matrix, no mask).
 ///
-/// q: (1, heads, head_dim); k, v: (ctx, kv_heads, head_dim) contiguous views of the cache.
-/// Returns (1, heads * head_dim) in q's dtype. Same math as [`Attention::attend`] without
-/// a mask (one query sees every cached position); it exists because gemm's setup cost on
-/// these tiny per-head products dominated decode at long contexts. Tested against the
-/// general path by the prefill-then-decode tests.
-pub(crate) fn attend_one_query(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+/// q: (qlen, heads, head_dim), the queries at positions `cached..cached + qlen`; k, v:
+/// (cached + qlen, kv_heads, head_dim) contiguous views of the cache. Returns (qlen,
+/// heads * head_dim) in q's dtype. Same math as [`Attention::attend`] with its causal
+/// mask: query `i` sees the first `cached + i + 1` positions. It exists because gemm's
+/// setup cost on the tiny per-head products dominated decode at long contexts, and the
+/// score matrices, their softmax and the mask were most of a prefill's time outside the
+/// projections. Tested against the general path by the prefill-then-decode tests.
+pub(crate) fn attend_fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cached: usize,
+) -> candle_core::Result<Tensor> {
     use candle_core::{CpuStorage, Storage};
-    use llmem_kernels::{AttentionParams, CacheElem, CacheShape};
+    use llmem_kernels::{AttentionParams, CacheShape};
 
-    let (_, nh, hd) = q.dims3()?;
+    let (qlen, nh, hd) = q.dims3()?;
     let (ctx, nkv, _) = k.dims3()?;
+    if ctx != cached + qlen {
+        candle_core::bail!("attention: {ctx} cached keys for {cached} + {qlen} positions")
+    }
     let q32: Vec<f32> = q.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
     // The cache rows 0..ctx are one block of `ctx` tokens in the paged kernel's layout
-    // (token, kv head, dim), so the paged decode kernel runs over them as they are.
+    // (token, kv head, dim), so the paged kernel runs over them as they are.
     let params = AttentionParams {
         num_heads: nh,
         scale: 1.0 / (hd as f32).sqrt(),
@@ -420,35 +431,59 @@ pub(crate) fn attend_one_query(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_cor
         },
         max_blocks_per_seq: 1,
     };
-    fn heads<T: CacheElem>(
-        q: &[f32],
-        k: &[T],
-        v: &[T],
-        p: &AttentionParams,
-    ) -> candle_core::Result<Vec<f32>> {
-        let mut out = vec![0f32; q.len()];
-        let ctx = p.cache.block_size as u32;
-        llmem_kernels::paged_attention(&mut out, q, k, v, &[0], &[0], &[ctx], p)
-            .map_err(|e| candle_core::Error::Msg(format!("decode attention: {e}")))?;
-        Ok(out)
-    }
-
+    let query_seq = vec![0u32; qlen];
+    let context_lens: Vec<u32> = (cached + 1..=ctx).map(|c| c as u32).collect();
+    let heads = Heads {
+        query_seq: &query_seq,
+        context_lens: &context_lens,
+        params: &params,
+    };
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
     let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
-        candle_core::bail!("decode attention: the cache is not on the CPU")
+        candle_core::bail!("attention: the cache is not on the CPU")
     };
     let (Some((k0, k1)), Some((v0, v1))) = (kl.contiguous_offsets(), vl.contiguous_offsets())
     else {
-        candle_core::bail!("decode attention: cache views must be contiguous")
+        candle_core::bail!("attention: cache views must be contiguous")
     };
     let out = match (kc, vc) {
-        (CpuStorage::F32(k), CpuStorage::F32(v)) => heads(&q32, &k[k0..k1], &v[v0..v1], &params),
-        (CpuStorage::BF16(k), CpuStorage::BF16(v)) => heads(&q32, &k[k0..k1], &v[v0..v1], &params),
-        (CpuStorage::F16(k), CpuStorage::F16(v)) => heads(&q32, &k[k0..k1], &v[v0..v1], &params),
-        _ => candle_core::bail!("decode attention: unsupported cache dtype {:?}", k.dtype()),
+        (CpuStorage::F32(k), CpuStorage::F32(v)) => heads.run(&q32, &k[k0..k1], &v[v0..v1]),
+        (CpuStorage::BF16(k), CpuStorage::BF16(v)) => heads.run(&q32, &k[k0..k1], &v[v0..v1]),
+        (CpuStorage::F16(k), CpuStorage::F16(v)) => heads.run(&q32, &k[k0..k1], &v[v0..v1]),
+        _ => candle_core::bail!("attention: unsupported cache dtype {:?}", k.dtype()),
     }?;
-    Tensor::from_vec(out, (1, nh * hd), q.device())?.to_dtype(q.dtype())
+    Tensor::from_vec(out, (qlen, nh * hd), q.device())?.to_dtype(q.dtype())
+}
+
+/// The paged kernel's inputs for [`attend_fused`], but the cache.
+struct Heads<'a> {
+    query_seq: &'a [u32],
+    context_lens: &'a [u32],
+    params: &'a llmem_kernels::AttentionParams,
+}
+
+impl Heads<'_> {
+    fn run<T: llmem_kernels::CacheElem>(
+        &self,
+        q: &[f32],
+        k: &[T],
+        v: &[T],
+    ) -> candle_core::Result<Vec<f32>> {
+        let mut out = vec![0f32; q.len()];
+        llmem_kernels::paged_attention(
+            &mut out,
+            q,
+            k,
+            v,
+            &[0],
+            self.query_seq,
+            self.context_lens,
+            self.params,
+        )
+        .map_err(|e| candle_core::Error::Msg(format!("attention: {e}")))?;
+        Ok(out)
+    }
 }
 
 /// Additive causal mask of one sequence: (query_len, cached_len + query_len) f32, with

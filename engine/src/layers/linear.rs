@@ -1,13 +1,16 @@
 //! Linear layers, `y = x W^T + b`, with the weight kept in the checkpoint's
 //! `(out_features, in_features)` layout.
 //!
-//! Two paths. Many rows (prefill) go through candle's matmul (the `gemm` crate); candle
-//! 0.11's CPU matmul rejects bf16 and its f16 kernel is slow, so a half-precision weight
-//! is widened to f32 for that call (the cost is amortised over the rows).
-//! Few rows (decode, up to [`MATVEC_MAX_ROWS`]) go through `llmem_kernels::matvec`, which
-//! streams each weight row once across the rayon pool and dots it with every input row,
-//! accumulating in f32 (it is also the only bf16 path at all). `LLMEM_MATVEC=0` sends
-//! every call to gemm, to compare. Half-precision results are rounded to the weight dtype, as a bf16/f16 matmul with f32
+//! Dense weights (f32, bf16, f16) on the CPU take one of two kernels of ours. Few rows
+//! (decode, up to [`matvec_max_rows`]) go through `llmem_kernels::matvec`, which streams
+//! each weight row once across the rayon pool and dots it with every input row. More rows
+//! (prefill, batched decode) go through `llmem_kernels::gemm`'s register tiles, which read
+//! the weight as stored (f16 and bf16 widened in registers, no f32 copy of the matrix).
+//! Both accumulate in f32. On a level without the tiles (`scalar`, `neon`) many rows go
+//! through candle's matmul (the `gemm` crate) instead; candle 0.11's CPU matmul rejects
+//! bf16 and its f16 kernel is slow, so a half-precision weight is widened to f32 for that
+//! call. `LLMEM_MATVEC=0` sends every dense call to candle's matmul, to compare.
+//! Half-precision results are rounded to the weight dtype, as a bf16/f16 matmul with f32
 //! accumulation does.
 //!
 //! A third kind of weight is a GGUF block format (q8_0, q4_0, q4_1, q4_k, q6_k; and
@@ -31,12 +34,15 @@ use crate::weights::files::WeightFiles;
 use crate::weights::gguf::tensors::Part;
 use crate::weights::quant::{StoredMatrix, WeightFormat};
 
-/// Rows up to which [`Linear::forward`] uses `llmem_kernels::matvec` instead of gemm, by weight
-/// dtype, chosen from `llmem bench` runs at 1-32 sequences: for f32 weights gemm
-/// overtakes the matvec after a few rows; for bf16/f16 weights gemm first widens the
-/// whole matrix to f32, so the matvec stays ahead up to at least 32 rows.
+/// Rows up to which [`Linear::forward`] uses `llmem_kernels::matvec` instead of a gemm,
+/// by weight dtype. With `llmem_kernels::gemm`'s register tiles, one row: they are ahead
+/// from two rows on (`cargo bench --bench kernels -- gemm`). Without them, candle's gemm,
+/// chosen from `llmem bench` runs at 1-32 sequences: for f32 weights it overtakes the
+/// matvec after a few rows; for bf16/f16 weights it first widens the whole matrix to f32,
+/// so the matvec stays ahead up to at least 32 rows.
 pub fn matvec_max_rows(dtype: DType) -> usize {
     match dtype {
+        _ if llmem_kernels::gemm::tiled() => 1,
         DType::F32 => 2,
         _ => 32,
     }
@@ -184,9 +190,9 @@ impl Linear {
             .map_err(|_| candle_core::Error::Msg("forward_many: count".into()))
     }
 
-    /// x: (rows, in_features) -> (rows, out_features). A dense weight answers in its
-    /// own dtype, cast to x's when they differ (an f16 fallback matrix in an f32 model);
-    /// a quantized weight takes and returns f32.
+    /// x: (rows, in_features) -> (rows, out_features), in x's dtype. A dense weight's
+    /// product is f32 for f32 rows (an f16 matrix in an f32 model) and rounded to the
+    /// weight's dtype otherwise; a quantized weight takes and returns f32.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
             StoredMatrix::Dense(w) => {
@@ -223,20 +229,27 @@ impl Linear {
     }
 }
 
-/// x: (rows, in_features) @ w^T, in w's dtype: the matvec for few rows, gemm otherwise.
+/// x: (rows, in_features) @ w^T, f32 for f32 rows and in w's dtype otherwise: the matvec
+/// for few rows, the tiled gemm (or candle's where the level has no tiles) otherwise.
 fn dense_forward(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let rows = x.dim(0)?;
     if rows <= matvec_max_rows(w.dtype()) && w.device().is_cpu() && matvec_enabled() {
-        matvec_tensor(x, w)
+        dense_product(x, w, false)
+    } else if w.device().is_cpu() && matvec_enabled() && llmem_kernels::gemm::tiled() {
+        dense_product(x, w, true)
     } else if !w.device().is_cpu() {
         // A GPU multiplies bf16/f16 natively (cuBLAS, f32 accumulation): no f32 copy of
         // the weight, which would cost its bytes twice over on every pass.
         x.to_dtype(w.dtype())?.contiguous()?.matmul(&w.t()?)
     } else if w.dtype() != DType::F32 {
         // candle's CPU gemm has no bf16, and its f16 kernel is far slower than f32.
-        x.to_dtype(DType::F32)?
-            .matmul(&w.to_dtype(DType::F32)?.t()?)?
-            .to_dtype(w.dtype())
+        let y = x
+            .to_dtype(DType::F32)?
+            .matmul(&w.to_dtype(DType::F32)?.t()?)?;
+        match x.dtype() {
+            DType::F32 => Ok(y),
+            _ => y.to_dtype(w.dtype()),
+        }
     } else {
         x.to_dtype(DType::F32)?.matmul(&w.t()?)
     }
@@ -256,7 +269,8 @@ pub(crate) fn narrow_copy(
     t.narrow(dim, start, len)?.force_contiguous()
 }
 
-/// `LLMEM_MATVEC=0` sends every linear through gemm (for comparing the two paths).
+/// `LLMEM_MATVEC=0` sends every dense linear through candle's gemm (for comparing the
+/// paths).
 fn matvec_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("LLMEM_MATVEC").as_deref() != Ok("0"))
@@ -303,8 +317,9 @@ fn with_f32_rows<R>(
     }
 }
 
-/// `x @ w^T` for a CPU weight `w` (n, k) and few rows `x` (m, k), via [`matvec`].
-fn matvec_tensor(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+/// `x @ w^T` for a CPU weight `w` (n, k) and rows `x` (m, k), via [`matvec`] (few rows)
+/// or, with `tiles`, [`llmem_kernels::gemm::gemm`] (many).
+fn dense_product(x: &Tensor, w: &Tensor, tiles: bool) -> candle_core::Result<Tensor> {
     let (m, k) = x.dims2()?;
     let (n, wk) = w.dims2()?;
     if k != wk {
@@ -319,16 +334,33 @@ fn matvec_tensor(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
         .ok_or_else(|| candle_core::Error::Msg("matvec: weight is not contiguous".into()))?;
     let out = with_f32_rows(x, |xs| {
         let mut out = vec![0f32; m * n];
+        fn product<W: llmem_kernels::gemm::TileElem>(
+            tiles: bool,
+            xs: &[f32],
+            m: usize,
+            w: &[W],
+            n: usize,
+            k: usize,
+            out: &mut [f32],
+        ) {
+            match tiles {
+                true => llmem_kernels::gemm::gemm(xs, m, w, n, k, out),
+                false => matvec(xs, m, w, n, k, out),
+            }
+        }
         match cpu {
-            CpuStorage::F32(w) => matvec(xs, m, &w[ws..we], n, k, &mut out),
-            CpuStorage::BF16(w) => matvec(xs, m, &w[ws..we], n, k, &mut out),
-            CpuStorage::F16(w) => matvec(xs, m, &w[ws..we], n, k, &mut out),
+            CpuStorage::F32(w) => product(tiles, xs, m, &w[ws..we], n, k, &mut out),
+            CpuStorage::BF16(w) => product(tiles, xs, m, &w[ws..we], n, k, &mut out),
+            CpuStorage::F16(w) => product(tiles, xs, m, &w[ws..we], n, k, &mut out),
             _ => candle_core::bail!("matvec: unsupported weight dtype {:?}", w.dtype()),
         }
         Ok(out)
     })?;
+    // f32 sums: kept for f32 activations (a 16-bit weight in an f32 model, as a GGUF
+    // stores it), rounded to the weight's dtype for 16-bit ones, as a 16-bit matmul with
+    // f32 accumulation does.
     let y = Tensor::from_vec(out, (m, n), w.device())?;
-    if w.dtype() == DType::F32 {
+    if w.dtype() == DType::F32 || x.dtype() == DType::F32 {
         Ok(y)
     } else {
         y.to_dtype(w.dtype())

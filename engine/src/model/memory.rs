@@ -2,7 +2,7 @@
 //! activation formula, the one formula: the figure the engine reserves for activations
 //! when it sizes the KV cache from a budget, the one it reports per rank as planned, and
 //! the contiguous cache's (one-rank `llmem generate`), with score matrices where that path
-//! computes them.
+//! computes them (off the CPU).
 
 use llmem_planner::ModelShape;
 
@@ -17,15 +17,15 @@ impl Model {
     /// sequence through the contiguous cache `cache`: `query_len` new tokens over a
     /// context of `context_len` tokens, logits for one row. The planner's formula
     /// ([`llmem_planner::pass_phases`]) with unfused attention where this path computes
-    /// score matrices (more than one query on a float cache, or any pass off the CPU);
-    /// one query on the CPU and the block-quantized caches run the fused kernel.
+    /// score matrices (a float cache off the CPU); on the CPU, and for the
+    /// block-quantized caches, the fused kernel runs.
     pub fn contiguous_activation_peak_bytes(
         &self,
         cache: &KvCache,
         query_len: usize,
         context_len: usize,
     ) -> u64 {
-        let fused = cache.is_blocks() || (query_len == 1 && self.device.is_cpu());
+        let fused = cache.is_blocks() || self.device.is_cpu();
         let mut pass = rank_pass(
             self.dtype,
             self.spec,
