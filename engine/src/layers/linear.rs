@@ -18,9 +18,10 @@
 //! candle [`QTensor`]: f32 activations in, f32 out, through candle's quantized matmul
 //! (it quantizes the activations to q8 blocks and runs integer dot products, AVX2/VNNI
 //! where candle has them). See `crate::weights::quant` for which tensors get which format.
-//! Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q6_K are instead repacked at load into the interleaved
-//! layout of `llmem_kernels::packed` (same bytes) when the kernel level has packed kernels
-//! (`avx2`, `avx512`, `neon`; not `scalar`), whose kernels serve every row count.
+//! Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K are instead repacked at load into
+//! the interleaved layout of `llmem_kernels::packed` (same bytes) when the kernel level has
+//! packed kernels (`avx2`, `avx512`, `neon`; not `scalar`), whose kernels serve every row
+//! count.
 
 use candle_core::quantized::k_quants::GgmlType;
 use candle_core::quantized::{QMatMul, QTensor};
