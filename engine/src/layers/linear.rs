@@ -36,11 +36,11 @@ use crate::weights::gguf::tensors::Part;
 use crate::weights::quant::{StoredMatrix, WeightFormat};
 
 /// Rows up to which [`Linear::forward`] uses `llmem_kernels::matvec` instead of a gemm,
-/// by weight dtype. With `llmem_kernels::gemm`'s register tiles, one row: they are ahead
-/// from two rows on (`cargo bench --bench kernels -- gemm`). Without them, candle's gemm,
-/// chosen from `llmem bench` runs at 1-32 sequences: for f32 weights it overtakes the
-/// matvec after a few rows; for bf16/f16 weights it first widens the whole matrix to f32,
-/// so the matvec stays ahead up to at least 32 rows.
+/// by weight dtype. With `llmem_kernels::gemm`'s register tiles, one row: they were ahead
+/// from two rows on in a timing loop (`cargo bench --bench kernels -- gemm` times both).
+/// Without them, candle's gemm, chosen from `llmem bench` runs at 1-32 sequences: for f32
+/// weights it overtakes the matvec after a few rows; for bf16/f16 weights it first widens
+/// the whole matrix to f32, so the matvec stays ahead up to at least 32 rows.
 pub fn matvec_max_rows(dtype: DType) -> usize {
     match dtype {
         _ if llmem_kernels::gemm::tiled() => 1,
