@@ -107,6 +107,14 @@ impl KvCache {
         self.blocks.is_some()
     }
 
+    /// Whether the layers attend over this cache with score matrices and a causal mask (a
+    /// float cache off the CPU); the block caches and every cache on the CPU run the
+    /// fused paged kernel instead. The forward pass, its masks and the activation
+    /// estimate all ask this.
+    pub(crate) fn makes_scores(&self) -> bool {
+        self.k.first().is_some_and(|k| !k.device().is_cpu())
+    }
+
     /// The quantized form of [`KvCache::write`] plus attention: write k, v (`(n, kv_heads,
     /// head_dim)`) of layer `layer` at positions `offset..offset + n`, then attend q
     /// (`(n, heads, head_dim)`, causal) over positions `0..offset + n` with the paged

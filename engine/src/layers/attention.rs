@@ -327,10 +327,10 @@ impl Attention {
             )?;
             let q_s = q.narrow(0, start, qlen)?;
             // The fused kernel reads host memory; a GPU takes the general path.
-            outs.push(if q_s.device().is_cpu() {
-                attend_fused(&q_s, &k_all, &v_all, meta.cached_lens[s])?
+            outs.push(if cache.makes_scores() {
+                Self::attend(&q_s, &k_all, &v_all, pass.masks[s].as_ref())?
             } else {
-                self.attend(&q_s, &k_all, &v_all, pass.masks[s].as_ref())?
+                attend_fused(&q_s, &k_all, &v_all, meta.cached_lens[s])?
             });
             start += qlen;
         }
@@ -349,7 +349,6 @@ impl Attention {
     /// dtype of q. The `group` query heads of one KV head are stacked as rows, so one
     /// batched matmul per KV head covers them without repeating K or V.
     pub(crate) fn attend(
-        &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -402,7 +401,7 @@ impl Attention {
 /// mask: query `i` sees the first `cached + i + 1` positions. It exists because gemm's
 /// setup cost on the tiny per-head products dominated decode at long contexts, and the
 /// score matrices, their softmax and the mask were most of a prefill's time outside the
-/// projections. Tested against the general path by the prefill-then-decode tests.
+/// projections. Tested against the general path below, on random tensors.
 pub(crate) fn attend_fused(
     q: &Tensor,
     k: &Tensor,
@@ -509,4 +508,47 @@ pub(crate) fn causal_mask(
         })
         .collect();
     Tensor::from_vec(data, (query_len, ctx), device).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The fused path (every CPU pass) against the general one (score matrices and a
+    /// causal mask; a GPU's contiguous prefill): prefills, a chunk after cached
+    /// positions and single decode steps, grouped and ungrouped heads, f32 and f16
+    /// caches.
+    #[test]
+    fn fused_attention_equals_the_general_path() {
+        let dev = Device::Cpu;
+        for (nh, nkv, hd) in [(4, 2, 8), (3, 3, 16), (9, 3, 64)] {
+            for (cached, qlen) in [(0, 1), (0, 7), (5, 3), (20, 1), (16, 16)] {
+                let ctx = cached + qlen;
+                let q = Tensor::randn(0f32, 1.0, (qlen, nh, hd), &dev).unwrap();
+                let k = Tensor::randn(0f32, 1.0, (ctx, nkv, hd), &dev).unwrap();
+                let v = Tensor::randn(0f32, 1.0, (ctx, nkv, hd), &dev).unwrap();
+                for dtype in [DType::F32, DType::F16] {
+                    let (k, v) = (k.to_dtype(dtype).unwrap(), v.to_dtype(dtype).unwrap());
+                    let mask = causal_mask(cached, qlen, &dev).unwrap();
+                    let want = Attention::attend(&q, &k, &v, mask.as_ref()).unwrap();
+                    let got = attend_fused(&q, &k, &v, cached).unwrap();
+                    let diff = (got - want)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .max(0)
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(
+                        diff < 1e-4,
+                        "heads {nh}/{nkv} x {hd}, {cached} cached + {qlen} {dtype:?}: {diff}"
+                    );
+                }
+            }
+        }
+    }
 }

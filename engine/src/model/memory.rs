@@ -17,15 +17,14 @@ impl Model {
     /// sequence through the contiguous cache `cache`: `query_len` new tokens over a
     /// context of `context_len` tokens, logits for one row. The planner's formula
     /// ([`llmem_planner::pass_phases`]) with unfused attention where this path computes
-    /// score matrices (a float cache off the CPU); on the CPU, and for the
-    /// block-quantized caches, the fused kernel runs.
+    /// score matrices ([`KvCache::makes_scores`]: a float cache off the CPU); on the CPU,
+    /// and for the block-quantized caches, the fused kernel runs.
     pub fn contiguous_activation_peak_bytes(
         &self,
         cache: &KvCache,
         query_len: usize,
         context_len: usize,
     ) -> u64 {
-        let fused = cache.is_blocks() || self.device.is_cpu();
         let mut pass = rank_pass(
             self.dtype,
             self.spec,
@@ -33,7 +32,7 @@ impl Model {
             query_len,
             1,
         );
-        pass.unfused_keys = (!fused).then_some(context_len as u64);
+        pass.unfused_keys = cache.makes_scores().then_some(context_len as u64);
         peak(&self.shape, &pass)
     }
 

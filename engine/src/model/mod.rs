@@ -470,15 +470,12 @@ impl Model {
         let (embed_tokens, norm) = self.whole()?;
         self.check_pass(num_tokens, meta, caches)?;
         let (cos, sin) = self.rope.at(positions)?;
-        // The fused kernel (every cache on the CPU, block-quantized ones anywhere) needs
-        // no mask.
+        // Only the general path (score matrices) takes a mask; see `KvCache::makes_scores`.
         let masks = (0..meta.num_seqs())
-            .map(
-                |s| match self.device.is_cpu() || caches.get(s).is_some_and(|c| c.is_blocks()) {
-                    true => Ok(None),
-                    false => causal_mask(meta.cached_lens[s], meta.query_lens[s], &self.device),
-                },
-            )
+            .map(|s| match caches.get(s).is_some_and(|c| c.makes_scores()) {
+                true => causal_mask(meta.cached_lens[s], meta.query_lens[s], &self.device),
+                false => Ok(None),
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let pass = PassInputs {
             cos,
