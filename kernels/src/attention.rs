@@ -217,6 +217,52 @@ impl<T: CacheElem> CacheStore for T {
     fn weighted_sum(acc: &mut [f32], w: &[f32], rows: &[Self], stride: usize, simd: bool) {
         weighted_sum_dispatch(acc, w, rows, stride, simd)
     }
+
+    #[inline(always)]
+    fn scores_rows(
+        q: &[f32],
+        nq: usize,
+        rows: &[Self],
+        stride: usize,
+        scale: f32,
+        s: &mut [f32],
+        simd: bool,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (hd, n) = (q.len() / nq, s.len() / nq);
+            if simd && hd % 8 == 0 && n > 0 {
+                // SAFETY: `simd` is true only when the CPU has AVX2, FMA and F16C; `q`
+                // holds `nq` rows of `hd`, `s` `nq` rows of `n`, and every key read lies
+                // inside `rows` (the caller slices it to the last key's end).
+                unsafe { simd::scores_rows(q, nq, hd, rows, stride, scale, s, n) };
+                return;
+            }
+        }
+        crate::elem::scores_by_row(q, nq, rows, stride, scale, s, simd)
+    }
+
+    #[inline(always)]
+    fn weighted_sum_rows(
+        acc: &mut [f32],
+        nq: usize,
+        w: &[f32],
+        rows: &[Self],
+        stride: usize,
+        simd: bool,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (hd, n) = (acc.len() / nq, w.len() / nq);
+            if simd && hd % 8 == 0 && n > 0 {
+                // SAFETY: as in `scores_rows`; `acc` holds `nq` rows of `hd`, `w` `nq` of
+                // `n`.
+                unsafe { simd::weighted_sum_rows(acc, nq, hd, w, n, rows, stride) };
+                return;
+            }
+        }
+        crate::elem::weighted_sum_by_row(acc, nq, w, rows, stride, simd)
+    }
 }
 
 /// AVX2 + FMA + F16C forms of the two inner loops, for every cache element type.
@@ -367,6 +413,211 @@ mod simd {
             i += 1;
         }
     }
+
+    /// Query rows `0..TR` (at `q`, `hd` apart) against keys `0..TK` (at `k`, `stride`
+    /// apart): `s[r * n + t] = scale * q_r . k_t`. Each key's vector is loaded (and
+    /// widened) once per 8 columns and meets every row's, so `TR x TK` accumulators (12
+    /// at most: with `TR` query and one key vector, 16 registers) take `TR + TK` loads
+    /// per `TR * TK` multiply-adds; each row's `TK` sums come out of one horizontal-add
+    /// tree.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn score_tile<T: CacheElem, const TR: usize, const TK: usize>(
+        q: *const f32,
+        hd: usize,
+        k: *const T,
+        stride: usize,
+        scale: f32,
+        s: *mut f32,
+        n: usize,
+    ) {
+        let zero = _mm256_setzero_ps();
+        let mut acc = [[zero; TK]; TR];
+        let mut i = 0;
+        while i < hd {
+            let mut qv = [zero; TR];
+            for (r, v) in qv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(q.add(r * hd + i));
+            }
+            for t in 0..TK {
+                let kv = load8(k.add(t * stride + i));
+                for (row, &qr) in acc.iter_mut().zip(&qv) {
+                    row[t] = _mm256_fmadd_ps(qr, kv, row[t]);
+                }
+            }
+            i += 8;
+        }
+        let sv = _mm_set1_ps(scale);
+        for (r, a) in acc.iter().enumerate() {
+            let lane = |t: usize| if t < TK { a[t] } else { zero };
+            // [a0 a1 a2 a3] per 128-bit half, then the halves added.
+            let h = _mm256_hadd_ps(
+                _mm256_hadd_ps(lane(0), lane(1)),
+                _mm256_hadd_ps(lane(2), lane(3)),
+            );
+            let sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+            let sum = _mm_mul_ps(sum, sv);
+            if TK == 4 {
+                _mm_storeu_ps(s.add(r * n), sum);
+            } else {
+                let mut lanes = [0f32; 4];
+                _mm_storeu_ps(lanes.as_mut_ptr(), sum);
+                for (t, &v) in lanes.iter().take(TK).enumerate() {
+                    *s.add(r * n + t) = v;
+                }
+            }
+        }
+    }
+
+    /// Rows `0..TR` of the query tile against all `n` keys, four at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn score_band<T: CacheElem, const TR: usize>(
+        q: *const f32,
+        hd: usize,
+        k: *const T,
+        stride: usize,
+        scale: f32,
+        s: *mut f32,
+        n: usize,
+    ) {
+        let mut t = 0;
+        while t + 4 <= n {
+            score_tile::<T, TR, 4>(q, hd, k.add(t * stride), stride, scale, s.add(t), n);
+            t += 4;
+        }
+        let (k, s) = (k.add(t * stride), s.add(t));
+        match n - t {
+            0 => {}
+            1 => score_tile::<T, TR, 1>(q, hd, k, stride, scale, s, n),
+            2 => score_tile::<T, TR, 2>(q, hd, k, stride, scale, s, n),
+            _ => score_tile::<T, TR, 3>(q, hd, k, stride, scale, s, n),
+        }
+    }
+
+    /// `s[r * n + t] = scale * q_r . k_t` for `nq` query rows of `hd` (a multiple of 8)
+    /// and `n` keys, in tiles of 3 rows by 4 keys.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn scores_rows<T: CacheElem>(
+        q: &[f32],
+        nq: usize,
+        hd: usize,
+        rows: &[T],
+        stride: usize,
+        scale: f32,
+        s: &mut [f32],
+        n: usize,
+    ) {
+        let (k, qp, sp) = (rows.as_ptr(), q.as_ptr(), s.as_mut_ptr());
+        let mut r = 0;
+        while r + 3 <= nq {
+            score_band::<T, 3>(qp.add(r * hd), hd, k, stride, scale, sp.add(r * n), n);
+            r += 3;
+        }
+        let (qp, sp) = (qp.add(r * hd), sp.add(r * n));
+        match nq - r {
+            0 => {}
+            1 => score_band::<T, 1>(qp, hd, k, stride, scale, sp, n),
+            _ => score_band::<T, 2>(qp, hd, k, stride, scale, sp, n),
+        }
+    }
+
+    /// Rows `0..TR` of `acc` (`hd` apart), columns `0..8 * D`: `acc_r += sum_t w[r * n +
+    /// t] * v_t` over `n` values (at `v`, `stride` apart). The accumulators stay in
+    /// registers while the values pass; each value vector is loaded (and widened) once
+    /// for all `TR` rows (12 accumulators, 2 value vectors and a broadcast weight at
+    /// most: 15 registers).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn sum_tile<T: CacheElem, const TR: usize, const D: usize>(
+        acc: *mut f32,
+        hd: usize,
+        w: *const f32,
+        n: usize,
+        v: *const T,
+        stride: usize,
+    ) {
+        let mut a = [[_mm256_setzero_ps(); D]; TR];
+        for (r, row) in a.iter_mut().enumerate() {
+            for (d, x) in row.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(acc.add(r * hd + 8 * d));
+            }
+        }
+        for t in 0..n {
+            let mut vv = [_mm256_setzero_ps(); D];
+            for (d, x) in vv.iter_mut().enumerate() {
+                *x = load8(v.add(t * stride + 8 * d));
+            }
+            for (r, row) in a.iter_mut().enumerate() {
+                let b = _mm256_broadcast_ss(&*w.add(r * n + t));
+                for (x, &vd) in row.iter_mut().zip(&vv) {
+                    *x = _mm256_fmadd_ps(b, vd, *x);
+                }
+            }
+        }
+        for (r, row) in a.iter().enumerate() {
+            for (d, x) in row.iter().enumerate() {
+                _mm256_storeu_ps(acc.add(r * hd + 8 * d), *x);
+            }
+        }
+    }
+
+    /// Every row of `acc`, columns `0..8 * D`, in tiles of 6 rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn sum_columns<T: CacheElem, const D: usize>(
+        acc: *mut f32,
+        nq: usize,
+        hd: usize,
+        w: *const f32,
+        n: usize,
+        v: *const T,
+        stride: usize,
+    ) {
+        let mut r = 0;
+        while r + 6 <= nq {
+            sum_tile::<T, 6, D>(acc.add(r * hd), hd, w.add(r * n), n, v, stride);
+            r += 6;
+        }
+        let (acc, w) = (acc.add(r * hd), w.add(r * n));
+        match nq - r {
+            0 => {}
+            1 => sum_tile::<T, 1, D>(acc, hd, w, n, v, stride),
+            2 => sum_tile::<T, 2, D>(acc, hd, w, n, v, stride),
+            3 => sum_tile::<T, 3, D>(acc, hd, w, n, v, stride),
+            4 => sum_tile::<T, 4, D>(acc, hd, w, n, v, stride),
+            _ => sum_tile::<T, 5, D>(acc, hd, w, n, v, stride),
+        }
+    }
+
+    /// `acc_r += sum_t w[r * n + t] * v_t` for `nq` rows of `hd` (a multiple of 8) and
+    /// `n` values: 16 columns at a time, then 8.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn weighted_sum_rows<T: CacheElem>(
+        acc: &mut [f32],
+        nq: usize,
+        hd: usize,
+        w: &[f32],
+        n: usize,
+        rows: &[T],
+        stride: usize,
+    ) {
+        let (ap, wp, vp) = (acc.as_mut_ptr(), w.as_ptr(), rows.as_ptr());
+        let mut c = 0;
+        while c + 16 <= hd {
+            sum_columns::<T, 2>(ap.add(c), nq, hd, wp, n, vp.add(c), stride);
+            c += 16;
+        }
+        if c < hd {
+            sum_columns::<T, 1>(ap.add(c), nq, hd, wp, n, vp.add(c), stride);
+        }
+    }
 }
 
 /// `out[q] = softmax(scale * query[q] . K[0..len]) V[0..len]` per head.
@@ -403,30 +654,74 @@ pub fn paged_attention<T: CacheStore>(
     };
     check(lens, &checked, p)?;
     let group = p.num_heads / p.cache.kv_heads;
-    let hd = p.cache.head_dim;
     let simd = simd_available();
-    // One task per (query, KV head): the `group` query heads that share its K/V.
-    out.par_chunks_mut(group * hd)
-        .enumerate()
-        .for_each(|(task, out_g)| {
+    // One task per (tile of consecutive queries of one sequence, KV head): the tile's
+    // query heads of that KV head share each K/V read.
+    let per_tile = (TILE_ROWS / group).clamp(1, TILE_QUERIES);
+    let tiles = query_tiles(checked.query_seq, checked.context_lens, per_tile);
+    let kv_heads = p.cache.kv_heads;
+    let dst = SharedOut(out.as_mut_ptr());
+    (0..tiles.len() * kv_heads)
+        .into_par_iter()
+        .for_each(|task| {
+            let (q0, nq) = tiles[task / kv_heads];
             let io = TaskIo {
-                out_g,
+                out: &dst,
                 query,
                 key_cache,
                 value_cache,
                 checked: &checked,
             };
+            let tile = Tile {
+                q0,
+                nq,
+                kvh: task % kv_heads,
+            };
+            // SAFETY: the task writes only the rows of its tile's queries and its KV head's
+            // query heads, which no other task writes, and `out` (checked to hold every
+            // query's heads) outlives the parallel loop.
             #[cfg(target_arch = "x86_64")]
             if simd {
-                // SAFETY: the CPU has AVX2, FMA and F16C (checked by `simd_available`).
-                unsafe { attend_avx2(task, io, p) };
+                // SAFETY: also, the CPU has AVX2, FMA and F16C (checked by `simd_available`).
+                unsafe { attend_avx2(tile, io, p) };
                 return;
             }
-            let _ = simd;
-            attend(task, io, p, false);
+            unsafe { attend(tile, io, p, false) };
         });
     Ok(())
 }
+
+/// Queries per tile at most.
+const TILE_QUERIES: usize = 8;
+/// Query rows (heads of one KV head over a tile's queries) a tile aims at: 15 for 3 heads
+/// per KV head (5 queries), 16 for 1, 2, 4 or 8.
+const TILE_ROWS: usize = 16;
+
+/// Consecutive queries of one sequence in tiles of at most `per`, as (first query,
+/// count). A tile's queries walk the blocks up to its longest context, and each masks
+/// the keys past its own; so a tile also ends at a query whose context differs from the
+/// tile's first or last by more than `per` tokens (queries that are not consecutive
+/// tokens), where the walk would be mostly masked.
+fn query_tiles(query_seq: &[u32], context_lens: &[u32], per: usize) -> Vec<(usize, usize)> {
+    let mut tiles: Vec<(usize, usize)> = Vec::with_capacity(query_seq.len().div_ceil(per));
+    for (qi, (&seq, &len)) in query_seq.iter().zip(context_lens).enumerate() {
+        if let Some((q0, nq)) = tiles.last_mut() {
+            let (first, last) = (context_lens[*q0], context_lens[*q0 + *nq - 1]);
+            let near = |a: u32| a.abs_diff(len) <= per as u32;
+            if *nq < per && query_seq[*q0] == seq && near(first) && near(last) {
+                *nq += 1;
+                continue;
+            }
+        }
+        tiles.push((qi, 1));
+    }
+    tiles
+}
+
+/// The attention output, written by the parallel tasks into disjoint rows.
+struct SharedOut(*mut f32);
+// SAFETY: the tasks write disjoint rows (see `paged_attention`).
+unsafe impl Sync for SharedOut {}
 
 /// Whether [`attend`] can run its AVX2 + FMA + F16C form on this CPU (chosen at run
 /// time, so one binary runs everywhere; the portable build of the loops is SSE2-only).
@@ -439,81 +734,156 @@ fn simd_available() -> bool {
 }
 
 /// What one attention task reads and writes.
-struct TaskIo<'a, 'b, T> {
-    out_g: &'a mut [f32],
-    query: &'b [f32],
-    key_cache: &'b [T],
-    value_cache: &'b [T],
-    checked: &'b Checked<'b>,
+struct TaskIo<'a, T> {
+    out: &'a SharedOut,
+    query: &'a [f32],
+    key_cache: &'a [T],
+    value_cache: &'a [T],
+    checked: &'a Checked<'a>,
 }
 
+/// One task's queries (`q0..q0 + nq`, of one sequence) and KV head.
+#[derive(Clone, Copy)]
+struct Tile {
+    q0: usize,
+    nq: usize,
+    kvh: usize,
+}
+
+/// # Safety
+/// As [`attend`], and the CPU has AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn attend_avx2<T: CacheStore>(task: usize, io: TaskIo<'_, '_, T>, p: &AttentionParams) {
-    attend(task, io, p, true)
+unsafe fn attend_avx2<T: CacheStore>(tile: Tile, io: TaskIo<'_, T>, p: &AttentionParams) {
+    attend(tile, io, p, true)
 }
 
-/// Task `task` = (query, KV head): the group's query heads over the query's context,
-/// block by block with a running maximum.
+/// One tile: its queries' heads of one KV head (`rows` = queries x heads per KV head)
+/// over the blocks up to the longest context among them, block by block with a running
+/// maximum per row; keys past a row's own context weigh zero.
+///
+/// # Safety
+/// The inputs passed [`check`]; no other task writes this tile's rows of the output.
 #[inline(always)]
-fn attend<T: CacheStore>(task: usize, io: TaskIo<'_, '_, T>, p: &AttentionParams, simd: bool) {
+unsafe fn attend<T: CacheStore>(tile: Tile, io: TaskIo<'_, T>, p: &AttentionParams, simd: bool) {
     let c = p.cache;
-    let hd = c.head_dim;
+    let (hd, bs) = (c.head_dim, c.block_size);
     let group = p.num_heads / c.kv_heads;
     // Strides and offsets in units of `T` (`head_dim` is a multiple of T::ELEMS).
     let (token_units, hd_units) = (c.token_elems() / T::ELEMS, hd / T::ELEMS);
     let TaskIo {
-        out_g,
+        out,
         query,
         key_cache,
         value_cache,
         checked,
     } = io;
-    let (qi, kvh) = (task / c.kv_heads, task % c.kv_heads);
-    let len = checked.context_lens[qi] as usize;
-    let table = &checked.block_tables[checked.query_seq[qi] as usize * p.max_blocks_per_seq..];
-    let q_g = &query[(qi * p.num_heads + kvh * group) * hd..][..group * hd];
-    // Small per-task state on the stack for the usual shapes (up to 8 heads per KV head,
-    // blocks up to 64 tokens); larger ones fall back to the heap.
-    let mut stack = [0f32; 3 * 8 + 64];
+    let Tile { q0, nq, kvh } = tile;
+    let rows = nq * group;
+    let lens = &checked.context_lens[q0..q0 + nq];
+    let longest = lens.iter().copied().max().unwrap_or(0) as usize;
+    let table = &checked.block_tables[checked.query_seq[q0] as usize * p.max_blocks_per_seq..];
+    // Per-task state on the stack for the usual shapes; larger ones on the heap. Rows of
+    // the tile's queries (gathered), their accumulators and scores, max and denominator.
+    let need = 2 * rows * hd + rows * bs + 2 * rows;
+    let mut stack = [0f32; 4096];
     let mut heap = Vec::new();
-    let state: &mut [f32] = if 2 * group + c.block_size <= stack.len() {
-        &mut stack[..2 * group + c.block_size]
+    let state: &mut [f32] = if need <= stack.len() {
+        &mut stack[..need]
     } else {
-        heap.resize(2 * group + c.block_size, 0f32);
+        heap.resize(need, 0f32);
         &mut heap
     };
-    let (max, rest) = state.split_at_mut(group);
-    let (denom, scores) = rest.split_at_mut(group);
+    let (q, rest) = state.split_at_mut(rows * hd);
+    let (acc, rest) = rest.split_at_mut(rows * hd);
+    let (scores, rest) = rest.split_at_mut(rows * bs);
+    let (max, denom) = rest.split_at_mut(rows);
+    for (i, qr) in q.chunks_exact_mut(group * hd).enumerate() {
+        qr.copy_from_slice(&query[((q0 + i) * p.num_heads + kvh * group) * hd..][..group * hd]);
+    }
+    acc.fill(0.0);
+    denom.fill(0.0);
     max.fill(f32::NEG_INFINITY);
-    out_g.fill(0.0);
-    for (b, &block) in table[..len.div_ceil(c.block_size)].iter().enumerate() {
-        let n = (len - b * c.block_size).min(c.block_size);
-        let base = block as usize * c.block_size * token_units + kvh * hd_units;
+    for (b, &block) in table[..longest.div_ceil(bs)].iter().enumerate() {
+        let n = (longest - b * bs).min(bs);
+        let base = block as usize * bs * token_units + kvh * hd_units;
         let end = base + (n - 1) * token_units + hd_units;
-        for g in 0..group {
-            let q = &q_g[g * hd..][..hd];
-            let s = &mut scores[..n];
-            T::scores(q, &key_cache[base..end], token_units, p.scale, s, simd);
-            // Rescale what was accumulated when the running max grows.
-            let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let new_max = max[g].max(block_max);
-            let correction = (max[g] - new_max).exp();
-            max[g] = new_max;
-            let acc = &mut out_g[g * hd..][..hd];
-            if correction != 1.0 {
-                acc.iter_mut().for_each(|a| *a *= correction);
+        let s = &mut scores[..rows * n];
+        T::scores_rows(
+            q,
+            rows,
+            &key_cache[base..end],
+            token_units,
+            p.scale,
+            s,
+            simd,
+        );
+        for (r, s) in s.chunks_exact_mut(n).enumerate() {
+            // The keys of this block inside row r's context.
+            let valid = (lens[r / group] as usize).saturating_sub(b * bs).min(n);
+            let (live, masked) = s.split_at_mut(valid);
+            masked.fill(0.0);
+            if valid == 0 {
+                continue;
             }
-            s.iter_mut().for_each(|x| *x -= new_max);
-            exp_in_place(s);
-            denom[g] = denom[g] * correction + s.iter().sum::<f32>();
-            T::weighted_sum(acc, s, &value_cache[base..end], token_units, simd);
+            // Rescale what was accumulated when the running max grows.
+            let new_max = max[r].max(max_of(live));
+            let correction = (max[r] - new_max).exp();
+            max[r] = new_max;
+            if correction != 1.0 {
+                acc[r * hd..][..hd]
+                    .iter_mut()
+                    .for_each(|a| *a *= correction);
+            }
+            live.iter_mut().for_each(|x| *x -= new_max);
+            exp_in_place(live);
+            denom[r] = denom[r] * correction + sum_of(live);
+        }
+        T::weighted_sum_rows(acc, rows, s, &value_cache[base..end], token_units, simd);
+    }
+    for (r, a) in acc.chunks_exact(hd).enumerate() {
+        let (qi, g) = (q0 + r / group, r % group);
+        let inv = 1.0 / denom[r];
+        // SAFETY: (caller) the row lies inside `out` and only this task writes it.
+        let dst = std::slice::from_raw_parts_mut(
+            out.0.add((qi * p.num_heads + kvh * group + g) * hd),
+            hd,
+        );
+        for (d, a) in dst.iter_mut().zip(a) {
+            *d = a * inv;
         }
     }
-    for g in 0..group {
-        let inv = 1.0 / denom[g];
-        out_g[g * hd..][..hd].iter_mut().for_each(|a| *a *= inv);
+}
+
+/// The largest of `xs`, in eight independent lanes.
+#[inline(always)]
+fn max_of(xs: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = if x > *l { x } else { *l };
+        }
     }
+    rest.iter()
+        .chain(&lanes)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// The sum of `xs`, in eight independent lanes.
+#[inline(always)]
+fn sum_of(xs: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += x;
+        }
+    }
+    rest.iter().sum::<f32>() + lanes.iter().sum::<f32>()
 }
 
 /// `x = exp(x)` for `x <= 0` (softmax weights after the maximum is subtracted), see
@@ -717,8 +1087,43 @@ pub(crate) mod tests {
                 queries_per_seq: 3,
                 scale_up: 1.0,
             });
+            // Prefill: tiles of 5 queries x 3 heads (rows in tiles of 3 for the scores,
+            // 6, 6 and 3 for the weighted sum), contexts that end inside a block.
+            v.push(Case {
+                block_size,
+                num_heads: 9,
+                kv_heads: 3,
+                head_dim: 64,
+                seq_lens: vec![40, 7, 101],
+                queries_per_seq: 37,
+                scale_up: 1.0,
+            });
+            // 40 = 16 + 16 + 8 columns; tiles of 4 queries x 4 heads, 16 rows.
+            v.push(Case {
+                block_size,
+                num_heads: 8,
+                kv_heads: 2,
+                head_dim: 40,
+                seq_lens: vec![20, 50, 3],
+                queries_per_seq: 9,
+                scale_up: 1.0,
+            });
         }
         v
+    }
+
+    #[test]
+    fn tiles_hold_consecutive_queries_of_one_sequence() {
+        // Sequence 0: tokens 5..=11 (7 queries); sequence 1: 2 queries; sequence 0 again
+        // with contexts that jump (a query far from the tile's others starts a new one).
+        let seq = [0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0];
+        let lens = [5, 6, 7, 8, 9, 10, 11, 3, 4, 20, 40, 41];
+        assert_eq!(
+            query_tiles(&seq, &lens, 4),
+            vec![(0, 4), (4, 3), (7, 2), (9, 1), (10, 2)]
+        );
+        assert_eq!(query_tiles(&seq, &lens, 1).len(), seq.len());
+        assert!(query_tiles(&[], &[], 4).is_empty());
     }
 
     #[test]

@@ -79,6 +79,63 @@ pub trait CacheStore: Copy + Send + Sync + Default + 'static {
     /// `acc += sum_t w[t] * v_t` over the values of one cache block, value `t` at unit
     /// `t * stride` of `rows`.
     fn weighted_sum(acc: &mut [f32], w: &[f32], rows: &[Self], stride: usize, simd: bool);
+    /// [`CacheStore::scores`] for `nq` query rows at once (row `r` at `q[r * hd..]`,
+    /// `hd = q.len() / nq`) against the same keys: `s[r * n + t]` for the `n = s.len() /
+    /// nq` keys. Per row by default; element caches share each key read across the rows.
+    fn scores_rows(
+        q: &[f32],
+        nq: usize,
+        rows: &[Self],
+        stride: usize,
+        scale: f32,
+        s: &mut [f32],
+        simd: bool,
+    ) {
+        scores_by_row(q, nq, rows, stride, scale, s, simd)
+    }
+    /// [`CacheStore::weighted_sum`] for `nq` rows at once: row `r` of `acc` (`hd =
+    /// acc.len() / nq` values) gains `sum_t w[r * n + t] * v_t`, `n = w.len() / nq`.
+    fn weighted_sum_rows(
+        acc: &mut [f32],
+        nq: usize,
+        w: &[f32],
+        rows: &[Self],
+        stride: usize,
+        simd: bool,
+    ) {
+        weighted_sum_by_row(acc, nq, w, rows, stride, simd)
+    }
+}
+
+/// [`CacheStore::scores_rows`] as one [`CacheStore::scores`] per row.
+pub(crate) fn scores_by_row<T: CacheStore>(
+    q: &[f32],
+    nq: usize,
+    rows: &[T],
+    stride: usize,
+    scale: f32,
+    s: &mut [f32],
+    simd: bool,
+) {
+    let (hd, n) = (q.len() / nq, s.len() / nq);
+    for (qr, sr) in q.chunks_exact(hd).zip(s.chunks_exact_mut(n)) {
+        T::scores(qr, rows, stride, scale, sr, simd);
+    }
+}
+
+/// [`CacheStore::weighted_sum_rows`] as one [`CacheStore::weighted_sum`] per row.
+pub(crate) fn weighted_sum_by_row<T: CacheStore>(
+    acc: &mut [f32],
+    nq: usize,
+    w: &[f32],
+    rows: &[T],
+    stride: usize,
+    simd: bool,
+) {
+    let (hd, n) = (acc.len() / nq, w.len() / nq);
+    for (ar, wr) in acc.chunks_exact_mut(hd).zip(w.chunks_exact(n)) {
+        T::weighted_sum(ar, wr, rows, stride, simd);
+    }
 }
 
 /// Values in one [`BlockQ8`].
