@@ -12,13 +12,17 @@
 //!
 //! Tiles per level: `avx2`, 256-bit vectors, 3 weight rows x 4 input rows (12
 //! accumulators, 3 weight vectors and an input vector fill AVX2's 16 registers);
-//! `avx512`, 512-bit vectors, 4 x 6 (24 accumulators of AVX-512's 32 registers). F16
-//! weights widen with F16C (`vcvtph2ps`), bf16 with a shift. Elsewhere (`scalar`, `neon`)
-//! [`gemm`] is the matvec's row-by-row dot, which is correct but not tiled: the engine
-//! keeps candle's gemm for dense matrices there. [`crate::matvec::matvec_slow`] is the
+//! `avx512`, 512-bit vectors, 4 x 6 (24 accumulators of AVX-512's 32 registers); `neon`,
+//! 128-bit vectors, 4 x 4 (16 of NEON's 32 registers; `gemm/neon.rs`). F16 weights widen
+//! with F16C (`vcvtph2ps`) or `fcvtl`, bf16 with a shift. On the `scalar` level [`gemm`]
+//! is the matvec's row-by-row dot, which is correct but not tiled: the engine keeps
+//! candle's gemm for dense matrices there. [`crate::matvec::matvec_slow`] is the
 //! reference every path is tested against.
 
 use crate::matvec::{matvec, WeightElem};
+
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon;
 
 /// Which register tiles [`gemm`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +33,8 @@ pub enum Tiles {
     Ymm,
     /// 512-bit tiles (AVX-512 F/BW as well).
     Zmm,
+    /// 128-bit NEON tiles (aarch64).
+    Neon,
 }
 
 /// The tiles of this CPU's kernel level.
@@ -36,6 +42,7 @@ pub fn tiles() -> Tiles {
     match crate::cpu::level() {
         crate::cpu::CpuLevel::Avx512 if cfg!(target_arch = "x86_64") => Tiles::Zmm,
         crate::cpu::CpuLevel::Avx2 if cfg!(target_arch = "x86_64") => Tiles::Ymm,
+        crate::cpu::CpuLevel::Neon if cfg!(target_arch = "aarch64") => Tiles::Neon,
         _ => Tiles::Dot,
     }
 }
@@ -64,13 +71,12 @@ fn gemm_with<W: TileElem>(
     out: &mut [f32],
 ) {
     assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
-    if tiles == Tiles::Dot || cfg!(not(target_arch = "x86_64")) {
+    if tiles == Tiles::Dot || cfg!(not(any(target_arch = "x86_64", target_arch = "aarch64"))) {
         return matvec(x, m, w, n, k, out);
     }
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     {
         use rayon::prelude::*;
-        let wide = tiles == Tiles::Zmm;
         // Tasks are (weight block, input block) pairs, input blocks fastest: a thread's
         // consecutive tasks share a weight block, which stays in its L2.
         let (wb, xb) = (n.div_ceil(BLOCK_W), m.div_ceil(BLOCK_X));
@@ -81,7 +87,7 @@ fn gemm_with<W: TileElem>(
             let (rows, xr) = (BLOCK_W.min(n - w0), BLOCK_X.min(m - x0));
             let dst = &dst;
             // Safety: the CPU runs `tiles` (AVX2, FMA and F16C; AVX-512 F/BW for
-            // `wide`); the slices hold the rows asked for (checked above); each task
+            // `Zmm`; NEON); the slices hold the rows asked for (checked above); each task
             // writes only the cells of rows x0..x0 + xr and columns w0..w0 + rows of
             // `out`, which no other task writes, and `out` outlives the parallel loop.
             unsafe {
@@ -93,7 +99,7 @@ fn gemm_with<W: TileElem>(
                     k,
                     dst.0.add(x0 * n + w0),
                     n,
-                    wide,
+                    tiles,
                 )
             }
         });
@@ -101,31 +107,31 @@ fn gemm_with<W: TileElem>(
 }
 
 /// Weight rows per parallel task (16 register tiles of 3 rows, 12 of 4).
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const BLOCK_W: usize = 48;
 /// Input rows per parallel task (16 tiles of 4 rows, or 10 of 6 and a rest of 4): with
 /// `k` up to a few thousand they stay in L2 while the task's weight rows pass over them.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const BLOCK_X: usize = 64;
 
 /// The output of [`gemm`], written by the parallel tasks into disjoint cells.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 struct SharedOut(*mut f32);
 // Safety: the tasks write disjoint cells (see `gemm_with`).
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 unsafe impl Sync for SharedOut {}
 
 /// A weight element the register tiles can load, widened to f32.
 pub trait TileElem: WeightElem {
     /// One parallel task: `dst[r * ld + j]` = row `r` of `x` dotted with row `j` of `w`
-    /// (`rows` rows of `k`), for every `r < m`, with the 512-bit tiles when `wide`, else
-    /// the 256-bit ones.
+    /// (`rows` rows of `k`), for every `r < m`, with `tiles` (the 256-bit ones for any
+    /// x86 `tiles` but `Zmm`).
     ///
     /// # Safety
-    /// The CPU has AVX2, FMA and F16C, and AVX-512 F/BW when `wide`; `x` holds `m * k`
-    /// values, `w` `rows * k`, and `dst` is writable at `r * ld + j` for `r < m`,
-    /// `j < rows`.
-    #[cfg(target_arch = "x86_64")]
+    /// The CPU runs `tiles`: AVX2, FMA and F16C, and AVX-512 F/BW for `Zmm`, on x86; on
+    /// aarch64 every CPU does. `x` holds `m * k` values, `w` `rows * k`, and `dst` is
+    /// writable at `r * ld + j` for `r < m`, `j < rows`.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     #[allow(clippy::too_many_arguments)]
     unsafe fn task(
         x: &[f32],
@@ -135,7 +141,7 @@ pub trait TileElem: WeightElem {
         k: usize,
         dst: *mut f32,
         ld: usize,
-        wide: bool,
+        tiles: Tiles,
     );
 }
 
@@ -280,12 +286,26 @@ macro_rules! tile_elem {
                 k: usize,
                 dst: *mut f32,
                 ld: usize,
-                wide: bool,
+                tiles: Tiles,
             ) {
-                match wide {
-                    true => $zmm::task(x, m, w, rows, k, dst, ld),
-                    false => $ymm::task(x, m, w, rows, k, dst, ld),
+                match tiles {
+                    Tiles::Zmm => $zmm::task(x, m, w, rows, k, dst, ld),
+                    _ => $ymm::task(x, m, w, rows, k, dst, ld),
                 }
+            }
+
+            #[cfg(target_arch = "aarch64")]
+            unsafe fn task(
+                x: &[f32],
+                m: usize,
+                w: &[Self],
+                rows: usize,
+                k: usize,
+                dst: *mut f32,
+                ld: usize,
+                _tiles: Tiles,
+            ) {
+                neon::task(x, m, w, rows, k, dst, ld)
             }
         }
     };
@@ -347,12 +367,15 @@ mod tests {
     /// Every tile and remainder: input rows 1-13 (full tiles of 4 or 6 and each rest)
     /// and 33, weight rows around a task's 48 and the tiles' 3 and 4, and k with and
     /// without a vector's tail; the 256-bit tiles where this CPU has AVX2 (under
-    /// `qemu-x86_64 -cpu Haswell` too), the 512-bit ones where it has AVX-512, and the dot
-    /// every level has.
+    /// `qemu-x86_64 -cpu Haswell` too), the 512-bit ones where it has AVX-512, the NEON
+    /// ones on aarch64 (under `qemu-aarch64`), and the dot every level has.
     #[test]
     fn gemm_matches_the_f64_reference_for_every_remainder() {
         use crate::cpu::CpuLevel;
         let mut paths = vec![Tiles::Dot];
+        if cfg!(target_arch = "aarch64") {
+            paths.push(Tiles::Neon);
+        }
         if cfg!(target_arch = "x86_64") {
             if CpuLevel::Avx2.qualifies() {
                 paths.push(Tiles::Ymm);

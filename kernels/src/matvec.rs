@@ -1,8 +1,8 @@
 //! Dense matrix times a few rows: `x @ w^T` for an f32/bf16/f16 weight `w` (n, k) and
 //! `m` f32 input rows, the product of batch-1 and small-batch decode. Decode is bound by
 //! weight bytes per token, so each weight row is read once and dotted with every input
-//! row while it is in L1, with f32 accumulation (AVX2, and F16C for f16 weights, chosen
-//! at run time). Weight rows are split across the rayon pool by [`par_weight_rows`],
+//! row while it is in L1, with f32 accumulation (AVX2, and F16C for f16 weights, on x86;
+//! NEON on aarch64; chosen at run time). Weight rows are split across the rayon pool by [`par_weight_rows`],
 //! which the engine also uses for its matvec over candle's quantized blocks.
 //! [`matvec_slow`] is the plain reference the fast path is tested against.
 
@@ -14,7 +14,7 @@ pub trait WeightElem: Copy + Send + Sync {
     fn widen(self) -> f32;
 
     /// Dot product of an f32 row with a weight row, accumulating in f32 (each type's
-    /// AVX2 code on the x86 kernel levels).
+    /// AVX2 code on the x86 kernel levels, NEON code on `neon`).
     #[inline]
     fn dot(x: &[f32], w: &[Self]) -> f32 {
         dot_body(x, w)
@@ -34,6 +34,11 @@ impl WeightElem for f32 {
             // Safety: the avx2 and avx512 levels have AVX2 and FMA.
             return unsafe { dot_f32_avx2(x, w) };
         }
+        #[cfg(target_arch = "aarch64")]
+        if crate::cpu::level().has_kernels() {
+            // Safety: NEON is part of every aarch64 CPU.
+            return unsafe { crate::gemm::neon::dot(x, w) };
+        }
         dot_body(x, w)
     }
 }
@@ -51,6 +56,11 @@ impl WeightElem for bf16 {
         if crate::cpu::level().has_kernels() {
             // Safety: the avx2 and avx512 levels have AVX2 and FMA.
             return unsafe { dot_bf16_avx2(x, w) };
+        }
+        #[cfg(target_arch = "aarch64")]
+        if crate::cpu::level().has_kernels() {
+            // Safety: NEON is part of every aarch64 CPU.
+            return unsafe { crate::gemm::neon::dot(x, w) };
         }
         dot_body(x, w)
     }
@@ -112,7 +122,8 @@ impl WeightElem for f16 {
         self.to_f32()
     }
 
-    /// half's per-element conversion does not vectorise; use F16C when present.
+    /// half's per-element conversion does not vectorise; use F16C (x86) or `fcvtl`
+    /// (aarch64) when present.
     #[inline]
     fn dot(x: &[f32], w: &[Self]) -> f32 {
         #[cfg(target_arch = "x86_64")]
@@ -121,6 +132,11 @@ impl WeightElem for f16 {
                 // Safety: the avx2 and avx512 levels have AVX2, FMA and F16C.
                 return unsafe { dot_f16_f16c(x, w) };
             }
+        }
+        #[cfg(target_arch = "aarch64")]
+        if crate::cpu::level().has_kernels() {
+            // Safety: NEON is part of every aarch64 CPU.
+            return unsafe { crate::gemm::neon::dot(x, w) };
         }
         dot_body(x, w)
     }

@@ -84,7 +84,7 @@ macro_rules! row_tiles {
 
 mod kquant;
 #[cfg(target_arch = "aarch64")]
-mod neon;
+pub(crate) mod neon;
 mod q6k;
 /// Bytes of the 16 scales at the head of a tile.
 const SCALES: usize = 2 * GROUP;

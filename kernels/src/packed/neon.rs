@@ -48,7 +48,7 @@ pub(super) unsafe fn dot_smull(acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> in
 /// Four f16 (as bits) to f32.
 #[target_feature(enable = "neon")]
 #[inline]
-pub(super) unsafe fn widen_f16(bits: uint16x4_t) -> float32x4_t {
+pub(crate) unsafe fn widen_f16(bits: uint16x4_t) -> float32x4_t {
     let out: float32x4_t;
     // SAFETY: base ARMv8 SIMD; registers only.
     asm!(
