@@ -686,6 +686,7 @@ pub fn paged_attention<T: CacheStore>(
                 unsafe { attend_avx2(tile, io, p) };
                 return;
             }
+            let _ = simd;
             unsafe { attend(tile, io, p, false) };
         });
     Ok(())
