@@ -787,80 +787,100 @@ unsafe fn attend<T: CacheStore>(tile: Tile, io: TaskIo<'_, T>, p: &AttentionPara
     // Rows of the tile's queries (gathered), their accumulators and scores, max and
     // denominator.
     let need = 2 * rows * hd + rows * bs + 2 * rows;
-    with_scratch(need, |state| {
-        let (q, rest) = state.split_at_mut(rows * hd);
-        let (acc, rest) = rest.split_at_mut(rows * hd);
-        let (scores, rest) = rest.split_at_mut(rows * bs);
-        let (max, denom) = rest.split_at_mut(rows);
-        for (i, qr) in q.chunks_exact_mut(group * hd).enumerate() {
-            qr.copy_from_slice(&query[((q0 + i) * p.num_heads + kvh * group) * hd..][..group * hd]);
-        }
-        acc.fill(0.0);
-        denom.fill(0.0);
-        max.fill(f32::NEG_INFINITY);
-        for (b, &block) in table[..longest.div_ceil(bs)].iter().enumerate() {
-            let n = (longest - b * bs).min(bs);
-            let base = block as usize * bs * token_units + kvh * hd_units;
-            let end = base + (n - 1) * token_units + hd_units;
-            let s = &mut scores[..rows * n];
-            T::scores_rows(
-                q,
-                rows,
-                &key_cache[base..end],
-                token_units,
-                p.scale,
-                s,
-                simd,
-            );
-            for (r, s) in s.chunks_exact_mut(n).enumerate() {
-                // The keys of this block inside row r's context.
-                let valid = (lens[r / group] as usize).saturating_sub(b * bs).min(n);
-                let (live, masked) = s.split_at_mut(valid);
-                masked.fill(0.0);
-                if valid == 0 {
-                    continue;
-                }
-                // Rescale what was accumulated when the running max grows.
-                let new_max = max[r].max(max_of(live));
-                let correction = (max[r] - new_max).exp();
-                max[r] = new_max;
-                if correction != 1.0 {
-                    acc[r * hd..][..hd]
-                        .iter_mut()
-                        .for_each(|a| *a *= correction);
-                }
-                live.iter_mut().for_each(|x| *x -= new_max);
-                exp_in_place(live);
-                denom[r] = denom[r] * correction + sum_of(live);
+    let mut scratch = Scratch::new(need);
+    let state = scratch.slice(need);
+    let (q, rest) = state.split_at_mut(rows * hd);
+    let (acc, rest) = rest.split_at_mut(rows * hd);
+    let (scores, rest) = rest.split_at_mut(rows * bs);
+    let (max, denom) = rest.split_at_mut(rows);
+    for (i, qr) in q.chunks_exact_mut(group * hd).enumerate() {
+        qr.copy_from_slice(&query[((q0 + i) * p.num_heads + kvh * group) * hd..][..group * hd]);
+    }
+    acc.fill(0.0);
+    denom.fill(0.0);
+    max.fill(f32::NEG_INFINITY);
+    for (b, &block) in table[..longest.div_ceil(bs)].iter().enumerate() {
+        let n = (longest - b * bs).min(bs);
+        let base = block as usize * bs * token_units + kvh * hd_units;
+        let end = base + (n - 1) * token_units + hd_units;
+        let s = &mut scores[..rows * n];
+        T::scores_rows(
+            q,
+            rows,
+            &key_cache[base..end],
+            token_units,
+            p.scale,
+            s,
+            simd,
+        );
+        for (r, s) in s.chunks_exact_mut(n).enumerate() {
+            // The keys of this block inside row r's context.
+            let valid = (lens[r / group] as usize).saturating_sub(b * bs).min(n);
+            let (live, masked) = s.split_at_mut(valid);
+            masked.fill(0.0);
+            if valid == 0 {
+                continue;
             }
-            T::weighted_sum_rows(acc, rows, s, &value_cache[base..end], token_units, simd);
-        }
-        for (r, a) in acc.chunks_exact(hd).enumerate() {
-            let (qi, g) = (q0 + r / group, r % group);
-            let inv = 1.0 / denom[r];
-            // SAFETY: (caller) the row lies inside `out` and only this task writes it.
-            let dst = std::slice::from_raw_parts_mut(
-                out.0.add((qi * p.num_heads + kvh * group + g) * hd),
-                hd,
-            );
-            for (d, a) in dst.iter_mut().zip(a) {
-                *d = a * inv;
+            // Rescale what was accumulated when the running max grows.
+            let new_max = max[r].max(max_of(live));
+            let correction = (max[r] - new_max).exp();
+            max[r] = new_max;
+            if correction != 1.0 {
+                acc[r * hd..][..hd]
+                    .iter_mut()
+                    .for_each(|a| *a *= correction);
             }
+            live.iter_mut().for_each(|x| *x -= new_max);
+            exp_in_place(live);
+            denom[r] = denom[r] * correction + sum_of(live);
         }
-    })
+        T::weighted_sum_rows(acc, rows, s, &value_cache[base..end], token_units, simd);
+    }
+    for (r, a) in acc.chunks_exact(hd).enumerate() {
+        let (qi, g) = (q0 + r / group, r % group);
+        let inv = 1.0 / denom[r];
+        // SAFETY: (caller) the row lies inside `out` and only this task writes it.
+        let dst = std::slice::from_raw_parts_mut(
+            out.0.add((qi * p.num_heads + kvh * group + g) * hd),
+            hd,
+        );
+        for (d, a) in dst.iter_mut().zip(a) {
+            *d = a * inv;
+        }
+    }
 }
 
-/// `f` on `need` floats of scratch: on the stack for the usual shapes (a decode tile in
-/// 512, a prefill tile in 4096, so that a small task does not clear 16 KiB), else on the
-/// heap.
-#[inline(always)]
-fn with_scratch<R>(need: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    if need <= 512 {
-        f(&mut [0f32; 512][..need])
-    } else if need <= 4096 {
-        f(&mut [0f32; 4096][..need])
-    } else {
-        f(&mut vec![0f32; need])
+/// A task's scratch floats: on the stack for the usual shapes (a decode tile in 512, a
+/// prefill tile in 4096; only the variant made is cleared, so a small task does not clear
+/// 16 KiB), else on the heap. Not a closure over a stack array: a closure would not
+/// inherit the caller's AVX2 target features.
+#[allow(clippy::large_enum_variant)] // a stack buffer, by design
+enum Scratch {
+    Small([f32; 512]),
+    Large([f32; 4096]),
+    Heap(Vec<f32>),
+}
+
+impl Scratch {
+    #[inline(always)]
+    fn new(need: usize) -> Self {
+        if need <= 512 {
+            Scratch::Small([0f32; 512])
+        } else if need <= 4096 {
+            Scratch::Large([0f32; 4096])
+        } else {
+            Scratch::Heap(vec![0f32; need])
+        }
+    }
+
+    /// The first `need` floats (at most what [`Scratch::new`] was given).
+    #[inline(always)]
+    fn slice(&mut self, need: usize) -> &mut [f32] {
+        match self {
+            Scratch::Small(a) => &mut a[..need],
+            Scratch::Large(a) => &mut a[..need],
+            Scratch::Heap(v) => &mut v[..need],
+        }
     }
 }
 
