@@ -1,8 +1,8 @@
 //! The layer's element-wise steps on tensors: llmem's own kernels
 //! (`llmem_kernels::ops`) for float tensors in host memory (f32 read in place; f16 and
-//! bf16 widened to f32 for the kernel and the result rounded back to their dtype, as
-//! candle's ops compute them in f32 too), candle's ops otherwise (GPU tensors, operands
-//! of mixed dtypes).
+//! bf16 of up to [`WIDEN_MAX`] elements widened to f32 for the kernel and the result
+//! rounded back to their dtype, as candle's ops compute them in f32 too), candle's ops
+//! otherwise (larger 16-bit tensors, GPU tensors, operands of mixed dtypes).
 //!
 //! The kernels take slices and write one fresh buffer per result; candle would allocate
 //! as well, but also dispatch large element-wise ops to its own thread pool, which on a
@@ -24,17 +24,25 @@ pub(crate) fn on_host_f32<const N: usize, R>(
     on_host(ts, f)
 }
 
+/// The most elements of a 16-bit operand [`on_host`] widens (256 KiB as f32): a decode
+/// step's rows and small batches. Larger ones (a prefill) take candle's ops, so that the
+/// f32 copies never add more than a few hundred KiB to a pass's working set, which the
+/// planner's activation formula does not count.
+pub(crate) const WIDEN_MAX: usize = 1 << 16;
+
 /// Calls `f` on the elements of `ts` as f32 when all are host tensors of one float dtype
-/// (f32 read in place; f16 and bf16 widened into scratch buffers); `None` otherwise.
+/// (f32 read in place; f16 and bf16 of at most [`WIDEN_MAX`] elements each widened into
+/// scratch buffers); `None` otherwise.
 fn on_host<const N: usize, R>(
     ts: [&Tensor; N],
     f: impl FnOnce([&[f32]; N]) -> R,
 ) -> candle_core::Result<Option<R>> {
     let dtype = ts.first().map_or(DType::F32, |t| t.dtype());
+    let small = |t: &&Tensor| dtype == DType::F32 || t.elem_count() <= WIDEN_MAX;
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
         || ts
             .iter()
-            .any(|t| !t.device().is_cpu() || t.dtype() != dtype)
+            .any(|t| !t.device().is_cpu() || t.dtype() != dtype || !small(t))
     {
         return Ok(None);
     }
@@ -291,5 +299,13 @@ mod tests {
         }
         // Mixed dtypes take candle's path, which names the mismatch.
         assert!(rms_norm(&x.to_dtype(DType::F16).unwrap(), &w, eps).is_err());
+        // A 16-bit operand over WIDEN_MAX elements is not widened (candle's op), one
+        // within it is.
+        let big = Tensor::ones((WIDEN_MAX / 8 + 1, 8), DType::BF16, &Device::Cpu).unwrap();
+        assert!(on_host([&big], |_| ()).unwrap().is_none());
+        let fits = big.narrow(0, 0, WIDEN_MAX / 8).unwrap();
+        assert!(on_host([&fits], |_| ()).unwrap().is_some());
+        let wide = Tensor::ones((WIDEN_MAX / 8 + 1, 8), DType::F32, &Device::Cpu).unwrap();
+        assert!(on_host([&wide], |_| ()).unwrap().is_some());
     }
 }
