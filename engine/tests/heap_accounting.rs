@@ -395,8 +395,9 @@ fn planned_activations_against_the_measured_grid() {
 /// The contiguous cache's passes (one-rank `llmem generate`) against the one formula
 /// (`Model::contiguous_activation_peak_bytes`: the planner's, with the score matrices and
 /// their softmax where this path computes them): prefills of 1 to 2000 tokens and a
-/// decode step after each, f32 and q8_0 weights, an f32 and a q8_0 cache (the block cache
-/// runs the fused kernel). docs/results.md section 14 lists the ratios.
+/// decode step after each, f32, q8_0 and bf16 weights (bf16 activations: the CPU stages
+/// its 16-bit products through f32, `staged_rows`), an f32 and a q8_0 cache (the block
+/// cache runs the fused kernel). docs/results.md section 14 lists the ratios.
 #[test]
 fn contiguous_passes_against_the_formula() {
     use llmem_engine::cache::contiguous::KvCache;
@@ -408,6 +409,7 @@ fn contiguous_passes_against_the_formula() {
         (llmem_planner::Precision::Fp32, None),
         (llmem_planner::Precision::Q8_0, None),
         (llmem_planner::Precision::Fp32, Some(KvDtype::Q8_0)),
+        (llmem_planner::Precision::Bf16, None),
     ] {
         let fmt = WeightFormat::new(prec).unwrap();
         let model = Model::load_with(&shape, &WeightFiles::random(5), &fmt, &Device::Cpu).unwrap();

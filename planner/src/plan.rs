@@ -492,6 +492,11 @@ pub struct RankPass {
     /// many keys (the longest context in the pass). `None`: a fused kernel keeps no score
     /// matrix.
     pub unfused_keys: Option<u64>,
+    /// Rows of a 16-bit dense product that llmem's CPU engine stages through f32 at a
+    /// time (its input and output rows, widened and then rounded, a chunk of rows at a
+    /// time), counted in the attention and MLP phases; 0 where products read and write
+    /// 16 bits directly (a GPU's), or for f32 and block formats.
+    pub staged_rows: u64,
 }
 
 /// The peak of one phase of a pass and the tensors behind it.
@@ -569,6 +574,8 @@ pub fn pass_phases(shape: &ModelShape, p: &RankPass) -> Result<PassPhases, PlanE
         )
     };
     let resident = rows(2 * h + shape.head_dim, 4, "resident activations")?;
+    // f32 rows a 16-bit product stages on the CPU, for `count` rows of `width` values.
+    let staging = |count: u64, width: u64| count.min(p.staged_rows).saturating_mul(width * 4);
     let projected = rows(h * (1 + (tp - 1).min(2)), 0, "all-reduce activations")?;
     let (attention, mlp) = if p.holds_layers {
         let attention = match p.unfused_keys {
@@ -603,6 +610,13 @@ pub fn pass_phases(shape: &ModelShape, p: &RankPass) -> Result<PassPhases, PlanE
         };
         let quantized_input = if p.block_quantized { i + i / 8 } else { 0 };
         let mlp = rows(3 * i + h, quantized_input, "MLP activations")?;
+        // A product's staging: its widest input and output rows, as f32 (q, k, v and o
+        // in attention; gate, up and down in the MLP).
+        let attention = ck(
+            attention.checked_add(staging(t, h + q)),
+            "attention staging",
+        )?;
+        let mlp = ck(mlp.checked_add(staging(t, h + i)), "MLP staging")?;
         (attention.max(projected), mlp.max(projected))
     } else {
         (0, 0)
@@ -669,6 +683,7 @@ fn activations(
             ),
             unfused_keys: (w.attention == AttentionImpl::Unfused)
                 .then(|| w.context_tokens.min(all_tokens)),
+            staged_rows: 0,
         },
     )?;
     let (peak_bytes, peak_phase) = phases.peak();
@@ -1153,6 +1168,7 @@ mod tests {
             vocab_parallel: false,
             block_quantized: false,
             unfused_keys: None,
+            staged_rows: 0,
         };
         let p = pass_phases(&shape, &pass).unwrap();
         // 10 x ((2 x 64 + 16) x 2 + 4): residual, normed copy, rope rows, positions
@@ -1164,6 +1180,21 @@ mod tests {
         // 2 x ((64 + 100) x 2 + 100 x 4)
         assert_eq!(p.logits, 1456);
         assert_eq!(p.peak(), (2920 + 14080, "attention"));
+        // The CPU's 16-bit products staged 4 rows at a time: f32 input and output rows of
+        // the widest product per phase, min(10, 4) x (64 + 64) x 4 in attention, 4 x (64 +
+        // 128) x 4 in the MLP. The LM head's staging is not added: its f32 rows are gone
+        // before the f32 copy of the logits the phase counts is made.
+        let staged = pass_phases(
+            &shape,
+            &RankPass {
+                staged_rows: 4,
+                ..pass
+            },
+        )
+        .unwrap();
+        assert_eq!(staged.attention, 14080 + 2048);
+        assert_eq!(staged.mlp, 8960 + 3072);
+        assert_eq!(staged.logits, 1456);
         // Block weights add 10 x (128 + 16) bytes to the MLP. Unfused attention drops the
         // kernel's f32 copies of q, k and v (10 x 4 x 128 bytes) and adds the scores,
         // probabilities and mask ((2 x 4 heads x 4 + 4) x 10 tokens x 7 keys) and, with

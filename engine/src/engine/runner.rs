@@ -511,6 +511,7 @@ impl ParallelRunner {
                         parallel: self.spec,
                     },
                     self.format.precision.is_quantized(),
+                    true, // the ranks run on the CPU
                     pass_tokens,
                     logits_rows,
                 ),

@@ -368,6 +368,7 @@ pub fn parallel_budget(
                 fmt.activation_dtype(),
                 shard,
                 fmt.precision.is_quantized(),
+                true, // the ranks run on the CPU
                 pass_tokens,
                 rows,
             );

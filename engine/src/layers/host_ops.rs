@@ -1,8 +1,8 @@
 //! The layer's element-wise steps on tensors: llmem's own kernels
 //! (`llmem_kernels::ops`) for float tensors in host memory (f32 read in place; f16 and
-//! bf16 of up to [`WIDEN_MAX`] elements widened to f32 for the kernel and the result
-//! rounded back to their dtype, as candle's ops compute them in f32 too), candle's ops
-//! otherwise (larger 16-bit tensors, GPU tensors, operands of mixed dtypes).
+//! bf16 widened to f32 a chunk of rows at a time and each result rounded once to their
+//! dtype, as candle's ops compute them in f32 too), candle's ops otherwise (GPU tensors,
+//! operands of mixed dtypes).
 //!
 //! The kernels take slices and write one fresh buffer per result; candle would allocate
 //! as well, but also dispatch large element-wise ops to its own thread pool, which on a
@@ -18,31 +18,9 @@ pub(crate) fn on_host_f32<const N: usize, R>(
     ts: [&Tensor; N],
     f: impl FnOnce([&[f32]; N]) -> R,
 ) -> candle_core::Result<Option<R>> {
-    if ts.iter().any(|t| t.dtype() != DType::F32) {
-        return Ok(None);
-    }
-    on_host(ts, f)
-}
-
-/// The most elements of a 16-bit operand [`on_host`] widens (256 KiB as f32): a decode
-/// step's rows and small batches. Larger ones (a prefill) take candle's ops, so that the
-/// f32 copies never add more than a few hundred KiB to a pass's working set, which the
-/// planner's activation formula does not count.
-pub(crate) const WIDEN_MAX: usize = 1 << 16;
-
-/// Calls `f` on the elements of `ts` as f32 when all are host tensors of one float dtype
-/// (f32 read in place; f16 and bf16 of at most [`WIDEN_MAX`] elements each widened into
-/// scratch buffers); `None` otherwise.
-fn on_host<const N: usize, R>(
-    ts: [&Tensor; N],
-    f: impl FnOnce([&[f32]; N]) -> R,
-) -> candle_core::Result<Option<R>> {
-    let dtype = ts.first().map_or(DType::F32, |t| t.dtype());
-    let small = |t: &&Tensor| dtype == DType::F32 || t.elem_count() <= WIDEN_MAX;
-    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
-        || ts
-            .iter()
-            .any(|t| !t.device().is_cpu() || t.dtype() != dtype || !small(t))
+    if ts
+        .iter()
+        .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32)
     {
         return Ok(None);
     }
@@ -51,81 +29,218 @@ fn on_host<const N: usize, R>(
         .map(|t| t.contiguous())
         .collect::<candle_core::Result<Vec<_>>>()?;
     let guards: Vec<_> = dense.iter().map(|t| t.storage_and_layout()).collect();
-    // The 16-bit operands widened first, so that every slice below can borrow.
-    let mut widened: Vec<Vec<f32>> = Vec::new();
-    for (storage, layout) in &guards {
+    let mut slices: [&[f32]; N] = [&[]; N];
+    for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
         let Storage::Cpu(cpu) = &**storage else {
             return Ok(None);
         };
         let Some((start, end)) = layout.contiguous_offsets() else {
             return Ok(None);
         };
-        match cpu {
-            CpuStorage::F16(v) => widened.push(v[start..end].iter().map(|x| x.to_f32()).collect()),
-            CpuStorage::BF16(v) => widened.push(v[start..end].iter().map(|x| x.to_f32()).collect()),
-            _ => {}
-        }
-    }
-    let mut slices: [&[f32]; N] = [&[]; N];
-    let mut next = widened.iter();
-    for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
-        let Storage::Cpu(cpu) = &**storage else {
-            return Ok(None);
-        };
-        *slot = match cpu {
-            CpuStorage::F32(v) => match layout.contiguous_offsets() {
-                Some((start, end)) => &v[start..end],
-                None => return Ok(None),
-            },
-            _ => match next.next() {
-                Some(w) => w.as_slice(),
-                None => return Ok(None),
-            },
-        };
+        *slot = &cpu.as_slice::<f32>()?[start..end];
     }
     Ok(Some(f(slices)))
 }
 
-/// `values` (f32) as a tensor of `dtype` (f32, f16 or bf16) shaped like `like`.
-fn tensor_as(values: Vec<f32>, dtype: DType, like: &Tensor) -> candle_core::Result<Tensor> {
-    let (shape, device) = (like.shape(), like.device());
-    match dtype {
-        DType::F16 => {
-            let v: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
-            Tensor::from_vec(v, shape, device)
+/// The most f32 values a 16-bit operand's chunk is widened into (16 KiB) by [`by_rows`]
+/// (one row at least): small beside a 16-bit dense product's staging, which the planner
+/// counts (`staged_rows`) and which is alive at a later moment of the same phase.
+pub(crate) const WIDEN_MAX: usize = 1 << 12;
+
+/// A host tensor's elements as its storage holds them.
+enum Data<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Bf16(&'a [bf16]),
+}
+
+impl Data<'_> {
+    /// Elements `range` widened into `out` (of the range's length).
+    fn widen(&self, range: std::ops::Range<usize>, out: &mut [f32]) {
+        match self {
+            Data::F32(v) => out.copy_from_slice(&v[range]),
+            Data::F16(v) => out
+                .iter_mut()
+                .zip(&v[range])
+                .for_each(|(o, x)| *o = x.to_f32()),
+            Data::Bf16(v) => out
+                .iter_mut()
+                .zip(&v[range])
+                .for_each(|(o, x)| *o = x.to_f32()),
         }
-        DType::BF16 => {
-            let v: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
-            Tensor::from_vec(v, shape, device)
-        }
-        _ => Tensor::from_vec(values, shape, device),
     }
+}
+
+/// A result being filled in its dtype.
+enum Out {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Bf16(Vec<bf16>),
+}
+
+impl Out {
+    /// Append `values`, rounded to the result's dtype.
+    fn push(&mut self, values: &[f32]) {
+        match self {
+            Out::F32(v) => v.extend_from_slice(values),
+            Out::F16(v) => v.extend(values.iter().map(|&x| f16::from_f32(x))),
+            Out::Bf16(v) => v.extend(values.iter().map(|&x| bf16::from_f32(x))),
+        }
+    }
+
+    fn into_tensor(self, like: &Tensor) -> candle_core::Result<Tensor> {
+        let (shape, device) = (like.shape(), like.device());
+        match self {
+            Out::F32(v) => Tensor::from_vec(v, shape, device),
+            Out::F16(v) => Tensor::from_vec(v, shape, device),
+            Out::Bf16(v) => Tensor::from_vec(v, shape, device),
+        }
+    }
+}
+
+/// `kernel(inputs, outputs)` over the rows of host tensors of one float dtype: operand
+/// `i` is `ts[i].0` with `ts[i].1` elements per row (0: the whole tensor for every row, as
+/// a norm's weight); `M` results shaped like the first operand, `width` elements per row.
+/// f32 operands are read in place and the kernel writes the results in one call; f16 and
+/// bf16 ones are widened to f32 a chunk of rows at a time (at most [`WIDEN_MAX`] values
+/// of the widest row per operand) and each chunk's results rounded once to the dtype, so a
+/// 16-bit pass holds what candle's ops would (its operands and results) plus a few
+/// chunks. `None` for GPU tensors or operands of mixed dtypes.
+fn by_rows<const N: usize, const M: usize>(
+    ts: [(&Tensor, usize); N],
+    width: usize,
+    mut kernel: impl FnMut([&[f32]; N], [&mut [f32]; M]) -> Result<(), KernelError>,
+) -> candle_core::Result<Option<[Tensor; M]>> {
+    let like = ts[0].0;
+    let dtype = like.dtype();
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+        || ts
+            .iter()
+            .any(|(t, _)| !t.device().is_cpu() || t.dtype() != dtype)
+    {
+        return Ok(None);
+    }
+    let rows = like.elem_count() / width.max(1);
+    let dense = ts
+        .iter()
+        .map(|(t, _)| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = dense.iter().map(|t| t.storage_and_layout()).collect();
+    let mut data = Vec::with_capacity(N);
+    for (storage, layout) in &guards {
+        let (Storage::Cpu(cpu), Some((start, end))) = (&**storage, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        data.push(match cpu {
+            CpuStorage::F32(v) => Data::F32(&v[start..end]),
+            CpuStorage::F16(v) => Data::F16(&v[start..end]),
+            CpuStorage::BF16(v) => Data::Bf16(&v[start..end]),
+            _ => return Ok(None),
+        });
+    }
+    // The kernel on `inputs`, writing the first `len` values of each of `outputs`.
+    let mut run = |inputs: [&[f32]; N], outputs: &mut [Vec<f32>], len: usize| {
+        let mut it = outputs.iter_mut();
+        let outs: [&mut [f32]; M] = std::array::from_fn(|_| match it.next() {
+            Some(o) => &mut o[..len],
+            None => &mut [],
+        });
+        kernel(inputs, outs).map_err(kernel_error)
+    };
+    if dtype == DType::F32 {
+        let mut inputs: [&[f32]; N] = [&[]; N];
+        for (slot, d) in inputs.iter_mut().zip(&data) {
+            if let Data::F32(v) = d {
+                *slot = v;
+            }
+        }
+        let mut outputs: Vec<Vec<f32>> = (0..M).map(|_| vec![0f32; rows * width]).collect();
+        run(inputs, &mut outputs, rows * width)?;
+        return tensors(outputs.into_iter().map(|v| Out::F32(v).into_tensor(like))).map(Some);
+    }
+    let widest = ts
+        .iter()
+        .map(|(_, w)| *w)
+        .chain([width])
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let chunk = (WIDEN_MAX / widest).clamp(1, rows.max(1));
+    // Whole operands widened once; per-row ones into a chunk's scratch.
+    let mut scratch: Vec<Vec<f32>> = ts
+        .iter()
+        .zip(&data)
+        .map(|((t, w), d)| {
+            let n = if *w == 0 { t.elem_count() } else { chunk * w };
+            let mut v = vec![0f32; n];
+            if *w == 0 {
+                d.widen(0..n, &mut v);
+            }
+            v
+        })
+        .collect();
+    let mut staged: Vec<Vec<f32>> = (0..M).map(|_| vec![0f32; chunk * width]).collect();
+    let mut results: Vec<Out> = (0..M)
+        .map(|_| match dtype {
+            DType::F16 => Out::F16(Vec::with_capacity(rows * width)),
+            _ => Out::Bf16(Vec::with_capacity(rows * width)),
+        })
+        .collect();
+    let mut r0 = 0;
+    while r0 < rows {
+        let n = chunk.min(rows - r0);
+        for (((_, w), d), buf) in ts.iter().zip(&data).zip(scratch.iter_mut()) {
+            if *w > 0 {
+                d.widen(r0 * w..(r0 + n) * w, &mut buf[..n * w]);
+            }
+        }
+        let mut it = scratch.iter().zip(&ts);
+        let inputs: [&[f32]; N] = std::array::from_fn(|_| {
+            let (buf, (_, w)) = it.next().unwrap();
+            if *w == 0 {
+                buf.as_slice()
+            } else {
+                &buf[..n * w]
+            }
+        });
+        run(inputs, &mut staged, n * width)?;
+        for (res, o) in results.iter_mut().zip(&staged) {
+            res.push(&o[..n * width]);
+        }
+        r0 += n;
+    }
+    tensors(results.into_iter().map(|o| o.into_tensor(like))).map(Some)
+}
+
+/// `M` tensors from an iterator of `M` results.
+fn tensors<const M: usize>(
+    it: impl Iterator<Item = candle_core::Result<Tensor>>,
+) -> candle_core::Result<[Tensor; M]> {
+    let v = it.collect::<candle_core::Result<Vec<_>>>()?;
+    v.try_into()
+        .map_err(|_| candle_core::Error::Msg("host ops: wrong number of results".into()))
 }
 
 fn kernel_error(e: KernelError) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
-/// A fresh buffer of `like`'s element count and dtype filled by `fill` (in f32), shaped
-/// like `like`.
-fn fresh(
-    like: &Tensor,
-    fill: impl FnOnce(&mut [f32]) -> Result<(), KernelError>,
-) -> candle_core::Result<Tensor> {
-    let mut out = vec![0f32; like.elem_count()];
-    fill(&mut out).map_err(kernel_error)?;
-    tensor_as(out, like.dtype(), like)
+/// The elements per row of an element-wise operand: its last dimension.
+fn row_width(x: &Tensor) -> usize {
+    x.dims().last().copied().unwrap_or(1)
 }
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
 pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
-    if x.dims().last() != Some(&weight.elem_count()) {
+    let h = weight.elem_count();
+    if x.dims().last() != Some(&h) {
         return candle_nn::ops::rms_norm(x, weight, eps); // candle's error names the shapes
     }
-    match on_host([x, weight], |[xs, w]| {
-        fresh(x, |out| ops::rms_norm(xs, w, eps, out))
+    match by_rows([(x, h), (weight, 0)], h, |[xs, w], [out]| {
+        ops::rms_norm(xs, w, eps, out)
     })? {
-        Some(y) => y,
+        Some([y]) => Ok(y),
         None => candle_nn::ops::rms_norm(x, weight, eps),
     }
 }
@@ -137,22 +252,19 @@ pub(crate) fn add_rms_norm(
     weight: &Tensor,
     eps: f32,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    if x.shape() != y.shape() || x.dims().last() != Some(&weight.elem_count()) {
+    let h = weight.elem_count();
+    if x.shape() != y.shape() || x.dims().last() != Some(&h) {
         let sum = (x + y)?;
         let normed = candle_nn::ops::rms_norm(&sum, weight, eps)?;
         return Ok((sum, normed));
     }
-    let fast = on_host([x, y, weight], |[xs, ys, w]| {
-        let mut sum = vec![0f32; xs.len()];
-        let mut normed = vec![0f32; xs.len()];
-        ops::add_rms_norm(xs, ys, w, eps, &mut sum, &mut normed).map_err(kernel_error)?;
-        Ok::<_, candle_core::Error>((
-            tensor_as(sum, x.dtype(), x)?,
-            tensor_as(normed, x.dtype(), x)?,
-        ))
-    })?;
+    let fast = by_rows(
+        [(x, h), (y, h), (weight, 0)],
+        h,
+        |[xs, ys, w], [sum, normed]| ops::add_rms_norm(xs, ys, w, eps, sum, normed),
+    )?;
     match fast {
-        Some(pair) => pair,
+        Some([sum, normed]) => Ok((sum, normed)),
         None => {
             let sum = (x + y)?;
             let normed = candle_nn::ops::rms_norm(&sum, weight, eps)?;
@@ -166,8 +278,9 @@ pub(crate) fn add(x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
     if x.shape() != y.shape() {
         return x + y; // candle's error names the shapes
     }
-    match on_host([x, y], |[xs, ys]| fresh(x, |out| ops::add(xs, ys, out)))? {
-        Some(sum) => sum,
+    let w = row_width(x);
+    match by_rows([(x, w), (y, w)], w, |[xs, ys], [out]| ops::add(xs, ys, out))? {
+        Some([sum]) => Ok(sum),
         None => x + y,
     }
 }
@@ -177,10 +290,11 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor
     if gate.shape() != up.shape() {
         return gate.silu()? * up;
     }
-    match on_host([gate, up], |[g, u]| {
-        fresh(gate, |out| ops::silu_mul(g, u, out))
+    let w = row_width(gate);
+    match by_rows([(gate, w), (up, w)], w, |[g, u], [out]| {
+        ops::silu_mul(g, u, out)
     })? {
-        Some(y) => y,
+        Some([y]) => Ok(y),
         None => gate.silu()? * up,
     }
 }
@@ -188,14 +302,21 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor
 /// Rotary embeddings (rotate-half form) on `x`: (tokens, heads, head_dim); `cos`, `sin`:
 /// (tokens, head_dim / 2), the rows at each token's position.
 pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let (_, h, d) = x.dims3()?;
-    let fast = on_host([x, cos, sin], |[xs, c, s]| {
-        let mut out = xs.to_vec();
-        ops::rope_in_place(&mut out, h, d, c, s).map_err(kernel_error)?;
-        tensor_as(out, x.dtype(), x)
-    })?;
+    let (t, h, d) = x.dims3()?;
+    if cos.dims() != [t, d / 2] || sin.dims() != [t, d / 2] {
+        // candle's error names the shapes
+        return candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?, cos, sin)?.squeeze(0);
+    }
+    let fast = by_rows(
+        [(x, h * d), (cos, d / 2), (sin, d / 2)],
+        h * d,
+        |[xs, c, s], [out]| {
+            out.copy_from_slice(xs);
+            ops::rope_in_place(out, h, d, c, s)
+        },
+    )?;
     match fast {
-        Some(y) => y,
+        Some([y]) => Ok(y),
         None => candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?, cos, sin)?.squeeze(0),
     }
 }
@@ -299,13 +420,64 @@ mod tests {
         }
         // Mixed dtypes take candle's path, which names the mismatch.
         assert!(rms_norm(&x.to_dtype(DType::F16).unwrap(), &w, eps).is_err());
-        // A 16-bit operand over WIDEN_MAX elements is not widened (candle's op), one
-        // within it is.
-        let big = Tensor::ones((WIDEN_MAX / 8 + 1, 8), DType::BF16, &Device::Cpu).unwrap();
-        assert!(on_host([&big], |_| ()).unwrap().is_none());
-        let fits = big.narrow(0, 0, WIDEN_MAX / 8).unwrap();
-        assert!(on_host([&fits], |_| ()).unwrap().is_some());
-        let wide = Tensor::ones((WIDEN_MAX / 8 + 1, 8), DType::F32, &Device::Cpu).unwrap();
-        assert!(on_host([&wide], |_| ()).unwrap().is_some());
+        // 16-bit operands over WIDEN_MAX values go through in chunks of rows; each row's
+        // result is the f32 kernel's on the widened row, rounded once: exactly.
+        for dtype in [DType::F16, DType::BF16] {
+            let rows = WIDEN_MAX / h + 5;
+            let big = t(&values(rows * h, 0.013), &[rows, h])
+                .to_dtype(dtype)
+                .unwrap();
+            let other = t(&values(rows * h, 0.007), &[rows, h])
+                .to_dtype(dtype)
+                .unwrap();
+            let w16 = w.to_dtype(dtype).unwrap();
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let same = |got: Tensor, want: Tensor| {
+                assert_eq!(got.dtype(), dtype);
+                let want = want.to_dtype(dtype).unwrap();
+                assert_eq!(
+                    got.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                    want.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                );
+            };
+            same(
+                rms_norm(&big, &w16, eps).unwrap(),
+                rms_norm(&f(&big), &f(&w16), eps).unwrap(),
+            );
+            let (sum, normed) = add_rms_norm(&big, &other, &w16, eps).unwrap();
+            let (want_sum, want_normed) =
+                add_rms_norm(&f(&big), &f(&other), &f(&w16), eps).unwrap();
+            same(sum, want_sum);
+            same(normed, want_normed);
+            same(
+                silu_mul(&big, &other).unwrap(),
+                silu_mul(&f(&big), &f(&other)).unwrap(),
+            );
+            same(
+                add(&big, &other).unwrap(),
+                add(&f(&big), &f(&other)).unwrap(),
+            );
+            let tokens = WIDEN_MAX / (heads * d) + 7;
+            let q = t(&values(tokens * heads * d, 0.011), &[tokens, heads, d])
+                .to_dtype(dtype)
+                .unwrap();
+            let angles = t(&values(tokens * d / 2, 0.05), &[tokens, d / 2]);
+            let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+            let (c16, s16) = (cos.to_dtype(dtype).unwrap(), sin.to_dtype(dtype).unwrap());
+            same(
+                rope(&q, &c16, &s16).unwrap(),
+                rope(&f(&q), &f(&c16), &f(&s16)).unwrap(),
+            );
+        }
     }
 }

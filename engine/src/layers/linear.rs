@@ -333,22 +333,27 @@ fn dense_product(x: &Tensor, w: &Tensor, tiles: bool) -> candle_core::Result<Ten
     let (ws, we) = layout
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("matvec: weight is not contiguous".into()))?;
-    let out = with_f32_rows(x, |xs| {
-        let mut out = vec![0f32; m * n];
-        fn product<W: llmem_kernels::gemm::TileElem>(
-            tiles: bool,
-            xs: &[f32],
-            m: usize,
-            w: &[W],
-            n: usize,
-            k: usize,
-            out: &mut [f32],
-        ) {
-            match tiles {
-                true => llmem_kernels::gemm::gemm(xs, m, w, n, k, out),
-                false => matvec(xs, m, w, n, k, out),
+    if x.dtype() == w.dtype() && matches!(x.dtype(), DType::BF16 | DType::F16) {
+        // 16-bit rows times a 16-bit weight: staged through f32 a chunk at a time.
+        let x = x.contiguous()?;
+        let (xst, xl) = x.storage_and_layout();
+        if let (Storage::Cpu(xc), Some((xs, xe))) = (&*xst, xl.contiguous_offsets()) {
+            let device = w.device();
+            match (xc, cpu) {
+                (CpuStorage::BF16(xv), CpuStorage::BF16(wv)) => {
+                    let y = product_16(&xv[xs..xe], m, &wv[ws..we], n, k, tiles);
+                    return Tensor::from_vec(y, (m, n), device);
+                }
+                (CpuStorage::F16(xv), CpuStorage::F16(wv)) => {
+                    let y = product_16(&xv[xs..xe], m, &wv[ws..we], n, k, tiles);
+                    return Tensor::from_vec(y, (m, n), device);
+                }
+                _ => {}
             }
         }
+    }
+    let out = with_f32_rows(x, |xs| {
+        let mut out = vec![0f32; m * n];
         match cpu {
             CpuStorage::F32(w) => product(tiles, xs, m, &w[ws..we], n, k, &mut out),
             CpuStorage::BF16(w) => product(tiles, xs, m, &w[ws..we], n, k, &mut out),
@@ -366,6 +371,65 @@ fn dense_product(x: &Tensor, w: &Tensor, tiles: bool) -> candle_core::Result<Ten
     } else {
         y.to_dtype(w.dtype())
     }
+}
+
+/// `x @ w^T` into `out`: the tiled gemm with `tiles`, else the matvec.
+fn product<W: llmem_kernels::gemm::TileElem>(
+    tiles: bool,
+    xs: &[f32],
+    m: usize,
+    w: &[W],
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    match tiles {
+        true => llmem_kernels::gemm::gemm(xs, m, w, n, k, out),
+        false => matvec(xs, m, w, n, k, out),
+    }
+}
+
+/// Rows per chunk of [`product_16`] (the gemm's block of input rows): the planner's
+/// `staged_rows` for a 16-bit model on the CPU.
+pub(crate) const STAGED_ROWS: usize = 64;
+
+/// A 16-bit weight's dtype, widened and rounded per element.
+trait Half: llmem_kernels::gemm::TileElem {
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Half for half::bf16 {
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+}
+
+impl Half for half::f16 {
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+}
+
+/// `x @ w^T` for 16-bit rows `x` (m, k) and weight `w` (n, k), rounded to 16 bits, a
+/// chunk of [`STAGED_ROWS`] rows at a time: each chunk's rows are widened to f32 and
+/// multiplied into an f32 chunk, which is rounded into the result. The f32 staging is a
+/// chunk's (under 1 MiB for a 2048-wide product) rather than the whole input's and
+/// output's, which the planner's activation formula does not count (it counts the
+/// 16-bit result). The same sums as widening the whole input: each row's products do
+/// not depend on the others.
+fn product_16<H: Half>(x: &[H], m: usize, w: &[H], n: usize, k: usize, tiles: bool) -> Vec<H> {
+    let chunk = STAGED_ROWS.min(m);
+    let (mut xf, mut of) = (vec![0f32; chunk * k], vec![0f32; chunk * n]);
+    let mut out = Vec::with_capacity(m * n);
+    for r0 in (0..m).step_by(STAGED_ROWS) {
+        let rows = STAGED_ROWS.min(m - r0);
+        for (d, s) in xf.iter_mut().zip(&x[r0 * k..(r0 + rows) * k]) {
+            *d = s.widen();
+        }
+        product(tiles, &xf[..rows * k], rows, w, n, k, &mut of[..rows * n]);
+        out.extend(of[..rows * n].iter().map(|&v| H::from_f32(v)));
+    }
+    out
 }
 
 /// `x @ w^T` for few rows `x` (m, k) f32 and a block-quantized CPU weight `w` (n, k),

@@ -29,6 +29,7 @@ impl Model {
             self.dtype,
             self.spec,
             self.format.precision.is_quantized(),
+            self.device.is_cpu(),
             query_len,
             1,
         );
@@ -48,6 +49,7 @@ impl Model {
             self.dtype,
             self.spec,
             self.format.precision.is_quantized(),
+            self.device.is_cpu(),
             num_tokens,
             logits_rows,
         )
@@ -60,19 +62,28 @@ impl Model {
 /// rank's widths and `dtype` as the compute dtype, the logits phase on the ranks that
 /// compute logits (the last stage; all its ranks when the vocabulary is split, else rank
 /// 0). `block_quantized`: the weights are in a block format, whose kernels take the
-/// activations quantized to bytes. A figure that overflows 64 bits reads as `u64::MAX`
-/// (no budget holds it).
+/// activations quantized to bytes. `on_cpu`: the rank runs on the CPU, whose 16-bit
+/// products stage their rows through f32. A figure that overflows 64 bits reads as
+/// `u64::MAX` (no budget holds it).
 pub fn rank_activation_peak_bytes(
     shape: &ModelShape,
     dtype: DType,
     spec: ShardSpec,
     block_quantized: bool,
+    on_cpu: bool,
     num_tokens: usize,
     logits_rows: usize,
 ) -> u64 {
     peak(
         shape,
-        &rank_pass(dtype, spec, block_quantized, num_tokens, logits_rows),
+        &rank_pass(
+            dtype,
+            spec,
+            block_quantized,
+            on_cpu,
+            num_tokens,
+            logits_rows,
+        ),
     )
 }
 
@@ -86,9 +97,13 @@ fn rank_pass(
     dtype: DType,
     spec: ShardSpec,
     block_quantized: bool,
+    on_cpu: bool,
     num_tokens: usize,
     logits_rows: usize,
 ) -> llmem_planner::RankPass {
+    // 16-bit rows times 16-bit dense weights on the CPU go through f32 a chunk at a time
+    // (`crate::layers::linear`).
+    let staged = on_cpu && matches!(dtype, DType::BF16 | DType::F16) && !block_quantized;
     let p = spec.parallel;
     llmem_planner::RankPass {
         tokens: num_tokens as u64,
@@ -102,5 +117,10 @@ fn rank_pass(
         vocab_parallel: p.vocab_parallel,
         block_quantized,
         unfused_keys: None,
+        staged_rows: if staged {
+            crate::layers::linear::STAGED_ROWS as u64
+        } else {
+            0
+        },
     }
 }
