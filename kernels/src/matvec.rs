@@ -37,7 +37,7 @@ impl WeightElem for f32 {
         #[cfg(target_arch = "aarch64")]
         if crate::cpu::level().has_kernels() {
             // Safety: NEON is part of every aarch64 CPU.
-            return unsafe { crate::gemm::neon::dot(x, w) };
+            return unsafe { neon::dot(x, w) };
         }
         dot_body(x, w)
     }
@@ -60,7 +60,7 @@ impl WeightElem for bf16 {
         #[cfg(target_arch = "aarch64")]
         if crate::cpu::level().has_kernels() {
             // Safety: NEON is part of every aarch64 CPU.
-            return unsafe { crate::gemm::neon::dot(x, w) };
+            return unsafe { neon::dot(x, w) };
         }
         dot_body(x, w)
     }
@@ -136,7 +136,7 @@ impl WeightElem for f16 {
         #[cfg(target_arch = "aarch64")]
         if crate::cpu::level().has_kernels() {
             // Safety: NEON is part of every aarch64 CPU.
-            return unsafe { crate::gemm::neon::dot(x, w) };
+            return unsafe { neon::dot(x, w) };
         }
         dot_body(x, w)
     }
@@ -149,6 +149,75 @@ unsafe fn dot_f16_f16c(x: &[f32], w: &[f16]) -> f32 {
     dot_avx2_body!(x, w, |p: *const half::f16| _mm256_cvtph_ps(
         _mm_loadu_si128(p as *const __m128i)
     ))
+}
+
+/// The `neon` level's weight loads and the matvec's dot (aarch64); the gemm's NEON
+/// tiles (`crate::gemm`) load through the same [`neon::NeonLoad`].
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon {
+    use std::arch::aarch64::*;
+
+    use super::WeightElem;
+
+    /// A weight element the NEON dot and gemm tiles load, 4 at a time, widened to f32.
+    pub trait NeonLoad: WeightElem {
+        /// Four weights at `p`, as f32.
+        ///
+        /// # Safety
+        /// `p` is readable for 4 elements.
+        unsafe fn load4(p: *const Self) -> float32x4_t;
+    }
+
+    impl NeonLoad for f32 {
+        #[inline(always)]
+        unsafe fn load4(p: *const Self) -> float32x4_t {
+            vld1q_f32(p)
+        }
+    }
+
+    impl NeonLoad for half::bf16 {
+        #[inline(always)]
+        unsafe fn load4(p: *const Self) -> float32x4_t {
+            vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(p as *const u16)))
+        }
+    }
+
+    impl NeonLoad for half::f16 {
+        #[inline(always)]
+        unsafe fn load4(p: *const Self) -> float32x4_t {
+            crate::packed::neon::widen_f16(vld1_u16(p as *const u16))
+        }
+    }
+
+    /// `x . w` (the matvec's dot on the `neon` level): four 4-lane accumulators, 16 weights
+    /// per step, the tail in scalar code.
+    ///
+    /// # Safety
+    /// None beyond the slices' (NEON is part of every aarch64 CPU).
+    #[target_feature(enable = "neon")]
+    pub(crate) unsafe fn dot<W: NeonLoad>(x: &[f32], w: &[W]) -> f32 {
+        let k = x.len().min(w.len());
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        let mut i = 0;
+        while i + 16 <= k {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let off = i + 4 * j;
+                *a = vfmaq_f32(*a, vld1q_f32(xp.add(off)), W::load4(wp.add(off)));
+            }
+            i += 16;
+        }
+        while i + 4 <= k {
+            acc[0] = vfmaq_f32(acc[0], vld1q_f32(xp.add(i)), W::load4(wp.add(i)));
+            i += 4;
+        }
+        let sum = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
+        let mut total = vaddvq_f32(sum);
+        for j in i..k {
+            total += x[j] * w[j].widen();
+        }
+        total
+    }
 }
 
 /// Split the `n` weight rows into rayon tasks of [`ROWS_PER_TASK`]; `task(first, dst)`

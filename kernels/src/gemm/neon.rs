@@ -7,37 +7,7 @@
 
 use std::arch::aarch64::*;
 
-use crate::matvec::WeightElem;
-
-/// A weight element the NEON tiles load, 4 at a time, widened to f32.
-pub trait NeonLoad: WeightElem {
-    /// Four weights at `p`, as f32.
-    ///
-    /// # Safety
-    /// `p` is readable for 4 elements.
-    unsafe fn load4(p: *const Self) -> float32x4_t;
-}
-
-impl NeonLoad for f32 {
-    #[inline(always)]
-    unsafe fn load4(p: *const Self) -> float32x4_t {
-        vld1q_f32(p)
-    }
-}
-
-impl NeonLoad for half::bf16 {
-    #[inline(always)]
-    unsafe fn load4(p: *const Self) -> float32x4_t {
-        vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(p as *const u16)))
-    }
-}
-
-impl NeonLoad for half::f16 {
-    #[inline(always)]
-    unsafe fn load4(p: *const Self) -> float32x4_t {
-        crate::packed::neon::widen_f16(vld1_u16(p as *const u16))
-    }
-}
+use crate::matvec::neon::NeonLoad;
 
 /// `TW` weight rows (from `w0`) by `TX` input rows (from `x0`), all of `k`:
 /// `dst[(x0 + r) * ld + w0 + j]`.
@@ -129,34 +99,4 @@ pub unsafe fn task<W: NeonLoad>(
         2 => band::<W, 2>(x, m, w, j, k, dst, ld),
         _ => band::<W, 3>(x, m, w, j, k, dst, ld),
     }
-}
-
-/// `x . w` (the matvec's dot on the `neon` level): four 4-lane accumulators, 16 weights
-/// per step, the tail in scalar code.
-///
-/// # Safety
-/// None beyond the slices' (NEON is part of every aarch64 CPU).
-#[target_feature(enable = "neon")]
-pub(crate) unsafe fn dot<W: NeonLoad>(x: &[f32], w: &[W]) -> f32 {
-    let k = x.len().min(w.len());
-    let (xp, wp) = (x.as_ptr(), w.as_ptr());
-    let mut acc = [vdupq_n_f32(0.0); 4];
-    let mut i = 0;
-    while i + 16 <= k {
-        for (j, a) in acc.iter_mut().enumerate() {
-            let off = i + 4 * j;
-            *a = vfmaq_f32(*a, vld1q_f32(xp.add(off)), W::load4(wp.add(off)));
-        }
-        i += 16;
-    }
-    while i + 4 <= k {
-        acc[0] = vfmaq_f32(acc[0], vld1q_f32(xp.add(i)), W::load4(wp.add(i)));
-        i += 4;
-    }
-    let sum = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
-    let mut total = vaddvq_f32(sum);
-    for j in i..k {
-        total += x[j] * w[j].widen();
-    }
-    total
 }
