@@ -533,16 +533,7 @@ mod tests {
                     let mask = causal_mask(cached, qlen, &dev).unwrap();
                     let want = Attention::attend(&q, &k, &v, mask.as_ref()).unwrap();
                     let got = attend_fused(&q, &k, &v, cached).unwrap();
-                    let diff = (got - want)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .max(0)
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let diff = crate::layers::host_ops::tests::max_diff(&got, &want);
                     assert!(
                         diff < 1e-4,
                         "heads {nh}/{nkv} x {hd}, {cached} cached + {qlen} {dtype:?}: {diff}"

@@ -195,14 +195,9 @@ fn by_rows<const N: usize, const M: usize>(
                 d.widen(r0 * w..(r0 + n) * w, &mut buf[..n * w]);
             }
         }
-        let mut it = scratch.iter().zip(&ts);
-        let inputs: [&[f32]; N] = std::array::from_fn(|_| {
-            let (buf, (_, w)) = it.next().unwrap();
-            if *w == 0 {
-                buf.as_slice()
-            } else {
-                &buf[..n * w]
-            }
+        let inputs: [&[f32]; N] = std::array::from_fn(|i| match ts[i].1 {
+            0 => scratch[i].as_slice(),
+            w => &scratch[i][..n * w],
         });
         run(inputs, &mut staged, n * width)?;
         for (res, o) in results.iter_mut().zip(&staged) {
@@ -322,7 +317,7 @@ pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Resul
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::Device;
 
@@ -330,7 +325,8 @@ mod tests {
         Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    /// The largest absolute difference between two tensors of one shape.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()
