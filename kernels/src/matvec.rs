@@ -230,20 +230,50 @@ pub fn par_weight_rows(
     n: usize,
     task: impl Fn(usize, &mut [f32]) + Sync + Send,
 ) {
-    let mut scratch = Vec::new();
-    let t: &mut [f32] = if m == 1 {
-        &mut out[..n]
-    } else {
-        scratch.resize(n * m, 0f32);
-        &mut scratch
+    par_weight_rows_many(&mut [out], m, &[n], |_, first, dst| task(first, dst));
+}
+
+/// [`par_weight_rows`] for several matrices of the same input rows in one parallel loop
+/// (a layer's q/k/v, or gate and up): matrix `i` has `ns[i]` weight rows and its results
+/// go to `outs[i]`, (m, ns[i]); `task(i, first, dst)` fills one chunk of matrix `i`. One
+/// loop instead of one per matrix: the pool's threads meet once, and the small matrices'
+/// chunks balance the large ones'.
+pub fn par_weight_rows_many(
+    outs: &mut [&mut [f32]],
+    m: usize,
+    ns: &[usize],
+    task: impl Fn(usize, usize, &mut [f32]) + Sync + Send,
+) {
+    assert!(
+        outs.len() == ns.len() && outs.iter().zip(ns).all(|(o, &n)| o.len() >= m * n),
+        "par_weight_rows_many: an output is shorter than its (m, n)"
+    );
+    let mut scratch: Vec<Vec<f32>> = match m {
+        1 => Vec::new(),
+        _ => ns.iter().map(|&n| vec![0f32; n * m]).collect(),
     };
-    t.par_chunks_mut(ROWS_PER_TASK * m)
-        .enumerate()
-        .for_each(|(i, dst)| task(i * ROWS_PER_TASK, dst));
-    if m > 1 {
+    // Nested parallel loops (matrices, then each one's chunks) rather than a list of
+    // tasks: no allocation on the decode path, whose heap the planner's formula counts.
+    let run = |i: usize, t: &mut [f32]| {
+        t.par_chunks_mut(ROWS_PER_TASK * m)
+            .enumerate()
+            .for_each(|(c, dst)| task(i, c * ROWS_PER_TASK, dst))
+    };
+    if m == 1 {
+        outs.par_iter_mut()
+            .zip(ns)
+            .enumerate()
+            .for_each(|(i, (o, &n))| run(i, &mut o[..n]));
+    } else {
+        scratch
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(i, s)| run(i, s));
+    }
+    for ((out, s), &n) in outs.iter_mut().zip(&scratch).zip(ns) {
         for o in 0..n {
             for r in 0..m {
-                out[r * n + o] = scratch[o * m + r];
+                out[r * n + o] = s[o * m + r];
             }
         }
     }
@@ -258,8 +288,26 @@ pub const ROWS_PER_TASK: usize = 32;
 /// x: (m, k) f32 row-major; w: (n, k) row-major; out: (m, n). Each weight row is read
 /// once from memory and dotted with all `m` input rows while it is in L1.
 pub fn matvec<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize, out: &mut [f32]) {
-    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
-    par_weight_rows(out, m, n, |first, dst| {
+    matvec_many(x, m, &[(w, n)], k, &mut [out]);
+}
+
+/// [`matvec`] of the same rows `x` (m, k) with several weights at once: `ws[i]` is a
+/// weight of `ws[i].1` rows of width `k`, and `outs[i]` gets its (m, ws[i].1) product.
+/// One parallel loop covers every matrix ([`par_weight_rows_many`]).
+pub fn matvec_many<W: WeightElem>(
+    x: &[f32],
+    m: usize,
+    ws: &[(&[W], usize)],
+    k: usize,
+    outs: &mut [&mut [f32]],
+) {
+    assert!(
+        x.len() >= m * k && ws.iter().all(|(w, n)| w.len() >= n * k),
+        "matvec: an operand is shorter than its shape"
+    );
+    let ns: Vec<usize> = ws.iter().map(|&(_, n)| n).collect();
+    par_weight_rows_many(outs, m, &ns, |i, first, dst| {
+        let w = ws[i].0;
         for (j, ys) in dst.chunks_mut(m).enumerate() {
             let o = first + j;
             let row = &w[o * k..(o + 1) * k];
@@ -361,6 +409,37 @@ mod tests {
             let want = matvec_slow(&x, m, &wh, n, k);
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "f16: {a} vs {b}");
+            }
+        }
+    }
+
+    /// Several matrices in one loop give each its own product, bit for bit (the same dot
+    /// per output), at one and several rows, with matrices shorter than a task.
+    #[test]
+    fn matvec_many_equals_one_matvec_per_matrix() {
+        let k = 67;
+        let ns = [70, 5, 33, 96];
+        for m in [1, 3] {
+            let x = data(m * k, 7);
+            let ws: Vec<Vec<f16>> = ns
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    data(n * k, 10 + i as u64)
+                        .iter()
+                        .map(|&v| f16::from_f32(v))
+                        .collect()
+                })
+                .collect();
+            let pairs: Vec<(&[f16], usize)> =
+                ws.iter().zip(ns).map(|(w, n)| (w.as_slice(), n)).collect();
+            let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| vec![f32::NAN; m * n]).collect();
+            let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            matvec_many(&x, m, &pairs, k, &mut views);
+            for ((w, n), got) in pairs.iter().zip(&outs) {
+                let mut want = vec![0f32; m * n];
+                matvec(&x, m, w, *n, k, &mut want);
+                assert_eq!(got, &want, "m {m}, n {n}");
             }
         }
     }

@@ -27,7 +27,7 @@ use candle_core::quantized::k_quants::GgmlType;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 
-use llmem_kernels::matvec::{matvec, par_weight_rows};
+use llmem_kernels::matvec::{matvec, matvec_many, par_weight_rows};
 use llmem_kernels::packed::PackedMatrix;
 
 use crate::error::Result;
@@ -165,7 +165,10 @@ impl Linear {
 
     /// Several linears of the same input (a layer's q/k/v, or gate and up): the same
     /// answers as one [`Linear::forward`] each. When all hold packed block weights and no
-    /// bias, one kernel call quantizes `x` once and covers every matrix.
+    /// bias, one kernel call quantizes `x` once and covers every matrix; when all hold
+    /// dense CPU weights of one dtype, no bias, and `x` is f32 rows few enough for the
+    /// matvec, one [`matvec_many`] loop covers them (one meeting of the pool's threads
+    /// instead of one per matrix).
     pub fn forward_many<const N: usize>(
         x: &Tensor,
         ls: [&Linear; N],
@@ -177,6 +180,13 @@ impl Linear {
                 _ => None,
             })
             .collect();
+        if N >= 2 && packed.len() != N {
+            if let Some(dense) = dense_matvec_set(x, &ls)? {
+                return dense_matvecs(x, &dense)?
+                    .try_into()
+                    .map_err(|_| candle_core::Error::Msg("forward_many: count".into()));
+            }
+        }
         if N < 2 || packed.len() != N {
             let mut out = Vec::with_capacity(N);
             for l in ls {
@@ -254,6 +264,96 @@ fn dense_forward(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     } else {
         x.to_dtype(DType::F32)?.matmul(&w.t()?)
     }
+}
+
+/// The dense weights of `ls` when [`dense_matvecs`] serves them all, as their own
+/// [`Linear::forward`]s would: f32 rows `x` on the CPU, no more than
+/// [`matvec_max_rows`], weights dense on the CPU in one dtype, no bias. (16-bit rows stay
+/// one product at a time: their f32 staging is what the planner counts.)
+fn dense_matvec_set<'a>(
+    x: &Tensor,
+    ls: &[&'a Linear],
+) -> candle_core::Result<Option<Vec<&'a Tensor>>> {
+    let Some(first) = ls.first() else {
+        return Ok(None);
+    };
+    let StoredMatrix::Dense(w0) = &first.weight else {
+        return Ok(None);
+    };
+    let dtype = w0.dtype();
+    if x.dtype() != DType::F32
+        || !x.device().is_cpu()
+        || x.dim(0)? > matvec_max_rows(dtype)
+        || !matvec_enabled()
+    {
+        return Ok(None);
+    }
+    Ok(ls
+        .iter()
+        .map(|l| match (&l.weight, &l.bias) {
+            (StoredMatrix::Dense(w), None) if w.dtype() == dtype && w.device().is_cpu() => Some(w),
+            _ => None,
+        })
+        .collect())
+}
+
+/// `x @ w^T` for f32 rows `x` (m, k) and each dense CPU weight of `ws` (n_i, k), all of
+/// one dtype, through one [`matvec_many`] loop: the f32 answers [`dense_product`] gives
+/// one weight at a time.
+fn dense_matvecs(x: &Tensor, ws: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
+    let (m, k) = x.dims2()?;
+    let held: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
+    let mut parts = Vec::with_capacity(ws.len());
+    for (w, (storage, layout)) in ws.iter().zip(&held) {
+        let (n, wk) = w.dims2()?;
+        if k != wk {
+            candle_core::bail!("matvec: input has {k} features, weight expects {wk}")
+        }
+        let Storage::Cpu(cpu) = &**storage else {
+            candle_core::bail!("matvec: weight is not on the CPU")
+        };
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("matvec: weight is not contiguous".into()))?;
+        parts.push((cpu, start..end, n));
+    }
+    /// Each part's elements, when all are `W`s.
+    fn typed<'a, W>(
+        parts: &[(&'a CpuStorage, std::ops::Range<usize>, usize)],
+        pick: impl Fn(&'a CpuStorage) -> Option<&'a [W]>,
+    ) -> Option<Vec<(&'a [W], usize)>> {
+        parts
+            .iter()
+            .map(|(c, range, n)| pick(c).and_then(|v| v.get(range.clone())).map(|v| (v, *n)))
+            .collect()
+    }
+    let outs = with_f32_rows(x, |xs| {
+        let mut outs: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; m * p.2]).collect();
+        let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        if let Some(w) = typed(&parts, |c| match c {
+            CpuStorage::F32(v) => Some(v.as_slice()),
+            _ => None,
+        }) {
+            matvec_many(xs, m, &w, k, &mut views);
+        } else if let Some(w) = typed(&parts, |c| match c {
+            CpuStorage::BF16(v) => Some(v.as_slice()),
+            _ => None,
+        }) {
+            matvec_many(xs, m, &w, k, &mut views);
+        } else if let Some(w) = typed(&parts, |c| match c {
+            CpuStorage::F16(v) => Some(v.as_slice()),
+            _ => None,
+        }) {
+            matvec_many(xs, m, &w, k, &mut views);
+        } else {
+            candle_core::bail!("matvec: the weights of one call need one dtype of f32, bf16 or f16")
+        }
+        Ok(outs)
+    })?;
+    outs.into_iter()
+        .zip(&parts)
+        .map(|(o, p)| Tensor::from_vec(o, (m, p.2), x.device()))
+        .collect()
 }
 
 /// A deep copy of `t.narrow(dim, start, len)` in storage of its own size, so the full
@@ -684,8 +784,9 @@ mod tests {
     }
 
     /// `Linear::forward_many` gives each linear exactly its own `forward`'s answer: through
-    /// the shared packed call (q8_0/q4_0/q4_1 matrices together) and through the one-by-one
-    /// fallback (a mix with a k-quant and a dense matrix).
+    /// the shared packed call (q8_0/q4_0/q4_1 matrices together), the shared matvec (f16
+    /// matrices, at one row) and the one-by-one fallback (a mix with a k-quant and a dense
+    /// matrix; the f16 set at seven rows).
     #[test]
     fn forward_many_equals_forward_each() {
         let k = 256;
@@ -703,7 +804,13 @@ mod tests {
             lin(32, Precision::Q4K, 5),
             lin(16, Precision::Fp32, 6),
         ];
-        for set in [&packed, &mixed] {
+        // Dense weights of one dtype go through one matvec loop at one row.
+        let dense = [
+            lin(48, Precision::Fp16, 7),
+            lin(16, Precision::Fp16, 8),
+            lin(33, Precision::Fp16, 9),
+        ];
+        for set in [&packed, &mixed, &dense] {
             for m in [1, 7] {
                 let x =
                     Tensor::from_vec(random(m, k, 30 + m as u64), (m, k), &Device::Cpu).unwrap();
