@@ -59,6 +59,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(err) = llmem_engine::weights::pages::check_env() {
+        eprintln!("error: {err}");
+        return ExitCode::from(2);
+    }
+    llmem_engine::weights::pages::use_by_default();
     let version = format!(
         "{} (cpu kernels: {})",
         env!("CARGO_PKG_VERSION"),

@@ -459,6 +459,11 @@ impl PackedMatrix {
         self.data.len()
     }
 
+    /// The packed bytes themselves (where they lie in memory, for the engine's paging).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.data
+    }
+
     /// Row `row` in f32 (`d * q` per weight), into `out` (`cols` long). An embedding
     /// lookup uses this for the rows a pass needs.
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), KernelError> {

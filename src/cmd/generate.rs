@@ -199,6 +199,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                     "decode_tokens_per_s": out.timings.decode_tokens_per_s,
                 },
                 "memory": out.memory,
+                "huge_pages": loaded.model.huge_pages(),
             });
             if args.top_logprobs.is_some() {
                 json["top_logprobs"] = serde_json::to_value(&out.top_logprobs)?;

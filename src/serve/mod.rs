@@ -291,6 +291,9 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
             "measured: resident set before the model loaded"
         }
     ));
+    if let Some(h) = engine.model().and_then(|m| m.huge_pages()) {
+        startup.push_str(&format!("\n{}", huge_pages_text(&h)));
+    }
     let model_id = args.served_model_name.clone().unwrap_or_else(|| {
         if llmem_engine::weights::hub::is_default_name(&args.model) {
             // The built-in model keeps its name, whichever of its files runs.
@@ -385,6 +388,17 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
         worker,
         startup,
     })
+}
+
+/// One line on the weights' 2 MiB pages (`llmem_engine::weights::pages`).
+pub(crate) fn huge_pages_text(h: &llmem_engine::weights::pages::HugePages) -> String {
+    format!(
+        "weights in 2 MiB pages: {} ({} refused by the kernel), {:.0} ms at load \
+         (LLMEM_HUGE_PAGES=0 skips it)",
+        human_bytes(h.collapsed_bytes),
+        human_bytes(h.refused_bytes),
+        h.ms
+    )
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {

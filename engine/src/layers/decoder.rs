@@ -5,7 +5,7 @@ use llmem_planner::ModelShape;
 
 use crate::error::Result;
 use crate::layers::attention::Attention;
-use crate::layers::linear::tensor_bytes;
+use crate::layers::linear::{tensor_bytes, Linear};
 use crate::layers::mlp::Mlp;
 use crate::layers::norm::{load_norm, RmsNorm};
 use crate::parallel::spec::TpShard;
@@ -103,7 +103,8 @@ impl DecoderLayer {
         Ok(crate::layers::host_ops::add(&residual, &out)?)
     }
 
-    pub(crate) fn weights_bytes(&self) -> u64 {
+    /// The layer's seven projections.
+    pub(crate) fn matrices(&self) -> [&Linear; 7] {
         let a = &self.self_attn;
         let m = &self.mlp;
         [
@@ -115,12 +116,13 @@ impl DecoderLayer {
             &m.up_proj,
             &m.down_proj,
         ]
-        .iter()
-        .map(|l| l.bytes())
-        .sum::<u64>()
+    }
+
+    pub(crate) fn weights_bytes(&self) -> u64 {
+        self.matrices().iter().map(|l| l.bytes()).sum::<u64>()
             + tensor_bytes(&self.input_layernorm.weight)
             + tensor_bytes(&self.post_attention_layernorm.weight)
-            + a.tp.as_ref().map_or(0, TpReduce::bytes)
-            + m.tp.as_ref().map_or(0, TpReduce::bytes)
+            + self.self_attn.tp.as_ref().map_or(0, TpReduce::bytes)
+            + self.mlp.tp.as_ref().map_or(0, TpReduce::bytes)
     }
 }

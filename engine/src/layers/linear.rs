@@ -149,6 +149,11 @@ impl Linear {
         Linear::new(StoredMatrix::Dense(weight), bias)
     }
 
+    /// The weight as stored.
+    pub(crate) fn weight(&self) -> &StoredMatrix {
+        &self.weight
+    }
+
     /// True when the weight is held in a GGUF block format (packed or not).
     pub fn is_quantized(&self) -> bool {
         matches!(

@@ -112,6 +112,8 @@ pub struct Model {
     stored: Option<CheckpointSummary>,
     /// The same file's tensor table, from which the planner cuts each rank's bytes.
     stored_tensors: Option<Arc<Vec<StoredTensor>>>,
+    /// What moving the weights into 2 MiB pages did, on the CPU.
+    huge_pages: Option<crate::weights::pages::HugePages>,
 }
 
 impl Model {
@@ -299,7 +301,7 @@ impl Model {
         local_shape.num_key_value_heads =
             llmem_planner::plan::kv_heads_per_rank(shape, p.tp as u64);
         let rope = Rope::new(shape, dtype, device)?;
-        Ok(Model {
+        let mut model = Model {
             shape: shape.clone(),
             local_shape,
             dtype,
@@ -317,7 +319,32 @@ impl Model {
             format: *fmt,
             stored,
             stored_tensors,
-        })
+            huge_pages: None,
+        };
+        if device.is_cpu() && crate::weights::pages::enabled() {
+            let ranges = model.weight_ranges();
+            model.huge_pages = Some(crate::weights::pages::back_with_huge_pages(&ranges));
+        }
+        Ok(model)
+    }
+
+    /// Where each weight matrix lies in host memory, (address, length): the layers'
+    /// projections, the embedding and an untied head (norm vectors are too small to
+    /// matter).
+    fn weight_ranges(&self) -> Vec<(usize, usize)> {
+        let mut mats: Vec<&StoredMatrix> = Vec::new();
+        for l in &self.layers {
+            mats.extend(l.matrices().into_iter().map(|lin| lin.weight()));
+        }
+        mats.extend(self.embed_tokens.as_ref());
+        mats.extend(self.lm_head.as_ref().map(|h| h.weight()));
+        mats.iter().filter_map(|m| m.host_range()).collect()
+    }
+
+    /// What the load did to put the weights in 2 MiB pages (`crate::weights::pages`);
+    /// `None` on a GPU or with `LLMEM_HUGE_PAGES=0`.
+    pub fn huge_pages(&self) -> Option<crate::weights::pages::HugePages> {
+        self.huge_pages
     }
 
     /// Where this model sits in the TP x PP grid ([`ShardSpec::single`] unsharded).

@@ -5,6 +5,7 @@
 pub mod files;
 pub mod gguf;
 pub mod hub;
+pub mod pages;
 pub mod quant;
 pub mod random;
 pub mod source;

@@ -202,6 +202,19 @@ pub enum StoredMatrix {
 }
 
 impl StoredMatrix {
+    /// Where the matrix's bytes lie in host memory, (address, length); `None` on a GPU.
+    pub(crate) fn host_range(&self) -> Option<(usize, usize)> {
+        match self {
+            StoredMatrix::Dense(t) => crate::weights::pages::tensor_range(t),
+            StoredMatrix::Quant(q) if q.device().is_cpu() => {
+                let data = q.data().ok()?;
+                Some((data.as_ptr() as usize, data.len()))
+            }
+            StoredMatrix::Quant(_) => None,
+            StoredMatrix::Packed(p) => Some((p.as_bytes().as_ptr() as usize, p.bytes())),
+        }
+    }
+
     /// Bytes held, block scales included.
     pub fn bytes(&self) -> u64 {
         match self {
