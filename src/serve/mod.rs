@@ -391,7 +391,7 @@ pub fn start(args: &ServeArgs) -> anyhow::Result<Server> {
 }
 
 /// One line on the weights' 2 MiB pages (`llmem_engine::weights::pages`).
-pub(crate) fn huge_pages_text(h: &llmem_engine::weights::pages::HugePages) -> String {
+fn huge_pages_text(h: &llmem_engine::weights::pages::HugePages) -> String {
     format!(
         "weights in 2 MiB pages: {} ({} refused by the kernel), {:.0} ms at load \
          (LLMEM_HUGE_PAGES=0 skips it)",

@@ -1,20 +1,21 @@
 //! 2 MiB pages under the weights (Linux transparent huge pages).
 //!
-//! A decode step streams every weight once, hundreds of megabytes per token, through
-//! 4 KiB pages of anonymous memory: a TLB entry and a page walk per 4 KiB. llmem copies
-//! the weights out of the model file into its own buffers at load (repacked, dequantized
-//! or checked), so they do not sit in the page cache's large folios as an mmap-ed file
-//! would. After loading, [`back_with_huge_pages`] asks the kernel to move them into
-//! 2 MiB pages: `madvise(MADV_HUGEPAGE)`, then `MADV_COLLAPSE` (Linux 6.1), which copies
-//! them there now rather than leaving it to `khugepaged`'s slow background scan. Only
+//! A decode step streams every weight once, hundreds of megabytes per token. llmem copies
+//! the weights out of the model file into buffers of its own at load (repacked,
+//! dequantized or checked), and anonymous memory comes in 4 KiB pages unless a program
+//! asks for more (transparent huge pages in `madvise` mode, a common default): a TLB
+//! entry and a page walk per 4 KiB streamed. After loading, [`back_with_huge_pages`]
+//! asks the kernel to move them into 2 MiB pages: `madvise(MADV_HUGEPAGE)`, then
+//! `MADV_COLLAPSE` (Linux 6.1), which copies them there now rather than leaving it to
+//! `khugepaged`'s slow background scan. Only
 //! the whole 2 MiB windows that weights cover are touched (buffers a few bytes apart,
 //! as the allocator places them, count as one span), so no free memory becomes
 //! resident. Best effort: a kernel without THP, or with no free 2 MiB page, leaves the
 //! weights where they were, and the report says how many bytes moved.
 //!
 //! The cost is at load: the kernel copies the weights and may first compact memory to
-//! find free 2 MiB pages, which on a machine whose memory is mostly page cache took 1 to
-//! 2.5 ms per MB here. A library caller opts in ([`use_by_default`]; the `llmem` binary
+//! find free 2 MiB pages, which on a machine whose memory is mostly page cache took 0.3 to
+//! 2.4 ms per MiB here. A library caller opts in ([`use_by_default`]; the `llmem` binary
 //! does); `LLMEM_HUGE_PAGES=1` or `0` decides either way. The effect on decode speed and
 //! on load time is in docs/results.md.
 

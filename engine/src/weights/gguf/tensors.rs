@@ -215,29 +215,35 @@ impl GgufWeights {
         device: &Device,
     ) -> Result<StoredMatrix> {
         let plan = self.plan(hf_name, &[rows, cols])?;
-        let q = self.file.read_tensor(&plan.gguf)?;
-        let dtype = q.dtype();
+        let (dtype, bytes) = self.file.tensor_data(&plan.gguf)?;
         let wrap = |e: candle_core::Error| {
             self.tensor_err(
                 &plan.gguf,
                 format!("loading {dtype:?} data: {}", candle_message(e)),
             )
         };
-        let dense = dense_of(dtype);
-        if dense.is_none() && plan.unpermute_heads.is_none() {
+        if let Some(d) = dense_of(dtype) {
+            // Straight from the map into the tensor: one copy of the bytes (two for q/k
+            // rows un-permuted), where a `QTensor` on the way made three.
+            let t = match plan.unpermute_heads {
+                None => Tensor::from_raw_buffer(bytes, d, &[rows, cols], device),
+                Some(_) => {
+                    let raw = self.reorder_rows(plan, bytes.to_vec())?;
+                    Tensor::from_raw_buffer(&raw, d, &[rows, cols], device)
+                }
+            };
+            return Ok(StoredMatrix::Dense(t.map_err(wrap)?));
+        }
+        let q = self.file.read_tensor(&plan.gguf)?;
+        if plan.unpermute_heads.is_none() {
             return StoredMatrix::from_qtensor(q).map_err(wrap);
         }
         let raw = q.data().map_err(wrap)?;
         let raw = self.reorder_rows(plan, raw.into_owned())?;
-        match dense {
-            Some(d) => Ok(StoredMatrix::Dense(
-                Tensor::from_raw_buffer(&raw, d, &[rows, cols], device).map_err(wrap)?,
-            )),
-            None => StoredMatrix::from_qtensor(
-                qtensor_from_ggml(dtype, &raw, vec![rows, cols], device).map_err(wrap)?,
-            )
-            .map_err(wrap),
-        }
+        StoredMatrix::from_qtensor(
+            qtensor_from_ggml(dtype, &raw, vec![rows, cols], device).map_err(wrap)?,
+        )
+        .map_err(wrap)
     }
 
     /// The file's tensor table as the planner reads it (llama.cpp names, ggml types,
