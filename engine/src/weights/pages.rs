@@ -48,25 +48,32 @@ pub fn use_by_default() {
     BY_DEFAULT.store(true, Relaxed);
 }
 
-/// `LLMEM_HUGE_PAGES`, when set, is `0` or `1`; anything else is an error naming it.
-pub fn check_env() -> Result<(), String> {
+/// `LLMEM_HUGE_PAGES`: `Some(true)` for `1`, `Some(false)` for `0`, `None` unset; any
+/// other value is an error naming it.
+fn setting() -> Result<Option<bool>, String> {
     match std::env::var("LLMEM_HUGE_PAGES") {
-        Err(_) => Ok(()),
-        Ok(v) if v == "0" || v == "1" => Ok(()),
+        Err(_) => Ok(None),
+        Ok(v) if v == "1" => Ok(Some(true)),
+        Ok(v) if v == "0" => Ok(Some(false)),
         Ok(v) => Err(format!(
             "LLMEM_HUGE_PAGES={v:?} is not understood: 1 puts the weights in 2 MiB pages, 0 does not"
         )),
     }
 }
 
+/// `LLMEM_HUGE_PAGES`, when set, is `0` or `1`; anything else is an error naming it.
+pub fn check_env() -> Result<(), String> {
+    setting().map(|_| ())
+}
+
 /// Whether a CPU load moves its weights into huge pages: `LLMEM_HUGE_PAGES=1` or `0`
-/// when set, else whether [`use_by_default`] was called.
+/// when set, else whether [`use_by_default`] was called (also for a value
+/// [`check_env`] rejects, which the binary stops on at start-up).
 pub fn enabled() -> bool {
-    match std::env::var("LLMEM_HUGE_PAGES").as_deref() {
-        Ok("1") => true,
-        Ok("0") => false,
-        _ => BY_DEFAULT.load(Relaxed),
-    }
+    setting()
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| BY_DEFAULT.load(Relaxed))
 }
 
 /// The whole 2 MiB windows inside the spans that `ranges` (address, length) cover, the

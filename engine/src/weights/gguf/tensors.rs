@@ -222,28 +222,24 @@ impl GgufWeights {
                 format!("loading {dtype:?} data: {}", candle_message(e)),
             )
         };
+        // q/k rows un-permuted: one owned copy of the bytes, whatever the type.
+        let reordered = match plan.unpermute_heads {
+            None => None,
+            Some(_) => Some(self.reorder_rows(plan, bytes.to_vec())?),
+        };
+        let raw = reordered.as_deref().unwrap_or(bytes);
         if let Some(d) = dense_of(dtype) {
-            // Straight from the map into the tensor: one copy of the bytes (two for q/k
-            // rows un-permuted), where a `QTensor` on the way made three.
-            let t = match plan.unpermute_heads {
-                None => Tensor::from_raw_buffer(bytes, d, &[rows, cols], device),
-                Some(_) => {
-                    let raw = self.reorder_rows(plan, bytes.to_vec())?;
-                    Tensor::from_raw_buffer(&raw, d, &[rows, cols], device)
-                }
-            };
-            return Ok(StoredMatrix::Dense(t.map_err(wrap)?));
+            // Straight from the map (or the reordered copy) into the tensor: no `QTensor`
+            // on the way, which made three copies.
+            return Ok(StoredMatrix::Dense(
+                Tensor::from_raw_buffer(raw, d, &[rows, cols], device).map_err(wrap)?,
+            ));
         }
-        let q = self.file.read_tensor(&plan.gguf)?;
-        if plan.unpermute_heads.is_none() {
-            return StoredMatrix::from_qtensor(q).map_err(wrap);
-        }
-        let raw = q.data().map_err(wrap)?;
-        let raw = self.reorder_rows(plan, raw.into_owned())?;
-        StoredMatrix::from_qtensor(
-            qtensor_from_ggml(dtype, &raw, vec![rows, cols], device).map_err(wrap)?,
-        )
-        .map_err(wrap)
+        let q = match reordered {
+            None => self.file.read_tensor(&plan.gguf)?,
+            Some(raw) => qtensor_from_ggml(dtype, &raw, vec![rows, cols], device).map_err(wrap)?,
+        };
+        StoredMatrix::from_qtensor(q).map_err(wrap)
     }
 
     /// The file's tensor table as the planner reads it (llama.cpp names, ggml types,
