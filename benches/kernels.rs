@@ -138,18 +138,22 @@ fn bench_packed(c: &mut Criterion) {
     use llmem_kernels::packed::{matmul, BlockFormat, PackedMatrix};
 
     if !PackedMatrix::fast_path_available() {
-        eprintln!("no AVX-512 VNNI on this CPU: the packed kernel would run its reference");
+        eprintln!("no packed kernel at this kernel level: the reference would run");
         return;
     }
-    let (n, k) = (1536, 576);
     let mut rng = Values(0xB10C);
-    let w: Vec<f32> = (0..n * k).map(|_| rng.next_f32() * 0.1).collect();
-    let w = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
-    for (format, ggml) in [
-        (BlockFormat::Q8_0, GgmlDType::Q8_0),
-        (BlockFormat::Q4_1, GgmlDType::Q4_1),
-        (BlockFormat::Q5_0, GgmlDType::Q5_0),
+    // The gate projection's shape; the k-quants need rows of a multiple of 256 columns,
+    // so they take the down projection's.
+    for (format, ggml, (n, k)) in [
+        (BlockFormat::Q8_0, GgmlDType::Q8_0, (1536, 576)),
+        (BlockFormat::Q4_1, GgmlDType::Q4_1, (1536, 576)),
+        (BlockFormat::Q5_0, GgmlDType::Q5_0, (1536, 576)),
+        (BlockFormat::Q4K, GgmlDType::Q4K, (576, 1536)),
+        (BlockFormat::Q5K, GgmlDType::Q5K, (576, 1536)),
+        (BlockFormat::Q6K, GgmlDType::Q6K, (576, 1536)),
     ] {
+        let w: Vec<f32> = (0..n * k).map(|_| rng.next_f32() * 0.1).collect();
+        let w = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, ggml).unwrap();
         let packed = PackedMatrix::from_blocks(format, n, k, &q.data().unwrap()).unwrap();
         let candle = QMatMul::QTensor(std::sync::Arc::new(q));

@@ -1087,7 +1087,7 @@ unsafe fn tile<const R: usize, const KIND: u8>(
 macro_rules! kernels_256 {
     ($group:ident, $tile:ident, $features:literal, $vnni:literal) => {
         /// Rows `r0..r0 + rows` of the output, columns of group `g`, in register tiles of
-        /// up to 4 rows, for each half of the group.
+        /// up to 4 rows (3 for Q8_0 without VNNI), for each half of the group.
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
         unsafe fn $group<const KIND: u8>(
@@ -1100,9 +1100,17 @@ macro_rules! kernels_256 {
             n: usize,
         ) {
             for h in 0..2 {
-                row_tiles!(r0, rows, [4, 3, 2, 1], |r, R| $tile::<R, KIND>(
-                    w, qa, g, h, r, out, n
-                ));
+                // Q8_0's sign step holds two more registers per run than the nibble
+                // formats: with four activation rows the tile spills to the stack.
+                if KIND == K_Q8_0 && !$vnni {
+                    row_tiles!(r0, rows, [3, 2, 1], |r, R| $tile::<R, KIND>(
+                        w, qa, g, h, r, out, n
+                    ));
+                } else {
+                    row_tiles!(r0, rows, [4, 3, 2, 1], |r, R| $tile::<R, KIND>(
+                        w, qa, g, h, r, out, n
+                    ));
+                }
             }
         }
 
@@ -1190,8 +1198,15 @@ macro_rules! kernels_256 {
                                     _mm256_maddubs_epi16(hi, a_hi),
                                 );
                                 if high_bits(KIND) {
-                                    // Up to 2 x 2 x 31 x 127 per run: widen every run.
-                                    dots[i] = _mm256_add_epi32(dots[i], _mm256_madd_epi16(p, ones));
+                                    // Up to 2 x 2 x 31 x 127 per run: widen every second
+                                    // run (two runs, at most 31496).
+                                    if j % 2 == 0 {
+                                        p16[i] = p;
+                                    } else {
+                                        let p = _mm256_add_epi16(p16[i], p);
+                                        dots[i] =
+                                            _mm256_add_epi32(dots[i], _mm256_madd_epi16(p, ones));
+                                    }
                                 } else {
                                     p16[i] = _mm256_add_epi16(p16[i], p);
                                 }
@@ -1517,10 +1532,15 @@ mod tests {
 
     fn matmul_matches_on(path: Path) {
         for format in FORMATS {
+            // Row counts that meet every register tile height of every level (1 to 8).
             for &(m, n, k) in &[
                 (1, 16, 32),
+                (2, 16, 32),
                 (3, 32, 64),
+                (6, 16, 64),
+                (7, 32, 32),
                 (8, 48, 96),
+                (12, 16, 64),
                 (13, 16, 576),
                 (131, 32, 64),
             ] {

@@ -112,7 +112,7 @@ pub(super) unsafe fn group_rows_avx512(
     out: *mut f32,
     n: usize,
 ) {
-    row_tiles!(r0, rows, [4, 3, 2, 1], |r, R| tile_avx512::<R>(
+    row_tiles!(r0, rows, [8, 7, 6, 5, 4, 3, 2, 1], |r, R| tile_avx512::<R>(
         w, qa, g, r, out, n
     ));
 }
@@ -147,37 +147,34 @@ unsafe fn tile_avx512<const R: usize>(
         let wd = _mm512_cvtph_ps(_mm256_loadu_si256(t as *const __m256i));
         for p in 0..4 {
             let (half, pt) = (p / 2, p % 2);
-            // dots[hi][part][row]: the 16-weight groups of this pair.
-            let mut dots = [[[_mm512_setzero_si512(); R]; 2]; 2];
-            for run in 0..8 {
-                let v = _mm512_loadu_si512(t.add(QL + (p * 8 + run) * 64) as *const __m512i);
-                let h = _mm512_loadu_si512(t.add(QH + (half * 8 + run) * 64) as *const __m512i);
-                // Bits 2s..2s+2 of each qh byte to bits 4..6: s = pt (low), pt + 2 (high).
-                let (h_lo, h_hi) = if pt == 0 {
-                    (_mm512_slli_epi16::<4>(h), h)
-                } else {
-                    (_mm512_slli_epi16::<2>(h), _mm512_srli_epi16::<2>(h))
-                };
-                let lo = _mm512_or_si512(_mm512_and_si512(v, nibble), _mm512_and_si512(h_lo, bits));
-                let hi = _mm512_or_si512(
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble),
-                    _mm512_and_si512(h_hi, bits),
-                );
-                let part = run / 4;
-                let col_lo = sb * QK_K + 16 * group_of(p, 0, 0) + 4 * run;
-                let col_hi = sb * QK_K + 16 * group_of(p, 1, 0) + 4 * run;
-                let [lo_dots, hi_dots] = &mut dots;
-                for (i, (dl, dh)) in lo_dots[part]
-                    .iter_mut()
-                    .zip(hi_dots[part].iter_mut())
-                    .enumerate()
-                {
-                    *dl = _mm512_dpbusd_epi32(*dl, lo, act(i, col_lo));
-                    *dh = _mm512_dpbusd_epi32(*dh, hi, act(i, col_hi));
+            // One 16-weight group per part (4 runs) for the low nibbles and one for the
+            // high ones: their dots and scale step, then the next part.
+            for part in 0..2 {
+                let mut dots = [[_mm512_setzero_si512(); R]; 2];
+                for run in 4 * part..4 * part + 4 {
+                    let v = _mm512_loadu_si512(t.add(QL + (p * 8 + run) * 64) as *const __m512i);
+                    let h = _mm512_loadu_si512(t.add(QH + (half * 8 + run) * 64) as *const __m512i);
+                    // Bits 2s..2s+2 of each qh byte to bits 4..6: s = pt (low), pt + 2 (high).
+                    let (h_lo, h_hi) = if pt == 0 {
+                        (_mm512_slli_epi16::<4>(h), h)
+                    } else {
+                        (_mm512_slli_epi16::<2>(h), _mm512_srli_epi16::<2>(h))
+                    };
+                    let lo =
+                        _mm512_or_si512(_mm512_and_si512(v, nibble), _mm512_and_si512(h_lo, bits));
+                    let hi = _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble),
+                        _mm512_and_si512(h_hi, bits),
+                    );
+                    let col_lo = sb * QK_K + 16 * group_of(p, 0, 0) + 4 * run;
+                    let col_hi = sb * QK_K + 16 * group_of(p, 1, 0) + 4 * run;
+                    let [lo_dots, hi_dots] = &mut dots;
+                    for (i, (dl, dh)) in lo_dots.iter_mut().zip(hi_dots.iter_mut()).enumerate() {
+                        *dl = _mm512_dpbusd_epi32(*dl, lo, act(i, col_lo));
+                        *dh = _mm512_dpbusd_epi32(*dh, hi, act(i, col_hi));
+                    }
                 }
-            }
-            for (hi, parts) in dots.iter().enumerate() {
-                for (part, rows) in parts.iter().enumerate() {
+                for (hi, rows) in dots.iter().enumerate() {
                     let gi = group_of(p, hi, part);
                     let sc = _mm_loadu_si128(t.add(SCALES + gi * GROUP) as *const __m128i);
                     let scale = _mm512_mul_ps(wd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
@@ -214,7 +211,9 @@ macro_rules! q6k_256 {
             n: usize,
         ) {
             for h in 0..2 {
-                row_tiles!(r0, rows, [2, 1], |r, R| $tile::<R>(w, qa, g, h, r, out, n));
+                row_tiles!(r0, rows, [4, 3, 2, 1], |r, R| $tile::<R>(
+                    w, qa, g, h, r, out, n
+                ));
             }
         }
 
@@ -244,50 +243,63 @@ macro_rules! q6k_256 {
             let act = |i: usize, col: usize| {
                 _mm256_set1_epi32((abase.add(i * k + col) as *const i32).read_unaligned())
             };
-            let dot = |acc: __m256i, u: __m256i, a: __m256i| {
-                if $vnni {
-                    _mm256_dpbusd_avx_epi32(acc, u, a)
-                } else {
-                    _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), ones))
-                }
-            };
             let mut acc = [_mm256_setzero_ps(); R];
             for sb in 0..nsb {
                 let t = wbase.add(sb * tb);
                 let wd = _mm256_cvtph_ps(_mm_loadu_si128(t.add(16 * h8) as *const __m128i));
                 for p in 0..4 {
                     let (half, pt) = (p / 2, p % 2);
-                    let mut dots = [[[_mm256_setzero_si256(); R]; 2]; 2];
-                    for run in 0..8 {
-                        let v = _mm256_loadu_si256(
-                            t.add(QL + (p * 8 + run) * 64 + 32 * h8) as *const __m256i
-                        );
-                        let hb = _mm256_loadu_si256(
-                            t.add(QH + (half * 8 + run) * 64 + 32 * h8) as *const __m256i
-                        );
-                        let (h_lo, h_hi) = if pt == 0 {
-                            (_mm256_slli_epi16::<4>(hb), hb)
-                        } else {
-                            (_mm256_slli_epi16::<2>(hb), _mm256_srli_epi16::<2>(hb))
-                        };
-                        let lo = _mm256_or_si256(
-                            _mm256_and_si256(v, nibble),
-                            _mm256_and_si256(h_lo, bits),
-                        );
-                        let hi = _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble),
-                            _mm256_and_si256(h_hi, bits),
-                        );
-                        let part = run / 4;
-                        for i in 0..R {
-                            let col = sb * QK_K + 16 * group_of(p, 0, 0) + 4 * run;
-                            dots[0][part][i] = dot(dots[0][part][i], lo, act(i, col));
-                            let col = sb * QK_K + 16 * group_of(p, 1, 0) + 4 * run;
-                            dots[1][part][i] = dot(dots[1][part][i], hi, act(i, col));
+                    // One 16-weight group per part (4 runs) for the low nibbles and one
+                    // for the high ones: their dots and scale step, then the next part.
+                    for part in 0..2 {
+                        let mut dots = [[_mm256_setzero_si256(); R]; 2];
+                        // Runs in pairs: without VNNI two runs' `vpmaddubsw` pairs sum
+                        // in i16 (at most 2 x 2 x 63 x 127 = 32004) before they widen.
+                        for pair in 0..2 {
+                            let mut q = [[_mm256_setzero_si256(); 2]; 2];
+                            for (u, q) in q.iter_mut().enumerate() {
+                                let run = 4 * part + 2 * pair + u;
+                                let v = _mm256_loadu_si256(
+                                    t.add(QL + (p * 8 + run) * 64 + 32 * h8) as *const __m256i,
+                                );
+                                let hb =
+                                    _mm256_loadu_si256(t.add(QH + (half * 8 + run) * 64 + 32 * h8)
+                                        as *const __m256i);
+                                let (h_lo, h_hi) = if pt == 0 {
+                                    (_mm256_slli_epi16::<4>(hb), hb)
+                                } else {
+                                    (_mm256_slli_epi16::<2>(hb), _mm256_srli_epi16::<2>(hb))
+                                };
+                                q[0] = _mm256_or_si256(
+                                    _mm256_and_si256(v, nibble),
+                                    _mm256_and_si256(h_lo, bits),
+                                );
+                                q[1] = _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble),
+                                    _mm256_and_si256(h_hi, bits),
+                                );
+                            }
+                            for (hi, rows) in dots.iter_mut().enumerate() {
+                                let col = sb * QK_K + 16 * group_of(p, hi, part) + 8 * pair;
+                                for (i, d) in rows.iter_mut().enumerate() {
+                                    let (a0, a1) = (act(i, col), act(i, col + 4));
+                                    *d = if $vnni {
+                                        _mm256_dpbusd_avx_epi32(
+                                            _mm256_dpbusd_avx_epi32(*d, q[0][hi], a0),
+                                            q[1][hi],
+                                            a1,
+                                        )
+                                    } else {
+                                        let p16 = _mm256_add_epi16(
+                                            _mm256_maddubs_epi16(q[0][hi], a0),
+                                            _mm256_maddubs_epi16(q[1][hi], a1),
+                                        );
+                                        _mm256_add_epi32(*d, _mm256_madd_epi16(p16, ones))
+                                    };
+                                }
+                            }
                         }
-                    }
-                    for (hi, parts) in dots.iter().enumerate() {
-                        for (part, rows) in parts.iter().enumerate() {
+                        for (hi, rows) in dots.iter().enumerate() {
                             let gi = group_of(p, hi, part);
                             let sc = _mm_loadl_epi64(
                                 t.add(SCALES + gi * GROUP + 8 * h8) as *const __m128i
