@@ -306,16 +306,9 @@ macro_rules! q4k_256 {
             n: usize,
         ) {
             for h in 0..2 {
-                // Q4_K without VNNI spills registers with four activation rows.
-                if !Q5 && !$vnni {
-                    row_tiles!(r0, rows, [3, 2, 1], |r, R| $tile::<R, Q5>(
-                        w, qa, g, h, r, out, n
-                    ));
-                } else {
-                    row_tiles!(r0, rows, [4, 3, 2, 1], |r, R| $tile::<R, Q5>(
-                        w, qa, g, h, r, out, n
-                    ));
-                }
+                row_tiles!(r0, rows, [4, 3, 2, 1], |r, R| $tile::<R, Q5>(
+                    w, qa, g, h, r, out, n
+                ));
             }
         }
 
