@@ -21,6 +21,7 @@
 
 use std::sync::Arc;
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use llmem_kernels::packed::{BlockFormat, PackedMatrix};
@@ -182,6 +183,42 @@ pub fn ggml_dtype(p: Precision) -> Option<GgmlDType> {
     }
 }
 
+/// The packed format, rows and columns of a `dtype` matrix of `shape` on `device`, where
+/// it is packed (see [`StoredMatrix::from_qtensor`]).
+fn packable(
+    dtype: GgmlDType,
+    shape: &[usize],
+    device: &Device,
+) -> Option<(BlockFormat, usize, usize)> {
+    let format = match dtype {
+        GgmlDType::Q8_0 => BlockFormat::Q8_0,
+        GgmlDType::Q4_0 => BlockFormat::Q4_0,
+        GgmlDType::Q4_1 => BlockFormat::Q4_1,
+        GgmlDType::Q5_0 => BlockFormat::Q5_0,
+        GgmlDType::Q5_1 => BlockFormat::Q5_1,
+        GgmlDType::Q4K => BlockFormat::Q4K,
+        GgmlDType::Q5K => BlockFormat::Q5K,
+        GgmlDType::Q6K => BlockFormat::Q6K,
+        _ => return None,
+    };
+    let &[rows, cols] = shape else {
+        return None;
+    };
+    (device.is_cpu() && packed_kernel_enabled() && PackedMatrix::can_pack_as(format, rows, cols))
+        .then_some((format, rows, cols))
+}
+
+fn pack(
+    format: BlockFormat,
+    rows: usize,
+    cols: usize,
+    blocks: &[u8],
+) -> candle_core::Result<StoredMatrix> {
+    let packed = PackedMatrix::from_blocks(format, rows, cols, blocks)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    Ok(StoredMatrix::Packed(Arc::new(packed)))
+}
+
 /// False when `LLMEM_PACKED=0` or the kernel level has no packed kernels (`scalar`): the
 /// packable formats then stay in candle's layout and run on its block dots.
 pub fn packed_kernel_enabled() -> bool {
@@ -238,27 +275,39 @@ impl StoredMatrix {
     /// `llmem_kernels::packed` (`LLMEM_PACKED=0` keeps candle's layout and block dots, to
     /// compare); everything else stays candle's.
     pub fn from_qtensor(q: QTensor) -> candle_core::Result<StoredMatrix> {
-        let format = match q.dtype() {
-            GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
-            GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
-            GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
-            GgmlDType::Q5_0 => Some(BlockFormat::Q5_0),
-            GgmlDType::Q5_1 => Some(BlockFormat::Q5_1),
-            GgmlDType::Q4K => Some(BlockFormat::Q4K),
-            GgmlDType::Q5K => Some(BlockFormat::Q5K),
-            GgmlDType::Q6K => Some(BlockFormat::Q6K),
-            _ => None,
-        };
-        if let (Some(format), true, true) = (format, q.device().is_cpu(), packed_kernel_enabled()) {
-            if let Ok((rows, cols)) = q.shape().dims2() {
-                if PackedMatrix::can_pack_as(format, rows, cols) {
-                    let packed = PackedMatrix::from_blocks(format, rows, cols, &q.data()?)
-                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                    return Ok(StoredMatrix::Packed(Arc::new(packed)));
-                }
-            }
+        if let Some((format, rows, cols)) = packable(q.dtype(), q.shape().dims(), &q.device()) {
+            return pack(format, rows, cols, &q.data()?);
         }
         Ok(StoredMatrix::Quant(Arc::new(q)))
+    }
+
+    /// [`StoredMatrix::from_qtensor`] from a ggml tensor's bytes (`shape` in candle's
+    /// order, rows first): a matrix that packs is repacked straight from `bytes` (a
+    /// GGUF file's map), with no `QTensor` copy on the way.
+    pub fn from_ggml_bytes(
+        dtype: GgmlDType,
+        bytes: &[u8],
+        shape: Vec<usize>,
+        device: &Device,
+    ) -> candle_core::Result<StoredMatrix> {
+        let elems = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let want = elems
+            .filter(|n| n % dtype.block_size() == 0)
+            .map(|n| n / dtype.block_size() * dtype.type_size());
+        if want != Some(bytes.len()) {
+            return Err(candle_core::Error::Msg(format!(
+                "{} bytes of {dtype:?} do not hold a {shape:?} matrix ({})",
+                bytes.len(),
+                match want {
+                    Some(n) => format!("{n} bytes"),
+                    None => format!("not whole {}-value blocks", dtype.block_size()),
+                }
+            )));
+        }
+        match packable(dtype, &shape, device) {
+            Some((format, rows, cols)) => pack(format, rows, cols, bytes),
+            None => Self::from_qtensor(qtensor_from_ggml(dtype, bytes, shape, device)?),
+        }
     }
 
     /// The whole matrix in f32 (tests and tools; the engine never needs it).
@@ -464,6 +513,59 @@ pub(crate) mod tests {
                 stored.bytes(),
                 llmem_planner::matrix_bytes(p, 4, 96).unwrap()
             );
+        }
+    }
+
+    #[test]
+    fn ggml_bytes_store_like_the_qtensor_they_make() {
+        let (rows, cols) = (32, 256);
+        let w = Tensor::from_vec(random(rows, cols, 11), (rows, cols), &Device::Cpu).unwrap();
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q6K,
+            GgmlDType::Q3K,
+        ] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let bytes = q.data().unwrap().into_owned();
+            let direct =
+                StoredMatrix::from_ggml_bytes(dtype, &bytes, vec![rows, cols], &Device::Cpu)
+                    .unwrap();
+            let via = StoredMatrix::from_qtensor(q).unwrap();
+            // Q3_K has no packed kernel: both stay candle's; the others pack where the
+            // level has kernels.
+            assert_eq!(
+                std::mem::discriminant(&direct),
+                std::mem::discriminant(&via),
+                "{dtype:?}"
+            );
+            let packs = dtype != GgmlDType::Q3K
+                && PackedMatrix::fast_path_available()
+                && packed_kernel_enabled();
+            assert_eq!(
+                matches!(direct, StoredMatrix::Packed(_)),
+                packs,
+                "{dtype:?}"
+            );
+            assert_eq!(direct.bytes(), via.bytes(), "{dtype:?}");
+            let (a, b) = (direct.dequantize().unwrap(), via.dequantize().unwrap());
+            let diff: f32 = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(diff, 0.0, "{dtype:?}");
+            // A buffer one byte short is an error that names the sizes, not a panic.
+            let short = StoredMatrix::from_ggml_bytes(
+                dtype,
+                &bytes[..bytes.len() - 1],
+                vec![rows, cols],
+                &Device::Cpu,
+            );
+            assert!(short.is_err(), "{dtype:?}");
         }
     }
 

@@ -235,11 +235,8 @@ impl GgufWeights {
                 Tensor::from_raw_buffer(raw, d, &[rows, cols], device).map_err(wrap)?,
             ));
         }
-        let q = match reordered {
-            None => self.file.read_tensor(&plan.gguf)?,
-            Some(raw) => qtensor_from_ggml(dtype, &raw, vec![rows, cols], device).map_err(wrap)?,
-        };
-        StoredMatrix::from_qtensor(q).map_err(wrap)
+        // A block format that packs is repacked straight from the map too.
+        StoredMatrix::from_ggml_bytes(dtype, raw, vec![rows, cols], device).map_err(wrap)
     }
 
     /// The file's tensor table as the planner reads it (llama.cpp names, ggml types,
@@ -349,10 +346,7 @@ impl GgufWeights {
             Some(d) => Ok(StoredMatrix::Dense(
                 Tensor::from_raw_buffer(&data, d, &shape, device).map_err(wrap)?,
             )),
-            None => StoredMatrix::from_qtensor(
-                qtensor_from_ggml(dtype, &data, shape, device).map_err(wrap)?,
-            )
-            .map_err(wrap),
+            None => StoredMatrix::from_ggml_bytes(dtype, &data, shape, device).map_err(wrap),
         }
     }
 
