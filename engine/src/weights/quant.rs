@@ -183,6 +183,16 @@ pub fn ggml_dtype(p: Precision) -> Option<GgmlDType> {
     }
 }
 
+/// Bytes of a `dtype` tensor of `dims`: `None` when the element count overflows or is not
+/// a whole number of the type's blocks (candle multiplies unchecked).
+pub(crate) fn ggml_bytes(dtype: GgmlDType, dims: &[usize]) -> Option<usize> {
+    let block = dtype.block_size();
+    dims.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|n| n % block == 0)
+        .and_then(|n| (n / block).checked_mul(dtype.type_size()))
+}
+
 /// The packed format, rows and columns of a `dtype` matrix of `shape` on `device`, where
 /// it is packed (see [`StoredMatrix::from_qtensor`]).
 fn packable(
@@ -290,10 +300,7 @@ impl StoredMatrix {
         shape: Vec<usize>,
         device: &Device,
     ) -> candle_core::Result<StoredMatrix> {
-        let elems = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-        let want = elems
-            .filter(|n| n % dtype.block_size() == 0)
-            .map(|n| n / dtype.block_size() * dtype.type_size());
+        let want = ggml_bytes(dtype, &shape);
         if want != Some(bytes.len()) {
             return Err(candle_core::Error::Msg(format!(
                 "{} bytes of {dtype:?} do not hold a {shape:?} matrix ({})",

@@ -256,8 +256,9 @@ macro_rules! q6k_256 {
                         // Runs in pairs: without VNNI two runs' `vpmaddubsw` pairs sum
                         // in i16 (at most 2 x 2 x 63 x 127 = 32004) before they widen.
                         for pair in 0..2 {
+                            // q[u][hi]: run `2 pair + u`'s low (0) or high (1) nibbles.
                             let mut q = [[_mm256_setzero_si256(); 2]; 2];
-                            for (u, q) in q.iter_mut().enumerate() {
+                            for (u, run_q) in q.iter_mut().enumerate() {
                                 let run = 4 * part + 2 * pair + u;
                                 let v = _mm256_loadu_si256(
                                     t.add(QL + (p * 8 + run) * 64 + 32 * h8) as *const __m256i,
@@ -270,11 +271,11 @@ macro_rules! q6k_256 {
                                 } else {
                                     (_mm256_slli_epi16::<2>(hb), _mm256_srli_epi16::<2>(hb))
                                 };
-                                q[0] = _mm256_or_si256(
+                                run_q[0] = _mm256_or_si256(
                                     _mm256_and_si256(v, nibble),
                                     _mm256_and_si256(h_lo, bits),
                                 );
-                                q[1] = _mm256_or_si256(
+                                run_q[1] = _mm256_or_si256(
                                     _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble),
                                     _mm256_and_si256(h_hi, bits),
                                 );

@@ -22,6 +22,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 
 use crate::error::{candle_message, Error, Result};
+use crate::weights::quant::ggml_bytes;
 
 /// An open GGUF file: its parsed header (metadata and tensor table) and the file mapped
 /// into memory, from which tensor data is read on demand.
@@ -320,11 +321,7 @@ impl GgufFile {
         // assertions and wraps without): check the element count and that the bytes lie
         // inside the file before it reads.
         let dims = info.shape.dims();
-        let elems = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-        let block = info.ggml_dtype.block_size();
-        let bytes = elems
-            .filter(|n| n % block == 0)
-            .and_then(|n| (n / block).checked_mul(info.ggml_dtype.type_size()));
+        let bytes = ggml_bytes(info.ggml_dtype, dims);
         let start = usize::try_from(info.offset)
             .ok()
             .and_then(|o| o.checked_add(usize::try_from(self.content.tensor_data_offset).ok()?));

@@ -71,6 +71,23 @@ impl Part {
     }
 }
 
+/// A ggml tensor's bytes (a GGUF map's, or a copy) kept in the type they hold: f32/f16/bf16
+/// straight into a dense tensor, a block format through [`StoredMatrix::from_ggml_bytes`]
+/// (repacked straight from them where it packs). No `QTensor` copy on the way.
+fn stored_from_bytes(
+    dtype: GgmlDType,
+    raw: &[u8],
+    shape: Vec<usize>,
+    device: &Device,
+) -> candle_core::Result<StoredMatrix> {
+    match dense_of(dtype) {
+        Some(d) => Ok(StoredMatrix::Dense(Tensor::from_raw_buffer(
+            raw, d, &shape, device,
+        )?)),
+        None => StoredMatrix::from_ggml_bytes(dtype, raw, shape, device),
+    }
+}
+
 /// The candle dtype of a float ggml type; `None` for the block formats.
 fn dense_of(d: GgmlDType) -> Option<DType> {
     match d {
@@ -228,15 +245,7 @@ impl GgufWeights {
             Some(_) => Some(self.reorder_rows(plan, bytes.to_vec())?),
         };
         let raw = reordered.as_deref().unwrap_or(bytes);
-        if let Some(d) = dense_of(dtype) {
-            // Straight from the map (or the reordered copy) into the tensor: no `QTensor`
-            // on the way, which made three copies.
-            return Ok(StoredMatrix::Dense(
-                Tensor::from_raw_buffer(raw, d, &[rows, cols], device).map_err(wrap)?,
-            ));
-        }
-        // A block format that packs is repacked straight from the map too.
-        StoredMatrix::from_ggml_bytes(dtype, raw, vec![rows, cols], device).map_err(wrap)
+        stored_from_bytes(dtype, raw, vec![rows, cols], device).map_err(wrap)
     }
 
     /// The file's tensor table as the planner reads it (llama.cpp names, ggml types,
@@ -342,12 +351,7 @@ impl GgufWeights {
                 format!("loading {dtype:?} data: {}", candle_message(e)),
             )
         };
-        match dense_of(dtype) {
-            Some(d) => Ok(StoredMatrix::Dense(
-                Tensor::from_raw_buffer(&data, d, &shape, device).map_err(wrap)?,
-            )),
-            None => StoredMatrix::from_ggml_bytes(dtype, &data, shape, device).map_err(wrap),
-        }
+        stored_from_bytes(dtype, &data, shape, device).map_err(wrap)
     }
 
     /// [`GgufWeights::part_data`] dequantized to f32 and cast to `dtype` (a rank's
