@@ -200,33 +200,37 @@ macro_rules! tiles {
                 }
             }
 
-            /// Every input row against `TW` weight rows from `w0`: full tiles of `TX`
-            /// input rows, then the rest.
+            /// `TX` input rows from `x0` against every weight row: full tiles of `TW`
+            /// weight rows, then the rest.
             #[inline(always)]
-            unsafe fn band<const TW: usize>(
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn strip<const TX: usize>(
                 x: &[f32],
-                m: usize,
+                x0: usize,
                 w: &[$t],
-                w0: usize,
+                rows: usize,
                 k: usize,
                 dst: *mut f32,
                 ld: usize,
             ) {
-                let mut r = 0;
-                while r + $tx <= m {
-                    tile::<TW, $tx>(x, r, w, w0, k, dst, ld);
-                    r += $tx;
+                let mut j = 0;
+                while j + $tw <= rows {
+                    tile::<$tw, TX>(x, x0, w, j, k, dst, ld);
+                    j += $tw;
                 }
-                match m - r {
+                match rows - j {
                     0 => {}
-                    1 => tile::<TW, 1>(x, r, w, w0, k, dst, ld),
-                    2 => tile::<TW, 2>(x, r, w, w0, k, dst, ld),
-                    3 => tile::<TW, 3>(x, r, w, w0, k, dst, ld),
-                    4 => tile::<TW, 4>(x, r, w, w0, k, dst, ld),
-                    _ => tile::<TW, 5>(x, r, w, w0, k, dst, ld),
+                    1 => tile::<1, TX>(x, x0, w, j, k, dst, ld),
+                    2 => tile::<2, TX>(x, x0, w, j, k, dst, ld),
+                    _ => tile::<3, TX>(x, x0, w, j, k, dst, ld),
                 }
             }
 
+            /// Input rows outermost: a strip's few input rows stay in L1 while the
+            /// task's weight rows (in L2) pass them. Per vector step, a tile's loads from
+            /// L2 are then its `TW` weight vectors (256-bit tiles: 3 x 32 bytes, or 3 x 16
+            /// for 16-bit weights) instead of its `TX` input vectors (4 x 32 bytes) in the
+            /// other order.
             #[target_feature(enable = $features)]
             pub(super) unsafe fn task(
                 x: &[f32],
@@ -237,16 +241,18 @@ macro_rules! tiles {
                 dst: *mut f32,
                 ld: usize,
             ) {
-                let mut j = 0;
-                while j + $tw <= rows {
-                    band::<$tw>(x, m, w, j, k, dst, ld);
-                    j += $tw;
+                let mut r = 0;
+                while r + $tx <= m {
+                    strip::<$tx>(x, r, w, rows, k, dst, ld);
+                    r += $tx;
                 }
-                match rows - j {
+                match m - r {
                     0 => {}
-                    1 => band::<1>(x, m, w, j, k, dst, ld),
-                    2 => band::<2>(x, m, w, j, k, dst, ld),
-                    _ => band::<3>(x, m, w, j, k, dst, ld),
+                    1 => strip::<1>(x, r, w, rows, k, dst, ld),
+                    2 => strip::<2>(x, r, w, rows, k, dst, ld),
+                    3 => strip::<3>(x, r, w, rows, k, dst, ld),
+                    4 => strip::<4>(x, r, w, rows, k, dst, ld),
+                    _ => strip::<5>(x, r, w, rows, k, dst, ld),
                 }
             }
         }
