@@ -8,7 +8,8 @@
 //! as in the matvec. Each accumulator is summed across its lanes once, at the end of `k`.
 //! The rayon pool's tasks are blocks of 48 weight rows by 64 input rows, input blocks
 //! fastest, so that a thread's weight block stays in its L2 while the input blocks pass
-//! over it; each task writes its cells of the output directly.
+//! over it; each task writes its cells of the output directly. Within a task, a strip of
+//! one tile's input rows stays in L1 while the task's weight rows pass it from L2.
 //!
 //! Tiles per level: `avx2`, 256-bit vectors, 3 weight rows x 4 input rows (12
 //! accumulators, 3 weight vectors and an input vector fill AVX2's 16 registers);
