@@ -243,8 +243,9 @@ pub fn packed_kernel_enabled() -> bool {
 pub enum StoredMatrix {
     Dense(Tensor),
     Quant(Arc<QTensor>),
-    /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K or Q6_K repacked for the kernels of `llmem_kernels::packed`
-    /// (same bytes as candle's layout); see [`StoredMatrix::from_qtensor`] for when.
+    /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K repacked for the kernels of
+    /// `llmem_kernels::packed` (same bytes as candle's layout); see
+    /// [`StoredMatrix::from_qtensor`] for when.
     Packed(Arc<PackedMatrix>),
 }
 
