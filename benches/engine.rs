@@ -1,9 +1,13 @@
-//! Engine benchmarks on the default model (SmolLM2-135M-Instruct), f32 and bf16:
-//! one batch-1 decode step at a 128-token context, and a 128-token prefill.
+//! Engine benchmarks on the default model (SmolLM2-135M-Instruct), f32 and bf16 from its
+//! converted directory and its GGUF files as stored: one batch-1 decode step at a
+//! 128-token context, the same step's matrix products alone (`decode_products`: the rest
+//! of a step is what it costs beyond them), and a 128-token prefill.
 //!
 //! Run: `RAYON_NUM_THREADS=2 cargo bench --bench engine` (the model must be converted
 //! already: `llmem generate --prompt hi --max-tokens 1` does it, or set LLMEM_MODEL_DIR).
-//! Skipped, with a note, when the model is absent.
+//! The GGUF files are the cached default (`Q4_1`) or those `LLMEM_BENCH_GGUF` lists
+//! (paths separated by `:`). Weights go into 2 MiB pages as the `llmem` binary puts them.
+//! Each part is skipped, with a note, when its files are absent.
 
 use std::path::PathBuf;
 
@@ -18,23 +22,56 @@ fn model_dir() -> Option<PathBuf> {
     }
 }
 
+/// The GGUF files to run as stored: `LLMEM_BENCH_GGUF`, else the cached default.
+fn gguf_files() -> Vec<PathBuf> {
+    match std::env::var("LLMEM_BENCH_GGUF") {
+        Ok(list) if !list.is_empty() => list.split(':').map(PathBuf::from).collect(),
+        _ => llmem_engine::weights::hub::cache_root()
+            .map(|root| llmem_engine::weights::hub::default_gguf_path(&root))
+            .into_iter()
+            .filter(|p| p.is_file())
+            .collect(),
+    }
+}
+
 fn bench(c: &mut Criterion) {
-    let Some(dir) = model_dir() else {
-        eprintln!("benches/engine.rs: no converted model (LLMEM_MODEL_DIR or the cache); skipped");
-        return;
-    };
-    let prompt: Vec<u32> = (0..128u32).map(|i| 100 + (i * 37) % 4000).collect();
-    for (dtype, tag) in [(DType::F32, "f32"), (DType::BF16, "bf16")] {
-        let model = match Model::load_dir(&dir, dtype, &Device::Cpu) {
-            Ok(m) => m,
-            Err(e) => {
-                eprintln!(
-                    "benches/engine.rs: cannot load {}: {e}; skipped",
-                    dir.display()
-                );
-                return;
+    llmem_engine::weights::pages::use_by_default();
+    let mut models: Vec<(String, Model)> = Vec::new();
+    match model_dir() {
+        None => eprintln!(
+            "benches/engine.rs: no converted model (LLMEM_MODEL_DIR or the cache); the f32 \
+             and bf16 runs are skipped"
+        ),
+        Some(dir) => {
+            for (dtype, tag) in [(DType::F32, "f32"), (DType::BF16, "bf16")] {
+                match Model::load_dir(&dir, dtype, &Device::Cpu) {
+                    Ok(m) => models.push((tag.to_string(), m)),
+                    Err(e) => eprintln!(
+                        "benches/engine.rs: cannot load {} as {tag}: {e}; skipped",
+                        dir.display()
+                    ),
+                }
             }
-        };
+        }
+    }
+    let files = gguf_files();
+    if files.is_empty() {
+        eprintln!("benches/engine.rs: no GGUF file (LLMEM_BENCH_GGUF or the cache); skipped");
+    }
+    for path in files {
+        let tag = path
+            .file_stem()
+            .map_or("gguf".into(), |s| s.to_string_lossy().into_owned());
+        match Model::load_gguf(&path, None, &Device::Cpu) {
+            Ok((m, _)) => models.push((tag, m)),
+            Err(e) => eprintln!(
+                "benches/engine.rs: cannot load {}: {e}; skipped",
+                path.display()
+            ),
+        }
+    }
+    let prompt: Vec<u32> = (0..128u32).map(|i| 100 + (i * 37) % 4000).collect();
+    for (tag, model) in &models {
         let mut group = c.benchmark_group(format!("smollm2-135m/{tag}"));
         group.sample_size(10);
 
@@ -59,6 +96,9 @@ fn bench(c: &mut Criterion) {
                 cache.truncate(prompt.len());
                 model.forward(&[42], &step, &mut [&mut cache]).unwrap()
             })
+        });
+        group.bench_function("decode_products", |b| {
+            b.iter(|| model.decode_products().unwrap())
         });
         group.finish();
     }

@@ -525,6 +525,31 @@ impl Model {
         Ok(norm.forward(&x)?)
     }
 
+    /// The matrix products of one batch-1 decode step and nothing else: per layer q/k/v
+    /// together, o, gate/up together and down, then the LM head, on rows of ones, through
+    /// the same [`Linear`] calls, kernels, weights and worker threads as a step. Beside a
+    /// decode step (`benches/engine.rs`) it shows how much of the step the products are;
+    /// the rest is attention, the element-wise steps and the tensors around them. A whole
+    /// model only (an error names a shard).
+    pub fn decode_products(&self) -> Result<()> {
+        self.whole()?;
+        let hidden = self.shape.hidden_size as usize;
+        on_worker(&self.device, || {
+            let x = Tensor::ones((1, hidden), self.dtype, &self.device)?;
+            for layer in &self.layers {
+                let (a, m) = (&layer.self_attn, &layer.mlp);
+                let [q, _, _] = Linear::forward_many(&x, [&a.q_proj, &a.k_proj, &a.v_proj])?;
+                a.o_proj.forward(&q)?;
+                let [gate, _] = Linear::forward_many(&x, [&m.gate_proj, &m.up_proj])?;
+                m.down_proj.forward(&gate)?;
+            }
+            if let Some(head) = &self.lm_head {
+                head.forward(&x)?;
+            }
+            Ok(())
+        })
+    }
+
     /// The embedding and final norm of a whole model; an error for a shard (the
     /// contiguous-cache path runs TP = PP = 1 only).
     fn whole(&self) -> Result<(&StoredMatrix, &RmsNorm)> {
@@ -828,6 +853,12 @@ mod tests {
                 finite.iter().all(|x| x.is_finite()),
                 "{dtype:?}: logits finite"
             );
+            // The products of a step alone run on the same layers and leave the cache.
+            model.decode_products().unwrap();
+            let again = model
+                .forward_all_logits(&[4], &AttnMetadata::single(3, 1), &mut [&mut cache])
+                .unwrap();
+            assert_eq!(again.dims2().unwrap().0, 1, "{dtype:?}");
         }
     }
 }
