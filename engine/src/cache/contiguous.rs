@@ -189,6 +189,53 @@ impl KvCache {
         Ok((k.narrow(0, 0, offset + n)?, v.narrow(0, 0, offset + n)?))
     }
 
+    /// Layer `layer`'s whole K and V tensors, `(capacity, kv_heads, head_dim)`, when this
+    /// is a float cache in host memory (`None` for a block cache or one on a GPU).
+    pub(crate) fn host_layer(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
+        match (self.k.get(layer), self.v.get(layer)) {
+            (Some(k), Some(v)) if k.device().is_cpu() => Some((k, v)),
+            _ => None,
+        }
+    }
+
+    /// [`KvCache::write`] from host slices, in place and without tensors: the f32 keys
+    /// and values `k_new`, `v_new` (n, kv_heads, head_dim) of layer `layer`, rounded to
+    /// the cache's dtype as `to_dtype` rounds them, go to rows `offset..offset + n`.
+    pub(crate) fn write_host(
+        &mut self,
+        layer: usize,
+        offset: usize,
+        k_new: &[f32],
+        v_new: &[f32],
+    ) -> candle_core::Result<()> {
+        let Some((k, v)) = self.host_layer(layer) else {
+            candle_core::bail!("no host tensor cache for layer {layer}")
+        };
+        let row: usize = k.dims().iter().skip(1).product();
+        if k_new.len() != v_new.len() || row == 0 || k_new.len() % row != 0 {
+            candle_core::bail!(
+                "KV write: {} keys and {} values for rows of {row}",
+                k_new.len(),
+                v_new.len()
+            )
+        }
+        let end = offset + k_new.len() / row;
+        if end > self.capacity {
+            candle_core::bail!(
+                "KV cache of {} tokens cannot hold positions {offset}..{end}",
+                self.capacity
+            )
+        }
+        k.inplace_op1(&WriteRows {
+            at: offset * row,
+            src: k_new,
+        })?;
+        v.inplace_op1(&WriteRows {
+            at: offset * row,
+            src: v_new,
+        })
+    }
+
     /// Forget every token from position `len` on (no-op if `len >= self.len()`); the next
     /// pass writes from there. Lets a benchmark or a retry rewind a sequence.
     pub fn truncate(&mut self, len: usize) {
@@ -198,5 +245,49 @@ impl KvCache {
     /// Record that a pass appended `n` tokens to every layer.
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
+    }
+}
+
+/// Writes f32 values into a host tensor from element `at` of its (contiguous) layout,
+/// rounded to the tensor's dtype: [`KvCache::write_host`].
+struct WriteRows<'a> {
+    at: usize,
+    src: &'a [f32],
+}
+
+impl candle_core::InplaceOp1 for WriteRows<'_> {
+    fn name(&self) -> &'static str {
+        "kv-write-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("KV write: the cache tensor is not contiguous")
+        };
+        let range = start + self.at..start + self.at + self.src.len();
+        if range.end > end {
+            candle_core::bail!("KV write: elements {range:?} lie past the tensor's {end}")
+        }
+        match storage {
+            CpuStorage::F32(d) => d[range].copy_from_slice(self.src),
+            CpuStorage::F16(d) => d[range]
+                .iter_mut()
+                .zip(self.src)
+                .for_each(|(o, &x)| *o = half::f16::from_f32(x)),
+            CpuStorage::BF16(d) => d[range]
+                .iter_mut()
+                .zip(self.src)
+                .for_each(|(o, &x)| *o = half::bf16::from_f32(x)),
+            other => candle_core::bail!(
+                "KV write: unsupported cache dtype {:?}",
+                candle_core::backend::BackendStorage::dtype(&*other)
+            ),
+        }
+        Ok(())
     }
 }

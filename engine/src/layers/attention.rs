@@ -408,19 +408,51 @@ pub(crate) fn attend_fused(
     v: &Tensor,
     cached: usize,
 ) -> candle_core::Result<Tensor> {
-    use candle_core::{CpuStorage, Storage};
-    use llmem_kernels::{AttentionParams, CacheShape};
-
     let (qlen, nh, hd) = q.dims3()?;
-    let (ctx, nkv, _) = k.dims3()?;
+    let ctx = k.dim(0)?;
     if ctx != cached + qlen {
         candle_core::bail!("attention: {ctx} cached keys for {cached} + {qlen} positions")
     }
     let q32: Vec<f32> = q.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+    let mut out = vec![0f32; q32.len()];
+    attend_cache_rows(&mut out, &q32, nh, k, v, cached)?;
+    Tensor::from_vec(out, (qlen, nh * hd), q.device())?.to_dtype(q.dtype())
+}
+
+/// The work of [`attend_fused`] on slices: `out` (qlen, heads * head_dim) f32 from the
+/// f32 queries `q` (qlen, heads, head_dim) at positions `cached..cached + qlen`, over the
+/// first `cached + qlen` rows of `k`, `v`: contiguous host tensors (rows, kv_heads,
+/// head_dim) in the cache's dtype, such as a contiguous cache's whole layer.
+pub(crate) fn attend_cache_rows(
+    out: &mut [f32],
+    q: &[f32],
+    num_heads: usize,
+    k: &Tensor,
+    v: &Tensor,
+    cached: usize,
+) -> candle_core::Result<()> {
+    use candle_core::{CpuStorage, Storage};
+    use llmem_kernels::{AttentionParams, CacheShape};
+
+    let (rows, nkv, hd) = k.dims3()?;
+    let row = num_heads * hd;
+    if row == 0 || q.len() % row != 0 || v.dims3()? != (rows, nkv, hd) {
+        candle_core::bail!(
+            "attention: {} query values for {num_heads} heads of {hd}, keys {:?}, values {:?}",
+            q.len(),
+            k.dims(),
+            v.dims()
+        )
+    }
+    let qlen = q.len() / row;
+    let ctx = cached + qlen;
+    if ctx > rows {
+        candle_core::bail!("attention: {rows} cached keys for {cached} + {qlen} positions")
+    }
     // The cache rows 0..ctx are one block of `ctx` tokens in the paged kernel's layout
     // (token, kv head, dim), so the paged kernel runs over them as they are.
     let params = AttentionParams {
-        num_heads: nh,
+        num_heads,
         scale: 1.0 / (hd as f32).sqrt(),
         cache: CacheShape {
             num_blocks: 1,
@@ -430,59 +462,49 @@ pub(crate) fn attend_fused(
         },
         max_blocks_per_seq: 1,
     };
-    let query_seq = vec![0u32; qlen];
-    let context_lens: Vec<u32> = (cached + 1..=ctx).map(|c| c as u32).collect();
-    let heads = Heads {
-        query_seq: &query_seq,
-        context_lens: &context_lens,
-        params: &params,
+    // One query (decode) needs no allocation here.
+    let (one_seq, one_len) = ([0u32], [ctx as u32]);
+    let (many_seq, many_lens): (Vec<u32>, Vec<u32>) = match qlen {
+        1 => (Vec::new(), Vec::new()),
+        _ => (
+            vec![0; qlen],
+            (cached + 1..=ctx).map(|c| c as u32).collect(),
+        ),
+    };
+    let (query_seq, context_lens): (&[u32], &[u32]) = match qlen {
+        1 => (&one_seq, &one_len),
+        _ => (&many_seq, &many_lens),
     };
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
     let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
         candle_core::bail!("attention: the cache is not on the CPU")
     };
-    let (Some((k0, k1)), Some((v0, v1))) = (kl.contiguous_offsets(), vl.contiguous_offsets())
-    else {
+    let (Some((k0, _)), Some((v0, _))) = (kl.contiguous_offsets(), vl.contiguous_offsets()) else {
         candle_core::bail!("attention: cache views must be contiguous")
     };
-    let out = match (kc, vc) {
-        (CpuStorage::F32(k), CpuStorage::F32(v)) => heads.run(&q32, &k[k0..k1], &v[v0..v1]),
-        (CpuStorage::BF16(k), CpuStorage::BF16(v)) => heads.run(&q32, &k[k0..k1], &v[v0..v1]),
-        (CpuStorage::F16(k), CpuStorage::F16(v)) => heads.run(&q32, &k[k0..k1], &v[v0..v1]),
+    let n = ctx * nkv * hd;
+    let (kr, vr) = (k0..k0 + n, v0..v0 + n);
+    let lens = (query_seq, context_lens);
+    match (kc, vc) {
+        (CpuStorage::F32(k), CpuStorage::F32(v)) => run(out, q, &k[kr], &v[vr], lens, &params),
+        (CpuStorage::BF16(k), CpuStorage::BF16(v)) => run(out, q, &k[kr], &v[vr], lens, &params),
+        (CpuStorage::F16(k), CpuStorage::F16(v)) => run(out, q, &k[kr], &v[vr], lens, &params),
         _ => candle_core::bail!("attention: unsupported cache dtype {:?}", k.dtype()),
-    }?;
-    Tensor::from_vec(out, (qlen, nh * hd), q.device())?.to_dtype(q.dtype())
-}
-
-/// The paged kernel's inputs for [`attend_fused`], but the cache.
-struct Heads<'a> {
-    query_seq: &'a [u32],
-    context_lens: &'a [u32],
-    params: &'a llmem_kernels::AttentionParams,
-}
-
-impl Heads<'_> {
-    fn run<T: llmem_kernels::CacheElem>(
-        &self,
-        q: &[f32],
-        k: &[T],
-        v: &[T],
-    ) -> candle_core::Result<Vec<f32>> {
-        let mut out = vec![0f32; q.len()];
-        llmem_kernels::paged_attention(
-            &mut out,
-            q,
-            k,
-            v,
-            &[0],
-            self.query_seq,
-            self.context_lens,
-            self.params,
-        )
-        .map_err(|e| candle_core::Error::Msg(format!("attention: {e}")))?;
-        Ok(out)
     }
+}
+
+/// The paged kernel over one block of cache rows, for [`attend_cache_rows`].
+fn run<T: llmem_kernels::CacheElem>(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[T],
+    v: &[T],
+    (query_seq, context_lens): (&[u32], &[u32]),
+    params: &llmem_kernels::AttentionParams,
+) -> candle_core::Result<()> {
+    llmem_kernels::paged_attention(out, q, k, v, &[0], query_seq, context_lens, params)
+        .map_err(|e| candle_core::Error::Msg(format!("attention: {e}")))
 }
 
 /// Additive causal mask of one sequence: (query_len, cached_len + query_len) f32, with

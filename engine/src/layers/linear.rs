@@ -306,13 +306,44 @@ fn dense_matvec_set<'a>(
 /// one dtype, through one [`matvec_many`] loop: the f32 answers [`dense_product`] gives
 /// one weight at a time.
 fn dense_matvecs(x: &Tensor, ws: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
-    let (m, k) = x.dims2()?;
+    let m = x.dim(0)?;
+    let ns = ws
+        .iter()
+        .map(|w| w.dim(0))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let outs = with_f32_rows(x, |xs| {
+        let mut outs: Vec<Vec<f32>> = ns.iter().map(|n| vec![0f32; m * n]).collect();
+        let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        dense_matvecs_into(xs, m, ws, &mut views)?;
+        Ok(outs)
+    })?;
+    outs.into_iter()
+        .zip(ns)
+        .map(|(o, n)| Tensor::from_vec(o, (m, n), x.device()))
+        .collect()
+}
+
+/// [`dense_matvecs`] on f32 rows `xs` (m, k) in host memory, into `outs[i]` (m, n_i).
+fn dense_matvecs_into(
+    xs: &[f32],
+    m: usize,
+    ws: &[&Tensor],
+    outs: &mut [&mut [f32]],
+) -> candle_core::Result<()> {
+    let k = match ws.first() {
+        Some(w) => w.dims2()?.1,
+        None => return Ok(()),
+    };
     let held: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
     let mut parts = Vec::with_capacity(ws.len());
-    for (w, (storage, layout)) in ws.iter().zip(&held) {
+    for ((w, (storage, layout)), out) in ws.iter().zip(&held).zip(outs.iter()) {
         let (n, wk) = w.dims2()?;
-        if k != wk {
-            candle_core::bail!("matvec: input has {k} features, weight expects {wk}")
+        if k != wk || xs.len() != m * k || out.len() != m * n {
+            candle_core::bail!(
+                "matvec: input of {} values for {m} rows, weight ({n}, {wk}), output of {}",
+                xs.len(),
+                out.len()
+            )
         }
         let Storage::Cpu(cpu) = &**storage else {
             candle_core::bail!("matvec: weight is not on the CPU")
@@ -332,33 +363,90 @@ fn dense_matvecs(x: &Tensor, ws: &[&Tensor]) -> candle_core::Result<Vec<Tensor>>
             .map(|(c, range, n)| pick(c).and_then(|v| v.get(range.clone())).map(|v| (v, *n)))
             .collect()
     }
-    let outs = with_f32_rows(x, |xs| {
-        let mut outs: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; m * p.2]).collect();
-        let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-        if let Some(w) = typed(&parts, |c| match c {
-            CpuStorage::F32(v) => Some(v.as_slice()),
+    if let Some(w) = typed(&parts, |c| match c {
+        CpuStorage::F32(v) => Some(v.as_slice()),
+        _ => None,
+    }) {
+        matvec_many(xs, m, &w, k, outs);
+    } else if let Some(w) = typed(&parts, |c| match c {
+        CpuStorage::BF16(v) => Some(v.as_slice()),
+        _ => None,
+    }) {
+        matvec_many(xs, m, &w, k, outs);
+    } else if let Some(w) = typed(&parts, |c| match c {
+        CpuStorage::F16(v) => Some(v.as_slice()),
+        _ => None,
+    }) {
+        matvec_many(xs, m, &w, k, outs);
+    } else {
+        candle_core::bail!("matvec: the weights of one call need one dtype of f32, bf16 or f16")
+    }
+    Ok(())
+}
+
+/// `outs[i] = x ls[i]^T` on f32 rows `x` (m, in_features) in host memory, into
+/// `outs[i]` (m, out_features_i), with the kernels [`Linear::forward_many`] picks for f32
+/// rows: one packed call when every weight is packed, one matvec loop when every weight
+/// is dense on the CPU in one dtype and `m` is within [`matvec_max_rows`]. No bias may be
+/// present. `Ok(false)`, nothing written, for any other set: the caller takes the tensor
+/// path. For a decode step without tensors between the kernels (`crate::model`).
+pub(crate) fn host_products(
+    x: &[f32],
+    m: usize,
+    ls: &[&Linear],
+    outs: &mut [&mut [f32]],
+) -> candle_core::Result<bool> {
+    if ls.iter().any(|l| l.bias.is_some()) || ls.len() != outs.len() {
+        return Ok(false);
+    }
+    let packed: Option<Vec<&PackedMatrix>> = ls
+        .iter()
+        .map(|l| match &l.weight {
+            StoredMatrix::Packed(p) => Some(&**p),
             _ => None,
-        }) {
-            matvec_many(xs, m, &w, k, &mut views);
-        } else if let Some(w) = typed(&parts, |c| match c {
-            CpuStorage::BF16(v) => Some(v.as_slice()),
+        })
+        .collect();
+    if let Some(ws) = packed {
+        llmem_kernels::packed::matmul_many(x, m, &ws, outs)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        return Ok(true);
+    }
+    let dense: Option<Vec<&Tensor>> = ls
+        .iter()
+        .map(|l| match &l.weight {
+            StoredMatrix::Dense(w) if w.device().is_cpu() => Some(w),
             _ => None,
-        }) {
-            matvec_many(xs, m, &w, k, &mut views);
-        } else if let Some(w) = typed(&parts, |c| match c {
-            CpuStorage::F16(v) => Some(v.as_slice()),
-            _ => None,
-        }) {
-            matvec_many(xs, m, &w, k, &mut views);
-        } else {
-            candle_core::bail!("matvec: the weights of one call need one dtype of f32, bf16 or f16")
+        })
+        .collect();
+    match dense {
+        Some(ws)
+            if matvec_enabled()
+                && ws.iter().all(|w| w.dtype() == ws[0].dtype())
+                && m <= matvec_max_rows(ws[0].dtype()) =>
+        {
+            dense_matvecs_into(x, m, &ws, outs)?;
+            Ok(true)
         }
-        Ok(outs)
-    })?;
-    outs.into_iter()
-        .zip(&parts)
-        .map(|(o, p)| Tensor::from_vec(o, (m, p.2), x.device()))
-        .collect()
+        _ => Ok(false),
+    }
+}
+
+/// Whether [`host_products`] serves `ls` for one f32 row (without running them).
+pub(crate) fn host_ready(ls: &[&Linear]) -> bool {
+    let packed = ls
+        .iter()
+        .all(|l| matches!(l.weight, StoredMatrix::Packed(_)));
+    let dense = |l: &&Linear| match (&l.weight, &ls[0].weight) {
+        (StoredMatrix::Dense(w), StoredMatrix::Dense(w0)) => {
+            w.device().is_cpu()
+                && w.dtype() == w0.dtype()
+                && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        }
+        _ => false,
+    };
+    !ls.is_empty()
+        && ls.iter().all(|l| l.bias.is_none())
+        && (packed || (matvec_enabled() && ls.iter().all(dense)))
 }
 
 /// A deep copy of `t.narrow(dim, start, len)` in storage of its own size, so the full

@@ -87,16 +87,22 @@ impl Rope {
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         for &p in positions {
-            for &f in &self.inv {
-                // The angle is rounded to f32 as in HF; its cosine is then exact.
-                let angle = (p as f32 * f) as f64;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
+            self.push_row(p, &mut cos, &mut sin);
         }
         let table = |v: Vec<f32>| -> Result<Tensor> {
             Ok(Tensor::from_vec(v, (n, half), &self.device)?.to_dtype(self.dtype)?)
         };
         Ok((table(cos)?, table(sin)?))
+    }
+
+    /// The f32 cos and sin rows (head_dim / 2 each) of position `p`, appended to `cos` and
+    /// `sin`: one row of [`Rope::at`]'s tables (before their cast to the model's dtype).
+    pub(crate) fn push_row(&self, p: u32, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+        for &f in &self.inv {
+            // The angle is rounded to f32 as in HF; its cosine is then exact.
+            let angle = (p as f32 * f) as f64;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
     }
 }

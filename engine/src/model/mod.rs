@@ -27,6 +27,7 @@
 //! queries grouped per KV head so GQA never copies K or V; a one-token query (decode)
 //! takes a direct loop over the cache rows instead of tiny matmuls.
 
+mod host_step;
 mod memory;
 
 pub use memory::rank_activation_peak_bytes;
@@ -576,7 +577,35 @@ impl Model {
     }
 
     /// One pass, returning the logits of each sequence's last token: (num_seqs, vocab) f32.
+    ///
+    /// One token of one sequence over a float cache on the CPU (a decode step of
+    /// `generate`) runs through `host_step`, with no tensors between the kernels; every
+    /// other pass through the general loop. Both give the same logits.
     pub fn forward(
+        &self,
+        input_ids: &[u32],
+        meta: &AttnMetadata,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        if let ([id], [cache]) = (input_ids, &*caches) {
+            if cache.host_layer(0).is_some() && self.host_step_ready() {
+                crate::request::check_token_ids("token", input_ids, self.shape.vocab_size)?;
+                self.check_pass(1, meta, caches)?;
+                let (pos, cache) = (meta.cached_lens[0], &mut *caches[0]);
+                let heads = self.shape.num_attention_heads as usize;
+                let logits = on_worker(&self.device, || {
+                    self.host_step(*id, pos, host_step::attend_contiguous(cache, pos, heads))
+                })?;
+                cache.advance(1);
+                let vocab = logits.len();
+                return Ok(Tensor::from_vec(logits, (1, vocab), &self.device)?);
+            }
+        }
+        self.forward_general(input_ids, meta, caches)
+    }
+
+    /// [`Model::forward`] through the general loop, whatever the pass.
+    pub(crate) fn forward_general(
         &self,
         input_ids: &[u32],
         meta: &AttnMetadata,
@@ -659,8 +688,32 @@ impl Model {
         self.forward_stage_checked(ids, positions, hidden, meta, cache, sample_rows)
     }
 
-    /// [`Model::forward_stage`] after [`Model::check_paged`] passed: the one paged loop.
+    /// [`Model::forward_stage`] after [`Model::check_paged`] passed.
+    ///
+    /// One token of a whole model on the CPU, sampled, runs through `host_step` (as
+    /// [`Model::forward`]'s decode steps do); every other pass through the general loop.
     pub(crate) fn forward_stage_checked(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        hidden: Option<&Tensor>,
+        meta: &PagedMetadata,
+        cache: &mut PagedKvCache,
+        sample_rows: &[usize],
+    ) -> Result<Option<Tensor>> {
+        if let ([id], [pos], None, [0]) = (ids, positions, hidden, sample_rows) {
+            if cache.device().is_cpu() && self.host_step_ready() {
+                let attend = host_step::attend_paged(cache, meta);
+                let logits = self.host_step(*id, *pos as usize, attend)?;
+                let vocab = logits.len();
+                return Ok(Some(Tensor::from_vec(logits, (1, vocab), &self.device)?));
+            }
+        }
+        self.forward_stage_general(ids, positions, hidden, meta, cache, sample_rows)
+    }
+
+    /// [`Model::forward_stage_checked`] through the general loop, whatever the pass.
+    pub(crate) fn forward_stage_general(
         &self,
         ids: &[u32],
         positions: &[u32],
