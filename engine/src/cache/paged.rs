@@ -558,12 +558,26 @@ impl PagedKvCache {
         v: &[f32],
         meta: &PagedMetadata,
     ) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; q.len()];
+        self.write_and_attend_into(layer, q, k, v, meta, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`PagedKvCache::write_and_attend`] into `out` (of q's length).
+    pub fn write_and_attend_into(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        meta: &PagedMetadata,
+        out: &mut [f32],
+    ) -> Result<()> {
         let params = self.params(meta);
         let shape = self.shape;
         let Some(l) = self.layers.get_mut(layer) else {
             return Err(Error::InvalidInput(format!("no cache for layer {layer}")));
         };
-        let mut out = vec![0f32; q.len()];
         fn run<T: CacheStore>(
             kc: &mut [T],
             vc: &mut [T],
@@ -584,7 +598,7 @@ impl PagedKvCache {
                 params,
             )
         }
-        let io = (q, k, v, out.as_mut_slice());
+        let io = (q, k, v, out);
         match (&mut l.k, &mut l.v) {
             (Buffer::F32(kc), Buffer::F32(vc)) => run(kc, vc, io, meta, shape, &params),
             (Buffer::F16(kc), Buffer::F16(vc)) => run(kc, vc, io, meta, shape, &params),
@@ -597,8 +611,7 @@ impl PagedKvCache {
                 ))
             }
         }
-        .map_err(kernel_err)?;
-        Ok(out)
+        .map_err(kernel_err)
     }
 }
 

@@ -24,11 +24,16 @@ pub(crate) fn on_host_f32<const N: usize, R>(
     {
         return Ok(None);
     }
-    let dense = ts
-        .iter()
-        .map(|t| t.contiguous())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let guards: Vec<_> = dense.iter().map(|t| t.storage_and_layout()).collect();
+    // Copies only of the strided views: no allocation when every operand is contiguous
+    // (a decode step calls this per norm and layer).
+    let mut copies: [Option<Tensor>; N] = std::array::from_fn(|_| None);
+    for (copy, t) in copies.iter_mut().zip(ts) {
+        if !t.is_contiguous() {
+            *copy = Some(t.contiguous()?);
+        }
+    }
+    let dense: [&Tensor; N] = std::array::from_fn(|i| copies[i].as_ref().unwrap_or(ts[i]));
+    let guards = dense.map(|t| t.storage_and_layout());
     let mut slices: [&[f32]; N] = [&[]; N];
     for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
         let Storage::Cpu(cpu) = &**storage else {

@@ -178,31 +178,16 @@ impl Linear {
         x: &Tensor,
         ls: [&Linear; N],
     ) -> candle_core::Result<[Tensor; N]> {
-        let packed: Vec<&PackedMatrix> = ls
-            .iter()
-            .filter_map(|l| match (&l.weight, &l.bias) {
-                (StoredMatrix::Packed(p), None) => Some(&**p),
-                _ => None,
-            })
-            .collect();
-        if N >= 2 && packed.len() != N {
-            if let Some(dense) = dense_matvec_set(x, &ls)? {
-                return dense_matvecs(x, &dense)?
-                    .try_into()
-                    .map_err(|_| candle_core::Error::Msg("forward_many: count".into()));
-            }
-        }
-        if N < 2 || packed.len() != N {
-            let mut out = Vec::with_capacity(N);
-            for l in ls {
-                out.push(l.forward(x)?);
-            }
-            return out
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("forward_many: count".into()));
-        }
-        packed_products(x, &packed)?
-            .try_into()
+        let host_rows = x.dtype() == DType::F32 && x.device().is_cpu();
+        let out = match host_kernel(&ls, x.dim(0)?) {
+            Some(HostKernel::Packed) if N >= 2 => packed_products(x, &packed_of(&ls))?,
+            Some(HostKernel::Matvec) if N >= 2 && host_rows => dense_matvecs(x, &dense_of(&ls))?,
+            _ => ls
+                .iter()
+                .map(|l| l.forward(x))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        };
+        out.try_into()
             .map_err(|_| candle_core::Error::Msg("forward_many: count".into()))
     }
 
@@ -271,35 +256,59 @@ fn dense_forward(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// The dense weights of `ls` when [`dense_matvecs`] serves them all, as their own
-/// [`Linear::forward`]s would: f32 rows `x` on the CPU, no more than
-/// [`matvec_max_rows`], weights dense on the CPU in one dtype, no bias. (16-bit rows stay
-/// one product at a time: their f32 staging is what the planner counts.)
-fn dense_matvec_set<'a>(
-    x: &Tensor,
-    ls: &[&'a Linear],
-) -> candle_core::Result<Option<Vec<&'a Tensor>>> {
-    let Some(first) = ls.first() else {
-        return Ok(None);
-    };
-    let StoredMatrix::Dense(w0) = &first.weight else {
-        return Ok(None);
-    };
-    let dtype = w0.dtype();
-    if x.dtype() != DType::F32
-        || !x.device().is_cpu()
-        || x.dim(0)? > matvec_max_rows(dtype)
-        || !matvec_enabled()
-    {
-        return Ok(None);
+/// The one-call kernel that serves the products of `ls` on `m` f32 rows in host memory,
+/// as their own [`Linear::forward`]s would: no bias anywhere, and every weight packed, or
+/// every weight dense on the CPU in one dtype of f32, bf16 or f16 with `m` within
+/// [`matvec_max_rows`]. (16-bit rows stay one product at a time: their f32 staging is
+/// what the planner counts.) `None` for any other set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostKernel {
+    /// One `llmem_kernels::packed::matmul_many` call.
+    Packed,
+    /// One [`matvec_many`] loop.
+    Matvec,
+}
+
+fn host_kernel(ls: &[&Linear], m: usize) -> Option<HostKernel> {
+    if ls.iter().any(|l| l.bias.is_some()) {
+        return None;
     }
-    Ok(ls
-        .iter()
-        .map(|l| match (&l.weight, &l.bias) {
-            (StoredMatrix::Dense(w), None) if w.dtype() == dtype && w.device().is_cpu() => Some(w),
+    match &ls.first()?.weight {
+        StoredMatrix::Packed(_) => ls
+            .iter()
+            .all(|l| matches!(l.weight, StoredMatrix::Packed(_)))
+            .then_some(HostKernel::Packed),
+        StoredMatrix::Dense(w0) => {
+            let dtype = w0.dtype();
+            let same = ls.iter().all(|l| {
+                matches!(&l.weight, StoredMatrix::Dense(w) if w.dtype() == dtype && w.device().is_cpu())
+            });
+            let kernel = matches!(dtype, DType::F32 | DType::BF16 | DType::F16);
+            (same && kernel && matvec_enabled() && m <= matvec_max_rows(dtype))
+                .then_some(HostKernel::Matvec)
+        }
+        StoredMatrix::Quant(_) => None,
+    }
+}
+
+/// The packed weights of `ls` (those that are).
+fn packed_of<'a>(ls: &[&'a Linear]) -> Vec<&'a PackedMatrix> {
+    ls.iter()
+        .filter_map(|l| match &l.weight {
+            StoredMatrix::Packed(p) => Some(&**p),
             _ => None,
         })
-        .collect())
+        .collect()
+}
+
+/// The dense weights of `ls` (those that are).
+fn dense_of<'a>(ls: &[&'a Linear]) -> Vec<&'a Tensor> {
+    ls.iter()
+        .filter_map(|l| match &l.weight {
+            StoredMatrix::Dense(w) => Some(w),
+            _ => None,
+        })
+        .collect()
 }
 
 /// `x @ w^T` for f32 rows `x` (m, k) and each dense CPU weight of `ws` (n_i, k), all of
@@ -385,68 +394,31 @@ fn dense_matvecs_into(
 }
 
 /// `outs[i] = x ls[i]^T` on f32 rows `x` (m, in_features) in host memory, into
-/// `outs[i]` (m, out_features_i), with the kernels [`Linear::forward_many`] picks for f32
-/// rows: one packed call when every weight is packed, one matvec loop when every weight
-/// is dense on the CPU in one dtype and `m` is within [`matvec_max_rows`]. No bias may be
-/// present. `Ok(false)`, nothing written, for any other set: the caller takes the tensor
-/// path. For a decode step without tensors between the kernels (`crate::model`).
+/// `outs[i]` (m, out_features_i), through the kernel [`Linear::forward_many`] picks for
+/// f32 rows ([`host_kernel`]). `Ok(false)`, nothing written, when none serves the set: the
+/// caller takes the tensor path. For a decode step without tensors between the kernels
+/// (`crate::model`).
 pub(crate) fn host_products(
     x: &[f32],
     m: usize,
     ls: &[&Linear],
     outs: &mut [&mut [f32]],
 ) -> candle_core::Result<bool> {
-    if ls.iter().any(|l| l.bias.is_some()) || ls.len() != outs.len() {
+    if ls.len() != outs.len() {
         return Ok(false);
     }
-    let packed: Option<Vec<&PackedMatrix>> = ls
-        .iter()
-        .map(|l| match &l.weight {
-            StoredMatrix::Packed(p) => Some(&**p),
-            _ => None,
-        })
-        .collect();
-    if let Some(ws) = packed {
-        llmem_kernels::packed::matmul_many(x, m, &ws, outs)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        return Ok(true);
+    match host_kernel(ls, m) {
+        Some(HostKernel::Packed) => llmem_kernels::packed::matmul_many(x, m, &packed_of(ls), outs)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+        Some(HostKernel::Matvec) => dense_matvecs_into(x, m, &dense_of(ls), outs)?,
+        None => return Ok(false),
     }
-    let dense: Option<Vec<&Tensor>> = ls
-        .iter()
-        .map(|l| match &l.weight {
-            StoredMatrix::Dense(w) if w.device().is_cpu() => Some(w),
-            _ => None,
-        })
-        .collect();
-    match dense {
-        Some(ws)
-            if matvec_enabled()
-                && ws.iter().all(|w| w.dtype() == ws[0].dtype())
-                && m <= matvec_max_rows(ws[0].dtype()) =>
-        {
-            dense_matvecs_into(x, m, &ws, outs)?;
-            Ok(true)
-        }
-        _ => Ok(false),
-    }
+    Ok(true)
 }
 
 /// Whether [`host_products`] serves `ls` for one f32 row (without running them).
 pub(crate) fn host_ready(ls: &[&Linear]) -> bool {
-    let packed = ls
-        .iter()
-        .all(|l| matches!(l.weight, StoredMatrix::Packed(_)));
-    let dense = |l: &&Linear| match (&l.weight, &ls[0].weight) {
-        (StoredMatrix::Dense(w), StoredMatrix::Dense(w0)) => {
-            w.device().is_cpu()
-                && w.dtype() == w0.dtype()
-                && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        }
-        _ => false,
-    };
-    !ls.is_empty()
-        && ls.iter().all(|l| l.bias.is_none())
-        && (packed || (matvec_enabled() && ls.iter().all(dense)))
+    host_kernel(ls, 1).is_some()
 }
 
 /// A deep copy of `t.narrow(dim, start, len)` in storage of its own size, so the full

@@ -14,7 +14,7 @@
 //! weight without a host kernel (candle's quantized matrices on the `scalar` level).
 //! `LLMEM_HOST_STEP=0` sends every pass there, to compare the two.
 
-use candle_core::{DType, Storage, Tensor};
+use candle_core::{DType, Tensor};
 use llmem_kernels::{ops, KernelError};
 
 use super::Model;
@@ -22,6 +22,7 @@ use crate::cache::contiguous::KvCache;
 use crate::cache::paged::{PagedKvCache, PagedMetadata};
 use crate::error::{Error, Result};
 use crate::layers::attention::attend_cache_rows;
+use crate::layers::host_ops::on_host_f32;
 use crate::layers::linear::{host_products, host_ready, Linear};
 use crate::layers::norm::RmsNorm;
 
@@ -31,15 +32,12 @@ fn enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("LLMEM_HOST_STEP").as_deref() != Ok("0"))
 }
 
-/// Calls `f` on the elements of an f32 tensor in host memory; `None` for any other.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(cpu), Some((start, end))) => {
-            cpu.as_slice::<f32>().ok().map(|v| f(&v[start..end]))
-        }
-        _ => None,
-    }
+/// Calls `f` on the elements of an f32 tensor in host memory; an error naming `what`
+/// for any other.
+fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    on_host_f32([t], |[v]| f(v))
+        .map_err(|e| failed(what, crate::error::candle_message(e)))?
+        .ok_or_else(|| failed(what, "not f32 in host memory"))
 }
 
 fn host_norm(n: &RmsNorm) -> bool {
@@ -96,17 +94,12 @@ impl Model {
             })
     }
 
-    /// The logits (vocab,) of token `id` at position `pos`. `attend(layer, q, k, v, out)`
+    /// The logits (1, vocab) f32 of token `id` at position `pos`. `attend(layer, q, k, v, out)`
     /// is the cache's part: it stores layer `layer`'s rotated keys `k` and values `v` (f32,
     /// (kv_heads, head_dim)) at the token's place and writes into `out` the attention of
     /// the rotated queries `q` (heads, head_dim) over the sequence, this token included.
     /// Only after [`Model::host_step_ready`] and the pass checks.
-    pub(super) fn host_step(
-        &self,
-        id: u32,
-        pos: usize,
-        mut attend: impl Attend,
-    ) -> Result<Vec<f32>> {
+    pub(super) fn host_step(&self, id: u32, pos: usize, mut attend: impl Attend) -> Result<Tensor> {
         let (Some(table), Some(norm), Some(head)) = (&self.embed_tokens, &self.norm, &self.lm_head)
         else {
             return Err(failed("setup", "a shard has no host step"));
@@ -115,8 +108,7 @@ impl Model {
         let inter = self.shape.intermediate_size as usize;
         let vocab = self.shape.vocab_size as usize;
         let embedded = self.embed(table, &[id])?;
-        let mut x = with_f32(&embedded, <[f32]>::to_vec)
-            .ok_or_else(|| failed("embedding", "the row is not f32 in host memory"))?;
+        let mut x = with_f32(&embedded, "embedding", <[f32]>::to_vec)?;
         drop(embedded);
         if x.len() != hidden {
             return Err(failed(
@@ -142,8 +134,7 @@ impl Model {
             let c = context.as_str();
             let (a, m) = (&layer.self_attn, &layer.mlp);
             let w = &layer.input_layernorm;
-            with_f32(&w.weight, |wv| ops::rms_norm(&x, wv, w.eps, &mut normed))
-                .ok_or_else(|| failed(c, "the norm weight is not f32 in host memory"))?
+            with_f32(&w.weight, c, |wv| ops::rms_norm(&x, wv, w.eps, &mut normed))?
                 .map_err(kernel(c))?;
             let qkv = [&a.q_proj, &a.k_proj, &a.v_proj];
             products(&normed, &qkv, &mut [&mut q, &mut k, &mut v], c)?;
@@ -155,10 +146,9 @@ impl Model {
             })?;
             products(&att, &[&a.o_proj], &mut [&mut o], c)?;
             let post = &layer.post_attention_layernorm;
-            with_f32(&post.weight, |w| {
+            with_f32(&post.weight, c, |w| {
                 ops::add_rms_norm(&x, &o, w, post.eps, &mut sum, &mut normed)
-            })
-            .ok_or_else(|| failed(c, "the norm weight is not f32 in host memory"))?
+            })?
             .map_err(kernel(c))?;
             std::mem::swap(&mut x, &mut sum);
             products(
@@ -175,14 +165,13 @@ impl Model {
         // The layers' buffers go before the logits come, as in the general loop: the
         // head's phase holds the normed row, its quantized form and the logits only.
         drop((sum, o, gate, up, act, q, k, v, att));
-        with_f32(&norm.weight, |w| {
+        with_f32(&norm.weight, "final norm", |w| {
             ops::rms_norm(&x, w, norm.eps, &mut normed)
-        })
-        .ok_or_else(|| failed("final norm", "the norm weight is not f32 in host memory"))?
+        })?
         .map_err(kernel("final norm"))?;
         let mut logits = vec![0f32; vocab];
         products(&normed, &[head], &mut [&mut logits], "LM head")?;
-        Ok(logits)
+        Ok(Tensor::from_vec(logits, (1, vocab), &self.device)?)
     }
 }
 
@@ -217,15 +206,7 @@ pub(super) fn attend_paged<'a>(
     cache: &'a mut PagedKvCache,
     meta: &'a PagedMetadata,
 ) -> impl Attend + 'a {
-    move |layer, q, k, v, out| {
-        let o = cache.write_and_attend(layer, q, k, v, meta)?;
-        if o.len() != out.len() {
-            let message = format!("{} values for {}", o.len(), out.len());
-            return Err(failed("paged attention", message));
-        }
-        out.copy_from_slice(&o);
-        Ok(())
-    }
+    move |layer, q, k, v, out| cache.write_and_attend_into(layer, q, k, v, meta, out)
 }
 
 #[cfg(test)]

@@ -597,8 +597,7 @@ impl Model {
                     self.host_step(*id, pos, host_step::attend_contiguous(cache, pos, heads))
                 })?;
                 cache.advance(1);
-                let vocab = logits.len();
-                return Ok(Tensor::from_vec(logits, (1, vocab), &self.device)?);
+                return Ok(logits);
             }
         }
         self.forward_general(input_ids, meta, caches)
@@ -704,9 +703,7 @@ impl Model {
         if let ([id], [pos], None, [0]) = (ids, positions, hidden, sample_rows) {
             if cache.device().is_cpu() && self.host_step_ready() {
                 let attend = host_step::attend_paged(cache, meta);
-                let logits = self.host_step(*id, *pos as usize, attend)?;
-                let vocab = logits.len();
-                return Ok(Some(Tensor::from_vec(logits, (1, vocab), &self.device)?));
+                return Ok(Some(self.host_step(*id, *pos as usize, attend)?));
             }
         }
         self.forward_stage_general(ids, positions, hidden, meta, cache, sample_rows)
