@@ -7,6 +7,10 @@
 //! quantized matmul on the same blocks, for SmolLM2-135M's gate projection (1536 x 576)
 //! at 1, 32 and 512 input rows, Q8_0 and Q4_1 (candle has no SIMD Q4_1 dot).
 //!
+//! With it, prefill's attention: one 512-token prompt attending causally over its own
+//! keys, in blocks of 16 (the paged cache) and as one block (the contiguous cache), f32
+//! and f16 caches.
+//!
 //! Third: the dense gemm's register tiles (`llmem_kernels::gemm`) against the matvec and
 //! candle's f32 matmul (with the transposed weight it takes), f32 and f16 weights, the
 //! gate projection's shape at 2, 32 and 512 input rows, on the level `LLMEM_CPU` allows.
@@ -130,6 +134,85 @@ fn bench(c: &mut Criterion) {
         })
     });
     group.finish();
+    bench_prefill_attention(c, &key_cache, &value_cache, &p);
+}
+
+/// One sequence's 512-token prompt attending causally over its own keys (query `i` over
+/// keys `0..=i`), with f32 and f16 caches, in blocks of 16 (the paged cache of `serve`
+/// and `bench`) and as one block of 512 (the contiguous cache of `generate`): prefill's
+/// attention. One element = one (query head, key) pair: a score and its weighted value,
+/// 2 x 64 multiply-adds.
+fn bench_prefill_attention(
+    c: &mut Criterion,
+    key_cache: &[f32],
+    value_cache: &[f32],
+    p: &AttentionParams,
+) {
+    use half::f16;
+    let mut rng = Values(0xCA05A1);
+    let query: Vec<f32> = (0..CONTEXT * NUM_HEADS * HEAD_DIM)
+        .map(|_| rng.next_f32())
+        .collect();
+    let query_seq = vec![0u32; CONTEXT];
+    let context_lens: Vec<u32> = (1..=CONTEXT as u32).collect();
+    let mut out = vec![0f32; query.len()];
+    let pairs: u64 = (1..=CONTEXT as u64).sum::<u64>() * NUM_HEADS as u64;
+    let kh: Vec<f16> = key_cache.iter().map(|&v| f16::from_f32(v)).collect();
+    let vh: Vec<f16> = value_cache.iter().map(|&v| f16::from_f32(v)).collect();
+    for block_size in [BLOCK_SIZE, CONTEXT] {
+        let blocks = CONTEXT / block_size;
+        let block_tables: Vec<u32> = (0..blocks as u32).collect();
+        let p = AttentionParams {
+            cache: CacheShape {
+                num_blocks: blocks,
+                block_size,
+                ..p.cache
+            },
+            max_blocks_per_seq: blocks,
+            ..*p
+        };
+        let elems = p.cache.elems();
+        let mut group = c.benchmark_group(format!(
+            "paged_attention/prefill_512_h9_kv3_d64_bs{block_size}"
+        ));
+        group.throughput(Throughput::Elements(pairs));
+        group.sample_size(10);
+        let (tables, seqs, lens) = (&block_tables[..], &query_seq[..], &context_lens[..]);
+        let (k32, v32) = (&key_cache[..elems], &value_cache[..elems]);
+        group.bench_function("f32_cache", |b| {
+            b.iter(|| attend(&mut out, &query, k32, v32, tables, seqs, lens, &p))
+        });
+        let (k16, v16) = (&kh[..elems], &vh[..elems]);
+        group.bench_function("f16_cache", |b| {
+            b.iter(|| attend(&mut out, &query, k16, v16, tables, seqs, lens, &p))
+        });
+        group.finish();
+    }
+}
+
+/// One [`paged_attention`] call that must succeed.
+#[allow(clippy::too_many_arguments)]
+fn attend<T: llmem_kernels::CacheStore>(
+    out: &mut [f32],
+    query: &[f32],
+    key_cache: &[T],
+    value_cache: &[T],
+    block_tables: &[u32],
+    query_seq: &[u32],
+    context_lens: &[u32],
+    p: &AttentionParams,
+) {
+    paged_attention(
+        out,
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        query_seq,
+        context_lens,
+        p,
+    )
+    .unwrap()
 }
 
 fn bench_packed(c: &mut Criterion) {

@@ -389,7 +389,8 @@ mod tests {
         ] {
             let x = data(m * k, 1);
             let w = data(n * k, 2);
-            let mut out = vec![0f32; m * n];
+            // NaN before each call: a cell the kernel skipped fails the comparison.
+            let mut out = vec![f32::NAN; m * n];
             matvec(&x, m, &w, n, k, &mut out);
             let want = matvec_slow(&x, m, &w, n, k);
             for (a, b) in out.iter().zip(&want) {
@@ -399,12 +400,14 @@ mod tests {
                 );
             }
             let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            out.fill(f32::NAN);
             matvec(&x, m, &wb, n, k, &mut out);
             let want = matvec_slow(&x, m, &wb, n, k);
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "bf16: {a} vs {b}");
             }
             let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            out.fill(f32::NAN);
             matvec(&x, m, &wh, n, k, &mut out);
             let want = matvec_slow(&x, m, &wh, n, k);
             for (a, b) in out.iter().zip(&want) {

@@ -1549,7 +1549,8 @@ mod tests {
                 let w = PackedMatrix::from_blocks(format, n, k, &blocks).unwrap();
                 let mut rng = Rng::new(100 + m as u64);
                 let x: Vec<f32> = (0..m * k).map(|_| rng.uniform()).collect();
-                let mut out = vec![0f32; m * n];
+                // NaN first: a cell the kernel skipped fails the comparison.
+                let mut out = vec![f32::NAN; m * n];
                 matmul_many_at(path, &x, m, &[&w], &mut [&mut out]).unwrap();
                 let qa = quantize_rows(&x, m, k).unwrap();
                 let reference = matmul_reference(&qa, m, &w);
@@ -1620,7 +1621,7 @@ mod tests {
             let qa = quantize_rows(&x, m, k).unwrap();
             let reference = matmul_reference(&qa, m, &w);
             for path in Path::available() {
-                let mut out = vec![0f32; m * n];
+                let mut out = vec![f32::NAN; m * n];
                 matmul_many_at(path, &x, m, &[&w], &mut [&mut out]).unwrap();
                 for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
                     assert!(
@@ -1662,7 +1663,7 @@ mod tests {
         {
             let mut rng = Rng::new(m as u64);
             let x: Vec<f32> = (0..m * k).map(|_| rng.uniform() - 0.5).collect();
-            let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows()]).collect();
+            let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows()]).collect();
             let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
             matmul_many_at(path, &x, m, &refs, &mut slices).unwrap();
             for (w, got) in ws.iter().zip(&outs) {
