@@ -56,24 +56,32 @@ pub fn tiled() -> bool {
 
 /// `out[r * n + o] = sum_i x[r * k + i] * w[o * k + i]` for `r < m`, `o < n`.
 ///
-/// x: (m, k) f32 row-major; w: (n, k) row-major; out: (m, n).
-pub fn gemm<W: TileElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize, out: &mut [f32]) {
+/// x: (m, k) f32 row-major; w: (n, k) row-major; out: (m, n), every cell of `out[..m * n]`
+/// written (an uncleared `MaybeUninit` output is filled; see [`crate::OutElem`]).
+pub fn gemm<W: TileElem, O: crate::OutElem>(
+    x: &[f32],
+    m: usize,
+    w: &[W],
+    n: usize,
+    k: usize,
+    out: &mut [O],
+) {
     gemm_with(tiles(), x, m, w, n, k, out)
 }
 
 /// [`gemm`] with `tiles`, which this CPU must run.
-fn gemm_with<W: TileElem>(
+fn gemm_with<W: TileElem, O: crate::OutElem>(
     tiles: Tiles,
     x: &[f32],
     m: usize,
     w: &[W],
     n: usize,
     k: usize,
-    out: &mut [f32],
+    out: &mut [O],
 ) {
     assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
     if tiles == Tiles::Dot || cfg!(not(any(target_arch = "x86_64", target_arch = "aarch64"))) {
-        return matvec(x, m, w, n, k, out);
+        return matvec(x, m, w, n, k, O::cleared(&mut out[..m * n]));
     }
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     {
@@ -81,7 +89,8 @@ fn gemm_with<W: TileElem>(
         // Tasks are (weight block, input block) pairs, input blocks fastest: a thread's
         // consecutive tasks share a weight block, which stays in its L2.
         let (wb, xb) = (n.div_ceil(BLOCK_W), m.div_ceil(BLOCK_X));
-        let dst = SharedOut(out.as_mut_ptr());
+        // `O` has f32's layout (`OutElem`); the tiles only write through it.
+        let dst = SharedOut(out.as_mut_ptr() as *mut f32);
         (0..wb * xb).into_par_iter().for_each(|t| {
             let (bw, bx) = (t / xb, t % xb);
             let (w0, x0) = (bw * BLOCK_W, bx * BLOCK_X);
@@ -360,6 +369,19 @@ mod tests {
         let want = matvec_slow(&x, m, &w, n, k);
         let mut got = vec![f32::NAN; m * n];
         gemm_with(tiles, &x, m, &w, n, k, &mut got);
+        // The uncleared-output form (`MaybeUninit` cells, set to NaN here so that the test
+        // reads no uninitialized memory) writes the same value into every cell.
+        let mut fresh = vec![std::mem::MaybeUninit::new(f32::NAN); m * n];
+        gemm_with(tiles, &x, m, &w, n, k, &mut fresh);
+        // SAFETY: every cell was initialized (NaN, or the product's value).
+        let fresh: Vec<f32> = fresh.iter().map(|c| unsafe { c.assume_init() }).collect();
+        assert!(
+            fresh
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{tiles:?} m {m} n {n} k {k}: the MaybeUninit output differs"
+        );
         for (i, (g, e)) in got.iter().zip(&want).enumerate() {
             // f32 sums of k products of values below 1 in another order.
             let tol = 1e-5 * (k as f32).sqrt() + 1e-6 * e.abs();

@@ -27,6 +27,43 @@ pub use attention::{paged_attention, paged_attention_reference, AttentionParams}
 pub use cache::{reshape_and_cache, reshape_and_cache_reference, CacheShape};
 pub use elem::{BlockQ4, BlockQ8, CacheElem, CacheStore, ElemKind, Q4_BLOCK, Q8_BLOCK};
 
+/// An element of a product's output: `f32`, or `MaybeUninit<f32>` for an output made
+/// uncleared, which the product fills completely. The products write their outputs through
+/// raw pointers and read them only after writing (the gemm adds a later chunk of `k` to
+/// what its first chunk stored), so both kinds take the same code. Prefill and batched
+/// decode make outputs of megabytes per product, and clearing each (`vec![0.0; n]` is
+/// `calloc`) was about 3% of their time (docs/results.md 13 (r)).
+pub trait OutElem: sealed::Sealed + Send + Sync {
+    /// `s` as f32 cells, each set to 0.0 first where they may be uninitialized: for the
+    /// paths that write through a `&mut [f32]`.
+    fn cleared(s: &mut [Self]) -> &mut [f32]
+    where
+        Self: Sized;
+}
+
+impl OutElem for f32 {
+    fn cleared(s: &mut [f32]) -> &mut [f32] {
+        s
+    }
+}
+
+impl OutElem for std::mem::MaybeUninit<f32> {
+    fn cleared(s: &mut [Self]) -> &mut [f32] {
+        for c in s.iter_mut() {
+            c.write(0.0);
+        }
+        // SAFETY: every cell was initialized just above, and `MaybeUninit<f32>` has the
+        // layout of `f32`.
+        unsafe { &mut *(s as *mut [Self] as *mut [f32]) }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for std::mem::MaybeUninit<f32> {}
+}
+
 /// Errors: a shape or index that does not match the parameters. Kernels check their
 /// inputs up front and never index out of bounds.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]

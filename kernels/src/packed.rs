@@ -694,11 +694,11 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedMatrix, out: &mut [f32]) -> Result<
 /// the activations are quantized once and one parallel loop covers the row groups of
 /// every matrix (a layer's q/k/v projections, or gate and up), so a decode step forks
 /// and joins once instead of once per matrix.
-pub fn matmul_many(
+pub fn matmul_many<O: crate::OutElem>(
     x: &[f32],
     m: usize,
     ws: &[&PackedMatrix],
-    outs: &mut [&mut [f32]],
+    outs: &mut [&mut [O]],
 ) -> Result<(), KernelError> {
     matmul_many_at(Path::of(crate::cpu::level()), x, m, ws, outs)
 }
@@ -761,13 +761,15 @@ impl Path {
     }
 }
 
-/// [`matmul_many`] on `path`, which must be one this CPU runs.
-fn matmul_many_at(
+/// [`matmul_many`] on `path`, which must be one this CPU runs. When it returns `Ok`, it
+/// has written every element of every output (each has exactly m x rows, checked, and the
+/// tasks cover every group of 16 rows of every matrix for every input row).
+fn matmul_many_at<O: crate::OutElem>(
     path: Path,
     x: &[f32],
     m: usize,
     ws: &[&PackedMatrix],
-    outs: &mut [&mut [f32]],
+    outs: &mut [&mut [O]],
 ) -> Result<(), KernelError> {
     crate::check_len("outputs", outs.len(), ws.len(), || {
         format!("one per matrix, {}", ws.len())
@@ -795,7 +797,11 @@ fn matmul_many_at(
         starts.push(total);
         total += w.rows / GROUP;
     }
-    let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+    // `O` has f32's layout (`OutElem`); the tasks only write through these.
+    let ptrs: Vec<OutPtr> = outs
+        .iter_mut()
+        .map(|o| OutPtr(o.as_mut_ptr() as *mut f32))
+        .collect();
     let work: usize = ws.iter().map(|w| w.rows).sum::<usize>() * k;
     for r0 in (0..m).step_by(M_CHUNK) {
         let rows = M_CHUNK.min(m - r0);
@@ -1666,10 +1672,27 @@ mod tests {
             let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows()]).collect();
             let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
             matmul_many_at(path, &x, m, &refs, &mut slices).unwrap();
-            for (w, got) in ws.iter().zip(&outs) {
+            // The uncleared-output form (`MaybeUninit` cells, NaN here so that the test
+            // reads no uninitialized memory) fills every cell with the same values.
+            let mut fresh: Vec<Vec<std::mem::MaybeUninit<f32>>> = ws
+                .iter()
+                .map(|w| vec![std::mem::MaybeUninit::new(f32::NAN); m * w.rows()])
+                .collect();
+            let mut views: Vec<&mut [std::mem::MaybeUninit<f32>]> =
+                fresh.iter_mut().map(|o| o.as_mut_slice()).collect();
+            matmul_many_at(path, &x, m, &refs, &mut views).unwrap();
+            for ((w, got), fresh) in ws.iter().zip(&outs).zip(&fresh) {
                 let mut want = vec![0f32; m * w.rows()];
                 matmul_many_at(path, &x, m, &[w], &mut [&mut want]).unwrap();
                 assert_eq!(got, &want, "{path:?} {:?} m={m}", w.format());
+                // SAFETY: every cell was initialized (NaN, or the product's value).
+                let fresh: Vec<f32> = fresh.iter().map(|c| unsafe { c.assume_init() }).collect();
+                assert_eq!(
+                    &fresh,
+                    &want,
+                    "{path:?} {:?} m={m}, MaybeUninit",
+                    w.format()
+                );
             }
         }
         // Matrices of different widths cannot share the quantized activations.

@@ -23,12 +23,15 @@
 //! packed kernels (`avx2`, `avx512`, `neon`; not `scalar`), whose kernels serve every row
 //! count.
 
+use std::mem::MaybeUninit;
+
 use candle_core::quantized::k_quants::GgmlType;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 
 use llmem_kernels::matvec::{matvec, matvec_many, par_weight_rows};
 use llmem_kernels::packed::PackedMatrix;
+use llmem_kernels::OutElem;
 
 use crate::error::Result;
 use crate::weights::files::WeightFiles;
@@ -452,13 +455,20 @@ fn packed_products(x: &Tensor, ws: &[&PackedMatrix]) -> candle_core::Result<Vec<
             w.cols()
         )
     }
-    let mut outs: Vec<Vec<f32>> = ws.iter().map(|p| vec![0f32; m * p.rows()]).collect();
+    let mut outs: Vec<Box<[MaybeUninit<f32>]>> = ws
+        .iter()
+        .map(|p| Box::new_uninit_slice(m * p.rows()))
+        .collect();
     with_f32_rows(x, |xs| {
-        let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        let mut slices: Vec<&mut [MaybeUninit<f32>]> =
+            outs.iter_mut().map(|o| &mut o[..]).collect();
         llmem_kernels::packed::matmul_many(xs, m, ws, &mut slices)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))
     })?;
+    // SAFETY: `matmul_many` returned Ok, so it wrote every element of every output (each
+    // exactly (m, rows); its contract, tested with NaN-filled outputs of both kinds).
     outs.into_iter()
+        .map(|o| unsafe { o.assume_init() }.into_vec())
         .zip(ws)
         .map(|(out, p)| {
             let y = Tensor::from_vec(out, (m, p.rows()), x.device())?;
@@ -518,14 +528,15 @@ fn dense_product(x: &Tensor, w: &Tensor, tiles: bool) -> candle_core::Result<Ten
         }
     }
     let out = with_f32_rows(x, |xs| {
-        let mut out = vec![0f32; m * n];
+        let mut out = Box::new_uninit_slice(m * n);
         match cpu {
             CpuStorage::F32(w) => product(tiles, xs, m, &w[ws..we], n, k, &mut out),
             CpuStorage::BF16(w) => product(tiles, xs, m, &w[ws..we], n, k, &mut out),
             CpuStorage::F16(w) => product(tiles, xs, m, &w[ws..we], n, k, &mut out),
             _ => candle_core::bail!("matvec: unsupported weight dtype {:?}", w.dtype()),
         }
-        Ok(out)
+        // SAFETY: `product` wrote every element of `out`, exactly (m, n) (its contract).
+        Ok(unsafe { out.assume_init() }.into_vec())
     })?;
     // f32 sums: kept for f32 activations (a 16-bit weight in an f32 model, as a GGUF
     // stores it), rounded to the weight's dtype for 16-bit ones, as a 16-bit matmul with
@@ -538,19 +549,20 @@ fn dense_product(x: &Tensor, w: &Tensor, tiles: bool) -> candle_core::Result<Ten
     }
 }
 
-/// `x @ w^T` into `out`: the tiled gemm with `tiles`, else the matvec.
-fn product<W: llmem_kernels::gemm::TileElem>(
+/// `x @ w^T` into `out`, (m, n), every element written: the tiled gemm with `tiles`
+/// (into uncleared cells as they are), else the matvec (on cells cleared first).
+fn product<W: llmem_kernels::gemm::TileElem, O: OutElem>(
     tiles: bool,
     xs: &[f32],
     m: usize,
     w: &[W],
     n: usize,
     k: usize,
-    out: &mut [f32],
+    out: &mut [O],
 ) {
     match tiles {
         true => llmem_kernels::gemm::gemm(xs, m, w, n, k, out),
-        false => matvec(xs, m, w, n, k, out),
+        false => matvec(xs, m, w, n, k, O::cleared(out)),
     }
 }
 
