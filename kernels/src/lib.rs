@@ -28,11 +28,10 @@ pub use cache::{reshape_and_cache, reshape_and_cache_reference, CacheShape};
 pub use elem::{BlockQ4, BlockQ8, CacheElem, CacheStore, ElemKind, Q4_BLOCK, Q8_BLOCK};
 
 /// An element of a product's output: `f32`, or `MaybeUninit<f32>` for an output made
-/// uncleared, which the product fills completely. The products write their outputs through
-/// raw pointers and read them only after writing (the gemm adds a later chunk of `k` to
-/// what its first chunk stored), so both kinds take the same code. Prefill and batched
-/// decode make outputs of megabytes per product, and clearing each (`vec![0.0; n]` is
-/// `calloc`) was about 3% of their time (docs/results.md 13 (r)).
+/// uncleared, which the product fills completely. The tiled products write their outputs
+/// through raw pointers and never read them, so both kinds take the same code. Prefill and
+/// batched decode make outputs of megabytes per product; clearing each (`vec![0.0; n]` is
+/// `calloc`) was 2-3% of their samples (docs/results.md 13 (r)).
 pub trait OutElem: sealed::Sealed + Send + Sync {
     /// `s` as f32 cells, each set to 0.0 first where they may be uninitialized: for the
     /// paths that write through a `&mut [f32]`.

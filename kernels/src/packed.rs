@@ -693,7 +693,8 @@ pub fn matmul(x: &[f32], m: usize, w: &PackedMatrix, out: &mut [f32]) -> Result<
 /// Several products of the same activations, `outs[i] = x ws[i]^T` (each (m, rows_i)):
 /// the activations are quantized once and one parallel loop covers the row groups of
 /// every matrix (a layer's q/k/v projections, or gate and up), so a decode step forks
-/// and joins once instead of once per matrix.
+/// and joins once instead of once per matrix. On `Ok`, every cell of every output is
+/// written, so the outputs may be made uncleared ([`crate::OutElem`]).
 pub fn matmul_many<O: crate::OutElem>(
     x: &[f32],
     m: usize,
