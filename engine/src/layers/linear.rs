@@ -259,11 +259,7 @@ fn dense_forward(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// The one-call kernel that serves the products of `ls` on `m` f32 rows in host memory,
-/// as their own [`Linear::forward`]s would: no bias anywhere, and every weight packed, or
-/// every weight dense on the CPU in one dtype of f32, bf16 or f16 with `m` within
-/// [`matvec_max_rows`]. (16-bit rows stay one product at a time: their f32 staging is
-/// what the planner counts.) `None` for any other set.
+/// A kernel that serves a set of linears' products in one call ([`host_kernel`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HostKernel {
     /// One `llmem_kernels::packed::matmul_many` call.
@@ -272,6 +268,11 @@ enum HostKernel {
     Matvec,
 }
 
+/// The one-call kernel that serves the products of `ls` on `m` f32 rows in host memory,
+/// as their own [`Linear::forward`]s would: no bias anywhere, and every weight packed, or
+/// every weight dense on the CPU in one dtype of f32, bf16 or f16 with `m` within
+/// [`matvec_max_rows`]. (16-bit rows stay one product at a time: their f32 staging is
+/// what the planner counts.) `None` for any other set.
 fn host_kernel(ls: &[&Linear], m: usize) -> Option<HostKernel> {
     if ls.iter().any(|l| l.bias.is_some()) {
         return None;
