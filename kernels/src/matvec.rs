@@ -19,6 +19,22 @@ pub trait WeightElem: Copy + Send + Sync {
     fn dot(x: &[f32], w: &[Self]) -> f32 {
         dot_body(x, w)
     }
+
+    /// `out[j] = x . w[j k..(j + 1) k]` for every `j < out.len()`: one task's weight rows
+    /// against one input row, the same arithmetic as [`WeightElem::dot`] per row (bit for
+    /// bit), with the kernel level checked once per call rather than once per row.
+    #[inline]
+    fn dot_rows(x: &[f32], w: &[Self], k: usize, out: &mut [f32]) {
+        dot_rows_each(x, w, k, out)
+    }
+}
+
+/// [`WeightElem::dot_rows`] one [`WeightElem::dot`] at a time (the `scalar` level).
+#[inline]
+fn dot_rows_each<W: WeightElem>(x: &[f32], w: &[W], k: usize, out: &mut [f32]) {
+    for (j, y) in out.iter_mut().enumerate() {
+        *y = W::dot(&x[..k], &w[j * k..(j + 1) * k]);
+    }
 }
 
 impl WeightElem for f32 {
@@ -40,6 +56,21 @@ impl WeightElem for f32 {
             return unsafe { neon::dot(x, w) };
         }
         dot_body(x, w)
+    }
+
+    #[inline]
+    fn dot_rows(x: &[f32], w: &[Self], k: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::level().has_kernels() {
+            // Safety: the avx2 and avx512 levels have AVX2, FMA and F16C.
+            return unsafe { dot_rows_f32_avx2(x, w, k, out) };
+        }
+        #[cfg(target_arch = "aarch64")]
+        if crate::cpu::level().has_kernels() {
+            // Safety: NEON is part of every aarch64 CPU.
+            return unsafe { neon::dot_rows(x, w, k, out) };
+        }
+        dot_rows_each(x, w, k, out)
     }
 }
 
@@ -63,6 +94,21 @@ impl WeightElem for bf16 {
             return unsafe { neon::dot(x, w) };
         }
         dot_body(x, w)
+    }
+
+    #[inline]
+    fn dot_rows(x: &[f32], w: &[Self], k: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::level().has_kernels() {
+            // Safety: the avx2 and avx512 levels have AVX2, FMA and F16C.
+            return unsafe { dot_rows_bf16_avx2(x, w, k, out) };
+        }
+        #[cfg(target_arch = "aarch64")]
+        if crate::cpu::level().has_kernels() {
+            // Safety: NEON is part of every aarch64 CPU.
+            return unsafe { neon::dot_rows(x, w, k, out) };
+        }
+        dot_rows_each(x, w, k, out)
     }
 }
 
@@ -88,14 +134,37 @@ macro_rules! dot_avx2_body {
             acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), $load(wp.add(i)), acc[0]);
             i += 8;
         }
-        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        let mut total = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)));
+        let mut total = hsum_avx2!(acc);
         for j in i..k {
             total += x[j] * w[j].widen();
         }
         total
+    }};
+}
+
+/// The sum of four 8-lane accumulators as the AVX2 dots take it: the four added
+/// pairwise, then the eight lanes folded.
+#[cfg(target_arch = "x86_64")]
+macro_rules! hsum_avx2 {
+    ($acc:expr) => {{
+        let acc = $acc;
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
+    }};
+}
+
+/// [`WeightElem::dot_rows`] on the AVX2 levels: `dot_avx2_body` row after row, inside
+/// one function of the level's features.
+#[cfg(target_arch = "x86_64")]
+macro_rules! dot_rows_avx2_body {
+    ($x:expr, $w:expr, $k:expr, $out:expr, $load:expr) => {{
+        let (x, w, k, out): (&[f32], &[_], usize, &mut [f32]) = ($x, $w, $k, $out);
+        let x = &x[..k];
+        for (r, y) in out.iter_mut().enumerate() {
+            *y = dot_avx2_body!(x, &w[r * k..(r + 1) * k], $load);
+        }
     }};
 }
 
@@ -106,11 +175,28 @@ unsafe fn dot_f32_avx2(x: &[f32], w: &[f32]) -> f32 {
     dot_avx2_body!(x, w, |p: *const f32| _mm256_loadu_ps(p))
 }
 
+/// [`WeightElem::dot_rows`] of f32 weights with AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_rows_f32_avx2(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+    dot_rows_avx2_body!(x, w, k, out, |p: *const f32| _mm256_loadu_ps(p))
+}
+
 /// bf16 weights with AVX2 + FMA: 8 halves zero-extended to 32 bits and shifted up.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_bf16_avx2(x: &[f32], w: &[bf16]) -> f32 {
     dot_avx2_body!(x, w, |p: *const half::bf16| {
+        let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+    })
+}
+
+/// [`WeightElem::dot_rows`] of bf16 weights with AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_rows_bf16_avx2(x: &[f32], w: &[bf16], k: usize, out: &mut [f32]) {
+    dot_rows_avx2_body!(x, w, k, out, |p: *const half::bf16| {
         let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
     })
@@ -140,6 +226,21 @@ impl WeightElem for f16 {
         }
         dot_body(x, w)
     }
+
+    #[inline]
+    fn dot_rows(x: &[f32], w: &[Self], k: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::level().has_kernels() {
+            // Safety: the avx2 and avx512 levels have AVX2, FMA and F16C.
+            return unsafe { dot_rows_f16_f16c(x, w, k, out) };
+        }
+        #[cfg(target_arch = "aarch64")]
+        if crate::cpu::level().has_kernels() {
+            // Safety: NEON is part of every aarch64 CPU.
+            return unsafe { neon::dot_rows(x, w, k, out) };
+        }
+        dot_rows_each(x, w, k, out)
+    }
 }
 
 /// f16 weights: `vcvtph2ps` widens 8 halves at once.
@@ -147,6 +248,15 @@ impl WeightElem for f16 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_f16_f16c(x: &[f32], w: &[f16]) -> f32 {
     dot_avx2_body!(x, w, |p: *const half::f16| _mm256_cvtph_ps(
+        _mm_loadu_si128(p as *const __m128i)
+    ))
+}
+
+/// [`WeightElem::dot_rows`] of f16 weights with F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_f16_f16c(x: &[f32], w: &[f16], k: usize, out: &mut [f32]) {
+    dot_rows_avx2_body!(x, w, k, out, |p: *const half::f16| _mm256_cvtph_ps(
         _mm_loadu_si128(p as *const __m128i)
     ))
 }
@@ -186,6 +296,19 @@ pub(crate) mod neon {
         #[inline(always)]
         unsafe fn load4(p: *const Self) -> float32x4_t {
             crate::packed::neon::widen_f16(vld1_u16(p as *const u16))
+        }
+    }
+
+    /// [`WeightElem::dot_rows`] on the `neon` level: [`dot`] row after row inside one
+    /// function of the level's features.
+    ///
+    /// # Safety
+    /// None beyond the slices' (NEON is part of every aarch64 CPU).
+    #[target_feature(enable = "neon")]
+    pub(crate) unsafe fn dot_rows<W: NeonLoad>(x: &[f32], w: &[W], k: usize, out: &mut [f32]) {
+        let x = &x[..k];
+        for (r, y) in out.iter_mut().enumerate() {
+            *y = dot(x, &w[r * k..(r + 1) * k]);
         }
     }
 
@@ -308,6 +431,9 @@ pub fn matvec_many<W: WeightElem>(
     let ns: Vec<usize> = ws.iter().map(|&(_, n)| n).collect();
     par_weight_rows_many(outs, m, &ns, |i, first, dst| {
         let w = ws[i].0;
+        if m == 1 {
+            return W::dot_rows(x, &w[first * k..(first + dst.len()) * k], k, dst);
+        }
         for (j, ys) in dst.chunks_mut(m).enumerate() {
             let o = first + j;
             let row = &w[o * k..(o + 1) * k];
@@ -413,6 +539,35 @@ mod tests {
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "f16: {a} vs {b}");
             }
+        }
+    }
+
+    /// A task's rows at once give each row's own dot, bit for bit: odd and even row
+    /// counts, widths with and without a 32-wide step, a tail, and none at all.
+    #[test]
+    fn dot_rows_equals_one_dot_per_row() {
+        fn check<W: WeightElem + std::fmt::Debug>(w: &[W], x: &[f32], k: usize, what: &str) {
+            for rows in [0, 1, 2, 3, 7] {
+                let mut got = vec![f32::NAN; rows];
+                W::dot_rows(x, w, k, &mut got);
+                let want: Vec<f32> = (0..rows)
+                    .map(|j| W::dot(&x[..k], &w[j * k..(j + 1) * k]))
+                    .collect();
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{what}: {rows} rows of {k}"
+                );
+            }
+        }
+        for k in [0, 1, 8, 31, 32, 67, 576] {
+            let x = data(k + 3, 5);
+            let w = data(7 * k, 6);
+            check(&w, &x, k, "f32");
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            check(&wb, &x, k, "bf16");
+            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            check(&wh, &x, k, "f16");
         }
     }
 
