@@ -16,15 +16,41 @@ pub struct Sampler {
     rng: SplitMix64,
 }
 
-/// Index of the first maximal value (the first of equal maxima).
+/// Index of the first maximal value (the first of equal maxima); NaNs are never the
+/// maximum, except a NaN first value, whose index is returned (no value compares
+/// greater than it). 0 for an empty slice.
+///
+/// Two passes a compiler vectorises (the maximum in 16 lanes, then the first index
+/// holding it) rather than one compare-and-branch per logit: the greedy pick runs on
+/// every decoded token, over the whole vocabulary, while the kernel threads wait.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &x) in logits.iter().enumerate() {
-        if x > logits[best] {
-            best = i;
+    match logits.first() {
+        None => return 0,
+        Some(x) if x.is_nan() => return 0,
+        Some(_) => {}
+    }
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            // A NaN `x` compares false and leaves the lane as it was.
+            *l = if x > *l { x } else { *l };
         }
     }
-    best as u32
+    let max = rest
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    // `max` is one of the values (or -inf, when the first value is -inf and no other
+    // is larger), so the search finds it.
+    logits.iter().position(|&x| x == max).unwrap_or(0) as u32
+}
+
+/// Whether any logit is NaN, in one pass without an early exit (which vectorises).
+fn any_nan(logits: &[f32]) -> bool {
+    logits.iter().fold(false, |seen, x| seen | x.is_nan())
 }
 
 impl Sampler {
@@ -45,7 +71,7 @@ impl Sampler {
                 "cannot sample from empty logits".into(),
             ));
         }
-        if logits.iter().any(|x| x.is_nan()) {
+        if any_nan(logits) {
             return Err(Error::InvalidInput(
                 "the model produced NaN logits; try --dtype f32".into(),
             ));
@@ -140,6 +166,42 @@ mod tests {
     fn greedy_takes_first_max() {
         let mut s = Sampler::new(SamplingParams::default()).unwrap();
         assert_eq!(s.sample(&[0.0, 3.0, 3.0, -1.0]).unwrap(), 1);
+    }
+
+    /// The lane-wise argmax picks what one compare per logit picks: ties, NaNs (first or
+    /// not), infinities, lengths around the lane count.
+    #[test]
+    fn argmax_equals_the_plain_scan() {
+        fn plain(xs: &[f32]) -> u32 {
+            let mut best = 0usize;
+            for (i, &x) in xs.iter().enumerate() {
+                if x > xs[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        }
+        let mut rng = SplitMix64::new(9);
+        let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1.5];
+        for len in [0usize, 1, 2, 15, 16, 17, 33, 100, 49_152] {
+            for trial in 0..40 {
+                let xs: Vec<f32> = (0..len)
+                    .map(|_| {
+                        let u = rng.next_f64();
+                        match trial % 4 {
+                            // few distinct values: many ties
+                            0 => (u * 4.0).floor() as f32,
+                            1 if u < 0.1 => special[(u * 60.0) as usize % special.len()],
+                            _ => (u * 20.0 - 10.0) as f32,
+                        }
+                    })
+                    .collect();
+                assert_eq!(argmax(&xs), plain(&xs), "len {len}, trial {trial}: {xs:?}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN, 1.0, 2.0]), plain(&[f32::NAN, 1.0, 2.0]));
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), 0);
+        assert!(any_nan(&[0.0, f32::NAN]) && !any_nan(&[0.0, f32::INFINITY]));
     }
 
     #[test]
