@@ -662,35 +662,46 @@ pub fn paged_attention<T: CacheStore>(
     let per_tile = (TILE_ROWS / group).clamp(1, TILE_QUERIES);
     let tiles = query_tiles(checked.query_seq, checked.context_lens, per_tile);
     let kv_heads = p.cache.kv_heads;
+    // Too few tasks for the pool (one decode query: one per KV head, 3 tasks on 2
+    // threads for SmolLM2, a 2:1 split): one task per query head instead, each reading its
+    // KV head's keys and values itself.
+    let split = if tiles.len() * kv_heads < 2 * rayon::current_num_threads() {
+        group
+    } else {
+        1
+    };
+    let per_kv = kv_heads * split;
     let dst = SharedOut(out.as_mut_ptr());
-    (0..tiles.len() * kv_heads)
-        .into_par_iter()
-        .for_each(|task| {
-            let (q0, nq) = tiles[task / kv_heads];
-            let io = TaskIo {
-                out: &dst,
-                query,
-                key_cache,
-                value_cache,
-                checked: &checked,
-            };
-            let tile = Tile {
-                q0,
-                nq,
-                kvh: task % kv_heads,
-            };
-            // SAFETY: the task writes only the rows of its tile's queries and its KV head's
-            // query heads, which no other task writes, and `out` (checked to hold every
-            // query's heads) outlives the parallel loop.
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: also, the CPU has AVX2, FMA and F16C (checked by `simd_available`).
-                unsafe { attend_avx2(tile, io, p) };
-                return;
-            }
-            let _ = simd;
-            unsafe { attend(tile, io, p, false) };
-        });
+    (0..tiles.len() * per_kv).into_par_iter().for_each(|task| {
+        let (q0, nq) = tiles[task / per_kv];
+        let (kvh, part) = ((task % per_kv) / split, task % split);
+        let heads = group / split;
+        let io = TaskIo {
+            out: &dst,
+            query,
+            key_cache,
+            value_cache,
+            checked: &checked,
+        };
+        let tile = Tile {
+            q0,
+            nq,
+            kvh,
+            h0: part * heads,
+            heads,
+        };
+        // SAFETY: the task writes only the rows of its tile's queries and its KV head's
+        // query heads, which no other task writes, and `out` (checked to hold every
+        // query's heads) outlives the parallel loop.
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: also, the CPU has AVX2, FMA and F16C (checked by `simd_available`).
+            unsafe { attend_avx2(tile, io, p) };
+            return;
+        }
+        let _ = simd;
+        unsafe { attend(tile, io, p, false) };
+    });
     Ok(())
 }
 
@@ -745,12 +756,15 @@ struct TaskIo<'a, T> {
     checked: &'a Checked<'a>,
 }
 
-/// One task's queries (`q0..q0 + nq`, of one sequence) and KV head.
+/// One task's queries (`q0..q0 + nq`, of one sequence), KV head, and that KV head's
+/// query heads `h0..h0 + heads` (of its group).
 #[derive(Clone, Copy)]
 struct Tile {
     q0: usize,
     nq: usize,
     kvh: usize,
+    h0: usize,
+    heads: usize,
 }
 
 /// # Safety
@@ -761,7 +775,7 @@ unsafe fn attend_avx2<T: CacheStore>(tile: Tile, io: TaskIo<'_, T>, p: &Attentio
     attend(tile, io, p, true)
 }
 
-/// One tile: its queries' heads of one KV head (`rows` = queries x heads per KV head)
+/// One tile: its queries' heads `h0..h0 + heads` of one KV head (`rows` = queries x heads)
 /// over the blocks up to the longest context among them, block by block with a running
 /// maximum per row; keys past a row's own context weigh zero.
 ///
@@ -781,8 +795,16 @@ unsafe fn attend<T: CacheStore>(tile: Tile, io: TaskIo<'_, T>, p: &AttentionPara
         value_cache,
         checked,
     } = io;
-    let Tile { q0, nq, kvh } = tile;
-    let rows = nq * group;
+    let Tile {
+        q0,
+        nq,
+        kvh,
+        h0,
+        heads,
+    } = tile;
+    // The tile's first query head, and its rows: `heads` per query.
+    let first = kvh * group + h0;
+    let rows = nq * heads;
     let lens = &checked.context_lens[q0..q0 + nq];
     let longest = lens.iter().copied().max().unwrap_or(0) as usize;
     let table = &checked.block_tables[checked.query_seq[q0] as usize * p.max_blocks_per_seq..];
@@ -795,8 +817,8 @@ unsafe fn attend<T: CacheStore>(tile: Tile, io: TaskIo<'_, T>, p: &AttentionPara
     let (acc, rest) = rest.split_at_mut(rows * hd);
     let (scores, rest) = rest.split_at_mut(rows * bs);
     let (max, denom) = rest.split_at_mut(rows);
-    for (i, qr) in q.chunks_exact_mut(group * hd).enumerate() {
-        qr.copy_from_slice(&query[((q0 + i) * p.num_heads + kvh * group) * hd..][..group * hd]);
+    for (i, qr) in q.chunks_exact_mut(heads * hd).enumerate() {
+        qr.copy_from_slice(&query[((q0 + i) * p.num_heads + first) * hd..][..heads * hd]);
     }
     acc.fill(0.0);
     denom.fill(0.0);
@@ -817,7 +839,7 @@ unsafe fn attend<T: CacheStore>(tile: Tile, io: TaskIo<'_, T>, p: &AttentionPara
         );
         for (r, s) in s.chunks_exact_mut(n).enumerate() {
             // The keys of this block inside row r's context.
-            let valid = (lens[r / group] as usize).saturating_sub(b * bs).min(n);
+            let valid = (lens[r / heads] as usize).saturating_sub(b * bs).min(n);
             let (live, masked) = s.split_at_mut(valid);
             masked.fill(0.0);
             if valid == 0 {
@@ -839,13 +861,11 @@ unsafe fn attend<T: CacheStore>(tile: Tile, io: TaskIo<'_, T>, p: &AttentionPara
         T::weighted_sum_rows(acc, rows, s, &value_cache[base..end], token_units, simd);
     }
     for (r, a) in acc.chunks_exact(hd).enumerate() {
-        let (qi, g) = (q0 + r / group, r % group);
+        let (qi, g) = (q0 + r / heads, r % heads);
         let inv = 1.0 / denom[r];
         // SAFETY: (caller) the row lies inside `out` and only this task writes it.
-        let dst = std::slice::from_raw_parts_mut(
-            out.0.add((qi * p.num_heads + kvh * group + g) * hd),
-            hd,
-        );
+        let dst =
+            std::slice::from_raw_parts_mut(out.0.add((qi * p.num_heads + first + g) * hd), hd);
         for (d, a) in dst.iter_mut().zip(a) {
             *d = a * inv;
         }
@@ -1138,6 +1158,17 @@ pub(crate) mod tests {
                 queries_per_seq: 37,
                 scale_up: 1.0,
             });
+            // One decode query: 3 tasks (one per KV head) are fewer than twice a pool of
+            // two threads, so a task per query head (with a pool of one, per KV head).
+            v.push(Case {
+                block_size,
+                num_heads: 9,
+                kv_heads: 3,
+                head_dim: 64,
+                seq_lens: vec![77],
+                queries_per_seq: 1,
+                scale_up: 1.0,
+            });
             // 40 = 16 + 16 + 8 columns; tiles of 4 queries x 4 heads, 16 rows.
             v.push(Case {
                 block_size,
@@ -1150,6 +1181,46 @@ pub(crate) mod tests {
             });
         }
         v
+    }
+
+    /// A decode query's heads split into a task each (a pool of four threads) give the
+    /// bits of one task per KV head (a pool of one): each row's arithmetic does not
+    /// depend on the rows beside it in a tile.
+    #[test]
+    fn per_head_tasks_give_the_per_kv_head_bits() {
+        let shape = CacheShape {
+            num_blocks: 6,
+            block_size: 16,
+            kv_heads: 3,
+            head_dim: 64,
+        };
+        let mut rng = Rng::new(5);
+        let mut cache = || -> Vec<f16> {
+            (0..shape.elems())
+                .map(|_| f16::from_f32(rng.uniform()))
+                .collect()
+        };
+        let (kc, vc) = (cache(), cache());
+        let query: Vec<f32> = (0..9 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let p = AttentionParams {
+            num_heads: 9,
+            scale: 0.125,
+            cache: shape,
+            max_blocks_per_seq: 6,
+        };
+        let tables: Vec<u32> = vec![4, 1, 5, 0, 2, 3];
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut out = vec![f32::NAN; query.len()];
+            pool.install(|| {
+                paged_attention(&mut out, &query, &kc, &vc, &tables, &[0], &[90], &p).unwrap()
+            });
+            out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(run(1), run(4));
     }
 
     #[test]
