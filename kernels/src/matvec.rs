@@ -13,27 +13,29 @@ use rayon::prelude::*;
 pub trait WeightElem: Copy + Send + Sync {
     fn widen(self) -> f32;
 
-    /// Dot product of an f32 row with a weight row, accumulating in f32 (each type's
-    /// AVX2 code on the x86 kernel levels, NEON code on `neon`).
+    /// Dot product of an f32 row with a weight row (the shorter's length), accumulating
+    /// in f32: [`WeightElem::dot_rows`] of one row.
     #[inline]
     fn dot(x: &[f32], w: &[Self]) -> f32 {
-        dot_body(x, w)
+        let mut y = [0f32];
+        Self::dot_rows(x, w, x.len().min(w.len()), &mut y);
+        y[0]
     }
 
     /// `out[j] = x . w[j k..(j + 1) k]` for every `j < out.len()`: one task's weight rows
-    /// against one input row, the same arithmetic as [`WeightElem::dot`] per row (bit for
-    /// bit), with the kernel level checked once per call rather than once per row.
+    /// against one input row, each type's AVX2 code on the x86 kernel levels and NEON code
+    /// on `neon`, with the kernel level checked once per call rather than once per row.
     #[inline]
     fn dot_rows(x: &[f32], w: &[Self], k: usize, out: &mut [f32]) {
-        dot_rows_each(x, w, k, out)
+        dot_rows_portable(x, w, k, out)
     }
 }
 
-/// [`WeightElem::dot_rows`] one [`WeightElem::dot`] at a time (the `scalar` level).
+/// [`WeightElem::dot_rows`] in portable code (the `scalar` level).
 #[inline]
-fn dot_rows_each<W: WeightElem>(x: &[f32], w: &[W], k: usize, out: &mut [f32]) {
+fn dot_rows_portable<W: WeightElem>(x: &[f32], w: &[W], k: usize, out: &mut [f32]) {
     for (j, y) in out.iter_mut().enumerate() {
-        *y = W::dot(&x[..k], &w[j * k..(j + 1) * k]);
+        *y = dot_body(&x[..k], &w[j * k..(j + 1) * k]);
     }
 }
 
@@ -44,25 +46,10 @@ impl WeightElem for f32 {
     }
 
     #[inline]
-    fn dot(x: &[f32], w: &[Self]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if crate::cpu::level().has_kernels() {
-            // Safety: the avx2 and avx512 levels have AVX2 and FMA.
-            return unsafe { dot_f32_avx2(x, w) };
-        }
-        #[cfg(target_arch = "aarch64")]
-        if crate::cpu::level().has_kernels() {
-            // Safety: NEON is part of every aarch64 CPU.
-            return unsafe { neon::dot(x, w) };
-        }
-        dot_body(x, w)
-    }
-
-    #[inline]
     fn dot_rows(x: &[f32], w: &[Self], k: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if crate::cpu::level().has_kernels() {
-            // Safety: the avx2 and avx512 levels have AVX2, FMA and F16C.
+            // Safety: the avx2 and avx512 levels have AVX2 and FMA.
             return unsafe { dot_rows_f32_avx2(x, w, k, out) };
         }
         #[cfg(target_arch = "aarch64")]
@@ -70,7 +57,7 @@ impl WeightElem for f32 {
             // Safety: NEON is part of every aarch64 CPU.
             return unsafe { neon::dot_rows(x, w, k, out) };
         }
-        dot_rows_each(x, w, k, out)
+        dot_rows_portable(x, w, k, out)
     }
 }
 
@@ -82,25 +69,10 @@ impl WeightElem for bf16 {
     }
 
     #[inline]
-    fn dot(x: &[f32], w: &[Self]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if crate::cpu::level().has_kernels() {
-            // Safety: the avx2 and avx512 levels have AVX2 and FMA.
-            return unsafe { dot_bf16_avx2(x, w) };
-        }
-        #[cfg(target_arch = "aarch64")]
-        if crate::cpu::level().has_kernels() {
-            // Safety: NEON is part of every aarch64 CPU.
-            return unsafe { neon::dot(x, w) };
-        }
-        dot_body(x, w)
-    }
-
-    #[inline]
     fn dot_rows(x: &[f32], w: &[Self], k: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if crate::cpu::level().has_kernels() {
-            // Safety: the avx2 and avx512 levels have AVX2, FMA and F16C.
+            // Safety: the avx2 and avx512 levels have AVX2 and FMA.
             return unsafe { dot_rows_bf16_avx2(x, w, k, out) };
         }
         #[cfg(target_arch = "aarch64")]
@@ -108,7 +80,7 @@ impl WeightElem for bf16 {
             // Safety: NEON is part of every aarch64 CPU.
             return unsafe { neon::dot_rows(x, w, k, out) };
         }
-        dot_rows_each(x, w, k, out)
+        dot_rows_portable(x, w, k, out)
     }
 }
 
@@ -134,24 +106,14 @@ macro_rules! dot_avx2_body {
             acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), $load(wp.add(i)), acc[0]);
             i += 8;
         }
-        let mut total = hsum_avx2!(acc);
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let mut total = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)));
         for j in i..k {
             total += x[j] * w[j].widen();
         }
         total
-    }};
-}
-
-/// The sum of four 8-lane accumulators as the AVX2 dots take it: the four added
-/// pairwise, then the eight lanes folded.
-#[cfg(target_arch = "x86_64")]
-macro_rules! hsum_avx2 {
-    ($acc:expr) => {{
-        let acc = $acc;
-        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
     }};
 }
 
@@ -168,13 +130,6 @@ macro_rules! dot_rows_avx2_body {
     }};
 }
 
-/// f32 weights with AVX2 + FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_f32_avx2(x: &[f32], w: &[f32]) -> f32 {
-    dot_avx2_body!(x, w, |p: *const f32| _mm256_loadu_ps(p))
-}
-
 /// [`WeightElem::dot_rows`] of f32 weights with AVX2 + FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -182,17 +137,8 @@ unsafe fn dot_rows_f32_avx2(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
     dot_rows_avx2_body!(x, w, k, out, |p: *const f32| _mm256_loadu_ps(p))
 }
 
-/// bf16 weights with AVX2 + FMA: 8 halves zero-extended to 32 bits and shifted up.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_bf16_avx2(x: &[f32], w: &[bf16]) -> f32 {
-    dot_avx2_body!(x, w, |p: *const half::bf16| {
-        let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
-    })
-}
-
-/// [`WeightElem::dot_rows`] of bf16 weights with AVX2 + FMA.
+/// [`WeightElem::dot_rows`] of bf16 weights with AVX2 + FMA: 8 halves zero-extended to
+/// 32 bits and shifted up.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_rows_bf16_avx2(x: &[f32], w: &[bf16], k: usize, out: &mut [f32]) {
@@ -208,25 +154,6 @@ impl WeightElem for f16 {
         self.to_f32()
     }
 
-    /// half's per-element conversion does not vectorise; use F16C (x86) or `fcvtl`
-    /// (aarch64) when present.
-    #[inline]
-    fn dot(x: &[f32], w: &[Self]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if crate::cpu::level().has_kernels() {
-                // Safety: the avx2 and avx512 levels have AVX2, FMA and F16C.
-                return unsafe { dot_f16_f16c(x, w) };
-            }
-        }
-        #[cfg(target_arch = "aarch64")]
-        if crate::cpu::level().has_kernels() {
-            // Safety: NEON is part of every aarch64 CPU.
-            return unsafe { neon::dot(x, w) };
-        }
-        dot_body(x, w)
-    }
-
     #[inline]
     fn dot_rows(x: &[f32], w: &[Self], k: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
@@ -239,20 +166,12 @@ impl WeightElem for f16 {
             // Safety: NEON is part of every aarch64 CPU.
             return unsafe { neon::dot_rows(x, w, k, out) };
         }
-        dot_rows_each(x, w, k, out)
+        dot_rows_portable(x, w, k, out)
     }
 }
 
-/// f16 weights: `vcvtph2ps` widens 8 halves at once.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f16_f16c(x: &[f32], w: &[f16]) -> f32 {
-    dot_avx2_body!(x, w, |p: *const half::f16| _mm256_cvtph_ps(
-        _mm_loadu_si128(p as *const __m128i)
-    ))
-}
-
-/// [`WeightElem::dot_rows`] of f16 weights with F16C.
+/// [`WeightElem::dot_rows`] of f16 weights: `vcvtph2ps` (F16C) widens 8 halves at once
+/// (half's per-element conversion does not vectorise).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_rows_f16_f16c(x: &[f32], w: &[f16], k: usize, out: &mut [f32]) {
@@ -542,8 +461,9 @@ mod tests {
         }
     }
 
-    /// A task's rows at once give each row's own dot, bit for bit: odd and even row
-    /// counts, widths with and without a 32-wide step, a tail, and none at all.
+    /// A task's rows at once give what each row alone gives, bit for bit (the row
+    /// offsets): odd and even row counts, widths with and without a 32-wide step, a
+    /// tail, and none at all.
     #[test]
     fn dot_rows_equals_one_dot_per_row() {
         fn check<W: WeightElem + std::fmt::Debug>(w: &[W], x: &[f32], k: usize, what: &str) {
